@@ -1,0 +1,125 @@
+"""The host arena: one shared-memory mapping cut into fixed-size, 4 KiB-aligned slots.
+
+Promises:
+- The arena is a POSIX shared-memory object (a file under ``/dev/shm``) mapped once; every slot is a view
+  of that mapping, so another process that attaches by name sees the same bytes with no copy.
+- Slots start on 4 KiB boundaries and are a whole number of 4 KiB pages long, so direct (O_DIRECT) disk
+  I/O can read and write them in place.
+- An arena created without a name is unlinked at once: its memory lives exactly as long as the mapping,
+  and a crash leaks nothing. A named arena is unlinked by ``close(unlink=True)`` of its creator.
+- Where CUDA is present and pinning is asked for, the arena is registered as page-locked memory in
+  slot-aligned chunks by a background thread, so opening is fast and no slot straddles two registrations;
+  ``pinned_bytes`` says how far it got. Without CUDA nothing is pinned and everything else works the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import threading
+from pathlib import Path
+
+import torch
+
+from kvtier.errors import ClosedError, ConfigError
+
+PAGE_BYTES = 4096
+_SHM_DIR = Path("/dev/shm")
+log = logging.getLogger(__name__)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class HostArena:
+    """``num_slots`` slots of ``slot_bytes`` each in one shared-memory mapping."""
+
+    def __init__(self, num_slots: int, slot_bytes: int, *, name: str | None = None, create: bool = True) -> None:
+        if num_slots <= 0:
+            raise ConfigError(f"an arena needs at least one slot, got {num_slots}")
+        if slot_bytes <= 0 or slot_bytes % PAGE_BYTES:
+            raise ConfigError(f"slot_bytes must be a positive multiple of {PAGE_BYTES}, got {slot_bytes}")
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.total_bytes = num_slots * slot_bytes
+        self.name = name or f"kvtier-{os.getpid()}-{secrets.token_hex(4)}"
+        self._owner = create
+        self._closed = False
+        self._pinned_bytes = 0
+        self._registered: list[int] = []
+        self._stop_pinning = threading.Event()
+        self._pin_thread: threading.Thread | None = None
+        path = _SHM_DIR / self.name
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot {'create' if create else 'attach'} shared memory {path}: {exc}") from exc
+        try:
+            if create:
+                os.ftruncate(fd, self.total_bytes)
+            elif os.fstat(fd).st_size < self.total_bytes:
+                raise ConfigError(f"shared memory {path} is smaller than {self.total_bytes} bytes")
+            self._mmap = mmap.mmap(fd, self.total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        if create and name is None:
+            path.unlink()
+        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+
+    def slot(self, index: int) -> torch.Tensor:
+        """A uint8 view of slot ``index`` (``slot_bytes`` long)."""
+        if self._closed:
+            raise ClosedError("the host arena is closed")
+        start = index * self.slot_bytes
+        return self.tensor[start : start + self.slot_bytes]
+
+    def start_pinning(self, chunk_bytes: int) -> None:
+        """Register the arena with CUDA as page-locked memory, chunk by chunk, in the background."""
+        if not torch.cuda.is_available() or self._pin_thread is not None:
+            return
+        chunk_bytes = max(self.slot_bytes, chunk_bytes // self.slot_bytes * self.slot_bytes)
+        self._pin_thread = threading.Thread(target=self._pin_chunks, args=(chunk_bytes,), daemon=True,
+                                            name="kvtier-pin")
+        self._pin_thread.start()
+
+    def _pin_chunks(self, chunk_bytes: int) -> None:
+        cudart = torch.cuda.cudart()
+        base = self.tensor.data_ptr()
+        for offset in range(0, self.total_bytes, chunk_bytes):
+            if self._stop_pinning.is_set():
+                return
+            length = min(chunk_bytes, self.total_bytes - offset)
+            status = cudart.cudaHostRegister(base + offset, length, 0)
+            if int(status) != 0:
+                log.warning("cudaHostRegister failed (%s) at offset %d: the rest stays pageable", status, offset)
+                return
+            self._registered.append(base + offset)
+            self._pinned_bytes += length
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self._pinned_bytes
+
+    def close(self, unlink: bool = False) -> None:
+        """Unmap the arena (views taken from it must no longer be used). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_pinning.set()
+        if self._pin_thread is not None:
+            self._pin_thread.join()
+            cudart = torch.cuda.cudart()
+            for pointer in self._registered:
+                cudart.cudaHostUnregister(pointer)
+        del self.tensor
+        try:
+            self._mmap.close()
+        except BufferError:
+            # A view still exported elsewhere keeps the mapping alive until it is collected.
+            log.debug("arena %s still has views; the mapping is released with them", self.name)
+        if unlink and self._owner:
+            (_SHM_DIR / self.name).unlink(missing_ok=True)

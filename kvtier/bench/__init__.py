@@ -1,0 +1,1 @@
+"""Benchmarks behind ``kvtier bench``: each module has one ``run_*`` function returning a JSON-ready dict."""

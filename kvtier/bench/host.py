@@ -1,0 +1,129 @@
+"""``kvtier bench host``: host-tier put/get throughput against a raw torch copy, and key/lookup cost.
+
+For each block size, the same bytes are copied three ways in the same run: a raw ``torch`` copy of
+block-sized tensors (the baseline, ``memcpy_gbps``), ``Store.put`` of fresh keys, and ``Store.get`` back
+into caller tensors. The arena is written once before timing, so page faults of a fresh mapping are not
+counted (a long-running store pays them once). Then the cost of deriving and looking up the keys of an
+8,192-block prompt (128k tokens at 16 tokens per block). Prints one JSON object (``--json``) or a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from kvtier.bench.common import gbps, median_seconds
+from kvtier.config import HostConfig, StoreConfig, TransferConfig
+from kvtier.layout import KVLayout
+from kvtier.store import Store
+
+HELP = "host-tier put/get GB/s vs a raw torch copy; key derivation and lookup cost"
+_MiB = 1024 * 1024
+
+
+def _layout_for(block_bytes: int) -> KVLayout:
+    # float16, 8 KV heads x 128 dims x 16 tokens x K/V is 64 KiB a layer: block size = 64 KiB x layers.
+    return KVLayout(num_layers=max(1, block_bytes // (64 * 1024)), num_kv_heads=8, head_dim=128,
+                    dtype="float16", block_tokens=16)
+
+
+def measure_copies(block_bytes: int, total_bytes: int, repeats: int, num_workers: int) -> dict[str, float]:
+    layout = _layout_for(block_bytes)
+    num_blocks = max(1, total_bytes // layout.block_bytes)
+    sources = [torch.randn(layout.block_numel).to(torch.float16) for _ in range(num_blocks)]
+    outputs = [torch.empty_like(src) for src in sources]
+
+    def raw_copy() -> None:
+        for dst, src in zip(outputs, sources, strict=True):
+            dst.copy_(src)
+
+    raw_copy()  # touch the destination pages, as the arena's are below
+    memcpy_s = median_seconds(raw_copy, repeats)
+    config = StoreConfig(host=HostConfig(capacity_bytes=2 * num_blocks * layout.block_bytes + 4096 * num_blocks),
+                         transfer=TransferConfig(backend="cpu", num_workers=num_workers))
+    with Store(layout, config) as store:
+        hasher = store.hasher("bench-host")
+        rounds = iter(range(10**9))
+        keys: list[bytes] = []
+
+        def new_keys() -> None:
+            keys[:] = hasher.keys([next(rounds)] * (num_blocks * layout.block_tokens))
+
+        def put() -> None:
+            store.put(keys, sources).wait()
+
+        for _ in range(2):  # touch every arena page once
+            new_keys()
+            put()
+        put_s = median_seconds(put, repeats, setup=new_keys)
+        get_s = median_seconds(lambda: store.get(keys, outputs).wait(), repeats)
+        if store.stats().put_failed_blocks or store.stats().get_failed_blocks:
+            raise RuntimeError("the host benchmark lost blocks: the arena is too small for its working set")
+    moved = num_blocks * layout.block_bytes
+    return {"memcpy_gbps": gbps(moved, memcpy_s), "host_put_gbps": gbps(moved, put_s),
+            "host_get_gbps": gbps(moved, get_s)}
+
+
+def measure_keys(num_blocks: int, block_tokens: int, repeats: int) -> dict[str, float]:
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, dtype="float16", block_tokens=block_tokens)
+    token_ids = [(i * 7919) % 128_000 for i in range(num_blocks * block_tokens)]
+    config = StoreConfig(host=HostConfig(capacity_bytes=num_blocks * 4096))
+    with Store(layout, config) as store:
+        hasher = store.hasher("bench-keys")
+        derive_s = median_seconds(lambda: hasher.keys(token_ids), repeats)
+        keys = hasher.keys(token_ids)
+        blocks = [torch.zeros(layout.block_numel, dtype=torch.float16)] * num_blocks
+        store.put(keys, blocks).wait()
+        lookup_s = median_seconds(lambda: store.lookup(keys), repeats)
+        hit = store.lookup(keys).num_blocks
+    return {"prompt_tokens": num_blocks * block_tokens, "prompt_blocks": num_blocks, "lookup_hit_blocks": hit,
+            "key_derive_ms": round(derive_s * 1e3, 3), "lookup_ms": round(lookup_s * 1e3, 3),
+            "key_derive_us_per_block": round(derive_s * 1e6 / num_blocks, 3),
+            "lookup_us_per_block": round(lookup_s * 1e6 / num_blocks, 3)}
+
+
+def run_host_bench(block_sizes: list[int], total_bytes: int, repeats: int, num_workers: int = 2,
+                   prompt_blocks: int = 8192) -> dict[str, object]:
+    copies = [measure_copies(size, total_bytes, repeats, num_workers) for size in block_sizes]
+    result: dict[str, object] = {
+        "benchmark": "host",
+        "block_bytes": [_layout_for(size).block_bytes for size in block_sizes],
+        "total_bytes_per_size": total_bytes,
+        "repeats": repeats,
+        **{name: [row[name] for row in copies] for name in ("host_put_gbps", "host_get_gbps", "memcpy_gbps")},
+    }
+    result["put_vs_memcpy"] = [round(p / m, 3) for p, m in zip(result["host_put_gbps"], result["memcpy_gbps"],  # type: ignore[call-overload]
+                                                                 strict=True)]
+    result["get_vs_memcpy"] = [round(g / m, 3) for g, m in zip(result["host_get_gbps"], result["memcpy_gbps"],  # type: ignore[call-overload]
+                                                                 strict=True)]
+    result.update(measure_keys(prompt_blocks, 16, repeats))
+    result["torch_threads"] = torch.get_num_threads()
+    result["unix_time"] = int(time.time())
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-bytes", type=int, nargs="+", default=[64 * 1024, 256 * 1024, _MiB, 4 * _MiB],
+                        help="block sizes to measure (rounded to whole 64 KiB layers)")
+    parser.add_argument("--total-mib", type=int, default=256, help="MiB copied per block size and repeat")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=2, help="CPU transfer workers")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace, config: StoreConfig) -> int:
+    result = run_host_bench(args.block_bytes, args.total_mib * _MiB, args.repeats, args.workers)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'block':>10} {'memcpy GB/s':>12} {'put GB/s':>10} {'get GB/s':>10} {'put/raw':>8} {'get/raw':>8}")
+    rows = zip(result["block_bytes"], result["memcpy_gbps"], result["host_put_gbps"],  # type: ignore[call-overload]
+               result["host_get_gbps"], result["put_vs_memcpy"], result["get_vs_memcpy"], strict=True)
+    for size, raw, put, get, put_ratio, get_ratio in rows:
+        print(f"{size:>10} {raw:>12} {put:>10} {get:>10} {put_ratio:>8} {get_ratio:>8}")
+    print(f"keys of {result['prompt_tokens']} tokens: derive {result['key_derive_ms']} ms, "
+          f"lookup {result['lookup_ms']} ms")
+    return 0

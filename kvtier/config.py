@@ -1,0 +1,268 @@
+"""Configuration: small frozen dataclasses, validated at construction, loadable from TOML.
+
+Every default is documented here, once, in the field's comment; ``docs/api.md`` points here.
+
+Promises:
+- Constructing a config with a bad value raises ``ConfigError`` naming the field; nothing is half-built.
+- ``load_config(path, overrides)`` reads a TOML file with tables ``[host]``, ``[disk]``, ``[transfer]``,
+  ``[daemon]`` and top-level keys, then applies ``section.field=value`` overrides (from the command line);
+  an unknown section or field is a ``ConfigError``, never silently ignored.
+- Sizes accept an int of bytes or a string with a binary unit: ``"512MiB"``, ``"4GiB"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from kvtier.errors import ConfigError
+from kvtier.layout import KVLayout
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1024 * GiB, "kb": 1000, "mb": 1000**2,
+          "gb": 1000**3, "tb": 1000**4}
+
+DirectIO = Literal["auto", "on", "off"]
+WriteMode = Literal["back", "through"]
+Codec = Literal["none", "zstd"]
+TransferBackend = Literal["auto", "cpu", "cuda"]
+
+
+def parse_bytes(value: object, name: str) -> int:
+    """An int of bytes from an int or a string such as ``"64MiB"``; ``ConfigError`` otherwise."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise ConfigError(f"{name}: expected a size such as 4096 or '64MiB', got {value!r}")
+
+
+def _check_choice(value: object, choices: Any, name: str) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_positive(value: int, name: str, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    # Bytes of the shared-memory arena that holds host-tier blocks (rounded down to whole slots).
+    capacity_bytes: int = 1 * GiB
+    # Eviction policy of the host tier: "lru", "s3fifo" or "arc".
+    policy: str = "s3fifo"
+    # Pinned (page-locked) registration is done in chunks of this many bytes, in the background.
+    pin_chunk_bytes: int = 256 * MiB
+    # Register the arena with CUDA when CUDA is present (no effect without it).
+    pin: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "capacity_bytes", parse_bytes(self.capacity_bytes, "host.capacity_bytes"))
+        object.__setattr__(self, "pin_chunk_bytes", parse_bytes(self.pin_chunk_bytes, "host.pin_chunk_bytes"))
+        _check_positive(self.capacity_bytes, "host.capacity_bytes")
+        _check_positive(self.pin_chunk_bytes, "host.pin_chunk_bytes")
+        from kvtier.policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ConfigError(f"host.policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    # Data directories; empty means no disk tier. Several paths are striped region by region.
+    paths: tuple[str, ...] = ()
+    # Bytes of data file per path (preallocated; rounded down to whole regions).
+    capacity_bytes: int = 16 * GiB
+    # Bytes of one region, the unit of writing and of eviction.
+    region_bytes: int = 64 * MiB
+    # O_DIRECT: "auto" uses it where the filesystem supports it, "on" fails if it does not, "off" never.
+    direct_io: DirectIO = "auto"
+    # "back": host evictions are demoted to disk. "through": every put is also written to disk.
+    write_mode: WriteMode = "back"
+    # Admission to disk: "adaptive", "admit_all" or "reject_first".
+    admission: str = "adaptive"
+    # Bytes per second the tier may write on average (0: no budget).
+    write_budget_bytes_per_s: int = 0
+    # A block read this many times since it was written is re-appended when its region is evicted.
+    reinsert_hits: int = 2
+    # Per-entry compression: "none" or "zstd" (with a byte-plane split of 16-bit values).
+    codec: Codec = "none"
+    # Threads that issue disk reads and writes.
+    io_threads: int = 4
+    # Wipe a directory of another format version or layout instead of refusing to open it.
+    wipe_incompatible: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+        for name in ("capacity_bytes", "region_bytes", "write_budget_bytes_per_s"):
+            object.__setattr__(self, name, parse_bytes(getattr(self, name), f"disk.{name}"))
+        _check_positive(self.capacity_bytes, "disk.capacity_bytes")
+        _check_positive(self.region_bytes, "disk.region_bytes")
+        if self.region_bytes % (4 * KiB):
+            raise ConfigError(f"disk.region_bytes must be a multiple of 4 KiB, got {self.region_bytes}")
+        if self.capacity_bytes < self.region_bytes:
+            raise ConfigError("disk.capacity_bytes must hold at least one region")
+        _check_positive(self.write_budget_bytes_per_s, "disk.write_budget_bytes_per_s", allow_zero=True)
+        _check_positive(self.reinsert_hits, "disk.reinsert_hits", allow_zero=True)
+        _check_positive(self.io_threads, "disk.io_threads")
+        _check_choice(self.direct_io, DirectIO, "disk.direct_io")
+        _check_choice(self.write_mode, WriteMode, "disk.write_mode")
+        _check_choice(self.codec, Codec, "disk.codec")
+        if self.admission not in ("adaptive", "admit_all", "reject_first"):
+            raise ConfigError(f"disk.admission must be adaptive, admit_all or reject_first, got {self.admission!r}")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    # "auto" picks CUDA when torch sees a GPU, else the CPU backend.
+    backend: TransferBackend = "auto"
+    # CPU backend: worker threads serving copy jobs.
+    num_workers: int = 2
+    # CUDA backend: streams for loads and for stores (loads get the higher priority).
+    num_streams: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice(self.backend, TransferBackend, "transfer.backend")
+        _check_positive(self.num_workers, "transfer.num_workers")
+        _check_positive(self.num_streams, "transfer.num_streams")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    # Unix socket of the daemon; empty: "kvtier.sock" in the user's runtime directory.
+    socket_path: str = ""
+    # Group allowed to connect (socket mode 0660); empty: owner only (mode 0600).
+    socket_group: str = ""
+    # TCP listener for remote clients; 0 disables it. Bound to tcp_host (loopback unless configured).
+    tcp_port: int = 0
+    tcp_host: str = "127.0.0.1"
+    # Shared token remote clients must present; required when tcp_port is set.
+    tcp_token: str = ""
+    # Prometheus /metrics port on loopback; 0 disables it.
+    metrics_port: int = 9464
+    # Largest control or payload frame accepted, in bytes.
+    max_frame_bytes: int = 256 * MiB
+    # The one KV layout the daemon serves (a table of KVLayout fields, [daemon.layout] in TOML); unset: the
+    # layout of the first client's hello.
+    layout: KVLayout | None = None
+    # Bytes of the daemon's host pool; 0: half the available RAM (and of free /dev/shm), at most pool_cap_bytes.
+    pool_bytes: int = 0
+    pool_cap_bytes: int = 32 * GiB
+    # With [disk] paths empty, the daemon keeps a disk tier in the user's data directory; false: no disk tier.
+    default_disk: bool = True
+    # Clients (kvtier.daemon.open_store): "" opens an embedded store; "unix" (the default socket),
+    # "unix:/path/to.sock" or "tcp://host:port" connects to a daemon.
+    connect: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_bytes", "pool_bytes", "pool_cap_bytes"):
+            object.__setattr__(self, name, parse_bytes(getattr(self, name), f"daemon.{name}"))
+        for name in ("tcp_port", "metrics_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ConfigError(f"daemon.{name} must be a port number, got {value!r}")
+        if self.tcp_port and not self.tcp_token:
+            raise ConfigError("daemon.tcp_token is required when daemon.tcp_port is set")
+        _check_positive(self.max_frame_bytes, "daemon.max_frame_bytes")
+        _check_positive(self.pool_bytes, "daemon.pool_bytes", allow_zero=True)
+        _check_positive(self.pool_cap_bytes, "daemon.pool_cap_bytes")
+        if self.layout is not None and not isinstance(self.layout, KVLayout):
+            if not isinstance(self.layout, Mapping):
+                raise ConfigError(f"daemon.layout must be a table of KVLayout fields, got {self.layout!r}")
+            object.__setattr__(self, "layout", KVLayout.from_dict(dict(self.layout)))
+        if not isinstance(self.default_disk, bool):
+            raise ConfigError(f"daemon.default_disk must be true or false, got {self.default_disk!r}")
+        if self.connect and not (self.connect == "unix" or self.connect.startswith(("unix:", "tcp://"))):
+            raise ConfigError(f"daemon.connect must be '', 'unix', 'unix:PATH' or 'tcp://HOST:PORT', "
+                              f"got {self.connect!r}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    host: HostConfig = field(default_factory=HostConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    # Block-key hash: "sha256" (default), "blake3", or "xxh3_128" (trusted single-tenant use only).
+    hash_algo: str = "sha256"
+
+    def __post_init__(self) -> None:
+        from kvtier.keys import HASH_ALGOS
+
+        if self.hash_algo not in HASH_ALGOS:
+            raise ConfigError(f"hash_algo must be one of {HASH_ALGOS}, got {self.hash_algo!r}")
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "host": HostConfig, "disk": DiskConfig, "transfer": TransferConfig, "daemon": DaemonConfig,
+}
+
+
+def _coerce(text: str) -> object:
+    """A command-line override value: TOML syntax where it parses (numbers, bools, arrays), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> StoreConfig:
+    """A ``StoreConfig`` from nested dicts shaped like the TOML file; ``ConfigError`` on anything unknown."""
+    sections: dict[str, Any] = {}
+    top: dict[str, Any] = {}
+    top_fields = {"hash_algo"}
+    for name, value in data.items():
+        if name in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"[{name}] must be a table")
+            known = {f.name for f in dataclasses.fields(_SECTIONS[name])}
+            unknown = set(value) - known
+            if unknown:
+                raise ConfigError(f"unknown setting(s) in [{name}]: {sorted(unknown)}; known: {sorted(known)}")
+            if "paths" in value and isinstance(value["paths"], list):
+                value = {**value, "paths": tuple(value["paths"])}
+            try:
+                sections[name] = _SECTIONS[name](**value)
+            except TypeError as exc:
+                raise ConfigError(f"[{name}]: {exc}") from exc
+        elif name in top_fields:
+            top[name] = value
+        else:
+            raise ConfigError(f"unknown configuration section or key {name!r}")
+    return StoreConfig(**sections, **top)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, str] | None = None) -> StoreConfig:
+    """Defaults, then the TOML file at ``path`` (if given), then ``section.field=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    for dotted, text in (overrides or {}).items():
+        section, _, name = dotted.partition(".")
+        if not name:
+            data[section] = _coerce(text)
+        else:
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"cannot override {dotted}: {section} is not a table")
+            table[name] = _coerce(text)
+    return config_from_mapping(data)

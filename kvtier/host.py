@@ -1,0 +1,190 @@
+"""The host tier: which block lives in which arena slot, in what state, and who may evict it.
+
+Every slot is free, *writing* (reserved, bytes arriving, not readable) or *ready* (readable). A ready
+slot may be pinned by readers (a reference count). The eviction policy sees only ready slots; pinned ones
+are passed to it as protected.
+
+Promises:
+- Capacity is never exceeded: a block gets a slot only from the free list or by evicting a ready,
+  unpinned block.
+- ``reserve`` is atomic: every key gets a slot, or ``CapacityError`` and nothing changes.
+- A slot being written or read is never evicted and never handed to another key.
+- ``on_evict(key, payload)`` is called for every victim before its slot is reused, with the victim's
+  bytes still in place (this is where write-back demotes to disk).
+- Every method takes the tier's lock: the tier is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.arena import HostArena
+from kvtier.errors import InvalidInputError
+from kvtier.policies import EvictionPolicy
+
+
+class SlotState(enum.Enum):
+    WRITING = "writing"
+    READY = "ready"
+
+
+@dataclass
+class _Entry:
+    slot: int
+    state: SlotState
+    readers: int = 0
+
+
+@dataclass(frozen=True)
+class HostTierStats:
+    capacity_blocks: int
+    used_blocks: int
+    writing_blocks: int
+    pinned_blocks: int
+    evictions: int
+
+
+EvictHook = Callable[[bytes, torch.Tensor], None]
+
+
+class HostTier:
+    """Slot bookkeeping over a ``HostArena``; see the module docstring for the promises."""
+
+    def __init__(self, arena: HostArena, policy: EvictionPolicy[bytes], block_bytes: int,
+                 on_evict: EvictHook | None = None) -> None:
+        self.arena = arena
+        self.block_bytes = block_bytes
+        self._policy = policy
+        self._on_evict = on_evict
+        self._entries: dict[bytes, _Entry] = {}
+        self._pinned: set[bytes] = set()
+        self._free = list(range(arena.num_slots - 1, -1, -1))
+        self._evictions = 0
+        self._lock = threading.RLock()
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self.arena.num_slots
+
+    def payload(self, slot: int) -> torch.Tensor:
+        """The ``block_bytes`` of slot ``slot`` as a uint8 view."""
+        return self.arena.slot(slot)[: self.block_bytes]
+
+    def state(self, key: bytes) -> SlotState | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.state
+
+    def is_ready(self, key: bytes) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.state is SlotState.READY
+
+    def room(self) -> int:
+        """Slots that can be had now: free ones plus ready, unpinned ones."""
+        with self._lock:
+            return len(self._free) + len(self._policy) - len(self._pinned)
+
+    def reserve(self, keys: Sequence[bytes]) -> list[int]:
+        """Give each absent key a slot in the writing state, evicting as needed; all or nothing."""
+        with self._lock:
+            for key in keys:
+                if key in self._entries:
+                    raise InvalidInputError("reserve() of a key that is already in the host tier")
+            shortfall = len(keys) - len(self._free)
+            if shortfall > 0:
+                victims = self._policy.evict(shortfall, self._pinned)
+                for victim in victims:
+                    self._evict(victim)
+            slots = [self._free.pop() for _ in keys]
+            for key, slot in zip(keys, slots, strict=True):
+                self._entries[key] = _Entry(slot, SlotState.WRITING)
+            return slots
+
+    def reserve_upto(self, keys: Sequence[bytes]) -> list[int]:
+        """Reserve slots for the longest prefix of ``keys`` that fits; the rest get none."""
+        with self._lock:
+            return self.reserve(keys[: max(0, min(len(keys), self.room()))])
+
+    def _evict(self, key: bytes) -> None:
+        entry = self._entries.pop(key)
+        if self._on_evict is not None:
+            self._on_evict(key, self.payload(entry.slot))
+        self._free.append(entry.slot)
+        self._evictions += 1
+
+    def commit(self, keys: Sequence[bytes]) -> None:
+        """Make reserved slots readable and hand them to the eviction policy."""
+        with self._lock:
+            for key in keys:
+                entry = self._writing_entry(key)
+                entry.state = SlotState.READY
+                self._policy.insert(key)
+
+    def abort(self, keys: Sequence[bytes]) -> None:
+        """Free reserved slots whose bytes never fully arrived; they were never readable."""
+        with self._lock:
+            for key in keys:
+                entry = self._writing_entry(key)
+                del self._entries[key]
+                self._free.append(entry.slot)
+
+    def _writing_entry(self, key: bytes) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not SlotState.WRITING:
+            raise InvalidInputError("commit/abort of a key that is not reserved")
+        return entry
+
+    def acquire(self, keys: Sequence[bytes]) -> list[int | None]:
+        """Pin each ready key for reading and return its slot (``None`` where the key is not ready)."""
+        with self._lock:
+            slots: list[int | None] = []
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry.state is not SlotState.READY:
+                    slots.append(None)
+                    continue
+                entry.readers += 1
+                self._pinned.add(key)
+                self._policy.touch(key)
+                slots.append(entry.slot)
+            return slots
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        """Drop one read pin of each key (each must have been acquired)."""
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry.readers == 0:
+                    raise InvalidInputError("release() of a key that is not acquired")
+                entry.readers -= 1
+                if entry.readers == 0:
+                    self._pinned.discard(key)
+
+    def drop(self, key: bytes) -> bool:
+        """Remove a ready, unpinned block without demoting it; False if it is absent, pinned or writing."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.state is not SlotState.READY or entry.readers:
+                return False
+            del self._entries[key]
+            self._policy.remove(key)
+            self._free.append(entry.slot)
+            return True
+
+    def stats(self) -> HostTierStats:
+        with self._lock:
+            writing = sum(1 for entry in self._entries.values() if entry.state is SlotState.WRITING)
+            return HostTierStats(
+                capacity_blocks=self.arena.num_slots,
+                used_blocks=len(self._entries),
+                writing_blocks=writing,
+                pinned_blocks=len(self._pinned),
+                evictions=self._evictions,
+            )
+

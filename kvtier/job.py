@@ -1,0 +1,95 @@
+"""Handles on asynchronous puts and gets.
+
+Promises:
+- A job is done when every block it covers was copied, or failed, or was skipped; ``wait`` returns a
+  ``JobResult`` naming the indices (into the call's keys) that failed. A failed block is never half-visible:
+  a failed put leaves no readable block under its key, a failed get leaves the caller's tensor for that
+  index unspecified and says so.
+- ``done()`` never blocks; ``wait(timeout)`` raises ``JobTimeoutError`` on timeout and the job goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from kvtier.errors import JobTimeoutError
+
+_job_ids = itertools.count(1)
+JobKind = Literal["put", "get"]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    kind: JobKind
+    num_blocks: int
+    failed: tuple[int, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def num_succeeded(self) -> int:
+        return self.num_blocks - len(self.failed)
+
+
+class Job:
+    """One put or get; built by the store, completed by transfer and disk callbacks."""
+
+    def __init__(self, kind: JobKind, num_blocks: int, poll: Callable[[], int]) -> None:
+        self.id = next(_job_ids)
+        self.kind = kind
+        self.num_blocks = num_blocks
+        self._poll = poll
+        self._failed: set[int] = set()
+        self._parts_left = 1  # the submitting call itself, finished by ``seal``
+        self._cond = threading.Condition()
+
+    def add_parts(self, count: int = 1) -> None:
+        with self._cond:
+            self._parts_left += count
+
+    def part_done(self, failed: Iterable[int] = ()) -> None:
+        with self._cond:
+            self._failed.update(failed)
+            self._parts_left -= 1
+            if self._parts_left == 0:
+                self._cond.notify_all()
+
+    def fail(self, indices: Iterable[int]) -> None:
+        with self._cond:
+            self._failed.update(indices)
+
+    def seal(self) -> Job:
+        """Called once by the store after it queued every part."""
+        self.part_done()
+        return self
+
+    def done(self) -> bool:
+        self._poll()
+        with self._cond:
+            return self._parts_left == 0
+
+    def wait(self, timeout: float | None = None) -> JobResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._parts_left:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise JobTimeoutError(f"{self.kind} job {self.id} not done after {timeout} s")
+                # Short waits so that a CUDA backend, which completes on poll, makes progress.
+                self._cond.wait(0.001 if remaining is None else min(remaining, 0.001))
+                self._cond.release()
+                try:
+                    self._poll()
+                finally:
+                    self._cond.acquire()
+            return JobResult(self.kind, self.num_blocks, tuple(sorted(self._failed)))
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id}, kind={self.kind}, num_blocks={self.num_blocks}, done={self.done()})"

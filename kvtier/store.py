@@ -1,0 +1,453 @@
+"""The embedded store: kvtier's public API over the host tier, the disk tier and the transfer engine.
+
+Primitives (each documented where it is defined):
+
+- ``lookup(keys)``: the longest leading run of keys present, and the tier of each; starts disk reads of
+  the disk-resident part at once (prefetch into host slots).
+- ``put(keys, blocks)`` / ``get(keys, blocks)``: asynchronous copies from / into caller tensors (CPU or
+  CUDA); each returns a ``Job``.
+- ``reserve`` / ``commit`` / ``abort`` and ``acquire`` / ``release``: the zero-copy path, for callers that
+  write and read arena slots themselves (the daemon's clients, the vLLM gather kernels).
+- ``stats()``: an immutable ``StoreStats`` snapshot. ``close()``: finish jobs, flush the disk tier.
+
+Promises:
+- Every argument is checked before anything changes: bad keys, blocks of another dtype, shape or byte
+  size raise ``InvalidInputError``; a closed store raises ``ClosedError``.
+- A put of a key already present (or being written) is deduplicated: counted, not copied again.
+- A get returns exactly the bytes that were put under a key, or reports that index as failed; a disk
+  block that fails its checksum is a failed index and a counter, never data.
+- Blocks move host -> disk on host eviction (write-back, the default) or on put (write-through), and
+  disk -> host on a disk hit (promotion); the disk copy stays valid after promotion.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from kvtier.arena import PAGE_BYTES, HostArena, round_up
+from kvtier.config import StoreConfig
+from kvtier.errors import CapacityError, ClosedError, ConfigError, InvalidInputError
+from kvtier.host import HostTier
+from kvtier.job import Job
+from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_keys
+from kvtier.layout import KVLayout
+from kvtier.policies import make_policy
+from kvtier.stats import StoreStats, TierStats
+from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
+
+
+class Tier(enum.StrEnum):
+    HOST = "host"
+    DISK = "disk"
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """``num_blocks`` leading keys are present; ``tiers[i]`` says where block ``i`` was found."""
+
+    num_blocks: int
+    tiers: tuple[Tier, ...]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Slots reserved for writing. ``keys[i]`` goes to ``slots[i]``; ``skipped`` were already present."""
+
+    keys: tuple[bytes, ...]
+    slots: tuple[int, ...]
+    skipped: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Read pins on the leading run ``keys`` of an ``acquire``: ``slots[i]`` holds ``keys[i]``."""
+
+    keys: tuple[bytes, ...]
+    slots: tuple[int, ...]
+
+
+def as_bytes(block: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (no copy)."""
+    return block.reshape(-1).view(torch.uint8)
+
+
+class Store:
+    """An in-process tiered block store for one KV layout. See the module docstring for the promises."""
+
+    def __init__(self, layout: KVLayout, config: StoreConfig | None = None, *, arena_name: str | None = None,
+                 transfer: TransferEngine | None = None) -> None:
+        self.layout = layout
+        self.config = config or StoreConfig()
+        self.slot_bytes = round_up(layout.block_bytes, PAGE_BYTES)
+        num_slots = self.config.host.capacity_bytes // self.slot_bytes
+        if num_slots < 1:
+            raise ConfigError(
+                f"host.capacity_bytes={self.config.host.capacity_bytes} holds no block of {layout.block_bytes} bytes"
+            )
+        self._lock = threading.RLock()
+        self._closed = False
+        self._counters = dict.fromkeys(
+            ("lookups", "hit_blocks", "miss_blocks", "put_blocks", "put_deduplicated_blocks", "put_failed_blocks",
+             "get_blocks", "get_failed_blocks", "bytes_put", "bytes_got", "host_hit_blocks", "disk_hit_blocks",
+             "promoted_blocks", "promotion_failed_blocks", "demoted_blocks"), 0)
+        self.arena = HostArena(num_slots, self.slot_bytes, name=arena_name)
+        if self.config.host.pin:
+            self.arena.start_pinning(self.config.host.pin_chunk_bytes)
+        self._promotions: dict[bytes, Future[bool]] = {}
+        self.disk: Any = None
+        if self.config.disk.paths:
+            raise ConfigError("the disk tier is not available in this build")
+        self.host = HostTier(self.arena, make_policy(self.config.host.policy, num_slots), layout.block_bytes,
+                             on_evict=self._demote)
+        self.transfer = transfer or make_transfer_engine(self.config.transfer)
+
+    # -- keys ---------------------------------------------------------------------------------------
+
+    def hasher(self, model_id: str, tp_rank: int = 0, tp_size: int = 1, tenant_salt: str = "") -> BlockHasher:
+        """A ``BlockHasher`` for this store's layout and hash algorithm in the given namespace."""
+        namespace = Namespace.for_layout(model_id, self.layout, tp_rank, tp_size, tenant_salt)
+        algo: HashAlgo = self.config.hash_algo  # type: ignore[assignment]
+        return BlockHasher(namespace, self.layout.block_tokens, algo)
+
+    # -- lookup -------------------------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True) -> LookupResult:
+        """The longest leading run of ``keys`` present in some tier; disk hits are prefetched into host."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            tiers: list[Tier] = []
+            for key in keys:
+                tier = self._tier_of(key)
+                if tier is None:
+                    break
+                tiers.append(tier)
+            self._counters["lookups"] += 1
+            self._counters["hit_blocks"] += len(tiers)
+            self._counters["miss_blocks"] += len(keys) - len(tiers)
+            self._counters["host_hit_blocks"] += tiers.count(Tier.HOST)
+            self._counters["disk_hit_blocks"] += tiers.count(Tier.DISK)
+            if self.disk is not None:
+                self.disk.on_access(keys, [i < len(tiers) for i in range(len(keys))])
+                if prefetch:
+                    for key, tier in zip(keys, tiers, strict=False):
+                        if tier is Tier.DISK:
+                            self._start_promotion(key)
+        return LookupResult(len(tiers), tuple(tiers))
+
+    def _tier_of(self, key: bytes) -> Tier | None:
+        if key in self._promotions:
+            return Tier.DISK
+        if self.host.is_ready(key):
+            return Tier.HOST
+        if self.disk is not None and self.disk.contains(key):
+            return Tier.DISK
+        return None
+
+    def contains(self, key: bytes) -> Tier | None:
+        """The tier holding ``key`` (host first), or ``None``."""
+        check_keys([key])
+        with self._lock:
+            self._check_open()
+            return self._tier_of(key)
+
+    # -- put ----------------------------------------------------------------------------------------
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> Job:
+        """Copy ``blocks[i]`` into the store under ``keys[i]``, asynchronously.
+
+        Keys already present are skipped (deduplicated). Blocks that cannot get a host slot (every slot
+        pinned or in flight) are reported as failed; the earliest keys get slots first, since a prefix is
+        worth more than its tail. The caller must not change ``blocks`` until the job is done.
+        """
+        keys = self._check_blocks(keys, blocks)
+        job = Job("put", len(keys), self.transfer.poll)
+        with self._lock:
+            self._check_open()
+            todo = [i for i, key in enumerate(keys) if not self._present_or_writing(key)]
+            self._counters["put_deduplicated_blocks"] += len(keys) - len(todo)
+            slots = self.host.reserve_upto([keys[i] for i in todo])
+            stored, refused = todo[: len(slots)], todo[len(slots) :]
+            job.fail(refused)
+            self._counters["put_failed_blocks"] += len(refused)
+            if stored:
+                job.add_parts()
+                pairs = [(self.host.payload(slot), as_bytes(blocks[i])) for i, slot in zip(stored, slots, strict=True)]
+                stored_keys = [keys[i] for i in stored]
+                self.transfer.submit(pairs, Direction.STORE, self._on_put_done(job, stored, stored_keys))
+        return job.seal()
+
+    def _present_or_writing(self, key: bytes) -> bool:
+        return self.host.state(key) is not None or (self.disk is not None and self.disk.contains(key))
+
+    def _on_put_done(self, job: Job, indices: list[int], keys: list[bytes]) -> Callable[[BaseException | None], None]:
+        def on_done(error: BaseException | None) -> None:
+            with self._lock:
+                if error is not None:
+                    self.host.abort(keys)
+                    self._counters["put_failed_blocks"] += len(keys)
+                    job.part_done(indices)
+                    return
+                self.host.commit(keys)
+                self._counters["put_blocks"] += len(keys)
+                self._counters["bytes_put"] += len(keys) * self.layout.block_bytes
+                if self.disk is not None and self.config.disk.write_mode == "through":
+                    for key in keys:
+                        self._write_through(key)
+            job.part_done()
+
+        return on_done
+
+    def _write_through(self, key: bytes) -> None:
+        assert self.disk is not None
+        slot = self.host.acquire([key])[0]
+        if slot is None:
+            return
+        try:
+            self.disk.offer(key, self.host.payload(slot))
+        finally:
+            self.host.release([key])
+
+    def _demote(self, key: bytes, payload: torch.Tensor) -> None:
+        if self.disk is not None and not self.disk.contains(key) and self.disk.offer(key, payload):
+            self._counters["demoted_blocks"] += 1
+
+    # -- get ----------------------------------------------------------------------------------------
+
+    def get(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> Job:
+        """Copy the block stored under ``keys[i]`` into ``blocks[i]``, asynchronously.
+
+        Host blocks are pinned and copied; disk blocks are first read into a host slot (promotion, already
+        under way if ``lookup`` prefetched them). Absent or corrupt blocks are failed indices of the job.
+        """
+        keys = self._check_blocks(keys, blocks)
+        job = Job("get", len(keys), self.transfer.poll)
+        with self._lock:
+            self._check_open()
+            slots = self.host.acquire(keys)
+            ready = [i for i, slot in enumerate(slots) if slot is not None]
+            for i, slot in enumerate(slots):
+                if slot is not None:
+                    continue
+                promotion = self._promotions.get(keys[i]) or self._start_promotion(keys[i])
+                if promotion is None:
+                    job.fail([i])
+                    self._counters["get_failed_blocks"] += 1
+                    continue
+                job.add_parts()
+                promotion.add_done_callback(self._after_promotion(job, i, keys[i], blocks[i]))
+            if ready:
+                self._load(job, ready, [keys[i] for i in ready], [slots[i] for i in ready], [blocks[i] for i in ready])
+        return job.seal()
+
+    def _load(self, job: Job, indices: list[int], keys: list[bytes], slots: Sequence[int | None],
+              dsts: Sequence[torch.Tensor]) -> None:
+        """Copy acquired host slots into ``dsts`` (aligned with ``indices``); releases the pins when done."""
+        job.add_parts()
+        pairs = [(as_bytes(dst), self.host.payload(slot)) for dst, slot in zip(dsts, slots, strict=True)
+                 if slot is not None]
+
+        def on_done(error: BaseException | None) -> None:
+            with self._lock:
+                self.host.release(keys)
+                if error is None:
+                    self._counters["get_blocks"] += len(keys)
+                    self._counters["bytes_got"] += len(keys) * self.layout.block_bytes
+                else:
+                    self._counters["get_failed_blocks"] += len(keys)
+            job.part_done(indices if error is not None else ())
+
+        self.transfer.submit(pairs, Direction.LOAD, on_done)
+
+    def _after_promotion(self, job: Job, index: int, key: bytes, block: torch.Tensor) -> Callable[[Future[bool]], None]:
+        def on_promoted(_: Future[bool]) -> None:
+            with self._lock:
+                slot = None if self._closed else self.host.acquire([key])[0]
+                if slot is None:
+                    self._counters["get_failed_blocks"] += 1
+                    job.part_done([index])
+                    return
+                self._load(job, [index], [key], [slot], [block])
+            job.part_done()
+
+        return on_promoted
+
+    # -- promotion (disk -> host) ----------------------------------------------------------------------
+
+    def _start_promotion(self, key: bytes) -> Future[bool] | None:
+        """Read a disk block into a fresh host slot; ``None`` if it is not on disk or no slot is free."""
+        if self.disk is None or not self.disk.contains(key) or self.host.state(key) is not None:
+            return None
+        try:
+            slot = self.host.reserve([key])[0]
+        except CapacityError:
+            return None
+        future: Future[bool] = self.disk.submit_read(key, self.arena.slot(slot))
+        self._promotions[key] = future
+        future.add_done_callback(self._finish_promotion(key))
+        return future
+
+    def _finish_promotion(self, key: bytes) -> Callable[[Future[bool]], None]:
+        def finish(future: Future[bool]) -> None:
+            with self._lock:
+                ok = not future.cancelled() and future.exception() is None and future.result()
+                self._promotions.pop(key, None)
+                if ok:
+                    self.host.commit([key])
+                    self._counters["promoted_blocks"] += 1
+                else:
+                    self.host.abort([key])
+                    self._counters["promotion_failed_blocks"] += 1
+
+        return finish
+
+    # -- zero-copy path -------------------------------------------------------------------------------
+
+    def reserve(self, keys: Sequence[bytes]) -> Reservation:
+        """Reserve host slots for the absent ``keys`` (present ones are ``skipped``); all or ``CapacityError``.
+
+        The caller writes ``block_bytes`` into each ``slot_view(slot)``, then calls ``commit`` (the blocks
+        become readable) or ``abort`` (they never do).
+        """
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            present = {key for key in keys if self._present_or_writing(key)}
+            todo = [key for key in keys if key not in present]
+            slots = self.host.reserve(todo)
+            self._counters["put_deduplicated_blocks"] += len(present)
+            return Reservation(tuple(todo), tuple(slots), tuple(k for k in keys if k in present))
+
+    def commit(self, reservation: Reservation) -> None:
+        with self._lock:
+            self._check_open()
+            self.host.commit(reservation.keys)
+            self._counters["put_blocks"] += len(reservation.keys)
+            self._counters["bytes_put"] += len(reservation.keys) * self.layout.block_bytes
+            if self.disk is not None and self.config.disk.write_mode == "through":
+                for key in reservation.keys:
+                    self._write_through(key)
+
+    def abort(self, reservation: Reservation) -> None:
+        with self._lock:
+            self._check_open()
+            self.host.abort(reservation.keys)
+
+    def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease:
+        """Pin the longest leading run of ``keys`` that is readable, promoting disk blocks first (blocking)."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            pending = [self._promotions.get(k) or self._start_promotion(k) for k in keys if not self.host.is_ready(k)]
+        for future in pending:
+            if future is not None:
+                future.exception(timeout)
+        with self._lock:
+            self._check_open()
+            run: list[bytes] = []
+            slots: list[int] = []
+            for key in keys:
+                slot = self.host.acquire([key])[0]
+                if slot is None:
+                    break
+                run.append(key)
+                slots.append(slot)
+            self._counters["get_blocks"] += len(run)
+            self._counters["bytes_got"] += len(run) * self.layout.block_bytes
+            return Lease(tuple(run), tuple(slots))
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            self.host.release(lease.keys)
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """The block bytes of host slot ``slot`` as a flat tensor of the layout's dtype."""
+        return self.host.payload(slot).view(self.layout.torch_dtype)
+
+    # -- housekeeping -----------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the store is closed")
+
+    def _check_blocks(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> list[bytes]:
+        checked = check_keys(keys)
+        if len(checked) != len(blocks):
+            raise InvalidInputError(f"{len(checked)} keys but {len(blocks)} blocks")
+        for i, block in enumerate(blocks):
+            self.layout.check_block(block, f"blocks[{i}]")
+        return checked
+
+    def _disk_tier_stats(self) -> TierStats:
+        assert self.disk is not None
+        disk = self.disk.stats()
+        return TierStats(
+            name="disk", capacity_blocks=disk.capacity_blocks, used_blocks=disk.used_blocks,
+            hit_blocks=self._counters["disk_hit_blocks"], evicted_blocks=disk.regions_evicted,
+            bytes_read=disk.bytes_read, bytes_written=disk.bytes_written,
+            detail=MappingProxyType({name: value for name, value in vars(disk).items()
+                                     if isinstance(value, int | float | bool | str)}),
+        )
+
+    def flush(self) -> None:
+        """Write the disk tier's open region now (a durability point)."""
+        with self._lock:
+            self._check_open()
+            if self.disk is not None:
+                self.disk.flush()
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            host = self.host.stats()
+            c = self._counters
+            tiers = {
+                "host": TierStats(
+                    name="host", capacity_blocks=host.capacity_blocks, used_blocks=host.used_blocks,
+                    hit_blocks=c["host_hit_blocks"], evicted_blocks=host.evictions,
+                    bytes_read=c["bytes_got"], bytes_written=c["bytes_put"],
+                    detail=MappingProxyType({"pinned_blocks": host.pinned_blocks,
+                                             "writing_blocks": host.writing_blocks,
+                                             "pinned_bytes": self.arena.pinned_bytes,
+                                             "slot_bytes": self.slot_bytes,
+                                             "promoted_blocks": c["promoted_blocks"],
+                                             "promotion_failed_blocks": c["promotion_failed_blocks"],
+                                             "demoted_blocks": c["demoted_blocks"]})),
+            }
+            if self.disk is not None:
+                tiers["disk"] = self._disk_tier_stats()
+            return StoreStats(
+                lookups=c["lookups"], hit_blocks=c["hit_blocks"], miss_blocks=c["miss_blocks"],
+                put_blocks=c["put_blocks"], put_deduplicated_blocks=c["put_deduplicated_blocks"],
+                put_failed_blocks=c["put_failed_blocks"], get_blocks=c["get_blocks"],
+                get_failed_blocks=c["get_failed_blocks"], bytes_put=c["bytes_put"], bytes_got=c["bytes_got"],
+                tiers=MappingProxyType(tiers),
+            )
+
+    def close(self) -> None:
+        """Finish queued copies and promotions, flush and close the disk tier, release the arena. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            promotions = list(self._promotions.values())
+        for future in promotions:
+            future.exception()
+        self.transfer.close()
+        with self._lock:
+            self._closed = True
+            if self.disk is not None:
+                self.disk.close()
+        self.arena.close(unlink=True)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

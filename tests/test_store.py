@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from support import StoreFactory, random_blocks
+
+from kvtier import (
+    CapacityError,
+    ClosedError,
+    ConfigError,
+    HostConfig,
+    InvalidInputError,
+    KVLayout,
+    Store,
+    StoreConfig,
+    Tier,
+)
+
+
+def keys_for(store: Store, num_blocks: int, first_token: int = 0) -> list[bytes]:
+    tokens = list(range(first_token, first_token + num_blocks * store.layout.block_tokens))
+    return store.hasher("test-model").keys(tokens)
+
+
+def test_put_lookup_get_round_trip(make_store: StoreFactory, layout: KVLayout) -> None:
+    store = make_store()
+    keys = keys_for(store, 5)
+    blocks = random_blocks(layout, 5)
+    assert store.put(keys, blocks).wait().ok
+    found = store.lookup(keys)
+    assert found.num_blocks == 5 and found.tiers == (Tier.HOST,) * 5
+    out = [torch.empty(layout.block_numel) for _ in keys]  # flat destinations are accepted too
+    assert store.get(keys, out).wait().ok
+    assert all(torch.equal(o.view(layout.block_shape), b) for o, b in zip(out, blocks, strict=True))
+
+
+def test_lookup_is_the_leading_run(make_store: StoreFactory, layout: KVLayout) -> None:
+    store = make_store()
+    keys = keys_for(store, 4)
+    store.put([keys[0], keys[1], keys[3]], random_blocks(layout, 3)).wait()
+    assert store.lookup(keys).num_blocks == 2
+    assert store.lookup(keys[2:]).num_blocks == 0
+    stats = store.stats()
+    assert (stats.lookups, stats.hit_blocks, stats.miss_blocks) == (2, 2, 4)
+
+
+def test_put_deduplicates(make_store: StoreFactory, layout: KVLayout) -> None:
+    store = make_store()
+    keys = keys_for(store, 2)
+    first = random_blocks(layout, 2, seed=1)
+    store.put(keys, first).wait()
+    assert store.put(keys, random_blocks(layout, 2, seed=2)).wait().ok
+    out = [torch.empty(layout.block_shape) for _ in keys]
+    store.get(keys, out).wait()
+    assert torch.equal(out[0], first[0])  # the first copy stays
+    assert store.stats().put_deduplicated_blocks == 2 and store.stats().put_blocks == 2
+
+
+def test_get_reports_missing_blocks(make_store: StoreFactory, layout: KVLayout) -> None:
+    store = make_store()
+    keys = keys_for(store, 3)
+    store.put(keys[:1], random_blocks(layout, 1)).wait()
+    result = store.get(keys, [torch.empty(layout.block_shape) for _ in keys]).wait()
+    assert result.failed == (1, 2) and result.num_succeeded == 1
+    assert store.stats().get_failed_blocks == 2
+
+
+def test_capacity_is_never_exceeded_and_prefix_wins(make_store: StoreFactory, layout: KVLayout) -> None:
+    store = make_store(num_slots=4)
+    keys = keys_for(store, 6)
+    result = store.put(keys, random_blocks(layout, 6)).wait()
+    assert result.failed == (4, 5)  # the prefix got the slots
+    assert store.stats().tiers["host"].used_blocks == 4
+    more = keys_for(store, 2, first_token=1000)
+    store.put(more, random_blocks(layout, 2)).wait()  # evicts two old ones
+    stats = store.stats()
+    assert stats.tiers["host"].used_blocks == 4 and stats.tiers["host"].evicted_blocks == 2
+
+
+def test_blocks_being_read_are_not_evicted(make_store: StoreFactory, layout: KVLayout) -> None:
+    store = make_store(num_slots=2)
+    keys = keys_for(store, 2)
+    blocks = random_blocks(layout, 2)
+    store.put(keys, blocks).wait()
+    lease = store.acquire(keys)
+    assert lease.keys == tuple(keys)
+    with pytest.raises(CapacityError):
+        store.reserve(keys_for(store, 1, first_token=500))
+    assert store.put(keys_for(store, 1, first_token=500), random_blocks(layout, 1)).wait().failed == (0,)
+    store.release(lease)
+    assert store.put(keys_for(store, 1, first_token=500), random_blocks(layout, 1)).wait().ok
+
+
+def test_zero_copy_reserve_commit_abort(make_store: StoreFactory, layout: KVLayout) -> None:
+    store = make_store()
+    keys = keys_for(store, 3)
+    reservation = store.reserve(keys[:2])
+    assert store.lookup(keys).num_blocks == 0  # written blocks are not readable before commit
+    for slot, block in zip(reservation.slots, random_blocks(layout, 2), strict=True):
+        store.slot_view(slot).copy_(block.reshape(-1))
+    store.commit(reservation)
+    assert store.reserve(keys).skipped == tuple(keys[:2])
+    aborted = store.reserve(keys[2:])
+    assert aborted.keys == ()  # keys[2] was reserved by the call above and is still being written
+    assert store.lookup(keys).num_blocks == 2
+
+
+@pytest.mark.parametrize("bad_call", ["dtype", "shape", "count", "key", "duplicate", "noncontiguous"])
+def test_bad_input_is_refused_and_changes_nothing(make_store: StoreFactory, layout: KVLayout,
+                                                   bad_call: str) -> None:
+    store = make_store()
+    keys = keys_for(store, 2)
+    blocks = random_blocks(layout, 2)
+    if bad_call == "dtype":
+        blocks[1] = blocks[1].half()
+    elif bad_call == "shape":
+        blocks[1] = blocks[1].reshape(-1)[:-1]
+    elif bad_call == "count":
+        blocks = blocks[:1]
+    elif bad_call == "key":
+        keys[1] = keys[1][:8]
+    elif bad_call == "duplicate":
+        keys[1] = keys[0]
+    elif bad_call == "noncontiguous":
+        blocks[1] = blocks[1].transpose(0, 1)
+    with pytest.raises(InvalidInputError):
+        store.put(keys, blocks)
+    with pytest.raises(InvalidInputError):
+        store.get(keys, blocks)
+    stats = store.stats()
+    assert stats.put_blocks == 0 and stats.tiers["host"].used_blocks == 0
+
+
+def test_closed_store_refuses_calls(make_store: StoreFactory, layout: KVLayout) -> None:
+    store = make_store()
+    keys = keys_for(store, 1)
+    store.close()
+    store.close()
+    for call in (lambda: store.lookup(keys), lambda: store.put(keys, random_blocks(layout, 1)),
+                 lambda: store.get(keys, random_blocks(layout, 1)), lambda: store.reserve(keys)):
+        with pytest.raises(ClosedError):
+            call()
+
+
+def test_config_errors(layout: KVLayout) -> None:
+    with pytest.raises(ConfigError):
+        Store(layout, StoreConfig(host=HostConfig(capacity_bytes=100)))
+    with pytest.raises(ConfigError):
+        HostConfig(capacity_bytes=-1)
+
+
+def test_stats_snapshot_is_immutable(make_store: StoreFactory) -> None:
+    stats = make_store().stats()
+    with pytest.raises(AttributeError):
+        stats.lookups = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        stats.tiers["x"] = stats.tiers["host"]  # type: ignore[index]
+    assert stats.to_dict()["tiers"]["host"]["capacity_blocks"] == 8
