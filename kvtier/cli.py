@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
 }
 BENCHMARKS: dict[str, str] = {
     "host": "kvtier.bench.host",
+    "disk": "kvtier.bench.disk",
+    "replay": "kvtier.bench.replay",
 }
 
 

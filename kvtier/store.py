@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,6 +42,9 @@ from kvtier.layout import KVLayout
 from kvtier.policies import make_policy
 from kvtier.stats import StoreStats, TierStats
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
+
+if TYPE_CHECKING:
+    from kvtier.disk import DiskTier
 
 
 class Tier(enum.StrEnum):
@@ -102,9 +105,14 @@ class Store:
         if self.config.host.pin:
             self.arena.start_pinning(self.config.host.pin_chunk_bytes)
         self._promotions: dict[bytes, Future[bool]] = {}
-        self.disk: Any = None
+        self.disk: DiskTier | None = None
         if self.config.disk.paths:
-            raise ConfigError("the disk tier is not available in this build")
+            from kvtier.disk import DiskTier
+            from kvtier.disk.admission import make_admission
+
+            capacity_blocks = self.config.disk.capacity_bytes * len(self.config.disk.paths) // self.slot_bytes
+            self.disk = DiskTier(self.config.disk, layout, make_admission(self.config.disk.admission,
+                                                                           max(1, capacity_blocks)))
         self.host = HostTier(self.arena, make_policy(self.config.host.policy, num_slots), layout.block_bytes,
                              on_evict=self._demote)
         self.transfer = transfer or make_transfer_engine(self.config.transfer)
@@ -268,7 +276,9 @@ class Store:
         self.transfer.submit(pairs, Direction.LOAD, on_done)
 
     def _after_promotion(self, job: Job, index: int, key: bytes, block: torch.Tensor) -> Callable[[Future[bool]], None]:
-        def on_promoted(_: Future[bool]) -> None:
+        def on_promoted(future: Future[bool]) -> None:
+            # This callback can run before the I/O thread settled the promotion: settle it here first.
+            self._settle_promotion(key, future)
             with self._lock:
                 slot = None if self._closed else self.host.acquire([key])[0]
                 if slot is None:
@@ -290,24 +300,23 @@ class Store:
             slot = self.host.reserve([key])[0]
         except CapacityError:
             return None
-        future: Future[bool] = self.disk.submit_read(key, self.arena.slot(slot))
+        future = self.disk.submit_read(key, self.arena.slot(slot))
         self._promotions[key] = future
-        future.add_done_callback(self._finish_promotion(key))
+        future.add_done_callback(lambda done: self._settle_promotion(key, done))
         return future
 
-    def _finish_promotion(self, key: bytes) -> Callable[[Future[bool]], None]:
-        def finish(future: Future[bool]) -> None:
-            with self._lock:
-                ok = not future.cancelled() and future.exception() is None and future.result()
-                self._promotions.pop(key, None)
-                if ok:
-                    self.host.commit([key])
-                    self._counters["promoted_blocks"] += 1
-                else:
-                    self.host.abort([key])
-                    self._counters["promotion_failed_blocks"] += 1
-
-        return finish
+    def _settle_promotion(self, key: bytes, future: Future[bool]) -> None:
+        """Commit (verified bytes) or abort a finished promotion; a second call for it does nothing."""
+        with self._lock:
+            if self._promotions.get(key) is not future:
+                return
+            del self._promotions[key]
+            if not future.cancelled() and future.exception() is None and future.result():
+                self.host.commit([key])
+                self._counters["promoted_blocks"] += 1
+            else:
+                self.host.abort([key])
+                self._counters["promotion_failed_blocks"] += 1
 
     # -- zero-copy path -------------------------------------------------------------------------------
 
@@ -346,10 +355,12 @@ class Store:
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
-            pending = [self._promotions.get(k) or self._start_promotion(k) for k in keys if not self.host.is_ready(k)]
-        for future in pending:
+            pending = {key: self._promotions.get(key) or self._start_promotion(key)
+                       for key in keys if not self.host.is_ready(key)}
+        for key, future in pending.items():
             if future is not None:
                 future.exception(timeout)
+                self._settle_promotion(key, future)
         with self._lock:
             self._check_open()
             run: list[bytes] = []
@@ -436,9 +447,10 @@ class Store:
         with self._lock:
             if self._closed:
                 return
-            promotions = list(self._promotions.values())
-        for future in promotions:
+            promotions = list(self._promotions.items())
+        for key, future in promotions:
             future.exception()
+            self._settle_promotion(key, future)
         self.transfer.close()
         with self._lock:
             self._closed = True

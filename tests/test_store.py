@@ -156,3 +156,20 @@ def test_stats_snapshot_is_immutable(make_store: StoreFactory) -> None:
     with pytest.raises(TypeError):
         stats.tiers["x"] = stats.tiers["host"]  # type: ignore[index]
     assert stats.to_dict()["tiers"]["host"]["capacity_blocks"] == 8
+
+
+@pytest.mark.gpu
+def test_cuda_blocks_round_trip(make_store: StoreFactory, layout: KVLayout) -> None:
+    from kvtier.transfer.cuda import CudaTransferEngine
+
+    config = StoreConfig(host=HostConfig(capacity_bytes=8 * 4096))
+    store = Store(layout, config, transfer=CudaTransferEngine(2))
+    try:
+        keys = keys_for(store, 4)
+        blocks = [b.cuda() for b in random_blocks(layout, 4)]
+        assert store.put(keys, blocks).wait().ok
+        out = [torch.empty_like(b) for b in blocks]
+        assert store.get(keys, out).wait().ok
+        assert all(torch.equal(o, b) for o, b in zip(out, blocks, strict=True))
+    finally:
+        store.close()

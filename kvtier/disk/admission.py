@@ -1,0 +1,317 @@
+"""Disk admission: which blocks evicted from the host tier are worth a flash write.
+
+The disk tier calls ``on_access(key, hit)`` for every block a lookup references, in lookup order (``hit``:
+the block is inside the lookup's leading run of present blocks), and ``admit(key)`` when the host tier
+evicts a block the disk does not hold. Policies, by name (``make_admission``):
+
+- ``admit_all``: writes every offered block.
+- ``reject_first``: writes a block on its second sighting. Sightings are lookups (``on_access`` calls),
+  remembered in a ghost list of ``4 x`` the disk's capacity in keys: a first sighting costs one recompute,
+  and blocks seen only once (most of a trace's blocks) never reach flash.
+- ``adaptive`` (the default): fills an empty disk, then runs ``reject_first`` or ``admit_all``, whichever
+  a shadow simulation of both on a sample of the keys says gives more hits. See ``AdaptiveAdmission``.
+
+``hit`` is in the contract for policies that learn from hits; these learn from sightings and from the order
+of lookups, which the shadow simulation replays itself.
+
+Promises:
+- Both calls are O(1) amortised and never raise; memory is bounded by a multiple of the disk's capacity in
+  blocks and never exceeds ``MAX_TRACKED_KEYS`` ghost entries plus ``SHADOW_BLOCKS`` per shadow.
+- Answers depend only on the calls made so far (no clock, no randomness, no knowledge of the future). Key
+  sampling hashes bytes keys by their leading bytes and other keys by ``hash()``, so int ids and
+  content-addressed (bytes) keys get the same answers in every process.
+- ``make_admission`` raises ``ConfigError`` on an unknown name or a capacity below one block.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Final
+
+from kvtier.errors import ConfigError
+
+ADMISSIONS: Final = ("adaptive", "admit_all", "reject_first")
+# Caps the ghost list of a huge disk at about 200 MB of Python objects. Past 256 Ki blocks of disk the ghost
+# remembers less than 4x the capacity, which only makes reject-first stricter (fewer writes), never looser.
+MAX_TRACKED_KEYS: Final = 1 << 20
+# Shadow caches simulate at most this many blocks each; bigger disks are simulated on a key sample.
+SHADOW_BLOCKS: Final = 4096
+GHOST_FACTOR: Final = 4
+# The disk tier's default (DiskConfig.reinsert_hits); the shadows only need to be close to it.
+REINSERT_HITS: Final = 2
+
+_MASK64 = (1 << 64) - 1
+
+
+def _key_hash(key: Hashable) -> int:
+    """A well-mixed 64-bit hash of ``key``, the same in every process for ints and bytes."""
+    x = int.from_bytes(key[:8], "little") if isinstance(key, bytes | bytearray) else hash(key) & _MASK64
+    # splitmix64's finaliser: sequential trace ids must not be sampled in stripes.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _check_capacity(disk_capacity_blocks: int) -> None:
+    if isinstance(disk_capacity_blocks, bool) or not isinstance(disk_capacity_blocks, int) or disk_capacity_blocks < 1:
+        raise ConfigError(f"an admission policy needs a disk of at least 1 block, got {disk_capacity_blocks!r}")
+
+
+class AdmissionPolicy(ABC):
+    """Decides which host evictions the disk tier writes; see the module docstring for the contract."""
+
+    name: str = ""
+
+    @abstractmethod
+    def on_access(self, key: Hashable, hit: bool) -> None:
+        """A lookup referenced ``key``; ``hit``: it was inside the lookup's leading run of present blocks."""
+
+    @abstractmethod
+    def admit(self, key: Hashable) -> bool:
+        """The host tier evicted ``key`` and the disk does not hold it: should the disk write it?"""
+
+
+class AdmitAll(AdmissionPolicy):
+    name = "admit_all"
+
+    def on_access(self, key: Hashable, hit: bool) -> None:
+        pass
+
+    def admit(self, key: Hashable) -> bool:
+        return True
+
+
+class RejectFirst(AdmissionPolicy):
+    """Admits a block seen by at least two lookups while it stayed in the ghost list (LRU, bounded)."""
+
+    name = "reject_first"
+
+    def __init__(self, disk_capacity_blocks: int, ghost_factor: int = GHOST_FACTOR) -> None:
+        _check_capacity(disk_capacity_blocks)
+        self.ghost_capacity = min(ghost_factor * disk_capacity_blocks, MAX_TRACKED_KEYS)
+        self._sightings: OrderedDict[Hashable, int] = OrderedDict()
+
+    def on_access(self, key: Hashable, hit: bool) -> None:
+        self._sightings[key] = self._sightings.pop(key, 0) + 1
+        if len(self._sightings) > self.ghost_capacity:
+            self._sightings.popitem(last=False)
+
+    def admit(self, key: Hashable) -> bool:
+        return self._sightings.get(key, 0) >= 2
+
+
+class _Sighting:
+    """What the adaptive policy remembers of a key: sightings, the key looked up just before it, times."""
+
+    __slots__ = ("count", "last_access", "last_offer", "pred")
+
+    def __init__(self, pred: Hashable, now: int) -> None:
+        self.count = 1
+        self.pred = pred
+        self.last_access = now
+        self.last_offer = -1
+
+
+class _Shadow:
+    """A region-log stand-in for the disk under one admission choice: a FIFO of sampled keys (with their
+    reads and write time) whose blocks read ``REINSERT_HITS`` times go round again, as the disk tier
+    reinserts them; with its score."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys: OrderedDict[Hashable, list[int]] = OrderedDict()
+        self.hits = 0.0
+        self.writes = 0.0
+        self.alive = False
+
+    def write(self, key: Hashable, now: int) -> None:
+        if key in self.keys:
+            return
+        self.keys[key] = [0, now]
+        self.writes += 1
+        while len(self.keys) > self.capacity:
+            oldest, (reads, _) = self.keys.popitem(last=False)
+            if reads >= REINSERT_HITS:
+                self.keys[oldest] = [0, now]
+                self.writes += 1
+
+    @property
+    def full(self) -> bool:
+        return len(self.keys) >= self.capacity
+
+    def would_hold(self, written_at: int) -> bool:
+        """Whether a block written at ``written_at`` would not have been evicted yet."""
+        return not self.full or written_at >= next(iter(self.keys.values()))[1]
+
+    def read(self, key: Hashable) -> None:
+        self.keys[key][0] += 1
+
+    def halve(self) -> None:
+        self.hits /= 2
+        self.writes /= 2
+
+
+_REJECT_FIRST, _ADMIT_ALL = 0, 1
+_MODE_NAMES: Final = ("reject_first", "admit_all")
+
+
+class AdaptiveAdmission(AdmissionPolicy):
+    """Follows reject-first or admit-all, whichever a shadow simulation of both says hits more.
+
+    Why a shadow and not a split of the real keys (set dueling): KV blocks are prefix chains, and a lookup
+    hits only up to its first missing block, so admitting a random part of a chain wastes the writes and
+    measures nothing. Each shadow is a region log of the disk's capacity (scaled by the sample rate) fed
+    with the sampled host evictions its choice would write. The disk tier offers only blocks it does not
+    hold, so a block that left host RAM unoffered (the real disk had it) is offered to the shadows late, at
+    its next lookup, as of when it left: otherwise each shadow would be starved of exactly the blocks the
+    running choice keeps, and the policy would favour whatever it runs. A sampled lookup scores a hit in a
+    shadow when the block is there or still in host RAM (estimated from the typical age at which the host
+    evicts) and every sampled block before it in the same chain scored too. A chain starts where a key's
+    predecessor in the lookup stream differs from the one it had last time (a block's parent never
+    changes; a prefix's first block follows whatever request came before).
+
+    Until it has admitted a disk's worth of blocks, it admits every offer (and so does each shadow until
+    it is full): filling free space displaces nothing, so those writes cost no hits. A disk reopened full
+    after a restart pays that once, one disk's worth of writes.
+
+    Scores decay by half every ``window_factor`` shadow capacities of sampled lookups. The policy starts
+    with reject-first (the cheaper one in writes) and switches to admit-all only when admit-all scores
+    ``margin`` more hits *and* each extra block written buys at least ``min_gain_per_write`` hits (flash
+    endurance is the budget being spent); it switches back when reject-first wins by ``margin`` or the
+    extra writes stop paying half that.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, disk_capacity_blocks: int, *, ghost_factor: int = GHOST_FACTOR,
+                 shadow_blocks: int = SHADOW_BLOCKS, margin: float = 0.15, min_gain_per_write: float = 0.1,
+                 window_factor: int = 16) -> None:
+        _check_capacity(disk_capacity_blocks)
+        self.ghost_capacity = min(ghost_factor * disk_capacity_blocks, MAX_TRACKED_KEYS)
+        self._capacity = disk_capacity_blocks
+        rate = min(1.0, shadow_blocks / disk_capacity_blocks)
+        self._sample_below = int(rate * (1 << 64))
+        self._sample_all = rate >= 1.0
+        shadow_capacity = max(1, round(disk_capacity_blocks * rate))
+        self._shadows = (_Shadow(shadow_capacity), _Shadow(shadow_capacity))
+        self._window = window_factor * shadow_capacity
+        self._margin = margin
+        self._min_gain_per_write = min_gain_per_write
+        self._ghost: OrderedDict[Hashable, _Sighting] = OrderedDict()
+        self._now = 0
+        self._prev: Hashable = None
+        self._host_age = 0.0
+        self._sampled_since_halving = 0
+        self._mode = _REJECT_FIRST
+        self.switches = 0
+        self.offers = 0
+        self.admitted = 0
+
+    @property
+    def mode(self) -> str:
+        """The choice now followed: ``"reject_first"`` or ``"admit_all"``."""
+        return _MODE_NAMES[self._mode]
+
+    @property
+    def tracked_keys(self) -> int:
+        """Keys held in memory: the ghost list plus both shadows (bounded, see the module docstring)."""
+        return len(self._ghost) + sum(len(shadow.keys) for shadow in self._shadows)
+
+    def _sampled(self, key: Hashable) -> bool:
+        return self._sample_all or _key_hash(key) < self._sample_below
+
+    def on_access(self, key: Hashable, hit: bool) -> None:
+        self._now += 1
+        sighting = self._ghost.pop(key, None)
+        evicted_at = None
+        if sighting is None:
+            # A first sighting is in no shadow and not in host RAM: it scores nothing wherever it sits.
+            chain_start = in_host = seen_twice = False
+            sighting = _Sighting(self._prev, self._now)
+        else:
+            chain_start = sighting.pred != self._prev
+            in_host = sighting.last_access > sighting.last_offer and self._now - sighting.last_access < self._host_age
+            if sighting.last_access > sighting.last_offer and not in_host:
+                # Host RAM dropped it without an offer, so the disk holds it; under another choice it would
+                # have been offered (and maybe written) then.
+                evicted_at = sighting.last_access + int(self._host_age)
+            seen_twice = sighting.count >= 2
+            sighting.count += 1
+            sighting.pred = self._prev
+            sighting.last_access = self._now
+        self._ghost[key] = sighting
+        if len(self._ghost) > self.ghost_capacity:
+            self._ghost.popitem(last=False)
+        self._prev = key
+        if chain_start:
+            for shadow in self._shadows:
+                shadow.alive = True
+        if self._sampled(key):
+            if evicted_at is not None:
+                self._offer_to_shadows(key, seen_twice, evicted_at)
+            self._score(key, in_host)
+
+    def _offer_to_shadows(self, key: Hashable, seen_twice: bool, written_at: int) -> None:
+        rf, aa = self._shadows
+        for shadow, writes in ((rf, seen_twice or not rf.full), (aa, True)):
+            if writes and key not in shadow.keys and shadow.would_hold(written_at):
+                shadow.write(key, written_at)
+
+    def _score(self, key: Hashable, in_host: bool) -> None:
+        for shadow in self._shadows:
+            on_disk = not in_host and key in shadow.keys
+            shadow.alive = shadow.alive and (in_host or on_disk)
+            if shadow.alive:
+                shadow.hits += 1
+                if on_disk:
+                    shadow.read(key)
+        self._sampled_since_halving += 1
+        if self._sampled_since_halving >= self._window:
+            self._sampled_since_halving = 0
+            for shadow in self._shadows:
+                shadow.halve()
+        self._decide()
+
+    def _decide(self) -> None:
+        rf, aa = self._shadows
+        gain = aa.hits - rf.hits
+        extra_writes = max(1.0, aa.writes - rf.writes)
+        if self._mode == _REJECT_FIRST:
+            if gain > self._margin * rf.hits and gain >= self._min_gain_per_write * extra_writes:
+                self._mode = _ADMIT_ALL
+                self.switches += 1
+        elif gain < -self._margin * aa.hits or gain < self._min_gain_per_write / 2 * extra_writes:
+            self._mode = _REJECT_FIRST
+            self.switches += 1
+
+    def admit(self, key: Hashable) -> bool:
+        sighting = self._ghost.get(key)
+        seen_twice = sighting is not None and sighting.count >= 2
+        if sighting is not None:
+            age = self._now - sighting.last_access
+            self._host_age = float(age) if self._host_age == 0.0 else self._host_age + (age - self._host_age) / 64
+            sighting.last_offer = self._now
+        if self._sampled(key):
+            self._offer_to_shadows(key, seen_twice, self._now)
+        admitted = seen_twice or self._mode == _ADMIT_ALL or self.admitted < self._capacity
+        self.offers += 1
+        self.admitted += admitted
+        return admitted
+
+
+def make_admission(name: str, disk_capacity_blocks: int) -> AdmissionPolicy:
+    """A new admission policy of the given name for a disk of ``disk_capacity_blocks`` blocks."""
+    if name == "admit_all":
+        _check_capacity(disk_capacity_blocks)
+        return AdmitAll()
+    if name == "reject_first":
+        return RejectFirst(disk_capacity_blocks)
+    if name == "adaptive":
+        return AdaptiveAdmission(disk_capacity_blocks)
+    raise ConfigError(f"unknown disk admission policy {name!r}; choose one of {list(ADMISSIONS)}")
+
+
+__all__ = ["ADMISSIONS", "AdaptiveAdmission", "AdmissionPolicy", "AdmitAll", "RejectFirst", "make_admission"]

@@ -1,0 +1,214 @@
+"""The disk tier's persistent index in LMDB: where each block lives, which regions are sealed, and a meta record.
+
+Three LMDB databases in one environment:
+- ``meta``: one JSON record (format version, layout fingerprint, region size, number of paths).
+- ``regions``: region id -> (state, seal sequence). ``OPEN`` means "being filled or written"; ``SEALED``
+  means its data was written and fdatasync'ed before its entries were committed.
+- ``entries``: 16-byte key -> ``IndexEntry`` (path, region, offset, lengths, codec, checksums).
+
+Changes are group-committed: ``enqueue(change)`` returns a ticket at once (callers enqueue under their own
+lock, which fixes the order of changes); ``wait(ticket)`` returns once that change is durable. The first
+waiter commits everything queued so far in ONE synced LMDB transaction while later waiters wait for it, so
+a busy tier pays about one fsync per region written instead of two.
+
+Promises:
+- Changes are applied in ticket order, each whole: a ``SealRegion``'s entries and its SEALED mark appear
+  together; an ``OpenRegion`` deletes the entries an evicted region held and marks it OPEN together. After a
+  crash the index is as of the end of some committed batch.
+- ``wait`` raises ``DiskError`` if the batch holding its ticket failed. ``load`` never touches the data
+  files. LMDB failures surface as ``DiskError``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import lmdb
+
+from kvtier.errors import DiskError
+
+
+class RegionState(IntEnum):
+    OPEN = 1
+    SEALED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """Where one block's entry lives: ``offset`` bytes into ``region`` of data path ``path``."""
+
+    path: int
+    region: int
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+    planes: int
+    header_checksum: int
+    payload_checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRegion:
+    """``region`` is about to be (re)written: delete the entries it held (``dropped``) and mark it OPEN."""
+
+    region: int
+    dropped: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SealRegion:
+    """``region`` was written and synced: add its entries and mark it SEALED with sequence ``seq``."""
+
+    region: int
+    seq: int
+    entries: tuple[tuple[bytes, IndexEntry], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Delete ``keys`` and the records of ``regions`` (which become free space)."""
+
+    regions: tuple[int, ...] = ()
+    keys: tuple[bytes, ...] = ()
+
+
+Change = OpenRegion | SealRegion | Forget
+
+_ENTRY = struct.Struct("<HIQIIBBQQ")
+_REGION_KEY = struct.Struct(">I")  # big-endian, so LMDB's byte order is region order
+_REGION = struct.Struct("<BQ")
+_META_KEY = b"meta"
+
+
+def _pack_entry(entry: IndexEntry) -> bytes:
+    return _ENTRY.pack(entry.path, entry.region, entry.offset, entry.stored_len, entry.raw_len, entry.codec,
+                       entry.planes, entry.header_checksum, entry.payload_checksum)
+
+
+class DiskIndex:
+    """An LMDB environment in ``directory`` with a group-commit queue of changes (thread-safe)."""
+
+    def __init__(self, directory: str, map_size: int) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[int, Change]] = []
+        self._next_ticket = 1
+        self._done_ticket = 0
+        self._committing = False
+        self._failed: dict[int, DiskError] = {}
+        try:
+            self._env = lmdb.open(directory, map_size=map_size, max_dbs=3, subdir=True)
+            self._meta = self._env.open_db(b"meta")
+            self._regions = self._env.open_db(b"regions")
+            self._entries = self._env.open_db(b"entries")
+        except lmdb.Error as exc:
+            raise DiskError(f"cannot open the disk index in {directory}: {exc}") from exc
+
+    def read_meta(self) -> dict[str, Any] | None:
+        with self._read() as txn:
+            raw = txn.get(_META_KEY, db=self._meta)
+        if raw is None:
+            return None
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def reset(self, meta: dict[str, Any]) -> None:
+        """Forget every region and entry and write ``meta``: the index of an empty directory."""
+        with self._write() as txn:
+            txn.drop(self._regions, delete=False)
+            txn.drop(self._entries, delete=False)
+            txn.put(_META_KEY, json.dumps(meta, sort_keys=True).encode(), db=self._meta)
+
+    def load(self) -> tuple[dict[int, tuple[RegionState, int]], dict[bytes, IndexEntry]]:
+        """Every region record (id -> state, sequence) and every entry."""
+        regions: dict[int, tuple[RegionState, int]] = {}
+        entries: dict[bytes, IndexEntry] = {}
+        with self._read() as txn:
+            for raw_key, raw in txn.cursor(db=self._regions):
+                state, seq = _REGION.unpack(raw)
+                regions[_REGION_KEY.unpack(raw_key)[0]] = (RegionState(state), seq)
+            for key, raw in txn.cursor(db=self._entries):
+                entries[bytes(key)] = IndexEntry(*_ENTRY.unpack(raw))
+        return regions, entries
+
+    def enqueue(self, change: Change) -> int:
+        """Queue ``change``; returns its ticket. Cheap: safe to call while holding another lock."""
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._queue.append((ticket, change))
+            return ticket
+
+    def wait(self, ticket: int | None = None) -> None:
+        """Block until the change of ``ticket`` (default: every change queued so far) is committed."""
+        with self._cond:
+            if ticket is None:
+                ticket = self._next_ticket - 1
+            while self._done_ticket < ticket:
+                if self._committing:
+                    self._cond.wait()
+                    continue
+                batch, self._queue = self._queue, []
+                self._committing = True
+                self._cond.release()
+                error: DiskError | None = None
+                try:
+                    self._commit(change for _, change in batch)
+                except DiskError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._committing = False
+                    self._done_ticket = batch[-1][0]
+                    self._failed.update(dict.fromkeys((t for t, _ in batch), error) if error else {})
+                    self._cond.notify_all()
+            failure = self._failed.get(ticket)
+        if failure is not None:
+            raise failure
+
+    def _commit(self, changes: Iterable[Change]) -> None:
+        with self._write() as txn:
+            for change in changes:
+                match change:
+                    case OpenRegion(region, dropped):
+                        for key in dropped:
+                            txn.delete(key, db=self._entries)
+                        txn.put(_REGION_KEY.pack(region), _REGION.pack(RegionState.OPEN, 0), db=self._regions)
+                    case SealRegion(region, seq, entries):
+                        for key, entry in entries:
+                            txn.put(key, _pack_entry(entry), db=self._entries)
+                        txn.put(_REGION_KEY.pack(region), _REGION.pack(RegionState.SEALED, seq), db=self._regions)
+                    case Forget(regions, keys):
+                        for key in keys:
+                            txn.delete(key, db=self._entries)
+                        for region in regions:
+                            txn.delete(_REGION_KEY.pack(region), db=self._regions)
+
+    def close(self) -> None:
+        self._env.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        try:
+            with self._env.begin(write=True) as txn:
+                yield txn
+        except lmdb.Error as exc:
+            raise DiskError(f"the disk index failed: {exc}") from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        try:
+            with self._env.begin() as txn:
+                yield txn
+        except lmdb.Error as exc:
+            raise DiskError(f"the disk index cannot be read: {exc}") from exc

@@ -1,0 +1,704 @@
+"""The disk tier: a log of fixed regions over one or more data files, with a persistent LMDB index.
+
+Modelled on CacheLib Navy's BlockCache. Each data path holds one preallocated file cut into regions of
+``region_bytes``; region ``r`` lives in path ``r % len(paths)`` (striping). Offered blocks are appended to
+an in-memory region buffer (3 buffers of ``region_bytes``, faulted in at open); a full region is sealed
+and, on the I/O pool, marked OPEN in the index, written as ONE sequential write, fdatasync'ed, and only
+then are its entries committed together with its SEALED mark (index changes are group-committed: about one
+synced LMDB transaction per region). Space comes back by evicting whole regions, oldest sealed first
+(FIFO); a block read at least ``reinsert_hits`` times since it was written is read back synchronously and
+copied into the new open region instead of dropped.
+
+Promises:
+- ``offer`` copies the payload before it returns; a block it admits is readable at once (from memory until
+  its region is written) and survives a restart once its region is written (``flush`` waits for that).
+- ``read_into`` returns ``True`` only with bytes whose header and payload checksums verified. A corrupt,
+  truncated or torn entry is a miss, counted (``checksum_failures``) and dropped; a read error is a miss
+  counted in ``io_errors``; neither raises. After ``False`` the contents of ``dst`` are undefined.
+- After a crash (even SIGKILL mid-write) a reopen serves exactly the blocks of sealed regions; regions
+  caught open or being written are discarded (``torn_regions_discarded`` counts those the index had
+  marked OPEN). The data files are not scanned.
+- A write error (ENOSPC, EIO) or an index failure stops admission (logged once, ``admitting`` False in
+  stats); blocks already stored keep being served.
+- Only one process opens a directory at a time (``DirectoryLockedError``); another format version or
+  layout is refused (``FormatVersionError`` / ``LayoutMismatchError``) unless ``wipe_incompatible``.
+- Payload I/O goes straight between the files and the caller's tensors (O_DIRECT where supported); only
+  the zstd codec, when enabled, stages bytes in between.
+- Thread-safe. ``close`` is idempotent; every other call after it raises ``ClosedError`` (``stats`` still
+  answers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from kvtier.config import DiskConfig
+from kvtier.disk.codec import ZstdCodec
+from kvtier.disk.device import Device, FileDevice, aligned_buffer, copy_bytes, supports_direct_io, tensor_view
+from kvtier.disk.format import (
+    CODEC_NONE,
+    CODEC_ZSTD,
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    PAGE_BYTES,
+    EntryHeader,
+    checksum,
+    entry_bytes,
+    pack_header,
+    parse_header,
+    round_up,
+)
+from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
+from kvtier.errors import (
+    ClosedError,
+    ConfigError,
+    DirectoryLockedError,
+    DiskError,
+    FormatVersionError,
+    InvalidInputError,
+    LayoutMismatchError,
+)
+from kvtier.keys import check_key
+from kvtier.layout import KVLayout
+
+_LOG = logging.getLogger(__name__)
+# One region fills while two are written (a write also waits on fdatasync and an index commit): with
+# two, the drive sat idle during those waits and writes reached about 0.6x of raw.
+_IN_MEMORY_REGIONS = 3
+_DATA_FILE = "kvtier-data.bin"
+_LOCK_FILE = "kvtier.lock"
+_INDEX_DIR = "kvtier-index"
+
+DeviceFactory = Callable[[str, int, bool], Device]
+ReadStatus = Literal["ok", "corrupt", "io_error"]
+_Bytes = npt.NDArray[np.uint8]
+
+
+class Admission(Protocol):
+    """What the tier needs of an admission policy (``kvtier.disk.admission.AdmissionPolicy``)."""
+
+    def on_access(self, key: Hashable, hit: bool) -> None: ...
+
+    def admit(self, key: Hashable) -> bool: ...
+
+
+@dataclass(frozen=True)
+class DiskStats:
+    """A snapshot of the disk tier's counters (they only grow, except ``used_blocks`` and ``admitting``)."""
+
+    capacity_blocks: int
+    used_blocks: int
+    bytes_written: int
+    bytes_read: int
+    hits: int
+    misses: int
+    checksum_failures: int
+    torn_regions_discarded: int
+    regions_evicted: int
+    blocks_reinserted: int
+    admissions_rejected: int
+    budget_rejected: int
+    io_errors: int
+    admitting: bool
+    direct_io: bool
+
+
+_COUNTERS = ("bytes_written", "bytes_read", "hits", "misses", "checksum_failures", "torn_regions_discarded",
+             "regions_evicted", "blocks_reinserted", "admissions_rejected", "budget_rejected", "io_errors")
+
+
+class _Region:
+    """One region slot. ``buffer`` is set while it is open or being written (reads are served from it)."""
+
+    __slots__ = ("buffer", "id", "keys", "open_ticket", "readers", "seq", "used")
+
+    def __init__(self, region_id: int) -> None:
+        self.id = region_id
+        self.keys: list[bytes] = []
+        self.open_ticket = 0  # the index change that marked it OPEN; committed before the slot is rewritten
+        self.buffer: _Bytes | None = None
+        self.used = 0
+        self.readers = 0
+        self.seq = 0
+
+
+@dataclass(slots=True)
+class _Entry:
+    loc: IndexEntry
+    hits: int = 0
+
+
+class _TokenBucket:
+    """``rate`` bytes per second on average, bursts up to ``burst`` bytes."""
+
+    def __init__(self, rate: int, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+
+    def take(self, nbytes: int, force: bool = False) -> bool:
+        """Spend ``nbytes`` if there are that many tokens (or always, with ``force``: may go into debt)."""
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < nbytes and not force:
+            return False
+        self.tokens -= nbytes
+        return True
+
+
+class DiskTier:
+    """See the module docstring. ``admission=None`` admits every offered block. ``device_factory(path,
+    size_bytes, direct_io)`` opens each data file (tests pass one that returns ``MemoryDevice``s)."""
+
+    def __init__(self, config: DiskConfig, layout: KVLayout, admission: Admission | None = None, *,
+                 device_factory: DeviceFactory = FileDevice) -> None:
+        if not config.paths:
+            raise ConfigError("disk.paths is empty: the disk tier needs at least one directory")
+        self.config, self.layout, self._admission = config, layout, admission
+        self.block_bytes = layout.block_bytes
+        self._max_entry = entry_bytes(self.block_bytes)
+        if self._max_entry > config.region_bytes:
+            raise ConfigError(f"disk.region_bytes ({config.region_bytes}) cannot hold one block entry "
+                              f"({self._max_entry} bytes with its header page)")
+        self._num_paths = len(config.paths)
+        self._regions_per_path = config.capacity_bytes // config.region_bytes
+        num_regions = self._num_paths * self._regions_per_path
+        self.capacity_blocks = num_regions * (config.region_bytes // self._max_entry)
+        # Always able to decode: a directory may hold zstd entries written before codec was set to "none".
+        self._zstd = ZstdCodec(layout.torch_dtype.itemsize)
+        self._compress = config.codec == "zstd"
+        rate = config.write_budget_bytes_per_s
+        self._budget = _TokenBucket(rate, max(rate, self._max_entry)) if rate else None
+        # Guards the tables; never held across disk I/O or an index commit. Index changes are enqueued
+        # while holding it, so the index applies them in the order the tables changed.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._admitting = True
+        self._closed = False
+        self._opening = False
+        self._local = threading.local()
+        self._regions = [_Region(region_id) for region_id in range(num_regions)]
+        self._entries: dict[bytes, _Entry] = {}
+        self._fifo: deque[int] = deque()
+        self._clean: deque[int] = deque()
+        self._open: _Region | None = None
+        self._next_seq = 1
+        self._free_buffers = [np.frombuffer(aligned_buffer(config.region_bytes, populate=True), dtype=np.uint8)
+                              for _ in range(_IN_MEMORY_REGIONS)]
+        self._lock_fds: list[int] = []
+        self._devices: list[Device] = []
+        self._index: DiskIndex | None = None
+        try:
+            self._lock_directories()
+            self._open_devices(device_factory)
+            self._open_index()
+            self._recover()
+        except BaseException:
+            self._release()
+            raise
+        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvtier-disk")
+
+    # -- opening and recovery -------------------------------------------------------------------------
+
+    def _lock_directories(self) -> None:
+        for path in self.config.paths:
+            os.makedirs(path, exist_ok=True)
+            fd = os.open(os.path.join(path, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise DirectoryLockedError(f"the disk directory {path} is in use by another process") from exc
+
+    def _open_devices(self, factory: DeviceFactory) -> None:
+        size = self._regions_per_path * self.config.region_bytes
+        for path in self.config.paths:
+            direct = self.config.direct_io != "off" and supports_direct_io(path)
+            if self.config.direct_io == "on" and not direct:
+                raise DiskError(f"disk.direct_io is 'on' but the filesystem of {path} does not support O_DIRECT")
+            try:
+                self._devices.append(factory(os.path.join(path, _DATA_FILE), size, direct))
+            except OSError as exc:
+                raise DiskError(f"cannot open or preallocate the data file in {path}: {exc}") from exc
+
+    def _open_index(self) -> None:
+        directory = os.path.join(self.config.paths[0], _INDEX_DIR)
+        # Room for an entry record per page of capacity; LMDB only maps address space, the file grows on use.
+        map_size = max(64 << 20, len(self._regions) * self.config.region_bytes // PAGE_BYTES * 256)
+        try:
+            self._index = DiskIndex(directory, map_size)
+        except DiskError:
+            if not self.config.wipe_incompatible:
+                raise
+            _LOG.warning("disk index in %s is unreadable; wiping it (wipe_incompatible)", directory)
+            shutil.rmtree(directory, ignore_errors=True)
+            self._index = DiskIndex(directory, map_size)
+
+    def _recover(self) -> None:
+        assert self._index is not None
+        expected = {"format_version": FORMAT_VERSION, "layout": self.layout.fingerprint,
+                    "region_bytes": self.config.region_bytes, "num_paths": self._num_paths}
+        found = self._index.read_meta()
+        if found is None or (found != expected and self._wipe_allowed(found, expected)):
+            self._index.reset(expected)
+        regions, entries = self._index.load()
+        sealed = sorted((seq, region) for region, (state, seq) in regions.items()
+                        if state == RegionState.SEALED and region < len(self._regions))
+        sealed_ids = {region for _, region in sealed}
+        torn = [region for region, (state, _) in regions.items() if state == RegionState.OPEN]
+        stale = [region for region in regions if region not in sealed_ids and region not in torn]
+        kept = {key: entry for key, entry in entries.items()
+                if entry.region in sealed_ids and entry.path == entry.region % self._num_paths}
+        dropped = tuple(key for key in entries if key not in kept)
+        if torn or stale or dropped:
+            self._index.wait(self._index.enqueue(Forget(tuple(torn + stale), dropped)))
+        self._counters["torn_regions_discarded"] = len(torn)
+        for key, entry in kept.items():
+            self._entries[key] = _Entry(entry)
+            self._regions[entry.region].keys.append(key)
+        for seq, region in sealed:
+            self._regions[region].seq = seq
+            self._fifo.append(region)
+        self._clean.extend(region for region in range(len(self._regions)) if region not in sealed_ids)
+        self._next_seq = sealed[-1][0] + 1 if sealed else 1
+
+    def _wipe_allowed(self, found: dict[str, object], expected: dict[str, object]) -> bool:
+        """True to wipe an incompatible directory; raises the precise error when wiping is not allowed."""
+        where = self.config.paths[0]
+        if self.config.wipe_incompatible:
+            _LOG.warning("disk directory %s was written with %s, expected %s; wiping it", where, found, expected)
+            return True
+        if found.get("format_version") != FORMAT_VERSION:
+            raise FormatVersionError(f"{where} holds disk format {found.get('format_version')!r}, this kvtier "
+                                     f"writes {FORMAT_VERSION}; set disk.wipe_incompatible to start empty")
+        if found.get("layout") != self.layout.fingerprint:
+            raise LayoutMismatchError(f"{where} holds blocks of layout {found.get('layout')!r}, not "
+                                      f"{self.layout.fingerprint!r}; set disk.wipe_incompatible to start empty")
+        raise DiskError(f"{where} was created with region_bytes={found.get('region_bytes')} and "
+                        f"{found.get('num_paths')} path(s); set disk.wipe_incompatible to start empty")
+
+    # -- public API -----------------------------------------------------------------------------------
+
+    @property
+    def direct_io(self) -> bool:
+        return all(device.direct_io for device in self._devices)
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            self._check_open()
+            return key in self._entries
+
+    def on_access(self, keys: Sequence[bytes], hit_flags: Sequence[bool]) -> None:
+        if len(keys) != len(hit_flags):
+            raise InvalidInputError(f"{len(keys)} keys but {len(hit_flags)} hit flags")
+        with self._lock:
+            self._check_open()
+            if self._admission is not None:
+                for key, hit in zip(keys, hit_flags, strict=True):
+                    self._admission.on_access(key, hit)
+
+    def offer(self, key: bytes, payload: torch.Tensor) -> bool:
+        """Write ``payload`` (a uint8 CPU tensor of ``block_bytes``) if admission and the budget allow."""
+        check_key(key)
+        if (not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.device.type != "cpu"
+                or payload.numel() != self.block_bytes or not payload.is_contiguous()):
+            raise InvalidInputError(f"a disk payload must be a contiguous uint8 CPU tensor of {self.block_bytes} "
+                                    "bytes")
+        with self._lock:
+            self._check_open()
+            if key in self._entries:
+                return True
+            if not self._admitting:
+                return False
+            if self._admission is not None and not self._admission.admit(key):
+                self._counters["admissions_rejected"] += 1
+                return False
+        raw = tensor_view(payload)
+        codec, planes, stored = CODEC_NONE, 1, raw
+        if self._compress:
+            packed = self._zstd.encode(raw)
+            if packed is not None:
+                codec, planes, stored = CODEC_ZSTD, self._zstd.planes, memoryview(packed)
+        header = EntryHeader(key, codec, planes, len(stored), len(raw), checksum(stored))
+        size = entry_bytes(len(stored))
+        with self._lock:
+            self._check_open()
+            if key in self._entries:
+                return True
+            if self._budget is not None and not self._budget.take(size):
+                self._counters["budget_rejected"] += 1
+                return False
+            region, offset = self._reserve_locked(size)
+            self._append_locked(region, offset, header, stored)
+        return True
+
+    def read_into(self, key: bytes, dst: torch.Tensor) -> bool:
+        """Read ``key`` into ``dst`` (blocking); ``True`` only with verified bytes."""
+        with self._lock:
+            self._check_open()
+        return self._read_into(check_key(key), self._dst_view(dst))
+
+    def submit_read(self, key: bytes, dst: torch.Tensor) -> Future[bool]:
+        """``read_into`` on the I/O pool; arguments are checked now, in the caller."""
+        view = self._dst_view(dst)
+        with self._lock:
+            self._check_open()
+            return self._pool.submit(self._read_into, check_key(key), view)
+
+    def flush(self) -> None:
+        """Seal the open region, write it and wait until every written region (and drop) is in the index."""
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+        self._wait_index()
+
+    def drop(self, key: bytes) -> None:
+        with self._lock:
+            self._check_open()
+            self._drop_locked(key)
+
+    def stats(self) -> DiskStats:
+        with self._lock:
+            return DiskStats(capacity_blocks=self.capacity_blocks, used_blocks=len(self._entries),
+                             admitting=self._admitting, direct_io=self.direct_io, **self._counters)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._flush_locked()
+            self._closed = True
+        self._pool.shutdown(wait=True)
+        self._wait_index()
+        self._release()
+
+    def __enter__(self) -> DiskTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def _reserve_locked(self, size: int) -> tuple[_Region, int]:
+        """Room for ``size`` bytes in the open region, sealing it and opening another when it is full."""
+        while True:
+            self._check_open()
+            region = self._open
+            if region is not None and region.used + size <= self.config.region_bytes:
+                offset, region.used = region.used, region.used + size
+                return region, offset
+            if self._opening:
+                self._cond.wait()
+                continue
+            self._seal_locked()
+            self._open = self._open_region_locked()
+
+    def _append_locked(self, region: _Region, offset: int, header: EntryHeader, stored: memoryview) -> None:
+        buffer = region.buffer
+        assert buffer is not None
+        payload_at = offset + PAGE_BYTES
+        end = offset + entry_bytes(header.stored_len)
+        buffer[offset:payload_at] = 0
+        header_checksum = pack_header(header, buffer.data[offset : offset + HEADER_BYTES])
+        copy_bytes(buffer, payload_at, stored)
+        buffer[payload_at + header.stored_len : end] = 0  # no stale bytes of an older block on disk
+        self._entries[header.key] = _Entry(IndexEntry(
+            region.id % self._num_paths, region.id, offset, header.stored_len, header.raw_len, header.codec,
+            header.planes, header_checksum, header.payload_checksum))
+        region.keys.append(header.key)
+
+    def _seal_locked(self) -> None:
+        region = self._open
+        if region is None or region.used == 0:
+            return
+        self._open = None
+        region.seq, self._next_seq = self._next_seq, self._next_seq + 1
+        self._pool.submit(self._write_region, region)
+
+    def _flush_locked(self) -> None:
+        if self._admitting and not self._opening:
+            self._seal_locked()
+        while any(region.buffer is not None and region is not self._open for region in self._regions):
+            self._cond.wait()
+
+    def _open_region_locked(self) -> _Region:
+        """A region to fill: a clean one, else the oldest sealed one evicted (hot blocks reinserted)."""
+        self._opening = True
+        try:
+            # Wait for a buffer and for a region that is not being written (all may be, with few regions).
+            while not self._free_buffers or not (self._clean or self._fifo):
+                self._cond.wait()
+            buffer = self._free_buffers.pop()
+            hot: list[tuple[bytes, _Entry]] = []
+            dropped: list[bytes] = []
+            if self._clean:
+                region = self._regions[self._clean.popleft()]
+            else:
+                region, hot, dropped = self._evict_locked()
+            region.keys, region.used, region.buffer = [], 0, buffer
+            assert self._index is not None
+            region.open_ticket = self._index.enqueue(OpenRegion(region.id, tuple(dropped)))
+            # Commit the OPEN mark while the region fills, so its write does not wait for an fsync first.
+            self._pool.submit(self._commit_soon, region.open_ticket)
+            if hot:
+                self._reinsert_locked(region, hot)
+            return region
+        finally:
+            self._opening = False
+            self._cond.notify_all()
+
+    def _evict_locked(self) -> tuple[_Region, list[tuple[bytes, _Entry]], list[bytes]]:
+        region = self._regions[self._fifo.popleft()]
+        victims = self._live_entries_locked(region)
+        for key, _ in victims:
+            del self._entries[key]
+        while region.readers:  # a read in flight must finish before the slot is reused
+            self._cond.wait()
+        self._counters["regions_evicted"] += 1
+        threshold = self.config.reinsert_hits
+        hot = [(key, entry) for key, entry in victims if threshold and entry.hits >= threshold]
+        return region, hot, [key for key, _ in victims]
+
+    def _live_entries_locked(self, region: _Region) -> list[tuple[bytes, _Entry]]:
+        """The table's entries stored in ``region``, each once (a key dropped and offered again is listed
+        twice in ``region.keys``)."""
+        live = {key: entry for key in region.keys
+                if (entry := self._entries.get(key)) is not None and entry.loc.region == region.id}
+        return list(live.items())
+
+    def _reinsert_locked(self, region: _Region, hot: list[tuple[bytes, _Entry]]) -> None:
+        """Copy hot entries of the evicted slot (read synchronously from disk) into its new buffer."""
+        buffer = region.buffer
+        assert buffer is not None
+        view = buffer.data
+        placed: list[tuple[bytes, IndexEntry]] = []
+        failed: list[ReadStatus] = []
+        used = 0
+        self._lock.release()  # the region is not yet open to anyone: read without blocking the tier
+        try:
+            for key, entry in hot:
+                size = entry_bytes(entry.loc.stored_len)
+                status = self._read_entry(entry.loc, key, view[used : used + PAGE_BYTES],
+                                          view[used + PAGE_BYTES : used + size])
+                if status == "ok":
+                    placed.append((key, replace(entry.loc, region=region.id, offset=used)))
+                    used += size
+                else:
+                    failed.append(status)
+        finally:
+            self._lock.acquire()
+        region.used = used
+        for key, loc in placed:
+            if key not in self._entries:
+                self._entries[key] = _Entry(loc)
+                region.keys.append(key)
+        if self._budget is not None:
+            self._budget.take(used, force=True)  # reinsertion writes flash too: charge it, never refuse it
+        self._counters["blocks_reinserted"] += len(placed)
+        self._counters["bytes_read"] += used
+        self._counters["io_errors"] += failed.count("io_error")
+        self._counters["checksum_failures"] += failed.count("corrupt")
+
+    def _write_region(self, region: _Region) -> None:
+        """On the I/O pool: wait until the slot is marked OPEN (what it held forgotten), write it in one
+        sequential I/O, fdatasync, then commit its entries with its SEALED mark.
+
+        The buffer goes back to the pool as soon as the data is synced (reads then go to the file), so the
+        index commit overlaps the next region's write instead of delaying it.
+        """
+        assert region.buffer is not None and self._index is not None
+        try:
+            self._index.wait(region.open_ticket)
+            device = self._devices[region.id % self._num_paths]
+            device.write(self._file_offset(region.id), region.buffer.data[: region.used])
+            device.sync()
+        except Exception as exc:  # any failure, not only OSError: the buffer must come back or flush would hang
+
+            with self._lock:
+                for key, _ in self._live_entries_locked(region):
+                    del self._entries[key]
+                region.keys, region.used = [], 0
+                # The index still marks the slot OPEN: a restart discards whatever reached it.
+                self._clean.append(region.id)
+                self._release_buffer_locked(region)
+                self._stop_admitting_locked(exc)
+            return
+        with self._lock:
+            live = tuple((key, entry.loc) for key, entry in self._live_entries_locked(region))
+            ticket = self._index.enqueue(SealRegion(region.id, region.seq, live))
+            self._counters["bytes_written"] += region.used
+            self._fifo.append(region.id)
+            self._release_buffer_locked(region)
+        try:
+            self._index.wait(ticket)
+        except DiskError as exc:
+            # The blocks are on disk and stay readable until this process ends; only their restart is lost.
+            with self._lock:
+                self._stop_admitting_locked(exc)
+
+    def _commit_soon(self, ticket: int) -> None:
+        # A failure is not lost: the region's writer waits for the same ticket, gets the error and handles it.
+        with contextlib.suppress(DiskError):
+            assert self._index is not None
+            self._index.wait(ticket)
+
+    def _release_buffer_locked(self, region: _Region) -> None:
+        assert region.buffer is not None
+        self._free_buffers.append(region.buffer)
+        region.buffer = None
+        self._cond.notify_all()
+
+    def _stop_admitting_locked(self, exc: BaseException) -> None:
+        self._counters["io_errors"] += 1
+        if self._admitting:
+            self._admitting = False
+            _LOG.error("disk tier %s: write failed (%s); no longer admitting blocks, still serving the %d it has",
+                       ", ".join(self.config.paths), exc, len(self._entries))
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def _dst_view(self, dst: torch.Tensor) -> memoryview:
+        need = round_up(self.block_bytes)
+        if (not isinstance(dst, torch.Tensor) or dst.dtype != torch.uint8 or dst.device.type != "cpu"
+                or not dst.is_contiguous() or dst.numel() < need or dst.data_ptr() % PAGE_BYTES):
+            raise InvalidInputError(f"a disk read needs a contiguous uint8 CPU tensor of at least {need} bytes "
+                                    f"starting {PAGE_BYTES}-aligned")
+        return tensor_view(dst)
+
+    def _read_into(self, key: bytes, dst: memoryview) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._counters["misses"] += 1
+                return False
+            region = self._regions[entry.loc.region]
+            if region.buffer is not None:
+                status = self._copy_from_memory(region.buffer, entry.loc, dst)
+                return self._count_read_locked(key, entry, status)
+            region.readers += 1
+        try:
+            status = self._read_from_disk(entry.loc, key, dst)
+        finally:
+            with self._lock:
+                region.readers -= 1
+                if not region.readers:
+                    self._cond.notify_all()
+        with self._lock:
+            return self._count_read_locked(key, entry, status)
+
+    def _count_read_locked(self, key: bytes, entry: _Entry, status: ReadStatus) -> bool:
+        if status == "ok":
+            self._counters["hits"] += 1
+            self._counters["bytes_read"] += entry.loc.raw_len
+            entry.hits += 1
+            return True
+        self._counters["misses"] += 1
+        if status == "io_error":
+            self._counters["io_errors"] += 1
+        else:
+            self._counters["checksum_failures"] += 1
+            if self._entries.get(key) is entry:
+                self._drop_locked(key)
+        return False
+
+    def _copy_from_memory(self, buffer: _Bytes, loc: IndexEntry, dst: memoryview) -> ReadStatus:
+        start = loc.offset + PAGE_BYTES
+        stored = buffer[start : start + loc.stored_len]
+        if loc.codec == CODEC_NONE:
+            np.frombuffer(dst, dtype=np.uint8)[: loc.raw_len] = stored
+            return "ok"
+        return self._decode(stored.data, loc, dst)
+
+    def _read_from_disk(self, loc: IndexEntry, key: bytes, dst: memoryview) -> ReadStatus:
+        padded = round_up(loc.stored_len)
+        if loc.codec == CODEC_NONE:
+            if loc.stored_len != self.block_bytes:
+                return "corrupt"
+            return self._read_entry(loc, key, self._thread_buffer("header", PAGE_BYTES), dst[:padded])
+        staging = self._thread_buffer("staging", round_up(self.block_bytes))[:padded]
+        status = self._read_entry(loc, key, self._thread_buffer("header", PAGE_BYTES), staging)
+        return self._decode(staging[: loc.stored_len], loc, dst) if status == "ok" else status
+
+    def _read_entry(self, loc: IndexEntry, key: bytes, header: memoryview, payload: memoryview) -> ReadStatus:
+        """One I/O: the header page into ``header``, the padded payload into ``payload``; then verify."""
+        try:
+            done = self._devices[loc.path].read(self._file_offset(loc.region) + loc.offset, [header, payload])
+        except OSError:
+            return "io_error"
+        if done != len(header) + len(payload):
+            return "corrupt"
+        parsed = parse_header(header)
+        if parsed is None:
+            return "corrupt"
+        found, header_checksum = parsed
+        if (found.key != key or header_checksum != loc.header_checksum or found.stored_len != loc.stored_len
+                or checksum(payload[: loc.stored_len]) != found.payload_checksum):
+            return "corrupt"
+        return "ok"
+
+    def _decode(self, stored: memoryview, loc: IndexEntry, dst: memoryview) -> ReadStatus:
+        if loc.codec != CODEC_ZSTD or loc.raw_len != self.block_bytes:
+            return "corrupt"
+        return "ok" if self._zstd.decode_into(stored, loc.planes, dst[: loc.raw_len]) else "corrupt"
+
+    def _thread_buffer(self, name: str, nbytes: int) -> memoryview:
+        """Page-aligned scratch memory owned by the calling thread."""
+        buffer: memoryview | None = getattr(self._local, name, None)
+        if buffer is None or len(buffer) < nbytes:
+            buffer = memoryview(aligned_buffer(nbytes))
+            setattr(self._local, name, buffer)
+        return buffer[:nbytes]
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _file_offset(self, region_id: int) -> int:
+        return region_id // self._num_paths * self.config.region_bytes
+
+    def _drop_locked(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and self._regions[entry.loc.region].buffer is None:
+            # On disk: forget it in the index too (committed with the next batch). Still in memory: its
+            # region's commit skips keys no longer in the table.
+            assert self._index is not None
+            self._index.enqueue(Forget(keys=(key,)))
+
+    def _wait_index(self) -> None:
+        """Wait until every queued index change is committed; a failure stops admission."""
+        assert self._index is not None
+        try:
+            self._index.wait()
+        except DiskError as exc:
+            with self._lock:
+                self._stop_admitting_locked(exc)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the disk tier is closed")
+
+    def _release(self) -> None:
+        if self._index is not None:
+            self._index.close()
+        for device in self._devices:
+            device.close()
+        for fd in self._lock_fds:
+            os.close(fd)  # closing the descriptor releases the flock
+        self._lock_fds = []
+

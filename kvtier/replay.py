@@ -1,0 +1,307 @@
+"""Trace replay: the store's tiering decisions run over a request trace, without payload bytes.
+
+A trace is the Mooncake format (one JSON object a line; ``hash_ids``: chained prefix hashes of the request's
+blocks, so an id names a block and its whole prefix). Each request is replayed as the store serves it:
+
+1. Lookup: the request's leading run of blocks present in host RAM or on disk are hits (host first); a disk
+   hit is read into host RAM (promotion) and keeps its disk copy. Every block referenced, hit or not, is
+   reported to the admission policy (``on_access``), in request order.
+2. Then the request's blocks are referenced deepest first: a block in host RAM is touched, any other is
+   put into host RAM (recomputed, or promoted from disk), evicting as the host policy chooses. An evicted
+   block the disk does not hold is offered to the disk and written if admission says so (write-back).
+
+The disk is a region log: blocks are appended to an open region of ``blocks_per_region`` blocks; when
+every region is used, the oldest sealed region is evicted whole, and each of its blocks read from disk at
+least ``reinsert_hits`` times since written is appended again (a write) instead of dropped (0: never).
+
+Single-tier baselines replay the same trace through one cache that admits everything (LRU, S3-FIFO, ARC)
+and through Belady's offline optimum with bypass (evict, or skip caching, the block referenced furthest in
+the future), in the same lookup-then-deepest-first order; they reproduce the reference hit ratios of
+``data/README.md``.
+
+Promises:
+- Uses kvtier's own policies (``kvtier.policies``) and admission (``kvtier.disk.admission``); nothing here
+  looks at the future except ``replay_belady``, which is the offline baseline.
+- ``load_trace`` raises ``InvalidInputError`` naming the file (and the line, for a malformed line); sizes
+  and names out of range raise ``ConfigError``.
+- A block hit ratio is hit blocks over referenced blocks; host and disk hit ratios add up to it.
+- Deterministic: the same trace and settings give the same result.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvtier.disk.admission import AdmissionPolicy, make_admission
+from kvtier.errors import ConfigError, InvalidInputError
+from kvtier.policies import make_policy
+
+TRACE_BLOCK_TOKENS = 512
+# Replay's default region: 16 blocks. The store's regions are 64 MiB (DiskConfig.region_bytes): 16 blocks
+# of 4 MiB; the hit ratios barely depend on it as long as a region is a small share of the disk.
+DEFAULT_BLOCKS_PER_REGION = 16
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A trace's requests as lists of block ids, deepest last."""
+
+    requests: list[list[int]]
+
+    @property
+    def unique_blocks(self) -> int:
+        return len({block for request in self.requests for block in request})
+
+    @property
+    def referenced_blocks(self) -> int:
+        return sum(len(request) for request in self.requests)
+
+
+def load_trace(path: str | Path, block_tokens: int = TRACE_BLOCK_TOKENS,
+               trace_block_tokens: int = TRACE_BLOCK_TOKENS) -> Trace:
+    """Read a Mooncake-format trace; blocks of ``block_tokens`` are made of whole trace blocks.
+
+    A block of ``k`` trace blocks is named by the last id in it: the ids are chained prefix hashes, so the
+    last one names the whole prefix. A request's trailing partial group is a block of its own.
+    """
+    if block_tokens < 1 or block_tokens % trace_block_tokens:
+        raise ConfigError(f"block_tokens must be a positive multiple of the trace's {trace_block_tokens}-token "
+                          f"blocks, got {block_tokens}")
+    group = block_tokens // trace_block_tokens
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
+    requests: list[list[int]] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        ids = _parse_line(line, path, line_number)
+        requests.append(ids[group - 1::group] + ([ids[-1]] if len(ids) % group else []))
+    if not requests:
+        raise InvalidInputError(f"trace {path} has no requests")
+    return Trace(requests)
+
+
+def _parse_line(line: str, path: str | Path, line_number: int) -> list[int]:
+    where = f"{path}:{line_number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{where}: not a JSON object: {exc.msg}") from None
+    if not isinstance(record, dict) or "hash_ids" not in record:
+        raise InvalidInputError(f"{where}: expected an object with 'hash_ids'")
+    ids = record["hash_ids"]
+    if (not isinstance(ids, list) or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise InvalidInputError(f"{where}: 'hash_ids' must be a non-empty list of integers")
+    return ids
+
+
+class RegionLog:
+    """The disk tier's index and space: a FIFO of regions with hits-based reinsertion (module docstring)."""
+
+    def __init__(self, capacity_blocks: int, blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION,
+                 reinsert_hits: int = 2) -> None:
+        if capacity_blocks < 1 or blocks_per_region < 1 or reinsert_hits < 0:
+            raise ConfigError(f"a region log needs capacity_blocks >= 1, blocks_per_region >= 1 and "
+                              f"reinsert_hits >= 0, got {capacity_blocks}, {blocks_per_region}, {reinsert_hits}")
+        # A disk smaller than one region is one region: it still holds capacity_blocks.
+        self.blocks_per_region = min(blocks_per_region, capacity_blocks)
+        self.num_regions = capacity_blocks // self.blocks_per_region
+        self.reinsert_hits = reinsert_hits
+        self._where: dict[int, int] = {}
+        self._reads: dict[int, int] = {}
+        self._sealed: deque[tuple[int, list[int]]] = deque()
+        self._open: list[int] = []
+        self._open_id = 0
+        self.blocks_written = 0
+        self.blocks_reinserted = 0
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def read(self, key: int) -> None:
+        """Count a read of a stored ``key`` (a disk hit) towards its reinsertion."""
+        self._reads[key] += 1
+
+    def write(self, key: int) -> None:
+        """Append ``key`` (not stored), evicting the oldest region first if every region is used."""
+        while len(self._open) >= self.blocks_per_region:
+            self._seal()
+        self._append(key)
+
+    def _append(self, key: int) -> None:
+        self._where[key] = self._open_id
+        self._reads[key] = 0
+        self._open.append(key)
+        self.blocks_written += 1
+
+    def _seal(self) -> None:
+        self._sealed.append((self._open_id, self._open))
+        self._open_id += 1
+        self._open = []
+        if len(self._sealed) < self.num_regions:
+            return
+        region_id, keys = self._sealed.popleft()
+        for key in keys:
+            if self._where.get(key) != region_id:
+                continue  # reinserted since: this slot is stale
+            if self.reinsert_hits and self._reads[key] >= self.reinsert_hits:
+                # Reinsertion fits: the open region is empty and a region's keys fill at most one.
+                self.blocks_reinserted += 1
+                self._append(key)
+            else:
+                del self._where[key]
+                del self._reads[key]
+
+
+@dataclass(frozen=True)
+class TieredResult:
+    requests: int
+    referenced_blocks: int
+    host_hits: int
+    disk_hits: int
+    disk_blocks_written: int
+    disk_blocks_reinserted: int
+    disk_offers: int
+    disk_admitted: int
+
+    @property
+    def host_hit_ratio(self) -> float:
+        return self.host_hits / self.referenced_blocks
+
+    @property
+    def disk_hit_ratio(self) -> float:
+        return self.disk_hits / self.referenced_blocks
+
+    @property
+    def block_hit_ratio(self) -> float:
+        return (self.host_hits + self.disk_hits) / self.referenced_blocks
+
+
+def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: str = "s3fifo",
+                  admission: str | AdmissionPolicy = "adaptive",
+                  blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION, reinsert_hits: int = 2) -> TieredResult:
+    """Replay ``trace`` through host RAM (``policy``) over a region-log disk (0 blocks: no disk tier)."""
+    if host_blocks < 1 or disk_blocks < 0:
+        raise ConfigError(f"host_blocks must be >= 1 and disk_blocks >= 0, got {host_blocks} and {disk_blocks}")
+    host = make_policy(policy, host_blocks)
+    disk = RegionLog(disk_blocks, blocks_per_region, reinsert_hits) if disk_blocks else None
+    admit: AdmissionPolicy | None = None
+    if disk_blocks:
+        admit = make_admission(admission, disk_blocks) if isinstance(admission, str) else admission
+    elif isinstance(admission, str):
+        make_admission(admission, 1)  # an unknown name is an error even without a disk tier
+    host_hits = disk_hits = offers = admitted = 0
+    for request in trace.requests:
+        run = 0
+        for key in request:
+            if key in host:
+                host_hits += 1
+            elif disk is not None and key in disk:
+                disk_hits += 1
+                disk.read(key)
+            else:
+                break
+            run += 1
+        if admit is not None:
+            for position, key in enumerate(request):
+                admit.on_access(key, position < run)
+        for key in reversed(request):
+            if key in host:
+                host.touch(key)
+                continue
+            if len(host) >= host_blocks:
+                for victim in host.evict(1):
+                    if disk is None or admit is None or victim in disk:
+                        continue
+                    offers += 1
+                    if admit.admit(victim):
+                        admitted += 1
+                        disk.write(victim)
+            host.insert(key)
+    return TieredResult(len(trace.requests), trace.referenced_blocks, host_hits, disk_hits,
+                        disk.blocks_written if disk else 0, disk.blocks_reinserted if disk else 0, offers, admitted)
+
+
+def replay_single(trace: Trace, capacity: int, policy: str) -> float:
+    """Block hit ratio of one cache of ``capacity`` blocks that admits everything, under ``policy``."""
+    cache = make_policy(policy, capacity)
+    hits = 0
+    for request in trace.requests:
+        for key in request:
+            if key not in cache:
+                break
+            hits += 1
+        for key in reversed(request):
+            if key in cache:
+                cache.touch(key)
+                continue
+            if len(cache) >= capacity:
+                cache.evict(1)
+            cache.insert(key)
+    return hits / trace.referenced_blocks
+
+
+def _next_uses(requests: Sequence[Sequence[int]]) -> list[float]:
+    """For each reference in replay order (deepest first per request), when its block is next referenced."""
+    order = [key for request in requests for key in reversed(request)]
+    next_use: list[float] = [math.inf] * len(order)
+    seen: dict[int, int] = {}
+    for position in range(len(order) - 1, -1, -1):
+        key = order[position]
+        if key in seen:
+            next_use[position] = seen[key]
+        seen[key] = position
+    return next_use
+
+
+def replay_belady(trace: Trace, capacity: int) -> float:
+    """Block hit ratio of Belady's offline optimum with bypass: the upper bound for ``capacity`` blocks."""
+    if capacity < 1:
+        raise ConfigError(f"capacity must be at least 1 block, got {capacity}")
+    next_use = _next_uses(trace.requests)
+    cached: dict[int, float] = {}
+    # Max-heap on next use with lazy deletion: an entry is live only while it matches cached[key].
+    heap: list[tuple[float, int]] = []
+    hits = 0
+    position = 0
+    for request in trace.requests:
+        for key in request:
+            if key not in cached:
+                break
+            hits += 1
+        for key in reversed(request):
+            upcoming = next_use[position]
+            position += 1
+            if key in cached:
+                cached[key] = upcoming
+                heapq.heappush(heap, (-upcoming, key))
+                continue
+            if upcoming == math.inf:
+                continue
+            if len(cached) >= capacity:
+                while cached.get(heap[0][1]) != -heap[0][0]:
+                    heapq.heappop(heap)
+                furthest, victim = heap[0]
+                if -furthest <= upcoming:
+                    continue  # bypass: every cached block is needed sooner than this one
+                heapq.heappop(heap)
+                del cached[victim]
+            cached[key] = upcoming
+            heapq.heappush(heap, (-upcoming, key))
+    return hits / trace.referenced_blocks
+
+
+__all__ = ["DEFAULT_BLOCKS_PER_REGION", "RegionLog", "Trace", "TieredResult", "load_trace", "replay_belady",
+           "replay_single", "replay_tiered"]

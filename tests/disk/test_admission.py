@@ -1,0 +1,151 @@
+"""Disk admission policies: the named choices, reject-first's ghost list, and what adaptive learns."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvtier.disk.admission import (
+    MAX_TRACKED_KEYS,
+    SHADOW_BLOCKS,
+    AdaptiveAdmission,
+    AdmitAll,
+    RejectFirst,
+    make_admission,
+)
+from kvtier.errors import ConfigError
+from kvtier.replay import Trace, replay_tiered
+
+
+def test_make_admission_builds_each_named_policy() -> None:
+    for name, kind in (("admit_all", AdmitAll), ("reject_first", RejectFirst), ("adaptive", AdaptiveAdmission)):
+        policy = make_admission(name, 100)
+        assert isinstance(policy, kind)
+        assert policy.name == name
+
+
+@pytest.mark.parametrize(("name", "capacity"), [("lru", 10), ("adaptive", 0), ("admit_all", 0),
+                                                ("reject_first", -1), ("adaptive", True)])
+def test_make_admission_refuses_unknown_names_and_bad_capacities(name: str, capacity: int) -> None:
+    with pytest.raises(ConfigError):
+        make_admission(name, capacity)
+
+
+def test_admit_all_admits_unseen_keys() -> None:
+    policy = AdmitAll()
+    assert policy.admit(b"\x01" * 16)
+    assert policy.admit(7)
+
+
+def test_reject_first_admits_on_the_second_sighting() -> None:
+    policy = RejectFirst(10)
+    policy.on_access(1, False)
+    assert not policy.admit(1)
+    policy.on_access(1, False)
+    assert policy.admit(1)
+    assert not policy.admit(2)  # offered without a lookup: never sighted
+
+
+def test_reject_first_forgets_keys_that_leave_the_ghost_list() -> None:
+    policy = RejectFirst(2, ghost_factor=2)
+    policy.on_access(b"a", False)
+    for other in range(4):
+        policy.on_access(other, False)
+    policy.on_access(b"a", False)
+    assert not policy.admit(b"a")
+    assert policy.ghost_capacity == 4
+
+
+def test_ghost_lists_are_capped() -> None:
+    assert RejectFirst(10**9).ghost_capacity == MAX_TRACKED_KEYS
+    assert AdaptiveAdmission(10**9).ghost_capacity == MAX_TRACKED_KEYS
+
+
+def test_adaptive_memory_stays_bounded() -> None:
+    policy = AdaptiveAdmission(8000)  # a ghost of 32,000 keys, shadows of 4096 on a half sample
+    for key in range(60_000):
+        policy.on_access(key, False)
+        policy.on_access(key, True)
+        policy.admit(key)
+    assert policy.tracked_keys <= policy.ghost_capacity + 2 * SHADOW_BLOCKS
+
+
+def test_adaptive_fills_an_empty_disk_then_starts_as_reject_first() -> None:
+    policy = AdaptiveAdmission(2)
+    assert policy.mode == "reject_first"
+    assert policy.admit(b"a" * 16) and policy.admit(b"b" * 16)  # free space: no sighting needed
+    policy.on_access(b"k" * 16, False)
+    assert not policy.admit(b"k" * 16)
+    policy.on_access(b"k" * 16, True)
+    assert policy.admit(b"k" * 16)
+    assert (policy.offers, policy.admitted) == (4, 3)
+
+
+def _documents(first: int, count: int, length: int = 4) -> list[list[int]]:
+    return [[(first + doc) * length + block for block in range(length)] for doc in range(count)]
+
+
+def _used_twice(count: int, gap: int = 20, first: int = 0) -> list[list[int]]:
+    """Each document read twice, ``gap`` documents apart: only admit-all ever turns the reuse into a hit."""
+    docs = _documents(first, count)
+    requests: list[list[int]] = []
+    for step in range(count + gap):
+        if step < count:
+            requests.append(docs[step])
+        if step >= gap:
+            requests.append(docs[step - gap])
+    return requests
+
+
+def _hot_set_and_one_offs(count: int, seed: int = 1) -> list[list[int]]:
+    """Half the requests read one of 40 hot documents, half a document never seen again."""
+    rng = random.Random(seed)
+    hot = _documents(10**6, 40)
+    cold = iter(_documents(2 * 10**6, count))
+    return [hot[rng.randrange(40)] if rng.random() < 0.5 else next(cold) for _ in range(count)]
+
+
+def test_adaptive_follows_admit_all_where_reuse_comes_only_once() -> None:
+    trace = Trace(_used_twice(3000))
+    policy = AdaptiveAdmission(200)
+    adaptive = replay_tiered(trace, 8, 200, admission=policy)
+    admit_all = replay_tiered(trace, 8, 200, admission="admit_all")
+    assert replay_tiered(trace, 8, 200, admission="reject_first").disk_hits == 0
+    assert policy.mode == "admit_all"
+    assert adaptive.block_hit_ratio >= 0.97 * admit_all.block_hit_ratio
+
+
+def test_adaptive_stays_reject_first_when_one_off_blocks_would_flood_the_disk() -> None:
+    trace = Trace(_hot_set_and_one_offs(6000))
+    policy = AdaptiveAdmission(200)
+    adaptive = replay_tiered(trace, 8, 200, admission=policy)
+    reject_first = replay_tiered(trace, 8, 200, admission="reject_first")
+    admit_all = replay_tiered(trace, 8, 200, admission="admit_all")
+    assert policy.mode == "reject_first"
+    assert adaptive.block_hit_ratio >= reject_first.block_hit_ratio - 0.01
+    assert adaptive.block_hit_ratio > admit_all.block_hit_ratio
+    assert adaptive.disk_blocks_written < admit_all.disk_blocks_written / 3
+
+
+def test_adaptive_beats_both_fixed_choices_when_the_workload_changes() -> None:
+    trace = Trace(_used_twice(1500) + _hot_set_and_one_offs(6000))
+    ratios = {name: replay_tiered(trace, 8, 200, admission=name).block_hit_ratio
+              for name in ("adaptive", "admit_all", "reject_first")}
+    assert ratios["adaptive"] > max(ratios["admit_all"], ratios["reject_first"]) + 0.05
+
+
+def test_adaptive_is_deterministic_on_sampled_bytes_keys() -> None:
+    def run() -> list[bool]:
+        policy = AdaptiveAdmission(20 * SHADOW_BLOCKS)  # samples one key in 20
+        answers = []
+        for i in range(20_000):
+            key = i.to_bytes(16, "little")
+            policy.on_access(key, i % 3 == 0)
+            policy.on_access(key, False)
+            answers.append(policy.admit(key))
+        return answers
+
+    first = run()
+    assert first == run()
+    assert all(first)  # every key was sighted twice before its offer

@@ -1,0 +1,119 @@
+"""Failures: corrupt, truncated or unreadable data is a miss and a counter; a failed write stops admission."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from kvtier.config import DiskConfig
+from kvtier.disk import DiskTier, MemoryDevice
+
+if TYPE_CHECKING:
+    from conftest import DiskKit
+
+Config = Callable[..., DiskConfig]
+ENTRY = 20 * 1024  # a 16 KiB block plus its header page
+
+
+def data_file(cfg: DiskConfig) -> Path:
+    return Path(cfg.paths[0]) / "kvtier-data.bin"
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0x40]))
+
+
+@pytest.mark.parametrize("where", [20, 4096 + 5000, 4096 + 16383], ids=["header", "payload", "payload-end"])
+def test_a_flipped_byte_in_the_file_is_a_counted_miss(disk_config: Config, kit: DiskKit, where: int) -> None:
+    cfg = disk_config()
+    with DiskTier(cfg, kit.layout) as tier:
+        kit.fill(tier, range(12))
+        tier.flush()
+    flip_byte(data_file(cfg), 2 * ENTRY + where)  # region 0 is at the start of the file; block 2 is its third
+    with DiskTier(cfg, kit.layout) as tier:
+        assert kit.read(tier, 2) is None
+        stats = tier.stats()
+        assert (stats.checksum_failures, stats.misses, stats.hits) == (1, 1, 0)
+        assert not tier.contains(kit.key(2))  # dropped, so the next lookup misses without I/O
+        kit.assert_holds(tier, range(2))
+        kit.assert_holds(tier, range(3, 12))
+
+
+def test_a_truncated_data_file_is_a_miss_for_what_was_cut(disk_config: Config, kit: DiskKit) -> None:
+    cfg = disk_config()
+    with DiskTier(cfg, kit.layout) as tier:
+        kit.fill(tier, range(36))
+        tier.flush()
+        os.truncate(data_file(cfg), kit.region + 5 * ENTRY + 4096)  # while open: reads past the end come back short
+        kit.assert_holds(tier, range(17))
+        assert kit.read(tier, 17) is None and kit.read(tier, 30) is None
+        assert tier.stats().checksum_failures == 2
+    os.truncate(data_file(cfg), kit.region)  # while closed: the reopen extends the file with zeros
+    with DiskTier(cfg, kit.layout) as tier:
+        kit.assert_holds(tier, range(12))
+        assert kit.read(tier, 12) is None and tier.stats().checksum_failures == 1
+
+
+def memory_devices() -> tuple[dict[str, MemoryDevice], Callable[[str, int, bool], MemoryDevice]]:
+    """A device factory that keeps one ``MemoryDevice`` per path, so a reopen sees the same bytes."""
+    devices: dict[str, MemoryDevice] = {}
+
+    def factory(path: str, size: int, direct: bool) -> MemoryDevice:
+        return devices.setdefault(path, MemoryDevice(size, direct))
+
+    return devices, factory
+
+
+def test_corruption_through_a_fake_device(disk_config: Config, kit: DiskKit) -> None:
+    devices, factory = memory_devices()
+    cfg = disk_config()
+    with DiskTier(cfg, kit.layout, device_factory=factory) as tier:
+        kit.fill(tier, range(24))
+        tier.flush()
+        (device,) = devices.values()
+        device.corrupt(ENTRY * 4 + 4096 + 7)  # block 4's payload
+        device.corrupt(kit.region + ENTRY * 1 + 20)  # block 13's header
+        assert kit.read(tier, 4) is None and kit.read(tier, 13) is None
+        kit.assert_holds(tier, range(4))
+        device.read_errno = errno.EIO
+        assert kit.read(tier, 5) is None
+        stats = tier.stats()
+        assert (stats.checksum_failures, stats.io_errors, stats.admitting) == (2, 1, True)
+        device.read_errno = None
+        kit.assert_holds(tier, range(5, 6))  # an I/O error does not drop the block
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO])
+def test_a_failed_write_stops_admission_and_keeps_serving(disk_config: Config, kit: DiskKit, error: int,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    devices, factory = memory_devices()
+    cfg = disk_config()
+    with DiskTier(cfg, kit.layout, device_factory=factory) as tier:
+        kit.fill(tier, range(12))
+        tier.flush()
+        (device,) = devices.values()
+        device.write_errno = error
+        with caplog.at_level(logging.ERROR, logger="kvtier.disk.tier"):
+            kit.fill(tier, range(12, 24))
+            tier.flush()  # the second region's write fails
+            assert not tier.offer(kit.key(99), kit.payload(99))
+            tier.flush()
+        stats = tier.stats()
+        assert (stats.admitting, stats.io_errors, stats.used_blocks) == (False, 1, 12)
+        assert len([r for r in caplog.records if "no longer admitting" in r.message]) == 1
+        kit.assert_holds(tier, range(12))
+        assert kit.read(tier, 12) is None
+    with DiskTier(cfg, kit.layout, device_factory=factory) as tier:
+        assert tier.stats().admitting and tier.stats().torn_regions_discarded == 1
+        kit.assert_holds(tier, range(12))
+        assert not tier.contains(kit.key(12))

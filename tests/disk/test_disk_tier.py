@@ -1,0 +1,283 @@
+"""DiskTier: the region log, persistence, eviction with reinsertion, admission, budget, locking, formats."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from kvtier.config import DiskConfig
+from kvtier.disk import DiskTier, aligned_tensor, make_admission, supports_direct_io
+from kvtier.disk import tier as tier_module
+from kvtier.disk.tier import _TokenBucket
+from kvtier.errors import (
+    ClosedError,
+    DirectoryLockedError,
+    DiskError,
+    FormatVersionError,
+    InvalidInputError,
+    LayoutMismatchError,
+)
+from kvtier.layout import KVLayout
+
+if TYPE_CHECKING:
+    from conftest import DiskKit
+
+Config = Callable[..., DiskConfig]
+
+
+@pytest.mark.parametrize("direct_io", ["auto", "off"])
+def test_blocks_read_back_from_memory_then_disk_then_after_restart(disk_config: Config, kit: DiskKit,
+                                                                   direct_io: str) -> None:
+    cfg = disk_config(direct_io=direct_io)
+    with DiskTier(cfg, kit.layout) as tier:
+        assert tier.direct_io == (direct_io == "auto" and supports_direct_io(cfg.paths[0]))
+        kit.fill(tier, range(30))
+        kit.assert_holds(tier, range(30))  # 2 regions written, the third still open in memory
+        tier.flush()
+        kit.assert_holds(tier, range(30))
+        stats = tier.stats()
+        assert (stats.used_blocks, stats.hits, stats.misses, stats.direct_io) == (30, 60, 0, tier.direct_io)
+        assert stats.bytes_written == 30 * (kit.block + 4096)
+    with DiskTier(cfg, kit.layout) as tier:
+        assert tier.contains(kit.key(29)) and not tier.contains(kit.key(30))
+        kit.assert_holds(tier, range(30))
+        assert tier.stats().torn_regions_discarded == 0
+
+
+def test_direct_io_on_is_exercised_here_or_refused_clearly(disk_config: Config, kit: DiskKit,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = disk_config(direct_io="on")
+    if supports_direct_io(str(Path(cfg.paths[0]).parent)):
+        with DiskTier(cfg, kit.layout) as tier:
+            kit.fill(tier, range(13))
+            tier.flush()
+            assert tier.direct_io and tier.stats().direct_io
+            kit.assert_holds(tier, range(13))
+    monkeypatch.setattr(tier_module, "supports_direct_io", lambda path: False)
+    with pytest.raises(DiskError, match="O_DIRECT"):
+        DiskTier(cfg, kit.layout)
+    with DiskTier(disk_config(direct_io="auto"), kit.layout) as tier:
+        assert not tier.direct_io  # auto falls back to buffered I/O
+
+
+def test_fifo_eviction_reinserts_blocks_read_often_enough(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(reinsert_hits=2), kit.layout) as tier:
+        assert tier.capacity_blocks == 4 * kit.per_region
+        kit.fill(tier, range(4 * kit.per_region))
+        for _ in range(2):
+            assert kit.read(tier, 3) is not None  # block 3 of the oldest region becomes hot
+        assert kit.read(tier, 5) is not None  # one read: below the threshold
+        kit.fill(tier, range(100, 101))  # needs a fifth region: the oldest is evicted
+        stats = tier.stats()
+        assert (stats.regions_evicted, stats.blocks_reinserted) == (1, 1)
+        assert tier.contains(kit.key(3)) and not tier.contains(kit.key(5)) and not tier.contains(kit.key(0))
+        kit.assert_holds(tier, range(3, 4))
+        tier.flush()
+    with DiskTier(disk_config(reinsert_hits=2), kit.layout) as tier:
+        kit.assert_holds(tier, range(3, 4))  # the reinserted copy was committed with its new region
+        kit.assert_holds(tier, range(kit.per_region, 4 * kit.per_region))
+        assert not tier.contains(kit.key(0))
+
+
+def test_a_single_region_tier_still_cycles(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(capacity_bytes=kit.region, reinsert_hits=0), kit.layout) as tier:
+        kit.fill(tier, range(3 * kit.per_region))
+        tier.flush()
+        assert not tier.contains(kit.key(0)) and tier.stats().regions_evicted == 2
+        kit.assert_holds(tier, range(2 * kit.per_region, 3 * kit.per_region))
+
+
+def test_admission_decides_and_sees_accesses(disk_config: Config, kit: DiskKit) -> None:
+    admission = kit.admission(lambda k: k != kit.key(1))
+    with DiskTier(disk_config(), kit.layout, admission) as tier:
+        assert tier.offer(kit.key(0), kit.payload(0)) and not tier.offer(kit.key(1), kit.payload(1))
+        assert tier.offer(kit.key(0), kit.payload(0))  # already stored: not offered to the policy again
+        tier.on_access([kit.key(0), kit.key(1)], [True, False])
+        assert admission.offered == [kit.key(0), kit.key(1)]
+        assert admission.accesses == [(kit.key(0), True), (kit.key(1), False)]
+        assert tier.stats().admissions_rejected == 1
+        with pytest.raises(InvalidInputError):
+            tier.on_access([kit.key(0)], [])
+
+
+def test_write_budget_rejects_blocks_over_it() -> None:
+    now = [0.0]
+    bucket = _TokenBucket(rate=1000, burst=5000, clock=lambda: now[0])
+    assert bucket.take(5000) and not bucket.take(1)
+    now[0] = 2.0
+    assert bucket.take(2000) and not bucket.take(1)
+    assert bucket.take(10_000, force=True) and bucket.tokens < 0
+
+
+def test_tier_counts_budget_rejections(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(write_budget_bytes_per_s=1), kit.layout) as tier:  # a burst of one entry, then ~nothing
+        assert tier.offer(kit.key(0), kit.payload(0)) and not tier.offer(kit.key(1), kit.payload(1))
+        assert tier.stats().budget_rejected == 1
+
+
+def test_drop_forgets_a_block_in_memory_and_on_disk(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(), kit.layout) as tier:
+        kit.fill(tier, range(14))
+        tier.drop(kit.key(0))  # sealed region on disk
+        tier.drop(kit.key(13))  # open region in memory
+        tier.drop(kit.key(99))  # unknown: nothing happens
+        tier.flush()
+        assert kit.read(tier, 0) is None and kit.read(tier, 13) is None
+    with DiskTier(disk_config(), kit.layout) as tier:
+        assert not tier.contains(kit.key(0)) and not tier.contains(kit.key(13)) and tier.contains(kit.key(1))
+
+
+def test_striped_paths_and_zstd(tmp_path: Path, kit: DiskKit) -> None:
+    paths = (str(tmp_path / "a"), str(tmp_path / "b"))
+    cfg = DiskConfig(paths=paths, capacity_bytes=2 * kit.region, region_bytes=kit.region, codec="zstd")
+    kv = [torch.randn(kit.block // 2, generator=torch.Generator().manual_seed(i)).round(decimals=1)
+          .to(torch.bfloat16).view(torch.uint8)
+          for i in range(40)]
+    with DiskTier(cfg, kit.layout) as tier:
+        for i, block in enumerate(kv):
+            assert tier.offer(kit.key(i), block)
+        tier.flush()
+        written = tier.stats().bytes_written
+        assert written < 40 * (kit.block + 4096)  # compressed entries take fewer pages
+    assert all((Path(p) / "kvtier-data.bin").stat().st_size == 2 * kit.region for p in paths)
+    with DiskTier(DiskConfig(paths=paths, capacity_bytes=2 * kit.region, region_bytes=kit.region), kit.layout) as tier:
+        dst = aligned_tensor(kit.block)
+        for i, block in enumerate(kv):  # codec "none" now: zstd entries still decode
+            assert tier.read_into(kit.key(i), dst) and torch.equal(dst, block)
+
+
+def test_submit_read_runs_on_the_pool(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(), kit.layout) as tier:
+        kit.fill(tier, range(24))
+        tier.flush()
+        dsts = [aligned_tensor(kit.block) for _ in range(25)]
+        futures = [tier.submit_read(kit.key(i), dsts[i]) for i in range(25)]
+        assert [f.result() for f in futures] == [True] * 24 + [False]
+        assert all(torch.equal(dsts[i], kit.payload(i)) for i in range(24))
+
+
+def test_concurrent_offers_reads_and_evictions(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(reinsert_hits=1), kit.layout) as tier:  # 48 blocks of room for 180 offered
+        errors: list[BaseException] = []
+
+        def work(base: int) -> None:
+            try:
+                for i in range(base, base + 60):
+                    tier.offer(kit.key(i), kit.payload(i))
+                    for j in (i, max(base, i - 7), base):  # recent, older, hot: in memory, on disk, evicted
+                        got = kit.read(tier, j)
+                        assert got is None or torch.equal(got, kit.payload(j))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n * 1000,)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats = tier.stats()
+        assert not errors and stats.checksum_failures == 0
+        assert stats.regions_evicted > 0 and stats.blocks_reinserted > 0
+        tier.flush()
+    with DiskTier(disk_config(), kit.layout) as tier:
+        for n in range(3):
+            for i in range(n * 1000, n * 1000 + 60):
+                got = kit.read(tier, i)
+                assert got is None or torch.equal(got, kit.payload(i))
+        assert tier.stats().checksum_failures == 0
+
+
+def test_bad_arguments_are_refused(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(), kit.layout) as tier:
+        with pytest.raises(InvalidInputError):
+            tier.offer(b"short", kit.payload(0))
+        with pytest.raises(InvalidInputError):
+            tier.offer(kit.key(0), kit.payload(0)[:100])
+        with pytest.raises(InvalidInputError):
+            tier.read_into(kit.key(0), aligned_tensor(kit.block + 4096)[1:])  # not page-aligned
+        with pytest.raises(InvalidInputError):
+            tier.submit_read(kit.key(0), aligned_tensor(100))
+    with pytest.raises(Exception, match="region_bytes"):
+        DiskTier(disk_config(region_bytes=16 * 1024, capacity_bytes=kit.region), kit.layout)
+
+
+def test_close_is_idempotent_and_later_calls_raise(disk_config: Config, kit: DiskKit) -> None:
+    tier = DiskTier(disk_config(), kit.layout)
+    tier.close()
+    tier.close()
+    for call in (lambda: tier.contains(kit.key(0)), lambda: tier.offer(kit.key(0), kit.payload(0)), tier.flush,
+                 lambda: tier.read_into(kit.key(0), aligned_tensor(kit.block)), lambda: tier.drop(kit.key(0))):
+        with pytest.raises(ClosedError):
+            call()
+
+
+def test_a_directory_is_locked_while_open(disk_config: Config, kit: DiskKit) -> None:
+    tier = DiskTier(disk_config(), kit.layout)
+    with pytest.raises(DirectoryLockedError):
+        DiskTier(disk_config(), kit.layout)
+    tier.close()
+    DiskTier(disk_config(), kit.layout).close()
+
+
+def test_foreign_layout_version_or_geometry_is_refused_unless_wiped(disk_config: Config, kit: DiskKit,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    with DiskTier(disk_config(), kit.layout) as tier:
+        kit.fill(tier, range(13))
+        tier.flush()
+    other = KVLayout(num_layers=4, num_kv_heads=1, head_dim=64, dtype="bfloat16", block_tokens=16)
+    with pytest.raises(LayoutMismatchError):
+        DiskTier(disk_config(), other)
+    with pytest.raises(DiskError, match="region_bytes"):
+        DiskTier(disk_config(region_bytes=2 * kit.region, capacity_bytes=4 * kit.region), kit.layout)
+    monkeypatch.setattr(tier_module, "FORMAT_VERSION", 99)
+    with pytest.raises(FormatVersionError):
+        DiskTier(disk_config(), kit.layout)
+    with DiskTier(disk_config(wipe_incompatible=True), kit.layout) as tier:
+        assert tier.stats().used_blocks == 0
+        kit.fill(tier, range(1))
+        tier.flush()
+    monkeypatch.undo()
+    with pytest.raises(FormatVersionError):
+        DiskTier(disk_config(), kit.layout)
+
+
+def test_growing_the_capacity_keeps_the_blocks(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(), kit.layout) as tier:
+        kit.fill(tier, range(24))
+        tier.flush()
+    with DiskTier(disk_config(capacity_bytes=8 * kit.region), kit.layout) as tier:
+        assert tier.capacity_blocks == 8 * kit.per_region
+        kit.assert_holds(tier, range(24))
+    # Shrinking drops the regions past the new end.
+    with DiskTier(disk_config(capacity_bytes=kit.region), kit.layout) as tier:
+        assert tier.stats().used_blocks == kit.per_region
+        kit.assert_holds(tier, range(kit.per_region))
+
+
+def test_a_key_dropped_and_offered_again_in_one_region(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(reinsert_hits=0), kit.layout) as tier:
+        kit.fill(tier, range(2))
+        tier.drop(kit.key(0))
+        kit.fill(tier, range(1))  # listed twice in the open region
+        kit.fill(tier, range(100, 100 + 5 * kit.per_region))  # the region is written, then evicted
+        assert not tier.contains(kit.key(0)) and tier.stats().regions_evicted == 2
+    with DiskTier(disk_config(), kit.layout) as tier:
+        assert not tier.contains(kit.key(0))
+
+
+@pytest.mark.parametrize("name", ["admit_all", "reject_first", "adaptive"])
+def test_the_real_admission_policies_plug_in(disk_config: Config, kit: DiskKit, name: str) -> None:
+    with DiskTier(disk_config(), kit.layout) as probe:
+        capacity = probe.capacity_blocks
+    with DiskTier(disk_config(), kit.layout, make_admission(name, capacity)) as tier:
+        for i in range(20):
+            tier.on_access([kit.key(i)], [False])
+            tier.offer(kit.key(i), kit.payload(i))
+        stats = tier.stats()
+        assert stats.used_blocks + stats.admissions_rejected == 20
+        assert stats.used_blocks == 20 if name == "admit_all" else stats.used_blocks <= 20

@@ -1,0 +1,176 @@
+"""Trace replay: trace parsing, the region log, hand-computed replays, the README's reference figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kvtier.bench.replay import run_replay
+from kvtier.errors import ConfigError, InvalidInputError
+from kvtier.replay import RegionLog, Trace, load_trace, replay_belady, replay_single, replay_tiered
+
+REPO = Path(__file__).resolve().parent.parent
+MOONCAKE = next((path for path in (Path(os.environ.get("KVTIER_MOONCAKE_TRACE", "")),
+                                   REPO / "data" / "mooncake_synthetic_trace.jsonl",
+                                   Path("/work/shared/data/mooncake_synthetic_trace.jsonl")) if path.is_file()), None)
+needs_mooncake = pytest.mark.skipif(MOONCAKE is None, reason="the Mooncake synthetic trace is not on this machine")
+
+
+def _write_trace(path: Path, requests: list[list[int]]) -> Path:
+    path.write_text("".join(json.dumps({"timestamp": i, "input_length": 512 * len(ids), "output_length": 1,
+                                        "hash_ids": ids}) + "\n" for i, ids in enumerate(requests)))
+    return path
+
+
+# A trace small enough to replay by hand (see each test).
+SMALL = Trace([[1, 2], [1, 2], [3], [1, 2]])
+
+
+def test_load_trace_reads_requests_and_skips_blank_lines(tmp_path: Path) -> None:
+    path = _write_trace(tmp_path / "t.jsonl", [[1, 2, 3], [1, 4]])
+    path.write_text(path.read_text() + "\n   \n")
+    trace = load_trace(path)
+    assert trace.requests == [[1, 2, 3], [1, 4]]
+    assert (trace.unique_blocks, trace.referenced_blocks) == (4, 5)
+
+
+def test_load_trace_groups_trace_blocks_into_bigger_blocks(tmp_path: Path) -> None:
+    path = _write_trace(tmp_path / "t.jsonl", [[1, 2, 3, 4, 5], [1, 2]])
+    assert load_trace(path, block_tokens=1024).requests == [[2, 4, 5], [2]]
+    with pytest.raises(ConfigError):
+        load_trace(path, block_tokens=700)
+
+
+@pytest.mark.parametrize("bad_line", ['{"hash_ids": [1, 2', '[1, 2]', '{"input_length": 3}', '{"hash_ids": []}',
+                                      '{"hash_ids": [1, "2"]}', '{"hash_ids": [true]}'])
+def test_load_trace_names_the_malformed_line(tmp_path: Path, bad_line: str) -> None:
+    path = _write_trace(tmp_path / "t.jsonl", [[1], [2]])
+    path.write_text(path.read_text() + bad_line + "\n")
+    with pytest.raises(InvalidInputError, match=r"t\.jsonl:3: "):
+        load_trace(path)
+
+
+def test_load_trace_refuses_a_missing_or_empty_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match=r"cannot read trace .*missing\.jsonl"):
+        load_trace(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(InvalidInputError, match="no requests"):
+        load_trace(tmp_path / "empty.jsonl")
+
+
+def test_region_log_evicts_the_oldest_region_whole_and_reinserts_blocks_read_enough() -> None:
+    log = RegionLog(4, blocks_per_region=2, reinsert_hits=2)
+    for key in (1, 2, 3, 4, 5):  # 5 opens a third region: region [1, 2] goes
+        log.write(key)
+    assert (1 not in log, 2 not in log, len(log)) == (True, True, 3)
+    log.read(3)
+    log.read(3)
+    log.read(4)
+    log.write(6)
+    log.write(7)  # region [3, 4] goes: 3 was read twice and comes back, 4 once and is dropped
+    assert sorted(k for k in range(1, 8) if k in log) == [3, 5, 6, 7]
+    assert (log.blocks_written, log.blocks_reinserted) == (8, 1)
+
+
+def test_region_log_without_reinsertion_and_smaller_than_a_region() -> None:
+    log = RegionLog(3, blocks_per_region=16, reinsert_hits=0)
+    for key in range(4):
+        log.write(key)
+        log.read(key)
+        log.read(key)
+    assert (log.num_regions, sorted(k for k in range(4) if k in log)) == (1, [3])
+    with pytest.raises(ConfigError):
+        RegionLog(0)
+
+
+def test_single_tier_lru_by_hand() -> None:
+    # Capacity 2. r1 misses and caches 2 then 1; r2 hits both; r3 misses and 3 evicts 2. r4 hits 1 and
+    # misses 2, then caching 2 evicts 1 and caching 1 evicts 3: 3 hits of 7.
+    assert replay_single(SMALL, 2, "lru") == pytest.approx(3 / 7)
+
+
+def test_belady_by_hand() -> None:
+    # Capacity 2: 3 is never used again, so Belady bypasses it and r4 hits both blocks: 4 hits of 7.
+    assert replay_belady(SMALL, 2) == pytest.approx(4 / 7)
+    assert replay_belady(SMALL, 1) <= replay_belady(SMALL, 2) <= replay_belady(SMALL, 3)
+    assert replay_belady(SMALL, 3) == pytest.approx(4 / 7)  # every repeat reference hits: the infinite cache
+
+
+def test_tiered_replay_by_hand_admit_all() -> None:
+    # One host block (LRU) over a 4-block disk. r1: 2 is cached then evicted by 1 and written to disk.
+    # r2: 1 hits in host, 2 on disk; putting 2 back evicts 1 (written); putting 1 back evicts 2 (on disk).
+    result = replay_tiered(Trace([[1, 2], [1, 2]]), 1, 4, policy="lru", admission="admit_all", blocks_per_region=4)
+    assert (result.host_hits, result.disk_hits, result.disk_blocks_written) == (1, 1, 2)
+    assert (result.disk_offers, result.disk_admitted, result.block_hit_ratio) == (2, 2, 0.5)
+
+
+def test_tiered_replay_by_hand_reject_first() -> None:
+    # r1's eviction of 2 is its first sighting: rejected. r2: 1 hits in host, 2 misses; evicting 1, then 2,
+    # offers blocks sighted twice: both written, too late for a hit.
+    result = replay_tiered(Trace([[1, 2], [1, 2]]), 1, 4, policy="lru", admission="reject_first")
+    assert (result.host_hits, result.disk_hits, result.disk_blocks_written) == (1, 0, 2)
+
+
+def test_tiered_replay_without_a_disk_is_the_host_cache_alone() -> None:
+    result = replay_tiered(SMALL, 2, 0, policy="lru")
+    assert (result.disk_hits, result.disk_blocks_written) == (0, 0)
+    assert result.block_hit_ratio == pytest.approx(replay_single(SMALL, 2, "lru"))
+    with pytest.raises(ConfigError):
+        replay_tiered(SMALL, 2, 0, admission="sometimes")
+    with pytest.raises(ConfigError):
+        replay_tiered(SMALL, 0, 4)
+
+
+def test_run_replay_reports_tiers_baselines_and_writes(tmp_path: Path) -> None:
+    path = _write_trace(tmp_path / "t.jsonl", [[1, 2], [1, 2], [3], [1, 2]] * 3)
+    result = run_replay(path, host_frac=0.34, disk_blocks=2, policy="lru", admission="admit_all")
+    assert (result["requests"], result["unique_blocks"], result["host_blocks"], result["disk_blocks"]) == (12, 3, 1, 2)
+    assert result["block_hit_ratio"] == pytest.approx(result["host_hit_ratio"] + result["disk_hit_ratio"], abs=1e-4)
+    assert set(result["baselines"]) == {"lru", "s3fifo", "arc", "belady"}
+    assert result["baseline_capacity_blocks"] == 3
+    assert result["baseline_disk_blocks_written"] == result["disk_blocks_written"]
+    assert json.loads(json.dumps(result)) == result
+    assert "baselines" not in run_replay(path, host_blocks=1, disk_blocks=2, baselines=False)
+
+
+@pytest.mark.parametrize("sizes", [{}, {"host_blocks": 1, "host_frac": 0.5, "disk_blocks": 1},
+                                   {"host_blocks": 1}, {"host_frac": 1.5, "disk_blocks": 1},
+                                   {"host_frac": 0.01, "disk_blocks": 1}])
+def test_run_replay_refuses_bad_capacities(tmp_path: Path, sizes: dict[str, float]) -> None:
+    path = _write_trace(tmp_path / "t.jsonl", [[1, 2], [3]])
+    with pytest.raises(ConfigError):
+        run_replay(path, **sizes)  # type: ignore[arg-type]
+
+
+def test_bench_script_prints_one_json_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("replay_script", REPO / "bench" / "replay.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    main = script.main
+    path = _write_trace(tmp_path / "t.jsonl", [[1, 2], [1, 2], [3]])
+    assert main(["--trace", str(path), "--host-blocks", "1", "--disk-blocks", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["requests"] == 3
+    assert main(["--trace", str(tmp_path / "nope"), "--host-blocks", "1", "--disk-blocks", "2"]) == 2
+    assert "cannot read trace" in capsys.readouterr().err
+
+
+@needs_mooncake
+def test_mooncake_reference_figures_and_admission_goals() -> None:
+    assert MOONCAKE is not None
+    trace = load_trace(MOONCAKE)
+    unique = trace.unique_blocks
+    assert (unique, len(trace.requests)) == (43_924, 3_993)
+    one_percent = int(0.01 * unique)
+    # data/README.md: LRU 3.8% and Belady 17.0% at 1% of the unique blocks.
+    assert round(100 * replay_single(trace, one_percent, "lru"), 1) == 3.8
+    assert round(100 * replay_belady(trace, one_percent), 1) == 17.0
+    host = int(0.005 * unique)
+    adaptive = replay_tiered(trace, host, one_percent)
+    admit_all = replay_tiered(trace, host, one_percent, admission="admit_all")
+    assert adaptive.block_hit_ratio > admit_all.block_hit_ratio
+    assert adaptive.disk_blocks_written <= admit_all.disk_blocks_written / 3

@@ -1,0 +1,96 @@
+"""The store with a disk tier: demotion, promotion, write-through across a restart, corruption as a miss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from support import random_blocks
+
+from kvtier import (
+    DiskConfig,
+    HostConfig,
+    KVLayout,
+    LayoutMismatchError,
+    Store,
+    StoreConfig,
+    Tier,
+    TransferConfig,
+)
+
+
+def disk_store(layout: KVLayout, path: Path, num_slots: int = 4, **disk: object) -> Store:
+    settings: dict[str, object] = {"paths": (str(path),), "capacity_bytes": "4MiB", "region_bytes": "256KiB",
+                                   "admission": "admit_all", **disk}
+    config = StoreConfig(host=HostConfig(capacity_bytes=num_slots * 4096, policy="lru"),
+                         disk=DiskConfig(**settings),  # type: ignore[arg-type]
+                         transfer=TransferConfig(backend="cpu"))
+    return Store(layout, config)
+
+
+def keys_for(store: Store, count: int) -> list[bytes]:
+    return store.hasher("disk-test").keys(list(range(count * store.layout.block_tokens)))
+
+
+def read_all(store: Store, keys: list[bytes]) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    out = [torch.full(store.layout.block_shape, float("nan")) for _ in keys]
+    return out, store.get(keys, out).wait(30).failed
+
+
+def test_host_evictions_are_demoted_and_promoted_back(layout: KVLayout, tmp_path: Path) -> None:
+    with disk_store(layout, tmp_path) as store:
+        keys = keys_for(store, 10)
+        blocks = random_blocks(layout, 10)
+        for start in range(0, 10, 2):
+            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
+        found = store.lookup(keys)
+        assert found.num_blocks == 10
+        assert found.tiers[0] is Tier.DISK and found.tiers[-1] is Tier.HOST
+        for start in range(0, 10, 4):  # the host tier holds 4 blocks: read in host-sized batches
+            out, failed = read_all(store, keys[start : start + 4])
+            assert failed == ()
+            assert all(torch.equal(o, b) for o, b in zip(out, blocks[start : start + 4], strict=True))
+        stats = store.stats()
+        assert stats.tiers["host"].detail["demoted_blocks"] >= 6
+        assert stats.tiers["host"].detail["promoted_blocks"] >= 1
+        assert stats.tiers["disk"].used_blocks >= 6
+
+
+def test_write_through_survives_a_restart(layout: KVLayout, tmp_path: Path) -> None:
+    blocks = random_blocks(layout, 3)
+    with disk_store(layout, tmp_path, write_mode="through") as store:
+        keys = keys_for(store, 3)
+        assert store.put(keys, blocks).wait().ok
+    with disk_store(layout, tmp_path, write_mode="through") as store:
+        assert store.lookup(keys).tiers == (Tier.DISK,) * 3
+        out, failed = read_all(store, keys)
+        assert failed == () and all(torch.equal(o, b) for o, b in zip(out, blocks, strict=True))
+
+
+def test_corrupt_disk_blocks_are_misses_never_data(layout: KVLayout, tmp_path: Path) -> None:
+    blocks = random_blocks(layout, 3)
+    with disk_store(layout, tmp_path, write_mode="through") as store:
+        keys = keys_for(store, 3)
+        store.put(keys, blocks).wait()
+    data_files = [p for p in tmp_path.iterdir() if p.is_file() and p.suffix == ".bin"]
+    assert data_files
+    with data_files[0].open("r+b") as file:
+        raw = bytearray(file.read())
+        for offset in range(100, len(raw), 4096):  # one flipped byte in every page
+            raw[offset] ^= 0xFF
+        file.seek(0)
+        file.write(raw)
+    with disk_store(layout, tmp_path, write_mode="through") as store:
+        out, failed = read_all(store, keys)
+        assert failed == (0, 1, 2)
+        assert all(torch.isnan(o).all() for o in out)  # nothing was written into the caller's tensors
+        assert store.stats().tiers["disk"].detail["checksum_failures"] >= 1
+
+
+def test_a_directory_of_another_layout_is_refused(layout: KVLayout, tmp_path: Path) -> None:
+    with disk_store(layout, tmp_path) as store:
+        store.flush()
+    other = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)
+    with pytest.raises(LayoutMismatchError):
+        disk_store(other, tmp_path)
