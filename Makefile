@@ -9,7 +9,7 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
 EXTRAS ?= test,transformers$(if $(HAS_GPU),$(comma)cuda)
 comma := ,
 
-.PHONY: demo test lint bench test-vllm native-check clean
+.PHONY: demo test lint bench native-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,4 +39,6 @@ bench: $(STAMP)
 	$(BIN)/kvtier bench host --json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
+
+include mk/vllm.mk

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "host": "kvtier.bench.host",
     "disk": "kvtier.bench.disk",
     "replay": "kvtier.bench.replay",
+    "gather": "kvtier.bench.gather",
 }
 
 

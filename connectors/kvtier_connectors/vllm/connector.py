@@ -1,0 +1,156 @@
+"""``KvtierConnector``: kvtier as a vLLM V1 KV connector (``KVConnectorBase_V1`` and ``SupportsHMA``).
+
+Load it with ``--kv-transfer-config '{"kv_connector": "KvtierConnector", "kv_connector_module_path":
+"kvtier_connectors.vllm", "kv_role": "kv_both", "kv_connector_extra_config": {...}}'`` (docs/connectors/vllm.md).
+
+Promises:
+- The scheduler-side methods delegate to ``SchedulerSide``, the worker-side ones to ``WorkerSide``; each
+  instance builds only its own role's side, and both sides of one process share one embedded store.
+- A configuration kvtier cannot serve (several KV cache groups, a layout it cannot store, a tensor- or
+  pipeline-parallel deployment on the embedded store) fails at construction or at ``register_kv_caches``
+  with a ``ConfigError`` or ``LayoutMismatchError`` that says what to change; it never stores garbage.
+- Safe ``prefix_caching_hash_algo`` settings: ``sha256`` (vLLM's default) and ``sha256_cbor`` give the same
+  hashes in every process that shares ``PYTHONHASHSEED`` (unset everywhere, or one value everywhere);
+  ``sha256_cbor`` also across Python versions. ``xxhash`` and ``xxhash_cbor`` draw a random seed per process
+  unless ``PYTHONHASHSEED`` is set, so blocks saved by one process are never found by another; with a shared
+  seed they work but are not collision resistant (trusted single-tenant use only).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvtier.errors import ConfigError, InvalidInputError
+from kvtier_connectors.vllm.metadata import KvtierMetadata
+from kvtier_connectors.vllm.scheduler import SchedulerSide
+from kvtier_connectors.vllm.settings import (
+    ChunkKeys,
+    ConnectorSettings,
+    layout_from_kv_cache_config,
+    open_store,
+    release_store,
+)
+from kvtier_connectors.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+
+class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
+    """vLLM KV connector backed by a kvtier store."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.settings = ConnectorSettings.from_extra_config(extra, str(vllm_config.model_config.model))
+        parallel = vllm_config.parallel_config
+        tp_size, pp_size = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+        executor = getattr(parallel, "distributed_executor_backend", None)
+        if self.settings.store == "embedded" and (tp_size > 1 or pp_size > 1 or executor not in (None, "uni")):
+            # vLLM's scheduler and worker must share the process, or the scheduler's store never sees a save.
+            raise ConfigError("the embedded store serves one process: tensor_parallel_size and "
+                              "pipeline_parallel_size must be 1 and distributed_executor_backend 'uni' "
+                              f"(got {tp_size}, {pp_size}, {executor!r}); use store='daemon' for more")
+        self.layout, self.geometry = layout_from_kv_cache_config(kv_cache_config, self.settings.block_tokens)
+        self.store = open_store(self.settings, self.layout)
+        self._released = False
+        self.scheduler_side: SchedulerSide | None = None
+        self.worker_side: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler_side = SchedulerSide(self.settings, self.layout, self.geometry, self.store, tp_size)
+        else:
+            rank = 0
+            if tp_size > 1:
+                from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+                rank = get_tensor_model_parallel_rank()
+            keys = ChunkKeys(self.settings, self.layout, self.geometry, rank, tp_size)
+            self.worker_side = WorkerSide(self.layout, self.geometry, self.store, keys)
+
+    def _scheduler(self) -> SchedulerSide:
+        if self.scheduler_side is None:
+            raise InvalidInputError("a scheduler-side method was called on a worker-side connector")
+        return self.scheduler_side
+
+    def _worker(self) -> WorkerSide:
+        if self.worker_side is None:
+            raise InvalidInputError("a worker-side method was called on a scheduler-side connector")
+        return self.worker_side
+
+    # -- scheduler side ------------------------------------------------------------------------------
+
+    def on_new_request(self, request: Request) -> None:
+        self._scheduler().on_new_request(request)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens else []
+        self._scheduler().update_state_after_alloc(request, list(block_ids), num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        if num_external_tokens == 0:
+            return {}
+        disk = self._scheduler().load_came_from_disk(request)
+        return {CacheHitSource.DISK if disk else CacheHitSource.HOST: num_external_tokens}
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._scheduler().build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler().request_finished(request), None
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler().request_finished(request), None
+
+    # -- worker side ---------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker().register_kv_caches(kv_caches)
+
+    def _metadata(self) -> KvtierMetadata:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvtierMetadata):
+            raise InvalidInputError(f"expected KvtierMetadata, got {type(meta).__name__}")
+        return meta
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._worker().start_load_kv(self._metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._worker().wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        self._worker().save_kv_layer(layer_name, self._metadata())
+
+    def wait_for_save(self) -> None:
+        self._worker().wait_for_save(self._metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker().get_finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker().get_block_ids_with_load_errors()
+
+    def shutdown(self) -> None:
+        if self.worker_side is not None:
+            self.worker_side.shutdown()
+        if not self._released:
+            self._released = True
+            release_store(self.settings.instance)

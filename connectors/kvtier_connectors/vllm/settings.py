@@ -1,0 +1,210 @@
+"""What the vLLM connector reads from vLLM's configuration, and the stores and keys it derives from it.
+
+Promises:
+- ``ConnectorSettings.from_extra_config`` accepts exactly the keys of ``kv_connector_extra_config``
+  documented in docs/connectors/vllm.md (``ConfigError`` names an unknown key or a bad value).
+- ``layout_from_kv_cache_config`` maps vLLM's KV cache spec onto a ``KVLayout``; anything kvtier cannot
+  store as whole pages (several cache groups, sliding windows, Mamba state, quantized KV, a kvtier block
+  that is not a whole number of vLLM blocks) is a ``ConfigError`` that says what to change.
+- ``ChunkKeys`` turns vLLM's chained block hashes into kvtier keys: ``key = H(namespace root || vLLM hash of
+  the chunk's last hash block)``. The namespace covers the model, the layout, vLLM's in-page byte order
+  (``kv_cache_layout``), the rank and the tenant salt, so every process of a deployment that hashes
+  prompts alike agrees on the keys, and blocks of another model, layout, page format or rank never match.
+- ``open_store`` hands every connector of one process and ``instance`` the same embedded ``Store``
+  (vLLM's scheduler and a single-process worker share it); ``release_store`` closes it after its last user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kvtier.config import config_from_mapping, load_config
+from kvtier.errors import ConfigError, InvalidInputError, LayoutMismatchError
+from kvtier.keys import KEY_BYTES, Namespace
+from kvtier.layout import KVLayout, dtype_name
+from kvtier.store import Store
+
+StoreKind = Literal["embedded", "daemon"]
+_KEY_DOMAIN = b"kvtier-vllm-chunk-v1"
+_KNOWN_KEYS = {"store", "instance", "model_id", "block_tokens", "config_path", "config", "tenant_salt"}
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """The connector's part of ``kv_connector_extra_config``; defaults are documented in docs/connectors/vllm.md."""
+
+    store: StoreKind = "embedded"
+    instance: str = "default"
+    model_id: str = ""
+    block_tokens: int = 0
+    config_path: str = ""
+    config: Mapping[str, Any] = field(default_factory=dict)
+    tenant_salt: str = ""
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any], default_model_id: str) -> ConnectorSettings:
+        unknown = set(extra) - _KNOWN_KEYS
+        if unknown:
+            raise ConfigError(f"unknown kvtier key(s) in kv_connector_extra_config: {sorted(unknown)}; "
+                              f"known: {sorted(_KNOWN_KEYS)}")
+        settings = cls(
+            store=extra.get("store", "embedded"),
+            instance=str(extra.get("instance", "default")),
+            model_id=str(extra.get("model_id") or default_model_id),
+            block_tokens=extra.get("block_tokens", 0),
+            config_path=str(extra.get("config_path", "")),
+            config=extra.get("config", {}),
+            tenant_salt=str(extra.get("tenant_salt", "")),
+        )
+        if settings.store not in ("embedded", "daemon"):
+            raise ConfigError(f"store must be 'embedded' or 'daemon', got {settings.store!r}")
+        if not isinstance(settings.block_tokens, int) or settings.block_tokens < 0:
+            raise ConfigError(f"block_tokens must be a non-negative int (0: vLLM's block size), got "
+                              f"{settings.block_tokens!r}")
+        if not isinstance(settings.config, Mapping):
+            raise ConfigError("config must be a mapping shaped like kvtier's TOML file")
+        if not settings.model_id:
+            raise ConfigError("model_id is empty and vLLM names no model")
+        return settings
+
+
+@dataclass(frozen=True)
+class VllmGeometry:
+    """What the connector needs of vLLM's KV cache config, read once per process."""
+
+    layer_names: tuple[str, ...]
+    vllm_block_tokens: int
+    hash_block_tokens: int
+    num_blocks: int
+    page_format: str
+
+
+def layout_from_kv_cache_config(kv_cache_config: Any, block_tokens: int) -> tuple[KVLayout, VllmGeometry]:
+    """The kvtier layout of one vLLM worker's KV, with ``block_tokens`` tokens per kvtier block (0: vLLM's)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(
+            f"kvtier stores one KV cache group, this model has {len(groups)}; start vLLM with "
+            "--disable-hybrid-kv-cache-manager so that every layer shares one group"
+        )
+    spec = groups[0].kv_cache_spec
+    if type(spec) not in (FullAttentionSpec, MLAAttentionSpec) or getattr(spec, "sliding_window", None):
+        raise ConfigError(f"kvtier stores full-attention KV only, not {type(spec).__name__}")
+    if getattr(getattr(spec, "kv_quant_mode", None), "name", "NONE") != "NONE":
+        raise ConfigError("kvtier does not store quantized KV (kv_quant_mode must be NONE)")
+    latent = isinstance(spec, MLAAttentionSpec)
+    vllm_block = int(spec.block_size)
+    hash_block = int(getattr(kv_cache_config, "hash_block_size", None) or vllm_block)
+    tokens = block_tokens or vllm_block
+    if tokens % vllm_block or tokens % hash_block:
+        raise ConfigError(f"block_tokens={tokens} must be a multiple of vLLM's block size {vllm_block} "
+                          f"and of its hash block size {hash_block}")
+    layout = KVLayout(
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=1 if latent else int(spec.num_kv_heads),
+        head_dim=int(spec.head_size),
+        dtype=dtype_name(spec.dtype),
+        block_tokens=tokens,
+        kind="latent" if latent else "kv",
+    )
+    geometry = VllmGeometry(
+        layer_names=tuple(groups[0].layer_names),
+        vllm_block_tokens=vllm_block,
+        hash_block_tokens=hash_block,
+        num_blocks=int(kv_cache_config.num_blocks),
+        page_format=str(getattr(kv_cache_config, "kv_cache_layout", None) or "default"),
+    )
+    return layout, geometry
+
+
+class ChunkKeys:
+    """kvtier keys of one rank's chunks (kvtier blocks), from vLLM's chained block hashes."""
+
+    def __init__(self, settings: ConnectorSettings, layout: KVLayout, geometry: VllmGeometry,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        salt = f"vllm:{geometry.page_format}"
+        if settings.tenant_salt:
+            salt += f":{settings.tenant_salt}"
+        namespace = Namespace.for_layout(settings.model_id, layout, tp_rank, tp_size, salt)
+        self._root = hashlib.sha256(_KEY_DOMAIN + namespace.encode()).digest()
+        self.hashes_per_chunk = layout.block_tokens // geometry.hash_block_tokens
+
+    def num_chunks(self, block_hashes: Sequence[bytes]) -> int:
+        """Whole chunks covered by ``block_hashes``."""
+        return len(block_hashes) // self.hashes_per_chunk
+
+    def chunk_hash(self, block_hashes: Sequence[bytes], chunk: int) -> bytes:
+        """vLLM's hash of chunk ``chunk``'s last hash block: it names the whole prefix up to the chunk's end."""
+        value = block_hashes[(chunk + 1) * self.hashes_per_chunk - 1]
+        if not isinstance(value, bytes):
+            raise InvalidInputError(f"vLLM block hashes must be bytes, got {type(value).__name__}")
+        return value
+
+    def key(self, chunk_hash: bytes) -> bytes:
+        return hashlib.sha256(self._root + chunk_hash).digest()[:KEY_BYTES]
+
+    def keys(self, chunk_hashes: Sequence[bytes]) -> list[bytes]:
+        return [self.key(chunk_hash) for chunk_hash in chunk_hashes]
+
+
+@dataclass
+class _Shared:
+    store: Store
+    users: int
+
+
+_stores: dict[str, _Shared] = {}
+_stores_lock = threading.Lock()
+
+
+def open_store(settings: ConnectorSettings, layout: KVLayout) -> Store:
+    """The process's store named ``settings.instance``, created on first use; pair with ``release_store``."""
+    if settings.store == "daemon":
+        raise ConfigError("store='daemon' needs kvtier's daemon client, which this kvtier release does not have; "
+                          "use store='embedded'")
+    with _stores_lock:
+        shared = _stores.get(settings.instance)
+        if shared is None:
+            if settings.config_path:
+                config = load_config(settings.config_path)
+                if settings.config:
+                    raise ConfigError("give config_path or config, not both")
+            else:
+                config = config_from_mapping(settings.config)
+            shared = _stores[settings.instance] = _Shared(Store(layout, config), 0)
+        elif shared.store.layout != layout:
+            raise LayoutMismatchError(
+                f"store instance {settings.instance!r} holds {shared.store.layout}, this connector needs {layout}"
+            )
+        shared.users += 1
+        return shared.store
+
+
+def adopt_store(instance: str, store: Store) -> None:
+    """Make ``store`` the process's store named ``instance`` (for tests and embedding applications).
+
+    Connectors opened afterwards with that ``instance`` use it; ``release_store`` by the last of them closes it.
+    """
+    with _stores_lock:
+        if instance in _stores:
+            raise ConfigError(f"store instance {instance!r} is already open")
+        _stores[instance] = _Shared(store, 0)
+
+
+def release_store(instance: str) -> None:
+    """Drop one user of the store ``instance``; the last one closes it."""
+    with _stores_lock:
+        shared = _stores.get(instance)
+        if shared is None:
+            return
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        del _stores[instance]
+    shared.store.close()

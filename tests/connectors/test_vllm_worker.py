@@ -1,0 +1,242 @@
+"""The vLLM connector's worker side on CPU tensors laid out by vLLM's own KV cache allocator.
+
+Saves pages from some block ids, loads them into others (bytes identical), layer by layer in order, for
+layer-compact and block-outermost layouts, one or two vLLM blocks per kvtier block; failed loads are
+reported and never scattered; a cache kvtier cannot read as pages is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from vllm.config import KVTransferConfig  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.v1.kv_cache_interface import (  # noqa: E402
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
+from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
+
+from kvtier.config import HostConfig, StoreConfig, TransferConfig  # noqa: E402
+from kvtier.errors import ConfigError, LayoutMismatchError  # noqa: E402
+from kvtier.store import Store  # noqa: E402
+from kvtier_connectors.vllm import KvtierConnector  # noqa: E402
+from kvtier_connectors.vllm.metadata import KvtierMetadata, LoadSpec, SaveSpec  # noqa: E402
+from kvtier_connectors.vllm.settings import adopt_store, layout_from_kv_cache_config  # noqa: E402
+
+BLOCK = 16
+NUM_BLOCKS = 32
+LAYERS = ("layers.0.attn", "layers.1.attn", "layers.2.attn")
+HEADS, HEAD_DIM = 2, 8
+_instances = itertools.count()
+
+
+def make_kv_cache_config(layout: KVCacheLayout) -> KVCacheConfig:
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.bfloat16)
+    page = spec.page_size_bytes
+    if layout.is_layer_compact:
+        layer_stride, block_stride = page * NUM_BLOCKS, page
+    else:
+        layer_stride, block_stride = page, page * len(LAYERS)
+    return KVCacheConfig(
+        num_blocks=NUM_BLOCKS,
+        kv_cache_tensors=[KVCacheTensor(size=page * NUM_BLOCKS * len(LAYERS), layers=list(LAYERS),
+                                        layer_stride=layer_stride, block_stride=block_stride)],
+        kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)],
+        kv_cache_layout=layout.name,
+    )
+
+
+def vllm_config_for(extra: dict[str, Any], tp_size: int = 1, executor: str = "uni") -> Any:
+    """What a worker-side connector reads of a ``VllmConfig`` (a whole one needs a model on disk)."""
+    return SimpleNamespace(
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="KvtierConnector", kv_connector_module_path="kvtier_connectors.vllm",
+            kv_role="kv_both", kv_connector_extra_config=extra),
+        model_config=SimpleNamespace(model="tiny-test-model"),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp_size, pipeline_parallel_size=1,
+                                        distributed_executor_backend=executor),
+    )
+
+
+class Worker:
+    def __init__(self, layout: KVCacheLayout, block_tokens: int = BLOCK) -> None:
+        self.kv_cache_config = make_kv_cache_config(layout)
+        kv_layout, _ = layout_from_kv_cache_config(self.kv_cache_config, block_tokens)
+        instance = f"worker-test-{next(_instances)}"
+        self.store = Store(kv_layout, StoreConfig(host=HostConfig(capacity_bytes=4 << 20),
+                                                  transfer=TransferConfig(backend="cpu")))
+        adopt_store(instance, self.store)
+        self.connector = KvtierConnector(vllm_config_for({"instance": instance, "block_tokens": block_tokens}),
+                                         KVConnectorRole.WORKER, self.kv_cache_config)
+        self.kv_caches = allocate_kv_cache(self.kv_cache_config, torch.device("cpu"), layout)
+        generator = torch.Generator().manual_seed(0)
+        for cache in self.kv_caches.values():
+            cache.copy_(torch.randn(cache.shape, generator=generator).to(cache.dtype))
+        self.connector.register_kv_caches(self.kv_caches)
+
+    def save(self, spec: SaveSpec) -> None:
+        self.connector.bind_connector_metadata(KvtierMetadata(saves=[spec]))
+        self.connector.start_load_kv(None)  # type: ignore[arg-type]
+        for name in LAYERS:
+            self.connector.wait_for_layer_load(name)
+            self.connector.save_kv_layer(name, self.kv_caches[name], None)
+        self.connector.wait_for_save()
+        self.connector.clear_connector_metadata()
+        self.wait_finished({spec.req_id}, sending=True)
+
+    def wait_finished(self, req_ids: set[str], sending: bool, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        finished_req_ids = set(req_ids) if sending else set()
+        while True:
+            sent, received = self.connector.get_finished(finished_req_ids)
+            finished_req_ids = set()
+            if (sent if sending else received) == req_ids:
+                return
+            assert time.monotonic() < deadline, f"{req_ids} not reported within {timeout_s} s"
+            time.sleep(0.005)
+
+    def pages(self, name: str, block_ids: list[int]) -> torch.Tensor:
+        return self.kv_caches[name][block_ids].clone()
+
+
+def fake_hashes(count: int, seed: int = 0) -> tuple[bytes, ...]:
+    return tuple(hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(count))
+
+
+@pytest.fixture(params=[KVCacheLayout.LBNHC, KVCacheLayout.LBHNC, KVCacheLayout.BLNHC], ids=lambda p: p.name)
+def worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
+    worker = Worker(request.param)
+    yield worker
+    worker.connector.shutdown()
+
+
+def test_saved_pages_load_into_other_blocks_layer_by_layer(worker: Worker) -> None:
+    source, target = [3, 7, 1], [10, 11, 12]
+    expected = {name: worker.pages(name, source) for name in LAYERS}
+    hashes = fake_hashes(3)
+    worker.save(SaveSpec("a", hashes, tuple(source)))
+    assert worker.store.stats().put_blocks == 3
+
+    worker.connector.bind_connector_metadata(KvtierMetadata(loads=[LoadSpec("b", hashes, tuple(target), 0, False)]))
+    worker.connector.start_load_kv(None)  # type: ignore[arg-type]
+    for index, name in enumerate(LAYERS):
+        worker.connector.wait_for_layer_load(name)
+        for later in LAYERS[index + 1 :]:
+            assert not torch.equal(worker.pages(later, target), expected[later])
+        for earlier in LAYERS[: index + 1]:
+            assert torch.equal(worker.pages(earlier, target), expected[earlier])
+    worker.connector.wait_for_save()
+    worker.connector.clear_connector_metadata()
+    assert worker.connector.get_block_ids_with_load_errors() == set()
+
+
+def test_a_chunk_of_two_vllm_blocks_restores_a_window_of_pages() -> None:
+    worker = Worker(KVCacheLayout.LBNHC, block_tokens=2 * BLOCK)
+    try:
+        hashes = fake_hashes(2, seed=1)
+        worker.save(SaveSpec("a", hashes, (3, 7, 1, 5)))
+        expected = {name: worker.pages(name, [7, 1, 5]) for name in LAYERS}
+        # vLLM already holds the first page of chunk 0: pages 1, 2, 3 go to blocks 20, 21, 22.
+        worker.connector.bind_connector_metadata(KvtierMetadata(loads=[LoadSpec("b", hashes, (20, 21, 22), 1, False)]))
+        worker.connector.start_load_kv(None)  # type: ignore[arg-type]
+        worker.connector.wait_for_save()
+        worker.connector.clear_connector_metadata()
+        for name in LAYERS:
+            assert torch.equal(worker.pages(name, [20, 21, 22]), expected[name])
+    finally:
+        worker.connector.shutdown()
+
+
+def test_an_async_load_is_reported_when_its_pages_are_in_place(worker: Worker) -> None:
+    hashes = fake_hashes(2, seed=2)
+    worker.save(SaveSpec("a", hashes, (4, 5)))
+    expected = {name: worker.pages(name, [4, 5]) for name in LAYERS}
+    worker.connector.bind_connector_metadata(KvtierMetadata(loads=[LoadSpec("b", hashes, (14, 15), 0, True)]))
+    worker.connector.start_load_kv(None)  # type: ignore[arg-type]
+    worker.connector.wait_for_save()
+    worker.connector.clear_connector_metadata()
+    worker.wait_finished({"b"}, sending=False)
+    for name in LAYERS:
+        assert torch.equal(worker.pages(name, [14, 15]), expected[name])
+
+
+def test_a_failed_chunk_is_reported_and_not_scattered(worker: Worker) -> None:
+    hashes = fake_hashes(3, seed=3)
+    worker.save(SaveSpec("a", hashes[:1] + hashes[2:], (2, 6)))
+    before = {name: worker.pages(name, [21]) for name in LAYERS}
+    # Chunk 1 was never stored (evicted, say, between the scheduler's lookup and the load).
+    worker.connector.bind_connector_metadata(KvtierMetadata(loads=[LoadSpec("b", hashes, (20, 21, 22), 0, False)]))
+    worker.connector.start_load_kv(None)  # type: ignore[arg-type]
+    worker.connector.wait_for_save()
+    worker.connector.clear_connector_metadata()
+    assert worker.connector.get_block_ids_with_load_errors() == {21}
+    assert worker.connector.get_block_ids_with_load_errors() == set()
+    for name in LAYERS:
+        assert torch.equal(worker.pages(name, [21]), before[name])
+        assert torch.equal(worker.pages(name, [20]), worker.pages(name, [2]))
+        assert torch.equal(worker.pages(name, [22]), worker.pages(name, [6]))
+
+
+def test_a_cache_that_is_not_pages_on_a_block_dimension_is_refused(worker: Worker) -> None:
+    caches = dict(worker.kv_caches)
+    name = LAYERS[1]
+    caches[name] = caches[name].transpose(0, 2)
+    with pytest.raises(LayoutMismatchError, match=name):
+        worker.connector.register_kv_caches(caches)
+    caches[name] = torch.zeros(NUM_BLOCKS, HEADS, BLOCK // 2, 2 * HEAD_DIM, dtype=torch.bfloat16)
+    with pytest.raises(LayoutMismatchError, match="pages differ"):
+        worker.connector.register_kv_caches(caches)
+
+
+def test_a_kvtier_block_must_be_whole_vllm_blocks() -> None:
+    with pytest.raises(ConfigError, match="multiple"):
+        layout_from_kv_cache_config(make_kv_cache_config(KVCacheLayout.LBNHC), BLOCK + 8)
+
+
+def test_unknown_extra_config_keys_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown"):
+        KvtierConnector(vllm_config_for({"blok_tokens": 32}), KVConnectorRole.WORKER,
+                        make_kv_cache_config(KVCacheLayout.LBNHC))
+
+
+
+def test_older_releases_k_and_v_planes_on_a_leading_dim_of_two() -> None:
+    worker = Worker(KVCacheLayout.LBNHC)
+    try:
+        # vLLM before the KVCacheLayout descriptors: (2, num_blocks, block_size, num_kv_heads, head_size).
+        generator = torch.Generator().manual_seed(5)
+        worker.kv_caches = {name: torch.randn(2, NUM_BLOCKS, BLOCK, HEADS, HEAD_DIM, generator=generator)
+                            .to(torch.bfloat16) for name in LAYERS}
+        worker.connector.register_kv_caches(worker.kv_caches)
+        hashes = fake_hashes(2, seed=6)
+        worker.save(SaveSpec("a", hashes, (8, 9)))
+        worker.connector.bind_connector_metadata(KvtierMetadata(loads=[LoadSpec("b", hashes, (30, 31), 0, False)]))
+        worker.connector.start_load_kv(None)  # type: ignore[arg-type]
+        worker.connector.wait_for_save()
+        worker.connector.clear_connector_metadata()
+        for cache in worker.kv_caches.values():
+            assert torch.equal(cache[:, [30, 31]], cache[:, [8, 9]])
+    finally:
+        worker.connector.shutdown()
+
+
+@pytest.mark.parametrize(("tp_size", "executor"), [(2, "mp"), (1, "mp"), (1, "ray")])
+def test_the_embedded_store_refuses_a_worker_in_another_process(tp_size: int, executor: str) -> None:
+    with pytest.raises(ConfigError, match="embedded store serves one process"):
+        KvtierConnector(vllm_config_for({}, tp_size, executor), KVConnectorRole.WORKER,
+                        make_kv_cache_config(KVCacheLayout.LBNHC))

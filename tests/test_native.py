@@ -1,0 +1,160 @@
+"""Gather/scatter of paged KV (kvtier.native): the torch path everywhere, the CUDA kernel where CUDA is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.errors import InvalidInputError
+from kvtier.native import KERNEL_SOURCE, PagedKV, byte_rows, load_kernels
+
+NUM_BLOCKS = 12
+
+
+def _layers(num_layers: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
+    """Per-layer caches shaped like vLLM 0.33's logical view ``[blocks, heads, tokens, 2 * head_dim]``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(NUM_BLOCKS, 2, 4, 8, generator=generator).to(torch.bfloat16).to(device)
+            for _ in range(num_layers)]
+
+
+def _paged(layers: list[torch.Tensor], use_kernel: bool = True, use_numpy: bool = True) -> PagedKV:
+    return PagedKV([byte_rows(layer, NUM_BLOCKS) for layer in layers], use_kernel=use_kernel, use_numpy=use_numpy)
+
+
+FALLBACKS = pytest.mark.parametrize("use_numpy", [True, False], ids=["numpy", "torch"])
+
+
+def test_byte_rows_views_the_same_memory() -> None:
+    layer = _layers(1)[0]
+    rows = byte_rows(layer, NUM_BLOCKS)
+    assert rows.shape == (NUM_BLOCKS, 2 * 4 * 8 * 2)
+    rows[3].zero_()
+    assert torch.count_nonzero(layer[3]) == 0
+
+
+def test_byte_rows_accepts_permuted_and_strided_pages() -> None:
+    # Physically [blocks, tokens, heads, C], viewed logically as [blocks, heads, tokens, C] (vLLM's LBNHC).
+    physical = torch.randn(NUM_BLOCKS, 4, 2, 8)
+    rows = byte_rows(physical.permute(0, 2, 1, 3), NUM_BLOCKS)
+    assert torch.equal(rows[5], physical[5].reshape(-1).view(torch.uint8))
+    # Block-outermost: every block holds all layers' pages, so one layer's rows are strided.
+    packed = torch.randn(NUM_BLOCKS, 3, 2, 4, 8)
+    rows = byte_rows(packed[:, 1], NUM_BLOCKS)
+    assert rows.stride(0) == 3 * 2 * 4 * 8 * 4
+    assert torch.equal(rows[7], packed[7, 1].reshape(-1).view(torch.uint8))
+
+
+def test_byte_rows_merges_kernel_blocks() -> None:
+    kernel_blocks = torch.randn(NUM_BLOCKS * 4, 2, 4, 8)
+    rows = byte_rows(kernel_blocks, NUM_BLOCKS)
+    assert rows.shape == (NUM_BLOCKS, 4 * 2 * 4 * 8 * 4)
+    assert torch.equal(rows[2], kernel_blocks[8:12].reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.zeros(NUM_BLOCKS + 1, 4),  # not a multiple of the block count
+        torch.zeros(NUM_BLOCKS, 4, 8)[:, :, :4],  # a page with holes
+        torch.zeros(2, NUM_BLOCKS, 4).transpose(0, 1),  # K and V planes apart: not one run per block
+    ],
+)
+def test_byte_rows_refuses_what_it_cannot_copy_as_pages(tensor: torch.Tensor) -> None:
+    with pytest.raises(InvalidInputError):
+        byte_rows(tensor, NUM_BLOCKS)
+
+
+@FALLBACKS
+@pytest.mark.parametrize("pages_per_chunk", [1, 2, 3])
+def test_gather_then_scatter_moves_bytes_between_block_ids(pages_per_chunk: int, use_numpy: bool) -> None:
+    layers = _layers(3)
+    paged = _paged(layers, use_numpy=use_numpy)
+    assert paged.backend == ("numpy" if use_numpy else "torch")
+    src_ids = [1, 4, 5, 0, 9, 2][: 2 * pages_per_chunk]
+    dst_ids = [11, 10, 3, 6, 7, 8][: 2 * pages_per_chunk]
+    staging = torch.empty(len(src_ids) * paged.num_segments * paged.page_bytes, dtype=torch.uint8)
+    paged.gather(src_ids, staging, pages_per_chunk)
+    paged.scatter(dst_ids, staging, pages_per_chunk)
+    for layer in layers:
+        assert torch.equal(layer[dst_ids], layer[src_ids])
+
+
+@FALLBACKS
+def test_staging_order_is_chunk_segment_page(use_numpy: bool) -> None:
+    layers = _layers(2)
+    paged = _paged(layers, use_numpy=use_numpy)
+    ids = [7, 2, 5, 1]
+    staging = torch.empty(paged.chunk_bytes(2) * 2, dtype=torch.uint8)
+    paged.gather(ids, staging, pages_per_chunk=2)
+    expected = torch.cat([
+        layers[segment][ids[chunk * 2 + page]].reshape(-1).view(torch.uint8)
+        for chunk in range(2) for segment in range(2) for page in range(2)
+    ])
+    assert torch.equal(staging, expected)
+
+
+@FALLBACKS
+def test_segment_ranges_copy_one_layer_at_a_time(use_numpy: bool) -> None:
+    layers = _layers(3)
+    paged = _paged(layers, use_numpy=use_numpy)
+    staging = torch.zeros(paged.chunk_bytes() * 2, dtype=torch.uint8)
+    paged.gather([3, 4], staging, segments=range(1, 2))
+    grid = staging.view(2, 3, -1)
+    assert torch.count_nonzero(grid[:, 0]) == 0 and torch.count_nonzero(grid[:, 2]) == 0
+    paged.scatter([8, 9], staging, segments=range(1, 2))
+    assert torch.equal(layers[1][[8, 9]], layers[1][[3, 4]])
+    assert not torch.equal(layers[0][[8, 9]], layers[0][[3, 4]])
+
+
+def test_arguments_are_checked_before_copying() -> None:
+    paged = _paged(_layers(2))
+    staging = torch.empty(paged.chunk_bytes(), dtype=torch.uint8)
+    with pytest.raises(InvalidInputError):
+        paged.gather([NUM_BLOCKS], staging)
+    with pytest.raises(InvalidInputError):
+        paged.gather([0, 1], staging)
+    with pytest.raises(InvalidInputError):
+        paged.gather([0, 1, 2], torch.empty(paged.chunk_bytes() * 3, dtype=torch.uint8), pages_per_chunk=2)
+    with pytest.raises(InvalidInputError):
+        paged.scatter([0], staging, segments=range(1, 3))
+    with pytest.raises(InvalidInputError):
+        PagedKV([byte_rows(_layers(1)[0], NUM_BLOCKS), torch.zeros(NUM_BLOCKS, 8, dtype=torch.uint8)])
+
+
+def test_empty_block_list_is_a_no_op() -> None:
+    paged = _paged(_layers(1))
+    paged.gather([], torch.empty(0, dtype=torch.uint8))
+    paged.scatter([], torch.empty(0, dtype=torch.uint8))
+
+
+def test_kernel_source_ships_with_the_package() -> None:
+    assert KERNEL_SOURCE.is_file()
+    assert "kvtier_gather" in KERNEL_SOURCE.read_text()
+
+
+def _cuda_kernels_available() -> bool:
+    return torch.cuda.is_available() and load_kernels() is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_kernels_available(), reason="needs CUDA and CuPy")
+@pytest.mark.parametrize("pinned", [True, False])
+def test_cuda_kernel_matches_the_torch_path(pinned: bool) -> None:
+    layers = _layers(4, device="cuda", seed=1)
+    kernel, fallback = _paged(layers), _paged(layers, use_kernel=False)
+    assert fallback.backend == "torch"
+    assert kernel.backend == "cuda"
+    ids = [5, 2, 9, 0]
+    size = kernel.chunk_bytes(2) * 2
+    staging = torch.empty(size, dtype=torch.uint8, pin_memory=True) if pinned else torch.empty(
+        size, dtype=torch.uint8, device="cuda")
+    reference = torch.empty(size, dtype=torch.uint8, device="cuda")
+    kernel.gather(ids, staging, pages_per_chunk=2)
+    fallback.gather(ids, reference, pages_per_chunk=2)
+    torch.cuda.synchronize()
+    assert torch.equal(staging.cuda(), reference)
+    kernel.scatter([11, 10, 8, 7], staging, pages_per_chunk=2, segments=range(1, 3))
+    torch.cuda.synchronize()
+    for index, layer in enumerate(layers):
+        assert torch.equal(layer[[11, 10, 8, 7]], layer[ids]) == (index in (1, 2))
