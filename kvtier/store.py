@@ -225,7 +225,8 @@ class Store:
             self.host.release([key])
 
     def _demote(self, key: bytes, payload: torch.Tensor) -> None:
-        if self.disk is not None and not self.disk.contains(key) and self.disk.offer(key, payload):
+        # Never wait for the drive here: this runs in the caller's put, on the engine's critical path.
+        if self.disk is not None and not self.disk.contains(key) and self.disk.offer(key, payload, wait=False):
             self._counters["demoted_blocks"] += 1
 
     # -- get ----------------------------------------------------------------------------------------

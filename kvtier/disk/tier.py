@@ -113,13 +113,15 @@ class DiskStats:
     blocks_reinserted: int
     admissions_rejected: int
     budget_rejected: int
+    busy_rejected: int
     io_errors: int
     admitting: bool
     direct_io: bool
 
 
 _COUNTERS = ("bytes_written", "bytes_read", "hits", "misses", "checksum_failures", "torn_regions_discarded",
-             "regions_evicted", "blocks_reinserted", "admissions_rejected", "budget_rejected", "io_errors")
+             "regions_evicted", "blocks_reinserted", "admissions_rejected", "budget_rejected", "busy_rejected",
+             "io_errors")
 
 
 class _Region:
@@ -314,8 +316,13 @@ class DiskTier:
                 for key, hit in zip(keys, hit_flags, strict=True):
                     self._admission.on_access(key, hit)
 
-    def offer(self, key: bytes, payload: torch.Tensor) -> bool:
-        """Write ``payload`` (a uint8 CPU tensor of ``block_bytes``) if admission and the budget allow."""
+    def offer(self, key: bytes, payload: torch.Tensor, *, wait: bool = True) -> bool:
+        """Write ``payload`` (a uint8 CPU tensor of ``block_bytes``) if admission and the budget allow.
+
+        With ``wait=False`` a block that would have to wait for a region buffer (every buffer is being
+        written: the drive is behind) is refused and counted in ``busy_rejected`` instead: the store demotes
+        this way, so a slow drive costs hits, never the engine's time.
+        """
         check_key(key)
         if (not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.device.type != "cpu"
                 or payload.numel() != self.block_bytes or not payload.is_contiguous()):
@@ -342,6 +349,9 @@ class DiskTier:
             self._check_open()
             if key in self._entries:
                 return True
+            if not wait and not self._has_room_now_locked(size):
+                self._counters["busy_rejected"] += 1
+                return False
             if self._budget is not None and not self._budget.take(size):
                 self._counters["budget_rejected"] += 1
                 return False
@@ -410,6 +420,13 @@ class DiskTier:
                 continue
             self._seal_locked()
             self._open = self._open_region_locked()
+
+    def _has_room_now_locked(self, size: int) -> bool:
+        """Whether ``_reserve_locked(size)`` would return without waiting on a region write."""
+        region = self._open
+        if region is not None and region.used + size <= self.config.region_bytes:
+            return True
+        return not self._opening and bool(self._free_buffers) and bool(self._clean or self._fifo)
 
     def _append_locked(self, region: _Region, offset: int, header: EntryHeader, stored: memoryview) -> None:
         buffer = region.buffer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,3 +118,33 @@ def test_a_failed_write_stops_admission_and_keeps_serving(disk_config: Config, k
         assert tier.stats().admitting and tier.stats().torn_regions_discarded == 1
         kit.assert_holds(tier, range(12))
         assert not tier.contains(kit.key(12))
+
+
+class GatedDevice(MemoryDevice):
+    """Writes wait until ``gate`` is set: a drive that has fallen behind."""
+
+    def __init__(self, size: int, direct_io: bool = True) -> None:
+        super().__init__(size, direct_io)
+        self.gate = threading.Event()
+
+    def _pwritev(self, offset: int, buffer: memoryview) -> int:
+        self.gate.wait(30)
+        return super()._pwritev(offset, buffer)
+
+
+def test_offer_without_wait_refuses_while_the_drive_is_behind(kit: DiskKit, disk_config: Config) -> None:
+    devices: list[GatedDevice] = []
+
+    def factory(path: str, size: int, direct: bool) -> GatedDevice:
+        devices.append(GatedDevice(size, direct))
+        return devices[-1]
+
+    with DiskTier(disk_config(), kit.layout, device_factory=factory) as tier:
+        admitted = [tier.offer(kit.key(i), kit.payload(i), wait=False) for i in range(4 * kit.per_region)]
+        # Three region buffers fill (two wait on the drive, one open), then offers are refused, not blocked.
+        assert admitted.count(True) == 3 * kit.per_region and not any(admitted[3 * kit.per_region :])
+        assert tier.stats().busy_rejected == kit.per_region
+        devices[0].gate.set()
+        tier.flush()
+        kit.assert_holds(tier, range(3 * kit.per_region))
+        assert tier.offer(kit.key(999), kit.payload(999), wait=False)
