@@ -1,11 +1,13 @@
 """kvtier: a tiered, content-addressed KV-cache block store for LLM inference.
 
-The public API, re-exported here: ``Store`` (embedded) with ``LookupResult``, ``Job``/``JobResult``,
+The public API, re-exported here: ``Store`` (embedded) and ``Client`` (the daemon's, same interface;
+``open_store`` picks one from the configuration) with ``LookupResult``, ``Job``/``JobResult``,
 ``Reservation``/``Lease``; ``KVLayout``; ``BlockHasher``/``Namespace``; the configuration dataclasses and
 ``load_config``; ``StoreStats``; the exception hierarchy rooted in ``KvtierError``.
 """
 
 from kvtier.config import DaemonConfig, DiskConfig, HostConfig, StoreConfig, TransferConfig, load_config
+from kvtier.daemon import Client, open_store
 from kvtier.errors import (
     AuthError,
     CapacityError,
@@ -31,9 +33,9 @@ from kvtier.store import Lease, LookupResult, Reservation, Store, Tier
 __version__ = "0.1.0"
 
 __all__ = [
-    "KEY_BYTES", "AuthError", "BlockHasher", "CapacityError", "ClosedError", "ConfigError", "DaemonConfig",
+    "KEY_BYTES", "AuthError", "BlockHasher", "Client", "CapacityError", "ClosedError", "ConfigError", "DaemonConfig",
     "DirectoryLockedError", "DiskConfig", "DiskError", "FormatVersionError", "HostConfig", "InvalidInputError",
     "Job", "JobResult", "JobTimeoutError", "KVLayout", "KvtierError", "LayoutMismatchError", "Lease",
     "LookupResult", "Namespace", "ProtocolError", "Reservation", "ServerError", "Store", "StoreConfig",
-    "StoreStats", "Tier", "TierStats", "TransferConfig", "TransferError", "load_config",
+    "StoreStats", "Tier", "TierStats", "TransferConfig", "TransferError", "load_config", "open_store",
 ]

@@ -24,12 +24,15 @@ from kvtier.errors import KvtierError
 
 COMMANDS: dict[str, str] = {
     "demo": "kvtier.demo",
+    "serve": "kvtier.daemon.serve_cmd",
+    "stats": "kvtier.daemon.stats_cmd",
 }
 BENCHMARKS: dict[str, str] = {
     "host": "kvtier.bench.host",
     "disk": "kvtier.bench.disk",
     "replay": "kvtier.bench.replay",
     "gather": "kvtier.bench.gather",
+    "daemon": "kvtier.bench.daemon",
 }
 
 

@@ -1,0 +1,355 @@
+"""``Client``: the embedded store's interface, served by a ``kvtier serve`` daemon.
+
+Over the Unix socket the client maps the daemon's arena and copies blocks between its own tensors (CPU or
+CUDA) and arena slots with its own transfer engine; only control frames cross the socket. Over TCP the
+payloads travel in frames and the zero-copy calls are unavailable.
+
+Promises:
+- ``lookup``, ``contains``, ``put``, ``get``, ``stats``, ``flush``, ``hasher``, ``close``, the context manager
+  and (Unix only) ``reserve`` / ``commit`` / ``abort`` / ``acquire`` / ``release`` / ``slot_view`` behave as
+  the embedded ``Store``'s, with these differences: a put that finds no room fails all of its blocks (the
+  daemon reserves all or nothing), and a get fails only the indices that are missing.
+- Arguments are checked here, before anything is sent: ``InvalidInputError`` as in the store.
+- Error replies raise ``CapacityError``, ``InvalidInputError``, ``LayoutMismatchError`` or ``AuthError`` where
+  the daemon raised that class, else ``ServerError(kind, message)``. A daemon that goes away raises
+  ``ProtocolError`` in calls and fails the blocks of running jobs; a closed client raises ``ClosedError``.
+- A block is committed only after its bytes were fully copied into its slot; a failed copy is aborted.
+- Every method is safe to call from several threads (requests are serialized on the one connection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from kvtier.arena import HostArena
+from kvtier.config import StoreConfig
+from kvtier.daemon.protocol import VERSION, Message, default_socket_path, pack, read_frame, stats_from_dict
+from kvtier.errors import (
+    AuthError,
+    CapacityError,
+    ClosedError,
+    ConfigError,
+    InvalidInputError,
+    KvtierError,
+    LayoutMismatchError,
+    ProtocolError,
+    ServerError,
+)
+from kvtier.job import Job
+from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_key, check_keys
+from kvtier.layout import KVLayout
+from kvtier.stats import StoreStats
+from kvtier.store import Lease, LookupResult, Reservation, Tier, as_bytes
+from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
+
+_ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
+    AuthError, CapacityError, InvalidInputError, LayoutMismatchError)}
+_TIERS = {tier.value: tier for tier in Tier}
+# Room left in a payload frame for the msgpack envelope and the keys.
+_FRAME_SLACK_BYTES = 64 * 1024
+
+
+def parse_address(address: str, config: StoreConfig) -> tuple[str, str | tuple[str, int]]:
+    """``("unix", path)`` or ``("tcp", (host, port))`` from ``unix``, ``unix:PATH`` or ``tcp://HOST:PORT``."""
+    if address == "unix":
+        return "unix", config.daemon.socket_path or default_socket_path()
+    if address.startswith("unix:"):
+        return "unix", address[len("unix:"):]
+    if address.startswith("tcp://"):
+        host, _, port = address[len("tcp://"):].rpartition(":")
+        if host and port.isdigit():
+            return "tcp", (host.strip("[]"), int(port))
+    raise ConfigError(f"a daemon address is 'unix', 'unix:PATH' or 'tcp://HOST:PORT', got {address!r}")
+
+
+class Connection:
+    """One connection to the daemon, greeted; ``call`` sends a request and returns its ok reply."""
+
+    def __init__(self, address: str, config: StoreConfig, *, layout: KVLayout | None = None, namespace: str = "",
+                 token: str | None = None, timeout: float | None = None) -> None:
+        self.transport, target = parse_address(address, config)
+        self.max_frame_bytes = config.daemon.max_frame_bytes
+        family = socket.AF_UNIX if self.transport == "unix" else socket.AF_INET
+        try:
+            if isinstance(target, tuple):
+                self._sock = socket.create_connection(target, timeout=timeout)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                self._sock = socket.socket(family, socket.SOCK_STREAM)
+                self._sock.settimeout(timeout)
+                self._sock.connect(target)
+        except OSError as exc:
+            raise ProtocolError(f"cannot connect to the daemon at {target}: {exc}") from exc
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._closed = False
+        self._broken: str | None = None
+        try:
+            self.hello = self.call("hello", layout=None if layout is None else layout.to_dict(), namespace=namespace,
+                                   token=token if token is not None else config.daemon.tcp_token)
+        except BaseException:
+            self.close()
+            raise
+        # Payload frames are cut to the smaller limit of the two sides, so the daemon never refuses one.
+        self.max_frame_bytes = min(self.max_frame_bytes, int(self.hello["max_frame_bytes"]))
+
+    def call(self, op: str, **fields: Any) -> Message:
+        """The ok reply to one request; an error reply raises (see the module promises)."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError("the client is closed")
+            if self._broken is not None:
+                raise ProtocolError(f"the connection to the daemon is broken: {self._broken}")
+            self._next_id += 1
+            request_id = self._next_id
+            try:
+                self._sock.sendall(pack({"v": VERSION, "op": op, "id": request_id, **fields}))
+                # Replies are sized by the requests we chunk; the slack covers keys and envelope.
+                reply = read_frame(self._sock, self.max_frame_bytes + _FRAME_SLACK_BYTES)
+            except (OSError, ProtocolError) as exc:
+                self._broken = str(exc)
+                raise ProtocolError(f"the connection to the daemon broke: {exc}") from exc
+            if reply is None:
+                self._broken = "closed by the daemon"
+                raise ProtocolError("the daemon closed the connection")
+        if reply.get("status") == "error":
+            kind, message = str(reply.get("kind")), str(reply.get("message"))
+            cls = _ERRORS.get(kind)
+            raise cls(message) if cls is not None else ServerError(kind, message)
+        if reply["id"] != request_id:
+            raise ProtocolError(f"reply {reply['id']} to request {request_id}")
+        return reply
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._sock.close()
+
+
+class Client:
+    """A store for ``layout`` served by a daemon at ``address`` (default: ``config.daemon.connect`` or "unix")."""
+
+    def __init__(self, layout: KVLayout, config: StoreConfig | None = None, *, address: str | None = None,
+                 namespace: str = "", token: str | None = None, transfer: TransferEngine | None = None,
+                 timeout: float | None = None) -> None:
+        self.layout = layout
+        self.config = config or StoreConfig()
+        self._conn = Connection(address or self.config.daemon.connect or "unix", self.config, layout=layout,
+                                namespace=namespace, token=token, timeout=timeout)
+        hello = self._conn.hello
+        self.hash_algo: HashAlgo = hello["hash_algo"]
+        self.slot_bytes: int = hello["slot_bytes"]
+        self.remote = self._conn.transport == "tcp"
+        self.arena: HostArena | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        try:
+            if self.remote:
+                # One worker keeps a remote client's jobs in submission order.
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-remote")
+            else:
+                self.arena = HostArena(hello["num_slots"], self.slot_bytes, name=hello["arena"], create=False)
+                if self.config.host.pin:
+                    self.arena.start_pinning(self.config.host.pin_chunk_bytes)
+            self.transfer = transfer or make_transfer_engine(self.config.transfer)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- keys and lookups -----------------------------------------------------------------------------
+
+    def hasher(self, model_id: str, tp_rank: int = 0, tp_size: int = 1, tenant_salt: str = "") -> BlockHasher:
+        """A ``BlockHasher`` for this layout and the daemon's hash algorithm in the given namespace."""
+        namespace = Namespace.for_layout(model_id, self.layout, tp_rank, tp_size, tenant_salt)
+        return BlockHasher(namespace, self.layout.block_tokens, self.hash_algo)
+
+    def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True) -> LookupResult:
+        """The longest leading run of ``keys`` present in the daemon; disk hits are prefetched into host."""
+        reply = self._conn.call("lookup", keys=check_keys(keys), prefetch=prefetch)
+        return LookupResult(reply["num_blocks"], tuple(_TIERS[tier] for tier in reply["tiers"]))
+
+    def contains(self, key: bytes) -> Tier | None:
+        tier = self._conn.call("contains", keys=[check_key(key)])["tier"]
+        return None if tier is None else Tier(tier)
+
+    # -- put and get ------------------------------------------------------------------------------------
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> Job:
+        """Copy ``blocks[i]`` into the daemon under ``keys[i]``, asynchronously; see ``Store.put``."""
+        keys = self._check_blocks(keys, blocks)
+        job = Job("put", len(keys), self.transfer.poll)
+        if self._pool is not None:
+            return self._remote(job, self._remote_put, keys, blocks)
+        try:
+            reply = self._conn.call("reserve", keys=keys)
+        except CapacityError:
+            job.fail(range(len(keys)))
+            return job.seal()
+        index = {key: i for i, key in enumerate(keys)}
+        reserved: list[bytes] = reply["keys"]
+        if reserved:
+            indices = [index[key] for key in reserved]
+            pairs = [(self._slot(slot), as_bytes(blocks[i])) for i, slot in zip(indices, reply["slots"], strict=True)]
+            job.add_parts()
+            self.transfer.submit(pairs, Direction.STORE, self._finish_put(job, indices, reserved))
+        return job.seal()
+
+    def _finish_put(self, job: Job, indices: list[int], keys: list[bytes]) -> Callable[[BaseException | None], None]:
+        def on_done(error: BaseException | None) -> None:
+            failed: list[int] = []
+            try:
+                self._conn.call("commit" if error is None else "abort", keys=keys)
+                if error is not None:
+                    failed = indices
+            except KvtierError:
+                failed = indices
+            job.part_done(failed)
+
+        return on_done
+
+    def get(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> Job:
+        """Copy the block stored under ``keys[i]`` into ``blocks[i]``, asynchronously; see ``Store.get``."""
+        keys = self._check_blocks(keys, blocks)
+        job = Job("get", len(keys), self.transfer.poll)
+        if self._pool is not None:
+            return self._remote(job, self._remote_get, keys, blocks)
+        slots: list[int | None] = self._conn.call("acquire", keys=keys, prefix=False)["slots"]
+        job.fail(i for i, slot in enumerate(slots) if slot is None)
+        leased = [(i, slot) for i, slot in enumerate(slots) if slot is not None]
+        if leased:
+            indices = [i for i, _ in leased]
+            pairs = [(as_bytes(blocks[i]), self._slot(slot)) for i, slot in leased]
+            job.add_parts()
+            self.transfer.submit(pairs, Direction.LOAD, self._finish_get(job, indices, [keys[i] for i in indices]))
+        return job.seal()
+
+    def _finish_get(self, job: Job, indices: list[int], keys: list[bytes]) -> Callable[[BaseException | None], None]:
+        def on_done(error: BaseException | None) -> None:
+            # The daemon drops the leases of a broken connection itself; the bytes are already copied.
+            with contextlib.suppress(KvtierError):
+                self._conn.call("release", keys=keys)
+            job.part_done(indices if error is not None else ())
+
+        return on_done
+
+    # -- the TCP path: payloads in frames ---------------------------------------------------------------
+
+    def _remote(self, job: Job, work: Callable[[list[bytes], Sequence[torch.Tensor]], list[int]],
+                keys: list[bytes], blocks: Sequence[torch.Tensor]) -> Job:
+        assert self._pool is not None
+        job.add_parts()
+
+        def run() -> None:
+            try:
+                failed = work(keys, blocks)
+            except KvtierError:
+                failed = list(range(len(keys)))
+            job.part_done(failed)
+
+        self._pool.submit(run)
+        return job.seal()
+
+    def _chunks(self, count: int) -> list[range]:
+        per_frame = max(1, (self._conn.max_frame_bytes - _FRAME_SLACK_BYTES) // (self.layout.block_bytes + 32))
+        return [range(start, min(count, start + per_frame)) for start in range(0, count, per_frame)]
+
+    def _remote_put(self, keys: list[bytes], blocks: Sequence[torch.Tensor]) -> list[int]:
+        failed: list[int] = []
+        for chunk in self._chunks(len(keys)):
+            data = [as_bytes(blocks[i]).cpu().numpy().tobytes() for i in chunk]
+            try:
+                self._conn.call("put", keys=[keys[i] for i in chunk], data=data)
+            except CapacityError:
+                failed.extend(chunk)
+        return failed
+
+    def _remote_get(self, keys: list[bytes], blocks: Sequence[torch.Tensor]) -> list[int]:
+        failed: list[int] = []
+        for chunk in self._chunks(len(keys)):
+            data = self._conn.call("get", keys=[keys[i] for i in chunk])["data"]
+            for i, payload in zip(chunk, data, strict=True):
+                if payload is None:
+                    failed.append(i)
+                else:
+                    as_bytes(blocks[i]).copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        return failed
+
+    # -- zero-copy path (Unix socket only) --------------------------------------------------------------
+
+    def reserve(self, keys: Sequence[bytes]) -> Reservation:
+        """Reserve arena slots for the absent ``keys``; see ``Store.reserve``."""
+        self._local_only("reserve")
+        reply = self._conn.call("reserve", keys=check_keys(keys))
+        return Reservation(tuple(reply["keys"]), tuple(reply["slots"]), tuple(reply["skipped"]))
+
+    def commit(self, reservation: Reservation) -> None:
+        self._conn.call("commit", keys=list(reservation.keys))
+
+    def abort(self, reservation: Reservation) -> None:
+        self._conn.call("abort", keys=list(reservation.keys))
+
+    def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease:
+        """Pin the longest leading run of readable ``keys`` (promoting disk blocks first); see ``Store.acquire``."""
+        self._local_only("acquire")
+        reply = self._conn.call("acquire", keys=check_keys(keys), prefix=True, timeout=timeout)
+        return Lease(tuple(reply["keys"]), tuple(slot for slot in reply["slots"] if slot is not None))
+
+    def release(self, lease: Lease) -> None:
+        self._conn.call("release", keys=list(lease.keys))
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """The block bytes of arena slot ``slot`` as a flat tensor of the layout's dtype."""
+        self._local_only("slot_view")
+        return self._slot(slot).view(self.layout.torch_dtype)
+
+    def _slot(self, slot: int) -> torch.Tensor:
+        assert self.arena is not None
+        return self.arena.slot(slot)[: self.layout.block_bytes]
+
+    def _local_only(self, what: str) -> None:
+        if self.arena is None:
+            raise ConfigError(f"{what}() maps the daemon's arena: it needs a Unix-socket connection")
+
+    # -- housekeeping -----------------------------------------------------------------------------------
+
+    def _check_blocks(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> list[bytes]:
+        if self._closed:
+            raise ClosedError("the client is closed")
+        checked = check_keys(keys)
+        if len(checked) != len(blocks):
+            raise InvalidInputError(f"{len(checked)} keys but {len(blocks)} blocks")
+        for i, block in enumerate(blocks):
+            self.layout.check_block(block, f"blocks[{i}]")
+        return checked
+
+    def stats(self) -> StoreStats:
+        return stats_from_dict(self._conn.call("stats")["stats"])
+
+    def flush(self) -> None:
+        """Ask the daemon to write its disk tier's open region now."""
+        self._conn.call("flush")
+
+    def close(self) -> None:
+        """Finish running jobs, then disconnect and unmap the arena. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.transfer.close()
+        self._conn.close()
+        if self.arena is not None:
+            self.arena.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

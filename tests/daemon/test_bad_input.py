@@ -1,0 +1,97 @@
+"""Protocol violations and bad requests on raw sockets: error replies, closed connections, and a daemon
+that keeps serving everyone else with its data intact."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import pytest
+import torch
+
+from kvtier.daemon.protocol import VERSION, pack, read_frame
+
+if TYPE_CHECKING:
+    from conftest import DaemonProc, Kit
+
+
+def raw(daemon: DaemonProc, hello: bool = True) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(daemon.socket_path)
+    if hello:
+        reply = request(sock, {"v": VERSION, "op": "hello", "id": 1, "layout": None})
+        assert reply["status"] == "ok"
+    return sock
+
+
+def request(sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
+    sock.sendall(pack(message))
+    reply = read_frame(sock, 1 << 20)
+    assert reply is not None
+    return reply
+
+
+def assert_closed(sock: socket.socket) -> None:
+    assert sock.recv(1) == b""
+
+
+@pytest.mark.parametrize(("frame", "kind"), [
+    (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "ProtocolError"),                     # not msgpack
+    (struct.pack(">I", 1 << 30), "ProtocolError"),                                # 1 GiB announced
+    (pack({"v": VERSION + 1, "op": "stats", "id": 5}), "ProtocolError"),          # another version
+    (pack({"v": VERSION, "op": "stats"}), "ProtocolError"),                        # no id
+])
+def test_a_protocol_violation_gets_an_error_reply_then_the_connection_closes(
+        daemon: DaemonProc, frame: bytes, kind: str) -> None:
+    with raw(daemon) as sock:
+        sock.sendall(frame)
+        reply = read_frame(sock, 1 << 20)
+        assert reply is not None and reply["status"] == "error" and reply["kind"] == kind
+        assert_closed(sock)
+
+
+def test_a_request_before_hello_closes_the_connection(daemon: DaemonProc) -> None:
+    with raw(daemon, hello=False) as sock:
+        reply = request(sock, {"v": VERSION, "op": "lookup", "id": 3, "keys": []})
+        assert reply["status"] == "error" and reply["id"] == 3
+        assert_closed(sock)
+
+
+def test_errors_of_one_request_leave_the_connection_open(daemon: DaemonProc, kit: Kit) -> None:
+    layout = kit.layout.to_dict()
+    with raw(daemon, hello=False) as sock:
+        assert request(sock, {"v": VERSION, "op": "hello", "id": 1, "layout": layout})["status"] == "ok"
+        for bad, kind in (({"op": "frobnicate"}, "InvalidInputError"),
+                          ({"op": "lookup", "keys": [b"short"]}, "InvalidInputError"),
+                          ({"op": "lookup", "keys": "not a list"}, "InvalidInputError"),
+                          ({"op": "commit", "keys": [kit.key_of(1)]}, "InvalidInputError"),
+                          ({"op": "put", "keys": [kit.key_of(1)], "data": [b"x"]}, "InvalidInputError"),
+                          ({"op": "acquire", "keys": [], "timeout": "soon"}, "InvalidInputError")):
+            reply = request(sock, {"v": VERSION, "id": 9, **bad})
+            assert (reply["status"], reply["kind"], reply["id"]) == ("error", kind, 9), reply
+        assert request(sock, {"v": VERSION, "op": "lookup", "id": 10, "keys": []})["num_blocks"] == 0
+
+
+def test_other_clients_are_served_while_one_misbehaves(daemon: DaemonProc, kit: Kit) -> None:
+    keys = [kit.key_of(i, "bystander") for i in range(4)]
+    with daemon.client() as client:
+        assert client.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
+        for _ in range(5):
+            with raw(daemon, hello=False) as sock:
+                sock.sendall(struct.pack(">I", 100) + b"partial")  # then hang up mid-frame
+        with raw(daemon, hello=False) as sock:
+            sock.sendall(msgpack.packb({"not": "framed"}))
+        out = [torch.empty(kit.layout.block_shape) for _ in keys]
+        assert client.get(keys, out).wait(10).ok
+        assert all(torch.equal(got, kit.block_for(key)) for got, key in zip(out, keys, strict=True))
+
+
+def test_before_hello_only_small_frames_are_read(daemon: DaemonProc) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.tcp_port), timeout=10) as sock:
+        sock.sendall(struct.pack(">I", 1 << 20))  # 1 MiB, far below max_frame_bytes, but no token yet
+        reply = read_frame(sock, 1 << 20)
+        assert reply is not None and reply["kind"] == "ProtocolError" and "exceeds" in reply["message"]
+        assert_closed(sock)

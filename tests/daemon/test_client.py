@@ -1,0 +1,157 @@
+"""``Client`` against a real daemon: the store interface over Unix and TCP, dedup, leases, stats, metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import urllib.request
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from kvtier import AuthError, InvalidInputError, KVLayout, LayoutMismatchError, Store, StoreConfig, Tier
+from kvtier.config import DaemonConfig
+from kvtier.daemon import Client, open_store, stats_cmd
+
+if TYPE_CHECKING:
+    from conftest import DaemonProc, Kit
+
+
+def test_put_lookup_get_round_trip(daemon: DaemonProc, kit: Kit) -> None:
+    keys = [kit.key_of(i, "round-trip") for i in range(10)]
+    with daemon.client(namespace="llama-test") as client:
+        assert daemon.stats()["daemon"]["namespaces"] == {"llama-test": 1}
+        assert client.lookup(keys).num_blocks == 0
+        result = client.put(keys, [kit.block_for(key) for key in keys]).wait(10)
+        assert result.ok
+        lookup = client.lookup([*keys, kit.key_of(99, "absent")])
+        assert lookup.num_blocks == 10 and set(lookup.tiers) == {Tier.HOST}
+        assert client.contains(keys[0]) is Tier.HOST
+        out = [torch.empty(kit.layout.block_shape) for _ in keys]
+        job = client.get(keys, out)
+        assert job.wait(10).ok and job.done()
+        assert all(torch.equal(got, kit.block_for(key)) for got, key in zip(out, keys, strict=True))
+
+
+def test_a_get_fails_only_the_missing_indices(daemon: DaemonProc, kit: Kit) -> None:
+    keys = [kit.key_of(i, "holes") for i in range(4)]
+    with daemon.client() as client:
+        client.put([keys[0], keys[2]], [kit.block_for(keys[0]), kit.block_for(keys[2])]).wait(10)
+        out = [torch.zeros(kit.layout.block_shape) for _ in keys]
+        assert client.get(keys, out).wait(10).failed == (1, 3)
+        assert torch.equal(out[2], kit.block_for(keys[2]))
+
+
+def test_the_same_key_put_by_two_clients_at_once_is_stored_once(daemon: DaemonProc, kit: Kit) -> None:
+    keys = [kit.key_of(i, "race") for i in range(64)]
+    blocks = [kit.block_for(key) for key in keys]
+    before = daemon.stats()["stats"]
+    clients = [daemon.client(), daemon.client()]
+    barrier = threading.Barrier(2)
+
+    def put(client: Client) -> None:
+        barrier.wait()
+        assert client.put(keys, blocks).wait(10).ok
+
+    threads = [threading.Thread(target=put, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = daemon.stats()["stats"]
+    assert after["put_blocks"] - before["put_blocks"] == 64
+    assert after["put_deduplicated_blocks"] - before["put_deduplicated_blocks"] == 64
+    assert after["tiers"]["host"]["used_blocks"] - before["tiers"]["host"]["used_blocks"] == 64
+    for client in clients:
+        client.close()
+
+
+def test_the_zero_copy_path_and_its_ownership_rules(daemon: DaemonProc, kit: Kit) -> None:
+    keys = [kit.key_of(i, "zero-copy") for i in range(3)]
+    with daemon.client() as writer, daemon.client() as other:
+        reservation = writer.reserve(keys)
+        assert reservation.keys == tuple(keys) and not reservation.skipped
+        for key, slot in zip(reservation.keys, reservation.slots, strict=True):
+            writer.slot_view(slot).copy_(kit.block_for(key).reshape(-1))
+        assert other.lookup(keys).num_blocks == 0  # being written: not readable
+        with pytest.raises(InvalidInputError, match="not reserved"):
+            other.commit(reservation)  # only the writer may commit its reservation
+        writer.commit(reservation)
+        assert other.reserve(keys).skipped == tuple(keys)
+        lease = other.acquire(keys)
+        assert lease.keys == tuple(keys)
+        assert torch.equal(other.slot_view(lease.slots[1]), kit.block_for(keys[1]).reshape(-1))
+        with pytest.raises(InvalidInputError, match="not leased"):
+            writer.release(lease)
+        other.release(lease)
+    assert daemon.stats()["daemon"]["leased_blocks"] == 0
+
+
+def test_bad_arguments_are_refused_before_sending(daemon: DaemonProc, kit: Kit) -> None:
+    with daemon.client() as client:
+        with pytest.raises(InvalidInputError):
+            client.lookup([b"short"])
+        with pytest.raises(InvalidInputError):
+            client.put([kit.key_of(0)], [torch.zeros(3)])
+
+
+def test_a_tcp_client_carries_payloads_in_frames(daemon: DaemonProc, kit: Kit) -> None:
+    keys = [kit.key_of(i, "tcp") for i in range(20)]
+    config = StoreConfig(daemon=DaemonConfig(max_frame_bytes=8 * 1024))  # forces several frames per call
+    with Client(kit.layout, config, address=daemon.tcp_address, token=daemon.token) as remote:
+        assert remote.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
+        with daemon.client() as local:
+            assert local.lookup(keys).num_blocks == 20
+        out = [torch.empty(kit.layout.block_shape) for _ in range(21)]
+        result = remote.get([*keys, kit.key_of(99, "tcp-absent")], out).wait(10)
+        assert result.failed == (20,)
+        assert all(torch.equal(out[i], kit.block_for(key)) for i, key in enumerate(keys))
+        assert remote.stats().put_blocks >= 20
+
+
+def test_tcp_without_the_right_token_is_refused_and_counted(daemon: DaemonProc, kit: Kit) -> None:
+    before = daemon.stats()["daemon"]["auth_failures"]
+    for token in ("wrong", ""):
+        with pytest.raises(AuthError):
+            Client(kit.layout, StoreConfig(), address=daemon.tcp_address, token=token)
+    assert daemon.stats()["daemon"]["auth_failures"] == before + 2
+
+
+def test_a_hello_with_another_layout_is_refused(daemon: DaemonProc) -> None:
+    other = KVLayout(num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)
+    with pytest.raises(LayoutMismatchError):
+        Client(other, StoreConfig(), address=daemon.address)
+
+
+def test_open_store_picks_the_daemon_or_an_embedded_store(daemon: DaemonProc, kit: Kit) -> None:
+    with open_store(kit.layout, StoreConfig(daemon=DaemonConfig(connect=daemon.address))) as store:
+        assert isinstance(store, Client)
+    with open_store(kit.layout, StoreConfig()) as store:
+        assert isinstance(store, Store)
+
+
+def test_the_metrics_endpoint_exports_the_counters(daemon: DaemonProc, kit: Kit) -> None:
+    with daemon.client() as client:
+        client.lookup([kit.key_of(0, "metrics")])
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    for name in ("kvtier_hit_blocks_total{tier=\"host\"}", "kvtier_miss_blocks_total",
+                 "kvtier_tier_bytes_written_total", "kvtier_evicted_blocks_total", "kvtier_admissions_rejected_total",
+                 "kvtier_occupancy_ratio", "kvtier_op_latency_seconds_bucket{le=\"0.001\",op=\"lookup\"}",
+                 "kvtier_clients_connected{transport=\"unix\"} 1.0", "kvtier_auth_failures_total"):
+        assert name in text, name
+
+
+def test_kvtier_stats_prints_a_table_and_json(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
+    args = argparse.Namespace(address=None, socket=daemon.socket_path, token=None, json=False)
+    assert stats_cmd.run(args, StoreConfig()) == 0
+    table = capsys.readouterr().out
+    assert "host pool" in table and "occupancy" in table and "lookup" in table
+    args.json = True
+    assert stats_cmd.run(args, StoreConfig()) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stats"]["tiers"]["host"]["capacity_blocks"] == 256
+    args.socket = daemon.socket_path + ".absent"
+    assert stats_cmd.run(args, StoreConfig()) == 1

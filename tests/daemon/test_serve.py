@@ -1,0 +1,108 @@
+"""``kvtier serve`` as a process: start-up log, clean shutdown on signals, bad settings, disk recovery."""
+
+from __future__ import annotations
+
+import grp
+import os
+import signal
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from kvtier import ConfigError, DaemonConfig, DiskConfig, HostConfig, ProtocolError, Store, StoreConfig, Tier
+from kvtier.daemon.__main__ import main as daemon_main
+from kvtier.daemon.server import Daemon
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from conftest import DaemonProc, Kit
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_daemon_cleanly_with_writes_in_flight(
+        make_daemon: Callable[..., DaemonProc], kit: Kit, signum: int) -> None:
+    daemon = make_daemon()
+    client = daemon.client()
+    client.put([kit.key_of(0)], [kit.block_for(kit.key_of(0))]).wait(10)
+    client.reserve([kit.key_of(1)])  # an in-flight write, never committed
+    assert daemon.stop(signum) == 0
+    log = daemon.log()
+    for line in ("opened store", "host pool 1.0 MiB", "listening on unix socket", "mode 0600", "disk off",
+                 "daemon stopped"):
+        assert line in log, line
+    assert not Path(daemon.socket_path).exists()
+    assert not list(Path("/dev/shm").glob(f"kvtier-daemon-{daemon.proc.pid}-*"))
+    with pytest.raises(ProtocolError):
+        client.lookup([kit.key_of(0)])
+    client.close()
+
+
+def test_without_a_configured_layout_the_first_hello_sets_it(make_daemon: Callable[..., DaemonProc],
+                                                             kit: Kit) -> None:
+    daemon = make_daemon(layout=False)
+    assert daemon.stats()["stats"] is None and "opened store" not in daemon.log()
+    with daemon.client() as client:
+        assert client.lookup([kit.key_of(0)]).num_blocks == 0
+    assert "opened store" in daemon.log()
+    assert daemon.stats()["daemon"]["layout"] == kit.layout.to_dict()
+
+
+@pytest.mark.parametrize("args", [["--layout", "num_layers=zero"], ["--set", "daemon.tcp_port=5000"],
+                                  ["--socket-group", "no-such-group-kvtier"], ["--pool", "lots"]])
+def test_bad_settings_exit_2_before_opening_anything(args: list[str], tmp_path: Path) -> None:
+    socket_path = tmp_path / "never.sock"
+    settings, flags = (args, []) if args[0] == "--set" else ([], args)
+    assert daemon_main([*settings, "serve", "--no-disk", "--socket", str(socket_path), *flags]) == 2
+    assert not socket_path.exists()
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(make_daemon: Callable[..., DaemonProc]) -> None:
+    first = make_daemon()
+    second = Daemon(StoreConfig(daemon=DaemonConfig(socket_path=first.socket_path, metrics_port=0)))
+    with pytest.raises(ConfigError, match="another daemon"):
+        second.start()
+    second.stop()  # must leave the first daemon's socket alone
+    assert first.stats()["daemon"]["pid"] == first.proc.pid
+
+
+def test_the_disk_tier_is_recovered_on_restart(make_daemon: Callable[..., DaemonProc], kit: Kit,
+                                              tmp_path: Path) -> None:
+    try:
+        Store(kit.layout, StoreConfig(disk=DiskConfig(paths=(str(tmp_path / "probe"),)))).close()
+    except ImportError as exc:
+        pytest.skip(f"the disk tier is not built yet: {exc}")
+    disk_args = ("--disk", str(tmp_path / "disk"))
+    settings = ("disk.write_mode=through", "disk.admission=admit_all", "disk.capacity_bytes=4MiB",
+                "disk.region_bytes=256KiB")
+    keys = [kit.key_of(i, "restart") for i in range(20)]
+    first = make_daemon(*disk_args, settings=settings)
+    with first.client() as client:
+        assert client.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
+    assert first.stop() == 0
+    second = make_daemon(*disk_args, settings=settings)
+    with second.client() as client:
+        assert client.lookup(keys).tiers == (Tier.DISK,) * 20
+        out = [torch.empty(kit.layout.block_shape) for _ in keys]
+        assert client.get(keys, out).wait(30).ok
+        assert all(torch.equal(got, kit.block_for(key)) for got, key in zip(out, keys, strict=True))
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_the_socket_and_arena_modes_follow_the_group_setting(tmp_path: Path, kit: Kit, group: bool) -> None:
+    name = grp.getgrgid(os.getgid()).gr_name if group else ""
+    config = StoreConfig(host=HostConfig(capacity_bytes=2**20), daemon=DaemonConfig(
+        socket_path=str(tmp_path / "d.sock"), socket_group=name, metrics_port=0, layout=kit.layout))
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        (arena,) = Path("/dev/shm").glob(f"kvtier-daemon-{os.getpid()}-*")
+        for path in (tmp_path / "d.sock", arena):
+            assert stat.S_IMODE(path.stat().st_mode) == (0o660 if group else 0o600), path
+            assert path.stat().st_gid == os.getgid()
+    finally:
+        daemon.stop()
+    assert not (tmp_path / "d.sock").exists() and not arena.exists()
