@@ -1,7 +1,8 @@
 """The ``kvtier`` command: ``demo``, ``serve``, ``stats`` and ``bench <name>``.
 
 Every command module exposes ``HELP``, ``add_arguments(parser)`` and ``run(args, config) -> int``; this
-file only builds the parser and loads the configuration. Global options, before the command:
+file only builds the parser and loads the configuration. Only the module of the command being run is
+imported (the demo's pulls in transformers, which takes seconds). Global options, before the command:
 
 - ``--config FILE``: a TOML file (see ``kvtier.config`` for every setting and its default);
 - ``--set section.field=value`` (repeatable): override one setting, e.g. ``--set host.capacity_bytes=4GiB``.
@@ -17,46 +18,67 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
 from kvtier.config import load_config
 from kvtier.errors import KvtierError
 
-COMMANDS: dict[str, str] = {
-    "demo": "kvtier.demo",
-    "serve": "kvtier.daemon.serve_cmd",
-    "stats": "kvtier.daemon.stats_cmd",
+# name -> (module, one-line help). The help is repeated here so that ``kvtier --help`` imports nothing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("kvtier_connectors.transformers.demo",
+             "multi-turn chat on a small random-weight Llama: restore vs recompute, logits compared"),
+    "serve": ("kvtier.daemon.serve_cmd", "run the daemon: one host pool and disk tier for every engine process"),
+    "stats": ("kvtier.daemon.stats_cmd", "print a running daemon's statistics (a table, or JSON)"),
 }
-BENCHMARKS: dict[str, str] = {
-    "host": "kvtier.bench.host",
-    "disk": "kvtier.bench.disk",
-    "replay": "kvtier.bench.replay",
-    "gather": "kvtier.bench.gather",
-    "daemon": "kvtier.bench.daemon",
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "host": ("kvtier.bench.host", "host-tier put/get GB/s vs a raw copy; key derivation and lookup cost"),
+    "disk": ("kvtier.bench.disk", "disk-tier write/read GB/s vs raw O_DIRECT I/O on the same filesystem"),
+    "replay": ("kvtier.bench.replay", "replay a Mooncake-format trace through the tiers' policies, no payloads"),
+    "ttft": ("kvtier_connectors.transformers.bench_ttft", "time to first token: restore from host/disk vs recompute"),
+    "gather": ("kvtier.bench.gather", "paged-KV gather/scatter GB/s vs a contiguous copy"),
+    "daemon": ("kvtier.bench.daemon", "daemon vs embedded store throughput; lookup latency with 1-4 clients"),
 }
+_GLOBAL_OPTIONS_WITH_VALUES = {"--config", "--set", "--log-level"}
 
 
-def _add_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
-                 module_name: str) -> None:
-    module: ModuleType = importlib.import_module(module_name)
-    parser = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
-    module.add_arguments(parser)
-    parser.set_defaults(command_module=module)
+def _chosen(argv: Sequence[str]) -> list[str]:
+    """The command words of ``argv`` (e.g. ``["bench", "disk"]``), skipping global options and their values."""
+    words: list[str] = []
+    skip_value = False
+    for token in argv:
+        if skip_value:
+            skip_value = False
+        elif token in _GLOBAL_OPTIONS_WITH_VALUES:
+            skip_value = True
+        elif not token.startswith("-"):
+            words.append(token)
+            if len(words) == 2 or words[0] != "bench":
+                break
+    return words
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+                  table: dict[str, tuple[str, str]], chosen: str | None) -> None:
+    for name, (module_name, help_text) in table.items():
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(parser)
+            parser.set_defaults(command_module=module)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser, with the arguments of the command named in ``argv`` (only its module is imported)."""
+    words = _chosen(argv)
     parser = argparse.ArgumentParser(prog="kvtier", description="Tiered KV-cache offload for LLM inference.")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting (repeatable)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        _add_command(commands, name, module_name)
+    _add_commands(commands, COMMANDS, words[0] if words else None)
     bench = commands.add_parser("bench", help="offload microbenchmarks against raw baselines in the same run")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, module_name in BENCHMARKS.items():
-        _add_command(benchmarks, name, module_name)
+    _add_commands(benchmarks, BENCHMARKS, words[1] if words[:1] == ["bench"] and len(words) > 1 else None)
     return parser
 
 
@@ -71,8 +93,8 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, _parse_overrides(args.overrides))

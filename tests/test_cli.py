@@ -27,3 +27,11 @@ def test_bench_host_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -
     result = json.loads(capsys.readouterr().out)
     assert result["block_bytes"] == [65536] and result["lookup_hit_blocks"] == 8192
     assert {"host_put_gbps", "host_get_gbps", "memcpy_gbps", "key_derive_us_per_block"} <= set(result)
+
+
+def test_only_the_chosen_command_is_imported() -> None:
+    from kvtier.cli import _chosen
+
+    assert _chosen(["--config", "x.toml", "--set", "a.b=1", "bench", "disk", "--json"]) == ["bench", "disk"]
+    assert _chosen(["--log-level", "DEBUG", "serve", "--layout", "x"]) == ["serve"]
+    assert _chosen(["--help"]) == []

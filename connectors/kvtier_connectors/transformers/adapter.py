@@ -1,0 +1,457 @@
+"""Restore stored KV prefixes into a transformers model's cache, and save a prompt's KV after its prefill.
+
+``TransformersConnector(model, store)`` wraps a causal LM of transformers 5.16-5.29 and a kvtier store (any
+object with the ``BlockStore`` methods: the embedded ``kvtier.Store`` now, the daemon client later).
+
+Promises:
+- ``prefill`` and ``generate`` look up the longest stored prefix of the prompt, restore it into a
+  ``DynamicCache`` and run the model on the rest only. Positions follow from the cache length, so the
+  rotary embedding of the remaining tokens is the full forward's.
+- The logits are identical (``torch.equal``) to the full forward's when the restored KV has the bits the
+  full forward computes for those tokens. Tested for Llama, Qwen2 and Mistral in fp32 and bf16: always
+  with ``attn_implementation="kvtier_exact"``; with sdpa and eager in bf16, and in fp32 when the prefix
+  was stored by a prompt of the same length (fp32 sdpa/eager KV of a shorter prompt can differ in the
+  last bit: CPU kernels sum over the keys in an order that follows the sequence length; see
+  ``kvtier_connectors.transformers.exact``).
+- At least ``min_tail_tokens`` (default 16) prompt tokens are always recomputed: the forward must return
+  logits, and CPU GEMMs compute a row with the same bits only when at least 16 rows share the call
+  (fewer rows take other kernels; measured). A prompt stored whole restores all but its last 16 tokens.
+- After the prefill, the prompt's whole blocks that the store lacks are saved; the partial tail block is
+  not (it is recomputed next time), and nothing of a forward of fewer than 16 tokens is (its rows come
+  from other GEMM kernels, so its KV is not the bits a longer prompt computes). Saving is best effort: a
+  block that gets no host slot is skipped, never an error. ``generate`` saves right after its prefill
+  step, before any token is decoded.
+- KV is keyed by ``model_id`` (``model_id_for``): the checkpoint name and a digest of the config, of a
+  sample of every weight, of the weights' dtype, the attention implementation, the device type and the
+  transformers and torch versions. KV computed by any other model, dtype or implementation is a miss,
+  never a restore. A store of another layout is refused (``LayoutMismatchError``).
+- A block that cannot be read (absent, evicted meanwhile, failed checksum on disk) ends the restored
+  prefix there: the rest is recomputed, never filled with other data.
+- A model whose cache cannot be restored exactly is refused with ``UnsupportedModelError``: at
+  construction, a cache layer other than full or sliding-window attention (linear attention, KV sharing,
+  compressed or quantized layers); per request, a prompt longer than a sliding-window layer's window
+  minus one (that layer no longer holds the whole prefix); on saving, a cache whose K and V are not
+  ``[batch, kv_heads, tokens, head_dim]`` of the layout.
+- Batch size: rows of equal length without padding are supported; each row is keyed by its own tokens
+  and every row restores the shortest prefix that all rows have stored. A padded batch (an attention
+  mask with zeros) is refused with ``InvalidInputError``: pass its rows one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import transformers
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from kvtier import (
+    BlockHasher,
+    CapacityError,
+    InvalidInputError,
+    KVLayout,
+    KvtierError,
+    LayoutMismatchError,
+    Lease,
+    LookupResult,
+    Reservation,
+    Tier,
+)
+from kvtier.layout import dtype_name
+from kvtier_connectors.transformers.exact import MIN_ROWS
+from kvtier_connectors.transformers.models import SUPPORTED_TRANSFORMERS, transformers_version_supported
+
+# Elements sampled from each weight tensor for the model id: enough that two random initialisations or
+# a fine-tune never share a digest, few enough that hashing a large model takes milliseconds.
+_WEIGHT_SAMPLES = 64
+
+
+class UnsupportedModelError(KvtierError):
+    """The model's cache cannot be restored exactly (see the module docstring for the cases)."""
+
+
+class BlockStore(Protocol):
+    """The part of a kvtier store the connector uses (``kvtier.Store`` implements it)."""
+
+    @property
+    def layout(self) -> KVLayout: ...
+
+    def hasher(self, model_id: str, tp_rank: int = 0, tp_size: int = 1, tenant_salt: str = "") -> BlockHasher: ...
+
+    def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True) -> LookupResult: ...
+
+    def reserve(self, keys: Sequence[bytes]) -> Reservation: ...
+
+    def commit(self, reservation: Reservation) -> None: ...
+
+    def abort(self, reservation: Reservation) -> None: ...
+
+    def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease: ...
+
+    def release(self, lease: Lease) -> None: ...
+
+    def slot_view(self, slot: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A cache holding the first ``num_tokens`` tokens of a prompt, restored from ``tiers`` (one per block)."""
+
+    cache: DynamicCache
+    num_tokens: int
+    num_blocks: int
+    tiers: tuple[Tier, ...]
+    restore_s: float
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """A prefill: the model's output for the unrestored tail, the cache of the whole prompt, and timings."""
+
+    output: Any
+    cache: DynamicCache
+    prompt_tokens: int
+    restored_tokens: int
+    tiers: tuple[Tier, ...]
+    saved_blocks: int
+    restore_s: float
+    forward_s: float
+    save_s: float
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Logits of the tokens the forward computed (the tail): ``[batch, tail_tokens or kept, vocab]``."""
+        logits: torch.Tensor = self.output.logits
+        return logits
+
+    @property
+    def ttft_s(self) -> float:
+        """Seconds from the request to the first token's logits: restore plus forward (the save comes after)."""
+        return self.restore_s + self.forward_s
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def kv_layout(model: Any, block_tokens: int) -> KVLayout:
+    """The ``KVLayout`` of ``model``'s KV cache with ``block_tokens`` tokens per block."""
+    config = _text_config(model)
+    num_heads = int(config.num_attention_heads)
+    num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
+    return KVLayout(num_layers=int(config.num_hidden_layers), num_kv_heads=num_kv_heads, head_dim=head_dim,
+                    dtype=dtype_name(model.dtype), block_tokens=block_tokens)
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    with torch.no_grad():
+        for name, tensor in tensors:
+            flat = tensor.detach().reshape(-1)
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            if flat.numel() == 0 or flat.device.type == "meta":
+                continue
+            # Integer spacing: a float linspace rounds past the end of tensors of more than 2**24 elements.
+            count = min(flat.numel(), _WEIGHT_SAMPLES)
+            index = torch.arange(count, dtype=torch.int64) * (flat.numel() - 1) // max(1, count - 1)
+            sample = flat[index.to(flat.device)].cpu().contiguous()
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_id_for(model: Any) -> str:
+    """``"<name>@<digest>"``: what decides the bits of the model's KV, so two models share keys only if equal.
+
+    The digest covers the config (minus bookkeeping fields), a sample of every weight and buffer, the
+    weights' dtype, the attention implementation, the device type and the transformers and torch versions
+    (kernels and model code decide the last bits of KV, and restores promise bit-identical logits).
+    """
+    config = model.config
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    identity = {
+        "config": fields,
+        "dtype": str(model.dtype),
+        "attn_implementation": str(getattr(config, "_attn_implementation", None)),
+        "device_type": model.device.type,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "weights": _weights_digest(model),
+    }
+    canonical = json.dumps(identity, sort_keys=True, default=str)
+    name = getattr(config, "name_or_path", "") or getattr(config, "model_type", "model")
+    return f"{name}@{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward argument that takes the cache in this transformers version: ``cache`` or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class _SaveAfterPrefill(LogitsProcessor):  # type: ignore[misc,unused-ignore]
+    """A no-op logits processor that saves the prompt's blocks the first time ``generate`` calls it.
+
+    ``generate`` calls its logits processors right after each forward; after the first (the prefill) the
+    cache holds exactly the prompt, before decoding appends to it (or a sliding layer drops old tokens).
+    """
+
+    def __init__(self, connector: TransformersConnector, keys: list[list[bytes]], restored: Restored,
+                 num_tokens: int) -> None:
+        self.connector = connector
+        self.keys = keys
+        self.restored = restored
+        self.num_tokens = num_tokens
+        self.saved_blocks: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.saved_blocks is None:
+            self.saved_blocks = self.connector._save_after_forward(self.keys, self.restored, self.num_tokens)
+        return scores
+
+
+class TransformersConnector:
+    """Restores and saves prompt prefixes of one transformers model through one kvtier store."""
+
+    def __init__(self, model: Any, store: BlockStore, *, model_id: str | None = None,
+                 min_tail_tokens: int = MIN_ROWS) -> None:
+        if not transformers_version_supported():
+            raise UnsupportedModelError(
+                f"transformers {transformers.__version__} is not in the tested range {SUPPORTED_TRANSFORMERS}")
+        if min_tail_tokens < 1:
+            raise InvalidInputError(f"min_tail_tokens must be at least 1, got {min_tail_tokens}")
+        self.min_tail_tokens = min_tail_tokens
+        self.model = model
+        self.store = store
+        self.layout = store.layout
+        expected = kv_layout(model, store.layout.block_tokens)
+        if expected != store.layout:
+            raise LayoutMismatchError(f"the store's layout {store.layout} is not the model's KV layout {expected}")
+        self.model_id = model_id or model_id_for(model)
+        self.hasher = store.hasher(self.model_id)
+        self.windows = self._check_cache_layers()
+        self.cache_kwarg = cache_kwarg(model)
+
+    def _check_cache_layers(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (``None``: full attention); ``UnsupportedModelError`` for other layers."""
+        layers = self.new_cache().layers
+        if len(layers) != self.layout.num_layers:
+            raise UnsupportedModelError(
+                f"the model's cache has {len(layers)} layers but its config says {self.layout.num_layers}")
+        windows: list[int | None] = []
+        for i, layer in enumerate(layers):
+            if type(layer) is DynamicLayer:
+                windows.append(None)
+            elif type(layer) is DynamicSlidingWindowLayer:
+                windows.append(int(layer.sliding_window))
+            else:
+                raise UnsupportedModelError(
+                    f"layer {i} has a {type(layer).__name__} cache; kvtier restores only full and "
+                    "sliding-window attention layers")
+        return tuple(windows)
+
+    def new_cache(self) -> DynamicCache:
+        """An empty cache shaped like the one ``generate`` would build for this model."""
+        return DynamicCache(config=self.model.config)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _check_request(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InvalidInputError("input_ids must be a [batch, tokens] tensor with at least one token")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise InvalidInputError("padded batches are not supported (the attention mask has zeros): "
+                                    "pass the rows one at a time")
+        num_tokens = input_ids.shape[1]
+        for i, window in enumerate(self.windows):
+            if window is not None and num_tokens > window - 1:
+                raise UnsupportedModelError(
+                    f"layer {i} attends to a sliding window of {window} tokens; a prompt of {num_tokens} tokens "
+                    f"(more than {window - 1}) cannot be restored exactly")
+
+    def block_keys(self, input_ids: torch.Tensor) -> list[list[bytes]]:
+        """The keys of every whole block of each row of ``input_ids``."""
+        return [self.hasher.keys(row) for row in input_ids.detach().cpu()]
+
+    def restore(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> Restored:
+        """A cache holding the longest stored prefix of ``input_ids`` (the same length for every row).
+
+        Holds back at least ``min_tail_tokens`` tokens. Blocks are copied once, from the store's host slots
+        into the per-layer cache tensors, on the model's device.
+        """
+        self._check_request(input_ids, attention_mask)
+        return self._restore(input_ids, self.block_keys(input_ids))
+
+    def _restore(self, input_ids: torch.Tensor, keys: list[list[bytes]]) -> Restored:
+        started = time.perf_counter()
+        cache = self.new_cache()
+        max_tokens = input_ids.shape[1] - self.min_tail_tokens
+        if max_tokens <= 0:
+            return Restored(cache, 0, 0, (), time.perf_counter() - started)
+        # Only the blocks that can be used (the last one may be cut to leave min_tail_tokens), so that no
+        # disk read is started for the others.
+        usable = -(-max_tokens // self.layout.block_tokens)
+        lookups = [self.store.lookup(row_keys[:usable]) for row_keys in keys]
+        num_blocks = min(result.num_blocks for result in lookups)
+        if num_blocks == 0:
+            return Restored(cache, 0, 0, (), time.perf_counter() - started)
+        leases = [self.store.acquire(row_keys[:num_blocks]) for row_keys in keys]
+        try:
+            # A block may have gone (evicted, corrupt on disk) between lookup and acquire: restore what all
+            # rows still hold, contiguous from the start.
+            num_blocks = min(len(lease.slots) for lease in leases)
+            num_tokens = min(num_blocks * self.layout.block_tokens, max_tokens)
+            if num_blocks:
+                self._fill(cache, leases, num_blocks, num_tokens)
+        finally:
+            for lease in leases:
+                self.store.release(lease)
+        return Restored(cache, num_tokens, num_blocks, lookups[0].tiers[:num_blocks], time.perf_counter() - started)
+
+    def _fill(self, cache: DynamicCache, leases: list[Lease], num_blocks: int, num_tokens: int) -> None:
+        layout = self.layout
+        device = self.model.device
+        views = [[self.store.slot_view(slot).view(layout.block_shape) for slot in lease.slots[:num_blocks]]
+                 for lease in leases]
+        # Host slots are pinned where CUDA is present, so copies to a CUDA device may overlap.
+        non_blocking = device.type == "cuda"
+        shape = (len(leases), layout.num_kv_heads, num_blocks * layout.block_tokens, layout.head_dim)
+        layers: list[Any] = list(cache.layers)
+        for layer_index, layer in enumerate(layers):
+            planes = [torch.empty(shape, dtype=layout.torch_dtype, device=device) for _ in range(2)]
+            for plane, dst in enumerate(planes):
+                for row, row_views in enumerate(views):
+                    parts = [view[layer_index, plane] for view in row_views]
+                    if device.type == "cpu":
+                        torch.cat(parts, dim=1, out=dst[row])
+                    else:
+                        for i, part in enumerate(parts):
+                            start = i * layout.block_tokens
+                            dst[row, :, start : start + layout.block_tokens].copy_(part, non_blocking=non_blocking)
+            keys, values = (plane[:, :, :num_tokens] for plane in planes)
+            if type(layer) is DynamicLayer:
+                # Set directly: ``update`` would concatenate onto an empty tensor, a second full copy.
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+            else:
+                layer.update(keys, values)
+        if device.type == "cuda":
+            # The copies read pinned host slots; they must finish before the caller releases the leases.
+            torch.cuda.synchronize(device)
+
+    def save(self, input_ids: torch.Tensor, cache: DynamicCache, *, start_block: int = 0) -> int:
+        """Save the whole blocks of ``input_ids`` from ``cache`` that the store lacks; the number written.
+
+        ``cache`` must hold at least the prompt's tokens, computed by this model in forwards of at least 16
+        tokens each (see the module docstring). Blocks before ``start_block`` are not looked at.
+        """
+        self._check_request(input_ids, None)
+        return self._save_keys(self.block_keys(input_ids), cache, start_block)
+
+    def _save_after_forward(self, keys: list[list[bytes]], restored: Restored, num_tokens: int) -> int:
+        if num_tokens - restored.num_tokens < MIN_ROWS:
+            return 0
+        return self._save_keys(keys, restored.cache, restored.num_blocks)
+
+    def _save_keys(self, keys: list[list[bytes]], cache: DynamicCache, start_block: int) -> int:
+        layout = self.layout
+        layers: list[Any] = list(cache.layers)
+        planes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, layer in enumerate(layers):
+            k, v = layer.keys, layer.values
+            expected = (len(keys), layout.num_kv_heads, layout.head_dim)
+            if k is None or v is None or (k.shape[0], k.shape[1], k.shape[3]) != expected or k.shape != v.shape:
+                raise UnsupportedModelError(
+                    f"layer {i}'s cache is not [batch, {layout.num_kv_heads}, tokens, {layout.head_dim}] K and V "
+                    f"(got {None if k is None else tuple(k.shape)})")
+            planes.append((k, v))
+        written = 0
+        seen: set[bytes] = set()
+        for row, row_keys in enumerate(keys):
+            for block in range(start_block, len(row_keys)):
+                key = row_keys[block]
+                if key in seen:
+                    continue
+                seen.add(key)
+                if planes[0][0].shape[2] < (block + 1) * layout.block_tokens:
+                    raise InvalidInputError(f"the cache holds {planes[0][0].shape[2]} tokens, fewer than the prompt")
+                written += self._save_block(key, planes, row, block * layout.block_tokens)
+        return written
+
+    def _save_block(self, key: bytes, planes: list[tuple[torch.Tensor, torch.Tensor]], row: int, start: int) -> int:
+        # One block per reservation: a prompt larger than the host tier still saves (older blocks are
+        # demoted meanwhile), and a refusal skips one block instead of the whole prompt.
+        try:
+            reservation = self.store.reserve([key])
+        except CapacityError:
+            return 0
+        if not reservation.slots:
+            return 0
+        try:
+            dst = self.store.slot_view(reservation.slots[0]).view(self.layout.block_shape)
+            end = start + self.layout.block_tokens
+            for layer_index, (k, v) in enumerate(planes):
+                dst[layer_index, 0].copy_(k[row, :, start:end])
+                dst[layer_index, 1].copy_(v[row, :, start:end])
+        except BaseException:
+            self.store.abort(reservation)
+            raise
+        self.store.commit(reservation)
+        return 1
+
+    @staticmethod
+    def _check_no_cache(kwargs: dict[str, Any]) -> None:
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise InvalidInputError("the connector builds the cache itself: do not pass one")
+
+    def prefill(self, input_ids: torch.Tensor, **model_kwargs: Any) -> Prefill:
+        """Restore the stored prefix, run the model on the rest of the prompt, save the new whole blocks.
+
+        ``model_kwargs`` go to the model's forward (``attention_mask`` must be all ones; ``position_ids``,
+        if given, are for the whole prompt and are cut to the tail here).
+        """
+        self._check_no_cache(model_kwargs)
+        self._check_request(input_ids, model_kwargs.get("attention_mask"))
+        model_kwargs.pop("use_cache", None)
+        keys = self.block_keys(input_ids)
+        restored = self._restore(input_ids, keys)
+        started = time.perf_counter()
+        tail = restored.num_tokens
+        if model_kwargs.get("position_ids") is not None:
+            model_kwargs["position_ids"] = model_kwargs["position_ids"][:, tail:]
+        with torch.no_grad():
+            output = self.model(input_ids[:, tail:], use_cache=True, **{self.cache_kwarg: restored.cache},
+                                **model_kwargs)
+        forward_s = time.perf_counter() - started
+        started = time.perf_counter()
+        saved = self._save_after_forward(keys, restored, input_ids.shape[1])
+        return Prefill(output, restored.cache, input_ids.shape[1], tail, restored.tiers, saved,
+                       restored.restore_s, forward_s, time.perf_counter() - started)
+
+    def generate(self, input_ids: torch.Tensor, **generate_kwargs: Any) -> Any:
+        """``model.generate`` with the prompt's stored prefix restored first and its new blocks saved.
+
+        Returns what ``model.generate`` returns. Greedy search and sampling with one sequence per prompt;
+        beam search and several return sequences change the cache's batch and are refused
+        (``InvalidInputError``), as is a cache passed in by the caller.
+        """
+        beams = int(generate_kwargs.get("num_beams") or 1)
+        if beams != 1 or int(generate_kwargs.get("num_return_sequences") or 1) != 1:
+            raise InvalidInputError("generate through kvtier supports num_beams=1 and num_return_sequences=1")
+        self._check_no_cache(generate_kwargs)
+        self._check_request(input_ids, generate_kwargs.get("attention_mask"))
+        keys = self.block_keys(input_ids)
+        restored = self._restore(input_ids, keys)
+        saver = _SaveAfterPrefill(self, keys, restored, input_ids.shape[1])
+        processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+        processors.append(saver)
+        generate_kwargs[self.cache_kwarg] = restored.cache
+        return self.model.generate(input_ids, logits_processor=processors, **generate_kwargs)
