@@ -61,14 +61,14 @@ def make_kv_cache_config(layout: KVCacheLayout) -> KVCacheConfig:
     )
 
 
-def vllm_config_for(extra: dict[str, Any], tp_size: int = 1, executor: str = "uni") -> Any:
+def vllm_config_for(extra: dict[str, Any], tp_size: int = 1, executor: str = "uni", pp_size: int = 1) -> Any:
     """What a worker-side connector reads of a ``VllmConfig`` (a whole one needs a model on disk)."""
     return SimpleNamespace(
         kv_transfer_config=KVTransferConfig(
             kv_connector="KvtierConnector", kv_connector_module_path="kvtier_connectors.vllm",
             kv_role="kv_both", kv_connector_extra_config=extra),
         model_config=SimpleNamespace(model="tiny-test-model"),
-        parallel_config=SimpleNamespace(tensor_parallel_size=tp_size, pipeline_parallel_size=1,
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
                                         distributed_executor_backend=executor),
     )
 
@@ -239,4 +239,11 @@ def test_older_releases_k_and_v_planes_on_a_leading_dim_of_two() -> None:
 def test_the_embedded_store_refuses_a_worker_in_another_process(tp_size: int, executor: str) -> None:
     with pytest.raises(ConfigError, match="embedded store serves one process"):
         KvtierConnector(vllm_config_for({}, tp_size, executor), KVConnectorRole.WORKER,
+                        make_kv_cache_config(KVCacheLayout.LBNHC))
+
+
+@pytest.mark.parametrize("store", ["embedded", "daemon"])
+def test_pipeline_parallelism_is_refused(store: str) -> None:
+    with pytest.raises(ConfigError, match="pipeline_parallel_size"):
+        KvtierConnector(vllm_config_for({"store": store}, pp_size=2), KVConnectorRole.WORKER,
                         make_kv_cache_config(KVCacheLayout.LBNHC))

@@ -60,11 +60,14 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         parallel = vllm_config.parallel_config
         tp_size, pp_size = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
         executor = getattr(parallel, "distributed_executor_backend", None)
-        if self.settings.store == "embedded" and (tp_size > 1 or pp_size > 1 or executor not in (None, "uni")):
+        if pp_size > 1:
+            # Each pipeline stage holds other layers: a store serves one layout, so stages cannot share one.
+            raise ConfigError(f"pipeline_parallel_size must be 1 with kvtier (got {pp_size})")
+        if self.settings.store == "embedded" and (tp_size > 1 or executor not in (None, "uni")):
             # vLLM's scheduler and worker must share the process, or the scheduler's store never sees a save.
-            raise ConfigError("the embedded store serves one process: tensor_parallel_size and "
-                              "pipeline_parallel_size must be 1 and distributed_executor_backend 'uni' "
-                              f"(got {tp_size}, {pp_size}, {executor!r}); use store='daemon' for more")
+            raise ConfigError("the embedded store serves one process: tensor_parallel_size must be 1 and "
+                              f"distributed_executor_backend 'uni' (got {tp_size}, {executor!r}); "
+                              "use store='daemon' for more")
         self.layout, self.geometry = layout_from_kv_cache_config(kv_cache_config, self.settings.block_tokens)
         self.store = open_store(self.settings, self.layout)
         self._released = False

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.layout import KVLayout
-from kvtier.store import Store, Tier
+from kvtier.store import Tier
 from kvtier_connectors.vllm.metadata import KvtierMetadata, LoadSpec, SaveSpec
-from kvtier_connectors.vllm.settings import ChunkKeys, ConnectorSettings, VllmGeometry
+from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, ConnectorSettings, VllmGeometry
 
 
 @dataclass
@@ -42,7 +42,7 @@ class _Tracked:
 class SchedulerSide:
     """Per-request bookkeeping of the scheduler-side connector; see the module promises."""
 
-    def __init__(self, settings: ConnectorSettings, layout: KVLayout, geometry: VllmGeometry, store: Store,
+    def __init__(self, settings: ConnectorSettings, layout: KVLayout, geometry: VllmGeometry, store: BlockStore,
                  tp_size: int) -> None:
         self.store = store
         self.block_tokens = layout.block_tokens

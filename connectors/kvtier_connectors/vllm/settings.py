@@ -10,8 +10,9 @@ Promises:
   the chunk's last hash block)``. The namespace covers the model, the layout, vLLM's in-page byte order
   (``kv_cache_layout``), the rank and the tenant salt, so every process of a deployment that hashes
   prompts alike agrees on the keys, and blocks of another model, layout, page format or rank never match.
-- ``open_store`` hands every connector of one process and ``instance`` the same embedded ``Store``
-  (vLLM's scheduler and a single-process worker share it); ``release_store`` closes it after its last user.
+- ``open_store`` hands every connector of one process and ``instance`` the same store: an embedded
+  ``Store`` (vLLM's scheduler and a single-process worker share it) or a ``Client`` of the daemon (every
+  process of the host shares it); ``release_store`` closes it after its last user.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from kvtier.config import config_from_mapping, load_config
+from kvtier.config import StoreConfig, config_from_mapping, load_config
+from kvtier.daemon import Client
 from kvtier.errors import ConfigError, InvalidInputError, LayoutMismatchError
 from kvtier.keys import KEY_BYTES, Namespace
 from kvtier.layout import KVLayout, dtype_name
@@ -153,9 +155,12 @@ class ChunkKeys:
         return [self.key(chunk_hash) for chunk_hash in chunk_hashes]
 
 
+BlockStore = Store | Client
+
+
 @dataclass
 class _Shared:
-    store: Store
+    store: BlockStore
     users: int
 
 
@@ -163,21 +168,28 @@ _stores: dict[str, _Shared] = {}
 _stores_lock = threading.Lock()
 
 
-def open_store(settings: ConnectorSettings, layout: KVLayout) -> Store:
-    """The process's store named ``settings.instance``, created on first use; pair with ``release_store``."""
-    if settings.store == "daemon":
-        raise ConfigError("store='daemon' needs kvtier's daemon client, which this kvtier release does not have; "
-                          "use store='embedded'")
+def _store_config(settings: ConnectorSettings) -> StoreConfig:
+    if settings.config_path and settings.config:
+        raise ConfigError("give config_path or config, not both")
+    config = load_config(settings.config_path) if settings.config_path else config_from_mapping(settings.config)
+    if settings.store == "daemon" and not config.daemon.connect:
+        # store='daemon' with no address: the local daemon's default socket.
+        config = replace(config, daemon=replace(config.daemon, connect="unix"))
+    return config
+
+
+def open_store(settings: ConnectorSettings, layout: KVLayout) -> BlockStore:
+    """The process's store named ``settings.instance``, created on first use; pair with ``release_store``.
+
+    ``store='embedded'``: a ``Store`` in this process. ``store='daemon'``: a ``Client`` of the local
+    ``kvtier serve`` (``config.daemon.connect``, default its Unix socket), shared by every process.
+    """
     with _stores_lock:
         shared = _stores.get(settings.instance)
         if shared is None:
-            if settings.config_path:
-                config = load_config(settings.config_path)
-                if settings.config:
-                    raise ConfigError("give config_path or config, not both")
-            else:
-                config = config_from_mapping(settings.config)
-            shared = _stores[settings.instance] = _Shared(Store(layout, config), 0)
+            config = _store_config(settings)
+            store: BlockStore = Client(layout, config) if settings.store == "daemon" else Store(layout, config)
+            shared = _stores[settings.instance] = _Shared(store, 0)
         elif shared.store.layout != layout:
             raise LayoutMismatchError(
                 f"store instance {settings.instance!r} holds {shared.store.layout}, this connector needs {layout}"
@@ -186,7 +198,7 @@ def open_store(settings: ConnectorSettings, layout: KVLayout) -> Store:
         return shared.store
 
 
-def adopt_store(instance: str, store: Store) -> None:
+def adopt_store(instance: str, store: BlockStore) -> None:
     """Make ``store`` the process's store named ``instance`` (for tests and embedding applications).
 
     Connectors opened afterwards with that ``instance`` use it; ``release_store`` by the last of them closes it.

@@ -30,9 +30,8 @@ from kvtier.errors import LayoutMismatchError
 from kvtier.job import Job
 from kvtier.layout import KVLayout
 from kvtier.native import PagedKV, byte_rows
-from kvtier.store import Store
 from kvtier_connectors.vllm.metadata import KvtierMetadata, LoadSpec, SaveSpec
-from kvtier_connectors.vllm.settings import ChunkKeys, VllmGeometry
+from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, VllmGeometry
 
 
 @dataclass
@@ -65,7 +64,7 @@ def layer_segments(cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
 class WorkerSide:
     """The worker-side connector's state; see the module promises."""
 
-    def __init__(self, layout: KVLayout, geometry: VllmGeometry, store: Store, keys: ChunkKeys) -> None:
+    def __init__(self, layout: KVLayout, geometry: VllmGeometry, store: BlockStore, keys: ChunkKeys) -> None:
         self.layout = layout
         self.geometry = geometry
         self.store = store
