@@ -85,6 +85,12 @@ class HostTier:
             entry = self._entries.get(key)
             return entry is not None and entry.state is SlotState.READY
 
+    def ready_flags(self, keys: Sequence[bytes]) -> list[bool]:
+        """``is_ready`` of every key under one acquisition of the lock (lookups of long prompts)."""
+        with self._lock:
+            entries = self._entries
+            return [(entry := entries.get(key)) is not None and entry.state is SlotState.READY for key in keys]
+
     def room(self) -> int:
         """Slots that can be had now: free ones plus ready, unpinned ones."""
         with self._lock:

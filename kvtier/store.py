@@ -133,8 +133,8 @@ class Store:
         with self._lock:
             self._check_open()
             tiers: list[Tier] = []
-            for key in keys:
-                tier = self._tier_of(key)
+            for key, host_ready in zip(keys, self.host.ready_flags(keys), strict=True):
+                tier = self._tier_of(key, host_ready)
                 if tier is None:
                     break
                 tiers.append(tier)
@@ -151,10 +151,10 @@ class Store:
                             self._start_promotion(key)
         return LookupResult(len(tiers), tuple(tiers))
 
-    def _tier_of(self, key: bytes) -> Tier | None:
+    def _tier_of(self, key: bytes, host_ready: bool) -> Tier | None:
         if key in self._promotions:
             return Tier.DISK
-        if self.host.is_ready(key):
+        if host_ready:
             return Tier.HOST
         if self.disk is not None and self.disk.contains(key):
             return Tier.DISK
@@ -165,7 +165,7 @@ class Store:
         check_keys([key])
         with self._lock:
             self._check_open()
-            return self._tier_of(key)
+            return self._tier_of(key, self.host.is_ready(key))
 
     # -- put ----------------------------------------------------------------------------------------
 
