@@ -70,12 +70,11 @@ class HostArena:
             path.unlink()
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
 
-    def slot(self, index: int) -> torch.Tensor:
-        """A uint8 view of slot ``index`` (``slot_bytes`` long)."""
+    def slot(self, index: int, nbytes: int | None = None) -> torch.Tensor:
+        """A uint8 view of the first ``nbytes`` (default all ``slot_bytes``) of slot ``index``."""
         if self._closed:
             raise ClosedError("the host arena is closed")
-        start = index * self.slot_bytes
-        return self.tensor[start : start + self.slot_bytes]
+        return self.tensor.narrow(0, index * self.slot_bytes, self.slot_bytes if nbytes is None else nbytes)
 
     def start_pinning(self, chunk_bytes: int) -> None:
         """Register the arena with CUDA as page-locked memory, chunk by chunk, in the background."""

@@ -73,7 +73,7 @@ class HostTier:
 
     def payload(self, slot: int) -> torch.Tensor:
         """The ``block_bytes`` of slot ``slot`` as a uint8 view."""
-        return self.arena.slot(slot)[: self.block_bytes]
+        return self.arena.slot(slot, self.block_bytes)
 
     def state(self, key: bytes) -> SlotState | None:
         with self._lock:

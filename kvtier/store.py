@@ -77,6 +77,7 @@ class Lease:
     slots: tuple[int, ...]
 
 
+
 def as_bytes(block: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor (no copy)."""
     return block.reshape(-1).view(torch.uint8)
@@ -114,7 +115,7 @@ class Store:
             self.disk = DiskTier(self.config.disk, layout, make_admission(self.config.disk.admission,
                                                                            max(1, capacity_blocks)))
         self.host = HostTier(self.arena, make_policy(self.config.host.policy, num_slots), layout.block_bytes,
-                             on_evict=self._demote)
+                             on_evict=None if self.disk is None else self._demote)
         self.transfer = transfer or make_transfer_engine(self.config.transfer)
 
     # -- keys ---------------------------------------------------------------------------------------
@@ -188,9 +189,12 @@ class Store:
             self._counters["put_failed_blocks"] += len(refused)
             if stored:
                 job.add_parts()
-                pairs = [(self.host.payload(slot), as_bytes(blocks[i])) for i, slot in zip(stored, slots, strict=True)]
-                stored_keys = [keys[i] for i in stored]
-                self.transfer.submit(pairs, Direction.STORE, self._on_put_done(job, stored, stored_keys))
+        # Reserved slots are this call's alone, so the copies are queued outside the lock: a completion
+        # callback never waits for us. One job for the whole call: the engine splits it across its workers
+        # (batching smaller jobs made the building thread and the copying workers fight over the GIL).
+        if stored:
+            pairs = [(self.host.payload(slot), as_bytes(blocks[i])) for i, slot in zip(stored, slots, strict=True)]
+            self.transfer.submit(pairs, Direction.STORE, self._on_put_done(job, stored, [keys[i] for i in stored]))
         return job.seal()
 
     def _present_or_writing(self, key: bytes) -> bool:
@@ -253,8 +257,9 @@ class Store:
                     continue
                 job.add_parts()
                 promotion.add_done_callback(self._after_promotion(job, i, keys[i], blocks[i]))
-            if ready:
-                self._load(job, ready, [keys[i] for i in ready], [slots[i] for i in ready], [blocks[i] for i in ready])
+        # Acquired slots stay put until released: copy them outside the lock, as in put.
+        if ready:
+            self._load(job, ready, [keys[i] for i in ready], [slots[i] for i in ready], [blocks[i] for i in ready])
         return job.seal()
 
     def _load(self, job: Job, indices: list[int], keys: list[bytes], slots: Sequence[int | None],
