@@ -34,7 +34,7 @@ import heapq
 import json
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,15 +234,20 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
                         disk.blocks_written if disk else 0, disk.blocks_reinserted if disk else 0, offers, admitted)
 
 
+def _leading_run(request: Sequence[int], present: Container[int]) -> int:
+    """How many of ``request``'s blocks, from the first, are all ``present``: the prefix a lookup finds."""
+    for count, key in enumerate(request):
+        if key not in present:
+            return count
+    return len(request)
+
+
 def replay_single(trace: Trace, capacity: int, policy: str) -> float:
     """Block hit ratio of one cache of ``capacity`` blocks that admits everything, under ``policy``."""
     cache = make_policy(policy, capacity)
     hits = 0
     for request in trace.requests:
-        for key in request:
-            if key not in cache:
-                break
-            hits += 1
+        hits += _leading_run(request, cache)
         for key in reversed(request):
             if key in cache:
                 cache.touch(key)
@@ -277,10 +282,7 @@ def replay_belady(trace: Trace, capacity: int) -> float:
     hits = 0
     position = 0
     for request in trace.requests:
-        for key in request:
-            if key not in cached:
-                break
-            hits += 1
+        hits += _leading_run(request, cached)
         for key in reversed(request):
             upcoming = next_use[position]
             position += 1

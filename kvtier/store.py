@@ -78,6 +78,16 @@ class Lease:
 
 
 
+def check_keys_and_blocks(layout: KVLayout, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> list[bytes]:
+    """The arguments of a put or get, checked: one well-formed key per block of ``layout``."""
+    checked = check_keys(keys)
+    if len(checked) != len(blocks):
+        raise InvalidInputError(f"{len(checked)} keys but {len(blocks)} blocks")
+    for i, block in enumerate(blocks):
+        layout.check_block(block, f"blocks[{i}]")
+    return checked
+
+
 def as_bytes(block: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor (no copy)."""
     return block.reshape(-1).view(torch.uint8)
@@ -177,7 +187,7 @@ class Store:
         pinned or in flight) are reported as failed; the earliest keys get slots first, since a prefix is
         worth more than its tail. The caller must not change ``blocks`` until the job is done.
         """
-        keys = self._check_blocks(keys, blocks)
+        keys = check_keys_and_blocks(self.layout, keys, blocks)
         job = Job("put", len(keys), self.transfer.poll)
         with self._lock:
             self._check_open()
@@ -241,7 +251,7 @@ class Store:
         Host blocks are pinned and copied; disk blocks are first read into a host slot (promotion, already
         under way if ``lookup`` prefetched them). Absent or corrupt blocks are failed indices of the job.
         """
-        keys = self._check_blocks(keys, blocks)
+        keys = check_keys_and_blocks(self.layout, keys, blocks)
         job = Job("get", len(keys), self.transfer.poll)
         with self._lock:
             self._check_open()
@@ -394,14 +404,6 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("the store is closed")
-
-    def _check_blocks(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> list[bytes]:
-        checked = check_keys(keys)
-        if len(checked) != len(blocks):
-            raise InvalidInputError(f"{len(checked)} keys but {len(blocks)} blocks")
-        for i, block in enumerate(blocks):
-            self.layout.check_block(block, f"blocks[{i}]")
-        return checked
 
     def _disk_tier_stats(self) -> TierStats:
         assert self.disk is not None

@@ -46,7 +46,7 @@ from kvtier.job import Job
 from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_key, check_keys
 from kvtier.layout import KVLayout
 from kvtier.stats import StoreStats
-from kvtier.store import Lease, LookupResult, Reservation, Tier, as_bytes
+from kvtier.store import Lease, LookupResult, Reservation, Tier, as_bytes, check_keys_and_blocks
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
 
 _ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
@@ -322,12 +322,7 @@ class Client:
     def _check_blocks(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> list[bytes]:
         if self._closed:
             raise ClosedError("the client is closed")
-        checked = check_keys(keys)
-        if len(checked) != len(blocks):
-            raise InvalidInputError(f"{len(checked)} keys but {len(blocks)} blocks")
-        for i, block in enumerate(blocks):
-            self.layout.check_block(block, f"blocks[{i}]")
-        return checked
+        return check_keys_and_blocks(self.layout, keys, blocks)
 
     def stats(self) -> StoreStats:
         return stats_from_dict(self._conn.call("stats")["stats"])
