@@ -15,8 +15,8 @@ from kvtier.replay import RegionLog, Trace, load_trace, replay_belady, replay_si
 
 REPO = Path(__file__).resolve().parent.parent
 MOONCAKE = next((path for path in (Path(os.environ.get("KVTIER_MOONCAKE_TRACE", "")),
-                                   REPO / "data" / "mooncake_synthetic_trace.jsonl",
-                                   Path("/work/shared/data/mooncake_synthetic_trace.jsonl")) if path.is_file()), None)
+                                   REPO.parent / "shared" / "data" / "mooncake_synthetic_trace.jsonl")
+                 if path.is_file()), None)
 needs_mooncake = pytest.mark.skipif(MOONCAKE is None, reason="the Mooncake synthetic trace is not on this machine")
 
 
