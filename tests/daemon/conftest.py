@@ -6,7 +6,6 @@ metrics on; every daemon is stopped with SIGTERM at teardown and must exit 0 and
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import daemon_workers as workers
 import pytest
 import torch
 
@@ -27,19 +27,15 @@ from kvtier import KVLayout, StoreConfig
 from kvtier.daemon import Client
 from kvtier.daemon.client import Connection
 
+# The client processes and the tests share one rule for keys and blocks, so either can check the other's.
+LAYOUT, block_for = workers.LAYOUT, workers.block_for
+
 LAYOUT_ARG = "num_layers=2,num_kv_heads=2,head_dim=8,dtype=float32,block_tokens=4"
 TOKEN = "s3cret-token"
-LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)  # 1 KiB blocks
 
 
 def key_of(index: int, space: str = "test") -> bytes:
-    return hashlib.sha256(f"{space}-{index}".encode()).digest()[:16]
-
-
-def block_for(key: bytes) -> torch.Tensor:
-    """The one block the tests store under ``key`` (the same rule as in daemon_workers.py)."""
-    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-    return torch.randn(LAYOUT.block_shape, generator=generator)
+    return workers.key_of(index, space)
 
 
 @dataclass(frozen=True)
