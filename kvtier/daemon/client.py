@@ -13,6 +13,12 @@ Promises:
 - Error replies raise ``CapacityError``, ``InvalidInputError``, ``LayoutMismatchError`` or ``AuthError`` where
   the daemon raised that class, else ``ServerError(kind, message)``. A daemon that goes away raises
   ``ProtocolError`` in calls and fails the blocks of running jobs; a closed client raises ``ClosedError``.
+- A broken connection is reopened by a later call, with exponential backoff between attempts
+  (``RECONNECT_MIN_S`` doubling up to ``RECONNECT_MAX_S``; a call inside the wait raises ``ProtocolError``
+  at once, without touching the socket). A restarted daemon's new arena is mapped (and pinned) anew; the
+  old mapping stays mapped until ``close``, so copies still queued on it never touch unmapped memory.
+- ``slot_rows()`` is the mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (Unix only): where CUDA is
+  present and ``host.pin`` is set the mapping is registered with CUDA in this process too.
 - A block is committed only after its bytes were fully copied into its slot; a failed copy is aborted.
 - Every method is safe to call from several threads (requests are serialized on the one connection).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -54,6 +61,8 @@ _ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
 _TIERS = {tier.value: tier for tier in Tier}
 # Room left in a payload frame for the msgpack envelope and the keys.
 _FRAME_SLACK_BYTES = 64 * 1024
+RECONNECT_MIN_S = 0.05
+RECONNECT_MAX_S = 5.0
 
 
 def parse_address(address: str, config: StoreConfig) -> tuple[str, str | tuple[str, int]]:
@@ -127,6 +136,10 @@ class Connection:
             raise ProtocolError(f"reply {reply['id']} to request {request_id}")
         return reply
 
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -141,13 +154,23 @@ class Client:
                  timeout: float | None = None) -> None:
         self.layout = layout
         self.config = config or StoreConfig()
-        self._conn = Connection(address or self.config.daemon.connect or "unix", self.config, layout=layout,
-                                namespace=namespace, token=token, timeout=timeout)
+        target = address or self.config.daemon.connect or "unix"
+
+        def connect() -> Connection:
+            return Connection(target, self.config, layout=layout, namespace=namespace, token=token, timeout=timeout)
+
+        self._connect = connect
+        self._conn = self._connect()
         hello = self._conn.hello
         self.hash_algo: HashAlgo = hello["hash_algo"]
         self.slot_bytes: int = hello["slot_bytes"]
         self.remote = self._conn.transport == "tcp"
         self.arena: HostArena | None = None
+        self._retired: list[HostArena] = []
+        self._reconnect_lock = threading.Lock()
+        self._backoff_s = RECONNECT_MIN_S
+        self._retry_at = 0.0
+        self.reconnects = 0
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         try:
@@ -155,13 +178,53 @@ class Client:
                 # One worker keeps a remote client's jobs in submission order.
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-remote")
             else:
-                self.arena = HostArena(hello["num_slots"], self.slot_bytes, name=hello["arena"], create=False)
-                if self.config.host.pin:
-                    self.arena.start_pinning(self.config.host.pin_chunk_bytes)
+                self._map_arena(hello)
             self.transfer = transfer or make_transfer_engine(self.config.transfer)
         except BaseException:
             self._conn.close()
             raise
+
+    def _map_arena(self, hello: Message) -> None:
+        if self.arena is not None and self.arena.name == hello["arena"]:
+            return
+        arena = HostArena(hello["num_slots"], hello["slot_bytes"], name=hello["arena"], create=False)
+        if self.config.host.pin:
+            arena.start_pinning(self.config.host.pin_chunk_bytes)
+        if self.arena is not None:
+            self._retired.append(self.arena)
+        self.arena = arena
+
+    def _call(self, op: str, **fields: Any) -> Message:
+        """``Connection.call`` on a live connection, reopened (with backoff) after the daemon went away."""
+        return self._live().call(op, **fields)
+
+    def _live(self) -> Connection:
+        conn = self._conn
+        if not conn.broken:
+            return conn
+        with self._reconnect_lock:
+            if self._closed:
+                raise ClosedError("the client is closed")
+            if not self._conn.broken:
+                return self._conn
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise ProtocolError(f"the daemon is unreachable; next attempt in {self._retry_at - now:.2f} s")
+            try:
+                fresh = self._connect()
+                if fresh.hello["hash_algo"] != self.hash_algo or fresh.hello["slot_bytes"] != self.slot_bytes:
+                    fresh.close()
+                    raise ProtocolError("the restarted daemon hashes or lays out blocks differently")
+                if not self.remote:
+                    self._map_arena(fresh.hello)
+            except KvtierError:
+                self._retry_at = now + self._backoff_s
+                self._backoff_s = min(self._backoff_s * 2, RECONNECT_MAX_S)
+                raise
+            self._conn.close()
+            self._conn, self._backoff_s, self._retry_at = fresh, RECONNECT_MIN_S, 0.0
+            self.reconnects += 1
+            return fresh
 
     # -- keys and lookups -----------------------------------------------------------------------------
 
@@ -172,11 +235,11 @@ class Client:
 
     def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True) -> LookupResult:
         """The longest leading run of ``keys`` present in the daemon; disk hits are prefetched into host."""
-        reply = self._conn.call("lookup", keys=check_keys(keys), prefetch=prefetch)
+        reply = self._call("lookup", keys=check_keys(keys), prefetch=prefetch)
         return LookupResult(reply["num_blocks"], tuple(_TIERS[tier] for tier in reply["tiers"]))
 
     def contains(self, key: bytes) -> Tier | None:
-        tier = self._conn.call("contains", keys=[check_key(key)])["tier"]
+        tier = self._call("contains", keys=[check_key(key)])["tier"]
         return None if tier is None else Tier(tier)
 
     # -- put and get ------------------------------------------------------------------------------------
@@ -188,7 +251,7 @@ class Client:
         if self._pool is not None:
             return self._remote(job, self._remote_put, keys, blocks)
         try:
-            reply = self._conn.call("reserve", keys=keys)
+            reply = self._call("reserve", keys=keys)
         except CapacityError:
             job.fail(range(len(keys)))
             return job.seal()
@@ -205,7 +268,7 @@ class Client:
         def on_done(error: BaseException | None) -> None:
             failed: list[int] = []
             try:
-                self._conn.call("commit" if error is None else "abort", keys=keys)
+                self._call("commit" if error is None else "abort", keys=keys)
                 if error is not None:
                     failed = indices
             except KvtierError:
@@ -220,7 +283,7 @@ class Client:
         job = Job("get", len(keys), self.transfer.poll)
         if self._pool is not None:
             return self._remote(job, self._remote_get, keys, blocks)
-        slots: list[int | None] = self._conn.call("acquire", keys=keys, prefix=False)["slots"]
+        slots: list[int | None] = self._call("acquire", keys=keys, prefix=False)["slots"]
         job.fail(i for i, slot in enumerate(slots) if slot is None)
         leased = [(i, slot) for i, slot in enumerate(slots) if slot is not None]
         if leased:
@@ -234,7 +297,7 @@ class Client:
         def on_done(error: BaseException | None) -> None:
             # The daemon drops the leases of a broken connection itself; the bytes are already copied.
             with contextlib.suppress(KvtierError):
-                self._conn.call("release", keys=keys)
+                self._call("release", keys=keys)
             job.part_done(indices if error is not None else ())
 
         return on_done
@@ -265,7 +328,7 @@ class Client:
         for chunk in self._chunks(len(keys)):
             data = [as_bytes(blocks[i]).cpu().numpy().tobytes() for i in chunk]
             try:
-                self._conn.call("put", keys=[keys[i] for i in chunk], data=data)
+                self._call("put", keys=[keys[i] for i in chunk], data=data)
             except CapacityError:
                 failed.extend(chunk)
         return failed
@@ -273,7 +336,7 @@ class Client:
     def _remote_get(self, keys: list[bytes], blocks: Sequence[torch.Tensor]) -> list[int]:
         failed: list[int] = []
         for chunk in self._chunks(len(keys)):
-            data = self._conn.call("get", keys=[keys[i] for i in chunk])["data"]
+            data = self._call("get", keys=[keys[i] for i in chunk])["data"]
             for i, payload in zip(chunk, data, strict=True):
                 if payload is None:
                     failed.append(i)
@@ -286,23 +349,29 @@ class Client:
     def reserve(self, keys: Sequence[bytes]) -> Reservation:
         """Reserve arena slots for the absent ``keys``; see ``Store.reserve``."""
         self._local_only("reserve")
-        reply = self._conn.call("reserve", keys=check_keys(keys))
+        reply = self._call("reserve", keys=check_keys(keys))
         return Reservation(tuple(reply["keys"]), tuple(reply["slots"]), tuple(reply["skipped"]))
 
     def commit(self, reservation: Reservation) -> None:
-        self._conn.call("commit", keys=list(reservation.keys))
+        self._call("commit", keys=list(reservation.keys))
 
     def abort(self, reservation: Reservation) -> None:
-        self._conn.call("abort", keys=list(reservation.keys))
+        self._call("abort", keys=list(reservation.keys))
 
     def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease:
         """Pin the longest leading run of readable ``keys`` (promoting disk blocks first); see ``Store.acquire``."""
         self._local_only("acquire")
-        reply = self._conn.call("acquire", keys=check_keys(keys), prefix=True, timeout=timeout)
+        reply = self._call("acquire", keys=check_keys(keys), prefix=True, timeout=timeout)
         return Lease(tuple(reply["keys"]), tuple(slot for slot in reply["slots"] if slot is not None))
 
     def release(self, lease: Lease) -> None:
-        self._conn.call("release", keys=list(lease.keys))
+        self._call("release", keys=list(lease.keys))
+
+    def slot_rows(self) -> torch.Tensor:
+        """The mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (remapped after a daemon restart)."""
+        self._local_only("slot_rows")
+        assert self.arena is not None
+        return self.arena.tensor.view(self.arena.num_slots, self.arena.slot_bytes)
 
     def slot_view(self, slot: int) -> torch.Tensor:
         """The block bytes of arena slot ``slot`` as a flat tensor of the layout's dtype."""
@@ -325,11 +394,11 @@ class Client:
         return check_keys_and_blocks(self.layout, keys, blocks)
 
     def stats(self) -> StoreStats:
-        return stats_from_dict(self._conn.call("stats")["stats"])
+        return stats_from_dict(self._call("stats")["stats"])
 
     def flush(self) -> None:
         """Ask the daemon to write its disk tier's open region now."""
-        self._conn.call("flush")
+        self._call("flush")
 
     def close(self) -> None:
         """Finish running jobs, then disconnect and unmap the arena. Idempotent."""
@@ -340,8 +409,8 @@ class Client:
             self._pool.shutdown(wait=True)
         self.transfer.close()
         self._conn.close()
-        if self.arena is not None:
-            self.arena.close()
+        for arena in [*self._retired, *([self.arena] if self.arena is not None else [])]:
+            arena.close()
 
     def __enter__(self) -> Client:
         return self

@@ -1,8 +1,8 @@
 """The vLLM connector driven by vLLM's own Scheduler on the CPU, with a fake model that writes known KV.
 
 Scenario (numbered as in the issue):
-1. a request is scheduled, computed and finished; its chunks are saved and vLLM keeps its blocks until the
-   worker reports the saves done;
+1. a request is scheduled, computed and finished; its chunks are saved (vLLM frees its blocks at once: the
+   copies are queued ahead of any reuse);
 2. vLLM's prefix cache is reset; a second request with the same prefix is admitted with the external hit
    counted, and its blocks hold the first request's KV, byte for byte;
 3. a third request whose stored chunk is corrupt gets that chunk's blocks reported as load errors, and
@@ -54,7 +54,7 @@ from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
 from kvtier.config import DiskConfig, HostConfig, StoreConfig, TransferConfig  # noqa: E402
 from kvtier.job import Job  # noqa: E402
-from kvtier.store import Store  # noqa: E402
+from kvtier.store import Lease, Store  # noqa: E402
 from kvtier_connectors.vllm import KvtierConnector  # noqa: E402
 from kvtier_connectors.vllm.settings import adopt_store, layout_from_kv_cache_config  # noqa: E402
 
@@ -69,6 +69,11 @@ class CorruptingStore(Store):
     """A store whose chosen keys fail their read, as a block that fails its checksum does."""
 
     corrupt: set[bytes]
+
+    def acquire(self, keys: Any, timeout: float | None = None) -> Lease:
+        keys = list(keys)
+        cut = next((i for i, key in enumerate(keys) if key in self.corrupt), len(keys))
+        return super().acquire(keys[:cut], timeout)
 
     def get(self, keys: Any, blocks: Any) -> Job:
         job = super().get(keys, blocks)
@@ -223,10 +228,10 @@ def test_save_then_reset_then_load_then_corrupt(engine: Engine) -> None:
     store = engine.worker.store
     assert isinstance(store, CorruptingStore)
 
-    # 1. Schedule, compute, finish; whole chunks are saved and the blocks held until the saves complete.
+    # 1. Schedule, compute, finish; whole chunks are saved and no request is held for them.
     first = engine.add("first", [*prefix, 1, 2, 3])
     engine.run_until_done(first)
-    assert "first" in engine.finished_sending
+    assert not engine.finished_sending
     assert store.stats().put_blocks == 5
 
     # 2. Reset vLLM's prefix cache: the second request's hit is external, its blocks are loaded.
@@ -245,7 +250,8 @@ def test_save_then_reset_then_load_then_corrupt(engine: Engine) -> None:
     engine.run_until_done(second)
     assert engine.load_errors[-1] == set()
 
-    # 3. Chunk 2 of the prefix is corrupt: its block is reported and recomputed, never scattered.
+    # 3. Chunk 2 of the prefix is corrupt: its block and those after it are reported and recomputed, never
+    #    scattered.
     assert engine.scheduler.reset_prefix_cache()
     keys = engine.worker.worker_side.keys if engine.worker.worker_side else None
     assert keys is not None
@@ -254,7 +260,7 @@ def test_save_then_reset_then_load_then_corrupt(engine: Engine) -> None:
     third = engine.add("third", [*prefix, 6])
     engine.step()
     third_blocks = engine.scheduler.kv_cache_manager.get_block_ids("third")[0]
-    assert engine.load_errors[-1] == {third_blocks[2]}
+    assert engine.load_errors[-1] == set(third_blocks[2:5])
     # vLLM keeps the two chunks before the corrupt one and recomputes from there.
     assert third.num_computed_tokens == 2 * BLOCK
     engine.step()

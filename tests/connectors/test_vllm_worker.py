@@ -2,7 +2,8 @@
 
 Saves pages from some block ids, loads them into others (bytes identical), layer by layer in order, for
 layer-compact and block-outermost layouts, one or two vLLM blocks per kvtier block; failed loads are
-reported and never scattered; a cache kvtier cannot read as pages is refused with a clear error.
+reported and never scattered; a cache kvtier cannot read as pages is refused with a clear error. Synchronous
+loads are in place when ``start_load_kv`` returns (before any layer hook).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from kvtier.config import HostConfig, StoreConfig, TransferConfig  # noqa: E402
 from kvtier.errors import ConfigError, LayoutMismatchError  # noqa: E402
 from kvtier.store import Store  # noqa: E402
 from kvtier_connectors.vllm import KvtierConnector  # noqa: E402
-from kvtier_connectors.vllm.metadata import KvtierMetadata, LoadSpec, SaveSpec  # noqa: E402
+from kvtier_connectors.vllm.metadata import KvtierMetadata  # noqa: E402
 from kvtier_connectors.vllm.settings import adopt_store, layout_from_kv_cache_config  # noqa: E402
+from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec  # noqa: E402
 
 BLOCK = 16
 NUM_BLOCKS = 32
@@ -97,15 +99,14 @@ class Worker:
             self.connector.save_kv_layer(name, self.kv_caches[name], None)
         self.connector.wait_for_save()
         self.connector.clear_connector_metadata()
-        self.wait_finished({spec.req_id}, sending=True)
+        sent, _ = self.connector.get_finished({spec.req_id})
+        assert sent is None  # saves never hold a request
 
-    def wait_finished(self, req_ids: set[str], sending: bool, timeout_s: float = 10.0) -> None:
+    def wait_received(self, req_ids: set[str], timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
-        finished_req_ids = set(req_ids) if sending else set()
         while True:
-            sent, received = self.connector.get_finished(finished_req_ids)
-            finished_req_ids = set()
-            if (sent if sending else received) == req_ids:
+            _, received = self.connector.get_finished(set())
+            if received == req_ids:
                 return
             assert time.monotonic() < deadline, f"{req_ids} not reported within {timeout_s} s"
             time.sleep(0.005)
@@ -125,7 +126,7 @@ def worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
     worker.connector.shutdown()
 
 
-def test_saved_pages_load_into_other_blocks_layer_by_layer(worker: Worker) -> None:
+def test_saved_pages_load_into_other_blocks_before_the_forward(worker: Worker) -> None:
     source, target = [3, 7, 1], [10, 11, 12]
     expected = {name: worker.pages(name, source) for name in LAYERS}
     hashes = fake_hashes(3)
@@ -134,12 +135,8 @@ def test_saved_pages_load_into_other_blocks_layer_by_layer(worker: Worker) -> No
 
     worker.connector.bind_connector_metadata(KvtierMetadata(loads=[LoadSpec("b", hashes, tuple(target), 0, False)]))
     worker.connector.start_load_kv(None)  # type: ignore[arg-type]
-    for index, name in enumerate(LAYERS):
-        worker.connector.wait_for_layer_load(name)
-        for later in LAYERS[index + 1 :]:
-            assert not torch.equal(worker.pages(later, target), expected[later])
-        for earlier in LAYERS[: index + 1]:
-            assert torch.equal(worker.pages(earlier, target), expected[earlier])
+    for name in LAYERS:
+        assert torch.equal(worker.pages(name, target), expected[name])
     worker.connector.wait_for_save()
     worker.connector.clear_connector_metadata()
     assert worker.connector.get_block_ids_with_load_errors() == set()
@@ -170,7 +167,7 @@ def test_an_async_load_is_reported_when_its_pages_are_in_place(worker: Worker) -
     worker.connector.start_load_kv(None)  # type: ignore[arg-type]
     worker.connector.wait_for_save()
     worker.connector.clear_connector_metadata()
-    worker.wait_finished({"b"}, sending=False)
+    worker.wait_received({"b"})
     for name in LAYERS:
         assert torch.equal(worker.pages(name, [14, 15]), expected[name])
 
@@ -184,12 +181,12 @@ def test_a_failed_chunk_is_reported_and_not_scattered(worker: Worker) -> None:
     worker.connector.start_load_kv(None)  # type: ignore[arg-type]
     worker.connector.wait_for_save()
     worker.connector.clear_connector_metadata()
-    assert worker.connector.get_block_ids_with_load_errors() == {21}
+    # KV after a missing chunk is useless to vLLM (it recomputes from the first failure): 22 is reported too.
+    assert worker.connector.get_block_ids_with_load_errors() == {21, 22}
     assert worker.connector.get_block_ids_with_load_errors() == set()
     for name in LAYERS:
         assert torch.equal(worker.pages(name, [21]), before[name])
         assert torch.equal(worker.pages(name, [20]), worker.pages(name, [2]))
-        assert torch.equal(worker.pages(name, [22]), worker.pages(name, [6]))
 
 
 def test_a_cache_that_is_not_pages_on_a_block_dimension_is_refused(worker: Worker) -> None:

@@ -1,4 +1,4 @@
-"""``KvtierConnector``: kvtier as a vLLM V1 KV connector (``KVConnectorBase_V1`` and ``SupportsHMA``).
+"""``KvtierConnector``: kvtier as a vLLM V1 KV connector (``KVConnectorBase_V1``).
 
 Load it with ``--kv-transfer-config '{"kv_connector": "KvtierConnector", "kv_connector_module_path":
 "kvtier_connectors.vllm", "kv_role": "kv_both", "kv_connector_extra_config": {...}}'`` (docs/connectors/vllm.md).
@@ -9,6 +9,12 @@ Promises:
 - A configuration kvtier cannot serve (several KV cache groups, a layout it cannot store, a tensor- or
   pipeline-parallel deployment on the embedded store) fails at construction or at ``register_kv_caches``
   with a ``ConfigError`` or ``LayoutMismatchError`` that says what to change; it never stores garbage.
+- It does not declare ``SupportsHMA``: vLLM then turns its hybrid KV cache manager off by itself, so
+  sliding-window models (Gemma 2/3, gpt-oss) run with every layer keeping all its tokens, which kvtier stores.
+- It never needs piecewise CUDA graphs (synchronous loads are in place before the forward starts), never
+  holds a finished request's blocks, and is a best-effort cache (``requires_kv_delivery`` is False).
+- ``reset_cache`` (vLLM's ``reset_prefix_cache(reset_connector=True)``) puts everything stored before out of
+  reach; ``take_events`` reports the chunks it saves; ``get_kv_connector_stats`` counts loads and saves.
 - Safe ``prefix_caching_hash_algo`` settings: ``sha256`` (vLLM's default) and ``sha256_cbor`` give the same
   hashes in every process that shares ``PYTHONHASHSEED`` (unset everywhere, or one value everywhere);
   ``sha256_cbor`` also across Python versions. ``xxhash`` and ``xxhash_cbor`` draw a random seed per process
@@ -25,7 +31,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
-    SupportsHMA,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -39,18 +44,24 @@ from kvtier_connectors.vllm.settings import (
     open_store,
     release_store,
 )
+from kvtier_connectors.vllm.stats import KvtierStats, chunk_stored_event
 from kvtier_connectors.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 
-class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
+class KvtierConnector(KVConnectorBase_V1):
     """vLLM KV connector backed by a kvtier store."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
@@ -74,7 +85,8 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(self.settings, self.layout, self.geometry, self.store, tp_size)
+            self.scheduler_side = SchedulerSide(self.settings, self.layout, self.geometry, self.store, tp_size,
+                                                chunk_stored_event)
         else:
             rank = 0
             if tp_size > 1:
@@ -83,6 +95,12 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
                 rank = get_tensor_model_parallel_rank()
             keys = ChunkKeys(self.settings, self.layout, self.geometry, rank, tp_size)
             self.worker_side = WorkerSide(self.layout, self.geometry, self.store, keys)
+        self._reported = (0, 0, 0)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A dropped save is a later miss: in-flight output survives preemption under async scheduling.
+        return False
 
     def _scheduler(self) -> SchedulerSide:
         if self.scheduler_side is None:
@@ -118,9 +136,18 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler().request_finished(request), None
 
-    def request_finished_all_groups(self, request: Request,
-                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
-        return self._scheduler().request_finished(request), None
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._scheduler().rewind_failed_loads(set(connector_output.invalid_block_ids or ()))
+
+    def reset_cache(self) -> bool:
+        return self._scheduler().reset_cache()
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        return self._scheduler().take_events()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KvtierStats(data=dict(data)) if data is not None else KvtierStats()
 
     # -- worker side ---------------------------------------------------------------------------------
 
@@ -132,6 +159,17 @@ class KvtierConnector(KVConnectorBase_V1, SupportsHMA):
         if not isinstance(meta, KvtierMetadata):
             raise InvalidInputError(f"expected KvtierMetadata, got {type(meta).__name__}")
         return meta
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        worker = self.worker_side
+        if worker is None:
+            return None
+        now = (worker.loaded_chunks, worker.failed_chunks, worker.saved_chunks)
+        loaded, failed, saved = (a - b for a, b in zip(now, self._reported, strict=True))
+        self._reported = now
+        if not (loaded or failed or saved):
+            return None
+        return KvtierStats(data={"loaded_chunks": loaded, "failed_chunks": failed, "saved_chunks": saved})
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._worker().start_load_kv(self._metadata())

@@ -4,7 +4,7 @@ Promises:
 - ``ConnectorSettings.from_extra_config`` accepts exactly the keys of ``kv_connector_extra_config``
   documented in docs/connectors/vllm.md (``ConfigError`` names an unknown key or a bad value).
 - ``layout_from_kv_cache_config`` maps vLLM's KV cache spec onto a ``KVLayout``; anything kvtier cannot
-  store as whole pages (several cache groups, sliding windows, Mamba state, quantized KV, a kvtier block
+  store as whole pages (several cache groups, sliding-window or Mamba groups, quantized KV, a kvtier block
   that is not a whole number of vLLM blocks) is a ``ConfigError`` that says what to change.
 - ``ChunkKeys`` turns vLLM's chained block hashes into kvtier keys: ``key = H(namespace root || vLLM hash of
   the chunk's last hash block)``. The namespace covers the model, the layout, vLLM's in-page byte order
@@ -32,7 +32,9 @@ from kvtier.store import Store
 
 StoreKind = Literal["embedded", "daemon"]
 _KEY_DOMAIN = b"kvtier-vllm-chunk-v1"
-_KNOWN_KEYS = {"store", "instance", "model_id", "block_tokens", "config_path", "config", "tenant_salt"}
+_KNOWN_KEYS = {"store", "instance", "model_id", "block_tokens", "config_path", "config", "tenant_salt",
+               "sync_load_bytes"}
+DEFAULT_SYNC_LOAD_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ConnectorSettings:
     config_path: str = ""
     config: Mapping[str, Any] = field(default_factory=dict)
     tenant_salt: str = ""
+    sync_load_bytes: int = DEFAULT_SYNC_LOAD_BYTES
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any], default_model_id: str) -> ConnectorSettings:
@@ -61,12 +64,16 @@ class ConnectorSettings:
             config_path=str(extra.get("config_path", "")),
             config=extra.get("config", {}),
             tenant_salt=str(extra.get("tenant_salt", "")),
+            sync_load_bytes=extra.get("sync_load_bytes", DEFAULT_SYNC_LOAD_BYTES),
         )
         if settings.store not in ("embedded", "daemon"):
             raise ConfigError(f"store must be 'embedded' or 'daemon', got {settings.store!r}")
         if not isinstance(settings.block_tokens, int) or settings.block_tokens < 0:
             raise ConfigError(f"block_tokens must be a non-negative int (0: vLLM's block size), got "
                               f"{settings.block_tokens!r}")
+        if not isinstance(settings.sync_load_bytes, int) or settings.sync_load_bytes < 0:
+            raise ConfigError(f"sync_load_bytes must be a non-negative int (bytes of synchronous loads per step), "
+                              f"got {settings.sync_load_bytes!r}")
         if not isinstance(settings.config, Mapping):
             raise ConfigError("config must be a mapping shaped like kvtier's TOML file")
         if not settings.model_id:
@@ -96,8 +103,11 @@ def layout_from_kv_cache_config(kv_cache_config: Any, block_tokens: int) -> tupl
             "--disable-hybrid-kv-cache-manager so that every layer shares one group"
         )
     spec = groups[0].kv_cache_spec
-    if type(spec) not in (FullAttentionSpec, MLAAttentionSpec) or getattr(spec, "sliding_window", None):
-        raise ConfigError(f"kvtier stores full-attention KV only, not {type(spec).__name__}")
+    # With the hybrid manager off vLLM turns sliding-window layers into full-attention ones that keep every
+    # token (``sliding_window`` stays set as a hint), so their pages are whole and storable.
+    if type(spec) not in (FullAttentionSpec, MLAAttentionSpec):
+        raise ConfigError(f"kvtier stores full-attention KV only, not {type(spec).__name__}; a hybrid model "
+                          "needs --disable-hybrid-kv-cache-manager")
     if getattr(getattr(spec, "kv_quant_mode", None), "name", "NONE") != "NONE":
         raise ConfigError("kvtier does not store quantized KV (kv_quant_mode must be NONE)")
     latent = isinstance(spec, MLAAttentionSpec)
@@ -126,16 +136,30 @@ def layout_from_kv_cache_config(kv_cache_config: Any, block_tokens: int) -> tupl
 
 
 class ChunkKeys:
-    """kvtier keys of one rank's chunks (kvtier blocks), from vLLM's chained block hashes."""
+    """kvtier keys of one rank's chunks (kvtier blocks), from vLLM's chained block hashes.
+
+    ``epoch`` (set by ``reset_cache``) is part of the namespace. Latent (MLA) KV is the same on every rank:
+    every rank reads rank 0's keys and only rank 0 (``writer``) saves.
+    """
 
     def __init__(self, settings: ConnectorSettings, layout: KVLayout, geometry: VllmGeometry,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, epoch: str = "") -> None:
+        self._args = (settings, layout, geometry, tp_rank, tp_size)
+        self.epoch = epoch
         salt = f"vllm:{geometry.page_format}"
         if settings.tenant_salt:
             salt += f":{settings.tenant_salt}"
-        namespace = Namespace.for_layout(settings.model_id, layout, tp_rank, tp_size, salt)
+        if epoch:
+            salt += f":epoch={epoch}"
+        latent = layout.kind == "latent"
+        self.writer = not latent or tp_rank == 0
+        namespace = Namespace.for_layout(settings.model_id, layout, 0 if latent else tp_rank,
+                                         1 if latent else tp_size, salt)
         self._root = hashlib.sha256(_KEY_DOMAIN + namespace.encode()).digest()
         self.hashes_per_chunk = layout.block_tokens // geometry.hash_block_tokens
+
+    def with_epoch(self, epoch: str) -> ChunkKeys:
+        return ChunkKeys(*self._args, epoch=epoch)
 
     def num_chunks(self, block_hashes: Sequence[bytes]) -> int:
         """Whole chunks covered by ``block_hashes``."""

@@ -1,54 +1,61 @@
-"""The worker side of the vLLM connector: pages out of vLLM's paged KV into the store, and back.
+"""The worker side of the vLLM connector: pages moved in place between vLLM's paged KV and arena slots.
+
+This module imports no vLLM: a benchmark or a GPU check drives it with caches in vLLM's layouts.
 
 Promises:
 - ``register_kv_caches`` sees each layer's cache as pages on a leading block dimension (any shape, any
   in-page order, as ``kvtier.native.byte_rows`` reads it; a K/V pair of planes on a leading dim of 2, as
   older vLLM releases had, is two segments). It checks that ``pages_per_chunk`` pages of every layer make
   exactly one kvtier block and raises ``LayoutMismatchError`` saying what it found otherwise.
-- Loads: a synchronous load is fetched from the store in ``start_load_kv`` and scattered layer by layer,
-  each layer in ``wait_for_layer_load`` (any layer the forward did not wait for is scattered in
-  ``wait_for_save``). An asynchronous load (from disk) completes in the background; ``get_finished``
-  scatters it and reports its request as received.
-- A chunk the store cannot deliver (evicted since the lookup, failed checksum) is never scattered: its
-  blocks are reported once by ``get_block_ids_with_load_errors`` (in the step that found them), so that
-  vLLM recomputes them.
-- Saves: ``save_kv_layer`` gathers each layer's pages of the step's chunks into a staging buffer as the
-  forward produces them; ``wait_for_save`` gathers what is left and hands the chunks to the store (on
-  CUDA, once the gather kernels finished, without blocking the step). ``get_finished`` reports a finished
-  request as sent once every save of it completed (failed puts are misses later, never errors).
-- ``shutdown`` waits for every queued copy and releases the store.
+- Synchronous loads are complete, or queued on the current stream ahead of anything vLLM queues after it,
+  when ``start_load_kv`` returns: the chunks are leased (``acquire``) and scattered from their arena slots
+  straight into the paged cache, every layer at once. The forward never reads a page before it is in
+  place, whatever the CUDA graph mode (per-layer hooks, skipped by full-graph replays, have nothing to do).
+  A lease is released only once its scatter ran (its CUDA event completed; on the CPU the copy is done).
+- A chunk the store cannot deliver (evicted since the lookup, failed checksum, daemon gone) is never
+  scattered: its blocks are reported by ``get_block_ids_with_load_errors`` in the step that found them,
+  and no save of that step for the same request, or over the same blocks, is made (that KV was computed
+  over a missing prefix).
+- Asynchronous loads (from disk, or over the synchronous budget) acquire in a background thread;
+  ``get_finished`` scatters a finished one (queued before the next step's forward) and reports its request
+  as received, with its failed blocks reported in the same pass.
+- Saves reserve slots for the step's chunks and gather the paged cache straight into them: per layer in
+  ``save_kv_layer`` as the forward writes it, the rest in one copy in ``wait_for_save``. Slots are
+  committed only once the gathers ran (their CUDA event completed), aborted if they failed. Gathers are
+  queued on the forward's stream, so vLLM may free and reuse the blocks at once: saves never hold a
+  request (``get_finished`` reports no sends). A full arena or a gone daemon makes a save a later miss.
+- No staging buffer, no pinned allocation and no host copy on the way; nothing waits for the device,
+  except ``shutdown``, which waits for every queued copy, commits or aborts, and releases every lease.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.errors import LayoutMismatchError
-from kvtier.job import Job
+from kvtier.errors import KvtierError, LayoutMismatchError
 from kvtier.layout import KVLayout
 from kvtier.native import PagedKV, byte_rows
-from kvtier_connectors.vllm.metadata import KvtierMetadata, LoadSpec, SaveSpec
+from kvtier.store import Lease, Reservation
 from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, VllmGeometry
+from kvtier_connectors.vllm.slot_copy import arena_rows, copy_page_from_slot, gather_to_slots, scatter_from_slots
+from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan
+
+log = logging.getLogger(__name__)
+_EMPTY_LEASE = Lease((), ())
 
 
 @dataclass
-class _Load:
-    spec: LoadSpec
-    staging: torch.Tensor
-    job: Job
-    ids: list[int] = field(default_factory=list)
-    pages: torch.Tensor | None = None
+class _StepSave:
+    """The slots reserved for one step's saves and the blocks gathered into them, chunk by chunk."""
 
-
-@dataclass
-class _Save:
-    specs: list[SaveSpec]
-    staging: torch.Tensor
-    ready: torch.cuda.Event | None
-    jobs: list[tuple[str, Job]] = field(default_factory=list)
+    reservation: Reservation | None
+    block_ids: list[int] = field(default_factory=list)
+    layers_done: set[str] = field(default_factory=set)
 
 
 def layer_segments(cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
@@ -72,18 +79,17 @@ class WorkerSide:
         self.pages_per_chunk = layout.block_tokens // geometry.vllm_block_tokens
         self.paged: PagedKV | None = None
         self._layer_segments: dict[str, range] = {}
-        self._step_loads: list[_Load] = []
-        self._loads_fetched = False
-        self._layers_loaded: set[str] = set()
-        self._step_save: _Save | None = None
-        self._layers_saved: set[str] = set()
-        self._async_loads: dict[str, _Load] = {}
-        self._saves: list[_Save] = []
-        self._save_jobs: defaultdict[str, list[Job]] = defaultdict(list)
-        self._finished_waiting: set[str] = set()
+        self._step_save: _StepSave | None = None
+        self._step_failed_reqs: set[str] = set()
+        self._step_failed_blocks: set[int] = set()
+        self._async_loads: dict[str, tuple[LoadSpec, Future[Lease]]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
         self._load_errors: set[int] = set()
-        # Pinned staging read by scatter kernels still queued on the GPU, kept alive until they ran.
-        self._in_flight: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+        # Copies queued on the device and what to do once each ran (commit, abort, release), in order.
+        self._pending: list[tuple[torch.cuda.Event | None, Callable[[], None]]] = []
+        self.saved_chunks = 0
+        self.loaded_chunks = 0
+        self.failed_chunks = 0
 
     # -- registration -------------------------------------------------------------------------------
 
@@ -121,147 +127,199 @@ class WorkerSide:
             raise LayoutMismatchError("register_kv_caches was not called before the first transfer")
         return self.paged
 
-    def _staging(self, num_chunks: int) -> torch.Tensor:
-        pinned = self._require_paged().device.type == "cuda"
-        return torch.empty(num_chunks * self.layout.block_bytes, dtype=torch.uint8, pin_memory=pinned)
+    def _follow(self, plan: StepPlan) -> None:
+        if plan.key_epoch != self.keys.epoch:
+            self.keys = self.keys.with_epoch(plan.key_epoch)
 
-    def _chunk_views(self, staging: torch.Tensor, first: int, count: int) -> list[torch.Tensor]:
-        size = self.layout.block_bytes
-        return [staging[(first + i) * size : (first + i + 1) * size].view(self.layout.torch_dtype)
-                for i in range(count)]
+    def _after_device(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the copies queued so far on the current stream ran (at once on the CPU)."""
+        if self._require_paged().device.type != "cuda":
+            action()
+            return
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        self._pending.append((event, action))
+
+    def poll(self) -> None:
+        """Run the actions of the queued copies that completed, in queue order."""
+        done = 0
+        for event, action in self._pending:
+            if event is not None and not event.query():  # type: ignore[no-untyped-call]
+                break
+            action()
+            done += 1
+        del self._pending[:done]
 
     # -- loads --------------------------------------------------------------------------------------
 
-    def start_load_kv(self, meta: KvtierMetadata) -> None:
-        for spec in meta.loads:
-            count = len(spec.chunk_hashes)
-            staging = self._staging(count)
-            job = self.store.get(self.keys.keys(spec.chunk_hashes), self._chunk_views(staging, 0, count))
-            load = _Load(spec, staging, job)
+    def start_load_kv(self, plan: StepPlan) -> None:
+        self._follow(plan)
+        self.poll()
+        for spec in plan.loads:
             if spec.is_async:
-                self._async_loads[spec.req_id] = load
-            else:
-                self._step_loads.append(load)
+                self._async_loads[spec.req_id] = (spec, self._pool.submit(self._acquire, self.keys, spec))
+            elif not self._load(spec, self._acquire(self.keys, spec)):
+                self._step_failed_reqs.add(spec.req_id)
 
-    def _fetch(self, load: _Load) -> None:
-        """Wait for the store's copy, report what failed, and lay the good pages out for a scatter."""
-        failed = set(load.job.wait().failed)
-        m, spec = self.pages_per_chunk, load.spec
-        paged = self._require_paged()
-        keep = []
-        for i, block_id in enumerate(spec.block_ids):
-            if (spec.first_page + i) // m in failed:
-                self._load_errors.add(block_id)
-            else:
-                keep.append(i)
-        load.ids = [spec.block_ids[i] for i in keep]
-        # (chunk, segment, page, byte) -> (page, segment, byte): a window of pages is then one slice.
-        by_page = load.staging.view(-1, paged.num_segments, m, paged.page_bytes).transpose(1, 2)
-        by_page = by_page.reshape(-1, paged.num_segments, paged.page_bytes)
-        pages = by_page.index_select(0, torch.tensor([spec.first_page + i for i in keep], dtype=torch.int64))
-        load.pages = pages.pin_memory() if paged.device.type == "cuda" else pages
+    def _acquire(self, keys: ChunkKeys, spec: LoadSpec) -> Lease:
+        try:
+            return self.store.acquire(keys.keys(spec.chunk_hashes))
+        except KvtierError as exc:
+            log.warning("kvtier load of %d chunk(s) for %s failed, vLLM recomputes them: %s",
+                        len(spec.chunk_hashes), spec.req_id, exc)
+            return _EMPTY_LEASE
 
-    def _scatter(self, load: _Load, segments: range | None) -> None:
-        if load.pages is None or not load.ids:
-            return
-        paged = self._require_paged()
-        paged.scatter(load.ids, load.pages.view(-1), pages_per_chunk=1, segments=segments)
-        if paged.device.type == "cuda":
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
-            self._in_flight.append((event, load.pages))
+    def _load(self, spec: LoadSpec, lease: Lease) -> bool:
+        """Scatter the leased leading chunks of ``spec``; report the rest. True when every chunk loaded."""
+        paged, m = self._require_paged(), self.pages_per_chunk
+        num_leased = len(lease.slots)
+        pages = [(spec.first_page + i, block_id) for i, block_id in enumerate(spec.block_ids)]
+        failed = [block_id for page, block_id in pages if page // m >= num_leased]
+        self._load_errors.update(failed)
+        self._step_failed_blocks.update(failed)
+        self.failed_chunks += len(spec.chunk_hashes) - num_leased
+        self.loaded_chunks += num_leased
+        if num_leased:
+            try:
+                rows = arena_rows(self.store)
+                # The first chunk may be partial (vLLM holds its leading pages): page by page, at most m copies.
+                head = [(page, block_id) for page, block_id in pages if page < m] if spec.first_page else []
+                for page, block_id in head:
+                    copy_page_from_slot(paged, block_id, rows, lease.slots[0], page, m)
+                whole = [block_id for page, block_id in pages[len(head):] if page // m < num_leased]
+                scatter_from_slots(paged, whole, rows, lease.slots[1 if head else 0 : num_leased], m)
+            finally:
+                self._after_device(lambda: self._release(lease))
+        return not failed
+
+    def _release(self, lease: Lease) -> None:
+        try:
+            self.store.release(lease)
+        except KvtierError as exc:
+            log.debug("releasing a lease failed (the daemon drops a lost connection's leases itself): %s", exc)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if not self._step_loads or layer_name in self._layers_loaded or layer_name not in self._layer_segments:
-            return
-        if not self._loads_fetched:
-            for load in self._step_loads:
-                self._fetch(load)
-            self._loads_fetched = True
-        for load in self._step_loads:
-            self._scatter(load, self._layer_segments[layer_name])
-        self._layers_loaded.add(layer_name)
-
-    def _finish_step_loads(self) -> None:
-        for name in self.geometry.layer_names:
-            self.wait_for_layer_load(name)
-        self._step_loads, self._loads_fetched, self._layers_loaded = [], False, set()
+        """Nothing to wait for: ``start_load_kv`` queued every synchronous load ahead of the forward."""
 
     # -- saves --------------------------------------------------------------------------------------
 
-    def save_kv_layer(self, layer_name: str, meta: KvtierMetadata) -> None:
-        if not meta.saves or layer_name in self._layers_saved or layer_name not in self._layer_segments:
-            return
-        paged = self._require_paged()
-        if self._step_save is None:
-            num_chunks = sum(len(spec.chunk_hashes) for spec in meta.saves)
-            self._step_save = _Save(list(meta.saves), self._staging(num_chunks), None)
-        block_ids = [b for spec in self._step_save.specs for b in spec.block_ids]
-        paged.gather(block_ids, self._step_save.staging, self.pages_per_chunk, self._layer_segments[layer_name])
-        self._layers_saved.add(layer_name)
+    def _begin_save(self, plan: StepPlan) -> _StepSave:
+        if self._step_save is not None:
+            return self._step_save
+        chunks: list[tuple[bytes, tuple[int, ...]]] = []
+        m = self.pages_per_chunk
+        for spec in self._kept_saves(plan.saves):
+            for c, chunk_hash in enumerate(spec.chunk_hashes):
+                chunks.append((self.keys.key(chunk_hash), spec.block_ids[c * m : (c + 1) * m]))
+        reservation = None
+        if chunks:
+            try:
+                reservation = self.store.reserve([key for key, _ in chunks])
+            except KvtierError as exc:
+                log.debug("kvtier save of %d chunk(s) skipped: %s", len(chunks), exc)
+        save = _StepSave(reservation)
+        if reservation is not None:
+            blocks_of = dict(chunks)
+            save.block_ids = [b for key in reservation.keys for b in blocks_of[key]]
+        self._step_save = save
+        return save
 
-    def wait_for_save(self, meta: KvtierMetadata) -> None:
-        self._finish_step_loads()
-        for name in self.geometry.layer_names:
-            self.save_kv_layer(name, meta)
-        save, self._step_save, self._layers_saved = self._step_save, None, set()
-        if save is None:
-            return
-        if self._require_paged().device.type == "cuda":
-            save.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            save.ready.record()
-        self._saves.append(save)
-        self._submit_ready_saves()
+    def _kept_saves(self, saves: list[SaveSpec]) -> list[SaveSpec]:
+        if not self.keys.writer:
+            return []
+        return [spec for spec in saves if spec.req_id not in self._step_failed_reqs
+                and self._step_failed_blocks.isdisjoint(spec.block_ids)]
 
-    def _submit_ready_saves(self) -> None:
-        for save in self._saves:
-            if save.jobs or (save.ready is not None and not save.ready.query()):  # type: ignore[no-untyped-call]
-                continue
-            first = 0
-            for spec in save.specs:
-                count = len(spec.chunk_hashes)
-                job = self.store.put(self.keys.keys(spec.chunk_hashes), self._chunk_views(save.staging, first, count))
-                save.jobs.append((spec.req_id, job))
-                self._save_jobs[spec.req_id].append(job)
-                first += count
+    def _gather(self, save: _StepSave, segments: range) -> None:
+        if save.reservation is None or not save.reservation.keys or not len(segments):
+            return
+        gather_to_slots(self._require_paged(), save.block_ids, arena_rows(self.store), save.reservation.slots,
+                        self.pages_per_chunk, segments)
+
+    def save_kv_layer(self, layer_name: str, plan: StepPlan) -> None:
+        segments = self._layer_segments.get(layer_name)
+        if not plan.saves or segments is None:
+            return
+        self._follow(plan)
+        save = self._begin_save(plan)
+        if layer_name in save.layers_done:
+            return
+        save.layers_done.add(layer_name)
+        try:
+            self._gather(save, segments)
+        except BaseException:
+            self._abandon(save)
+            raise
+
+    def wait_for_save(self, plan: StepPlan) -> None:
+        try:
+            if plan.saves:
+                self._follow(plan)
+                save = self._begin_save(plan)
+                self._finish_save(save)
+        finally:
+            self._step_save = None
+            self._step_failed_reqs, self._step_failed_blocks = set(), set()
+
+    def _finish_save(self, save: _StepSave) -> None:
+        if save.reservation is None or not save.reservation.keys:
+            return
+        # The layers the forward did not hand over (all of them after a full-graph replay), in runs of
+        # adjacent segments: one copy per run.
+        todo = [self._layer_segments[name] for name in self.geometry.layer_names if name not in save.layers_done]
+        try:
+            start = None
+            for index, segments in enumerate(todo):
+                start = segments.start if start is None else start
+                if index + 1 == len(todo) or todo[index + 1].start != segments.stop:
+                    self._gather(save, range(start, segments.stop))
+                    start = None
+        except BaseException:
+            self._abandon(save)
+            raise
+        reservation = save.reservation
+        self.saved_chunks += len(reservation.keys)
+        self._after_device(lambda: self._settle(reservation, commit=True))
+
+    def _abandon(self, save: _StepSave) -> None:
+        reservation, save.reservation = save.reservation, None
+        if reservation is not None and reservation.keys:
+            self._after_device(lambda: self._settle(reservation, commit=False))
+
+    def _settle(self, reservation: Reservation, commit: bool) -> None:
+        try:
+            (self.store.commit if commit else self.store.abort)(reservation)
+        except KvtierError as exc:
+            log.debug("kvtier save of %d chunk(s) lost: %s", len(reservation.keys), exc)
 
     # -- completions --------------------------------------------------------------------------------
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        self._submit_ready_saves()
-        self._saves = [save for save in self._saves if not save.jobs or not all(j.done() for _, j in save.jobs)]
-        self._in_flight = [(event, pages) for event, pages in self._in_flight if not event.query()]  # type: ignore[no-untyped-call]
-        self._finished_waiting |= finished_req_ids & self._save_jobs.keys()
-        pending_saves = {spec.req_id for save in self._saves if not save.jobs for spec in save.specs}
-        sent = {req_id for req_id in self._finished_waiting
-                if req_id not in pending_saves and all(job.done() for job in self._save_jobs[req_id])}
-        for req_id in sent:
-            del self._save_jobs[req_id]
-        self._finished_waiting -= sent
+        self.poll()
         received = set()
-        for req_id, load in list(self._async_loads.items()):
-            if load.job.done():
-                self._fetch(load)
-                self._scatter(load, None)
-                received.add(req_id)
+        for req_id, (spec, future) in list(self._async_loads.items()):
+            if future.done():
                 del self._async_loads[req_id]
-        return sent or None, received or None
+                self._load(spec, future.result())
+                received.add(req_id)
+        return None, received or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def pending_copies(self) -> int:
+        """Copies queued on the device whose commit, abort or release has not run yet."""
+        return len(self._pending)
+
     def shutdown(self) -> None:
-        self._submit_ready_saves()
-        for save in self._saves:
-            if save.ready is not None:
-                save.ready.synchronize()
-        self._submit_ready_saves()
-        for jobs in self._save_jobs.values():
-            for job in jobs:
-                job.wait()
-        for load in self._async_loads.values():
-            load.job.wait()
-        if self._in_flight:
+        self._pool.shutdown(wait=True)
+        for spec, future in self._async_loads.values():
+            self._release(future.result())
+            self.failed_chunks += len(spec.chunk_hashes)
+        self._async_loads = {}
+        if self._pending and torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._saves, self._save_jobs, self._async_loads, self._in_flight = [], defaultdict(list), {}, []
+        for _, action in self._pending:
+            action()
+        self._pending = []
