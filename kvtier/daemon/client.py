@@ -371,7 +371,7 @@ class Client:
         """The mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (remapped after a daemon restart)."""
         self._local_only("slot_rows")
         assert self.arena is not None
-        return self.arena.tensor.view(self.arena.num_slots, self.arena.slot_bytes)
+        return self.arena.rows()
 
     def slot_view(self, slot: int) -> torch.Tensor:
         """The block bytes of arena slot ``slot`` as a flat tensor of the layout's dtype."""

@@ -42,7 +42,6 @@ from kvtier.layout import KVLayout
 from kvtier.native import PagedKV, byte_rows
 from kvtier.store import Lease, Reservation
 from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, VllmGeometry
-from kvtier_connectors.vllm.slot_copy import arena_rows, copy_page_from_slot, gather_to_slots, scatter_from_slots
 from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,15 @@ class _StepSave:
     reservation: Reservation | None
     block_ids: list[int] = field(default_factory=list)
     layers_done: set[str] = field(default_factory=set)
+
+
+def copy_page_from_slot(paged: PagedKV, block_id: int, rows: torch.Tensor, slot_id: int, page: int,
+                        pages_per_chunk: int) -> None:
+    """Copy page ``page`` of the chunk in row ``slot_id`` (``gather_to_slots``'s order) into ``block_id``."""
+    width = pages_per_chunk * paged.page_bytes
+    chunk = rows[slot_id, : paged.num_segments * width].view(paged.num_segments, pages_per_chunk, paged.page_bytes)
+    for index, segment in enumerate(paged.segments):
+        segment[block_id].copy_(chunk[index, page], non_blocking=True)
 
 
 def layer_segments(cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
@@ -181,13 +189,13 @@ class WorkerSide:
         self.loaded_chunks += num_leased
         if num_leased:
             try:
-                rows = arena_rows(self.store)
+                rows = self.store.slot_rows()
                 # The first chunk may be partial (vLLM holds its leading pages): page by page, at most m copies.
                 head = [(page, block_id) for page, block_id in pages if page < m] if spec.first_page else []
                 for page, block_id in head:
                     copy_page_from_slot(paged, block_id, rows, lease.slots[0], page, m)
                 whole = [block_id for page, block_id in pages[len(head):] if page // m < num_leased]
-                scatter_from_slots(paged, whole, rows, lease.slots[1 if head else 0 : num_leased], m)
+                paged.scatter_from_slots(whole, rows, lease.slots[1 if head else 0 : num_leased], m)
             finally:
                 self._after_device(lambda: self._release(lease))
         return not failed
@@ -233,8 +241,8 @@ class WorkerSide:
     def _gather(self, save: _StepSave, segments: range) -> None:
         if save.reservation is None or not save.reservation.keys or not len(segments):
             return
-        gather_to_slots(self._require_paged(), save.block_ids, arena_rows(self.store), save.reservation.slots,
-                        self.pages_per_chunk, segments)
+        self._require_paged().gather_to_slots(save.block_ids, self.store.slot_rows(), save.reservation.slots,
+                                              self.pages_per_chunk, segments)
 
     def save_kv_layer(self, layer_name: str, plan: StepPlan) -> None:
         segments = self._layer_segments.get(layer_name)
