@@ -117,7 +117,11 @@ def run(device: torch.device, chunk_counts: list[int], repeats: int) -> dict[str
             save_s = _median(save, repeats, device, setup=new_save)
             committed = store.lookup(keys.keys(specs[-1]), prefetch=False).num_blocks
             load_plan = StepPlan(loads=[LoadSpec("bench", specs[-1], tuple(target), 0, False)])
-            load_s = _median(lambda plan=load_plan: worker.start_load_kv(plan), repeats, device)
+
+            def load(plan: StepPlan = load_plan) -> None:
+                worker.start_load_kv(plan)
+
+            load_s = _median(load, repeats, device)
             worker.poll()
             same = bool(torch.equal(kv[target].view(torch.int16), kv[source].view(torch.int16)))
             errors = worker.get_block_ids_with_load_errors()
