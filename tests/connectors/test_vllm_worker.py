@@ -22,22 +22,30 @@ vllm = pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from vllm.config import KVTransferConfig  # noqa: E402
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole, SupportsHMA  # noqa: E402
 from vllm.v1.kv_cache_interface import (  # noqa: E402
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
     KVCacheTensor,
+    SlidingWindowSpec,
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
 from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
 from kvtier.config import HostConfig, StoreConfig, TransferConfig  # noqa: E402
 from kvtier.errors import ConfigError, LayoutMismatchError  # noqa: E402
+from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.store import Store  # noqa: E402
 from kvtier_connectors.vllm import KvtierConnector  # noqa: E402
 from kvtier_connectors.vllm.metadata import KvtierMetadata  # noqa: E402
-from kvtier_connectors.vllm.settings import adopt_store, layout_from_kv_cache_config  # noqa: E402
+from kvtier_connectors.vllm.settings import (  # noqa: E402
+    ChunkKeys,
+    ConnectorSettings,
+    VllmGeometry,
+    adopt_store,
+    layout_from_kv_cache_config,
+)
 from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec  # noqa: E402
 
 BLOCK = 16
@@ -244,3 +252,42 @@ def test_pipeline_parallelism_is_refused(store: str) -> None:
     with pytest.raises(ConfigError, match="pipeline_parallel_size"):
         KvtierConnector(vllm_config_for({"store": store}, pp_size=2), KVConnectorRole.WORKER,
                         make_kv_cache_config(KVCacheLayout.LBNHC))
+
+
+def test_context_parallelism_is_refused() -> None:
+    config = vllm_config_for({"store": "daemon"})
+    config.parallel_config.decode_context_parallel_size = 2
+    with pytest.raises(ConfigError, match="context parallelism"):
+        KvtierConnector(config, KVConnectorRole.WORKER, make_kv_cache_config(KVCacheLayout.LBNHC))
+
+
+def test_sliding_window_layers_are_stored_with_the_hybrid_manager_off() -> None:
+    """Item 5: vLLM turns the hybrid manager off for a non-HMA connector; every layer then keeps all its
+    tokens in a full-attention spec that still names the window, and kvtier stores it."""
+    assert not issubclass(KvtierConnector, SupportsHMA)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.bfloat16,
+                             sliding_window=8)
+    config = make_kv_cache_config(KVCacheLayout.LBNHC)
+    config.kv_cache_groups = [KVCacheGroupSpec(list(LAYERS), spec)]
+    layout, _ = layout_from_kv_cache_config(config, BLOCK)
+    assert layout.num_layers == len(LAYERS)
+    config.kv_cache_groups = [KVCacheGroupSpec(list(LAYERS), SlidingWindowSpec(
+        block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.bfloat16, sliding_window=8))]
+    with pytest.raises(ConfigError, match="disable-hybrid-kv-cache-manager"):
+        layout_from_kv_cache_config(config, BLOCK)
+
+
+def test_latent_kv_is_stored_once_for_every_rank() -> None:
+    latent = KVLayout(num_layers=2, num_kv_heads=1, head_dim=64, dtype="bfloat16", block_tokens=BLOCK,
+                      kind="latent")
+    geometry = VllmGeometry(LAYERS[:2], BLOCK, BLOCK, NUM_BLOCKS, "default")
+    settings = ConnectorSettings(model_id="m")
+    ranks = [ChunkKeys(settings, latent, geometry, rank, 4) for rank in range(4)]
+    assert len({keys.key(b"h" * 32) for keys in ranks}) == 1
+    assert [keys.writer for keys in ranks] == [True, False, False, False]
+
+
+@pytest.mark.parametrize("value", [-1, "1GiB", 1.5])
+def test_a_bad_sync_load_budget_is_refused(value: Any) -> None:
+    with pytest.raises(ConfigError, match="sync_load_bytes"):
+        ConnectorSettings.from_extra_config({"sync_load_bytes": value}, "m")

@@ -6,8 +6,9 @@ Load it with ``--kv-transfer-config '{"kv_connector": "KvtierConnector", "kv_con
 Promises:
 - The scheduler-side methods delegate to ``SchedulerSide``, the worker-side ones to ``WorkerSide``; each
   instance builds only its own role's side, and both sides of one process share one embedded store.
-- A configuration kvtier cannot serve (several KV cache groups, a layout it cannot store, a tensor- or
-  pipeline-parallel deployment on the embedded store) fails at construction or at ``register_kv_caches``
+- A configuration kvtier cannot serve (several KV cache groups, a layout it cannot store, a
+  pipeline-parallel deployment, decode or prefill context parallelism, a tensor-parallel deployment on the
+  embedded store) fails at construction or at ``register_kv_caches``
   with a ``ConfigError`` or ``LayoutMismatchError`` that says what to change; it never stores garbage.
 - It does not declare ``SupportsHMA``: vLLM then turns its hybrid KV cache manager off by itself, so
   sliding-window models (Gemma 2/3, gpt-oss) run with every layer keeping all its tokens, which kvtier stores.
@@ -71,6 +72,11 @@ class KvtierConnector(KVConnectorBase_V1):
         parallel = vllm_config.parallel_config
         tp_size, pp_size = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
         executor = getattr(parallel, "distributed_executor_backend", None)
+        context_parallel = {name: int(getattr(parallel, name, 1) or 1) for name in
+                            ("decode_context_parallel_size", "prefill_context_parallel_size")}
+        if any(size > 1 for size in context_parallel.values()):
+            # Each rank then holds a slice of every block's tokens, which kvtier's keys do not describe.
+            raise ConfigError(f"kvtier does not support context parallelism (got {context_parallel})")
         if pp_size > 1:
             # Each pipeline stage holds other layers: a store serves one layout, so stages cannot share one.
             raise ConfigError(f"pipeline_parallel_size must be 1 with kvtier (got {pp_size})")
