@@ -192,3 +192,40 @@ def test_cuda_pages_round_trip_through_slots_in_place() -> None:
         assert rig.worker.paged is not None and rig.worker.paged.fallbacks == 0
     finally:
         rig.close()
+
+
+class FakeEvent:
+    """A CUDA event that completes when the test says so."""
+
+    done = False
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return FakeEvent.done
+
+
+def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on CUDA: a save is committed, a lease released, only once the copy's event completed; a finished
+    request is never waited for (there is nothing to report: saves hold no request)."""
+    assert rig.worker.paged is not None
+    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(FakeEvent, "done", False)
+    hashes = rig.hashes(4, 13)
+    rig.worker.wait_for_save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1, 2, 3))]))
+    assert rig.worker.get_finished({"a"}) == (None, None)
+    assert rig.worker.pending_copies() == 1
+    assert rig.store.lookup(rig.keys.keys(hashes), prefetch=False).num_blocks == 0
+    FakeEvent.done = True
+    rig.worker.poll()
+    assert rig.store.lookup(rig.keys.keys(hashes), prefetch=False).num_blocks == 4
+    FakeEvent.done = False
+    rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("b", hashes, (40, 41, 42, 43), 0, False)]))
+    assert rig.store.host.stats().pinned_blocks == 4
+    rig.worker.get_finished(set())
+    assert rig.store.host.stats().pinned_blocks == 4
+    FakeEvent.done = True
+    rig.worker.get_finished(set())
+    assert rig.store.host.stats().pinned_blocks == 0
