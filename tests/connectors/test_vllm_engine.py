@@ -216,23 +216,32 @@ def test_reset_connector_forgets_what_was_stored(model_config: ModelConfig, engi
 
 def test_chunked_prefill_preemption_and_aborts_under_block_pressure(model_config: ModelConfig,
                                                                     engines: list[Engine]) -> None:
-    engine = make_engine(model_config, "full_and_piecewise", max_batched_tokens=48, num_blocks=20)
+    engine = make_engine(model_config, "full_and_piecewise", max_batched_tokens=48, num_blocks=16)
     engines.append(engine)
+    preemptions: list[str] = []
+    preempt = engine.scheduler._preempt_request
+
+    def counted(request: Any, *args: Any, **kwargs: Any) -> Any:
+        preemptions.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    engine.scheduler._preempt_request = counted  # type: ignore[method-assign]
     prompts = {f"r{i}": prompt(10 + i, 4 * BLOCK + 5) for i in range(4)}
-    requests = [engine.add(req_id, tokens, max_tokens=12) for req_id, tokens in prompts.items()]
+    requests = [engine.add(req_id, tokens, max_tokens=40) for req_id, tokens in prompts.items()]
     for _ in range(3):
         engine.step()
     engine.scheduler.finish_requests("r3", RequestStatus.FINISHED_ABORTED)
     engine.run_until_done(*requests, timeout_s=30)
-    assert engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == 19
-    # Everything stored is right.
-    assert engine.scheduler.reset_prefix_cache()
+    assert preemptions, "no preemption: the test lost its block pressure"
+    assert engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == 15
+    # Everything stored is right: each prompt's stored prefix loads as a full recompute would write it.
     for req_id in ("r0", "r1", "r2"):
+        assert engine.scheduler.reset_prefix_cache()
         tokens = prompts[req_id]
-        check = engine.add(f"check-{req_id}", tokens, max_tokens=1)
+        check = engine.add(f"check-{req_id}", tokens)
         engine.step()
-        if check.num_computed_tokens > 0 and f"check-{req_id}" in engine.scheduler.requests:
-            assert_restored(engine, f"check-{req_id}", tokens, check.num_computed_tokens - 1)
+        assert check.num_computed_tokens == len(tokens)
+        assert_restored(engine, f"check-{req_id}", tokens, 4 * BLOCK)
         engine.run_until_done(check)
 
 
