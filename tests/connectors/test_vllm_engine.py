@@ -173,7 +173,7 @@ def test_the_fail_policy_fails_the_request_and_stores_nothing_wrong(model_config
     keys = engine.worker.worker_side.keys if engine.worker.worker_side else None
     assert keys is not None
     victim = engine.add("victim", tokens)
-    store.failing.add(keys.key(keys.chunk_hash(victim.block_hashes, 0)))
+    store.failing.add(keys.key(keys.chunk_hash(victim.block_hashes, 1)))
     engine.run_until_done(victim)
     assert victim.status == RequestStatus.FINISHED_ERROR
     store.failing.clear()
