@@ -76,6 +76,12 @@ class HostArena:
             raise ClosedError("the host arena is closed")
         return self.tensor.narrow(0, index * self.slot_bytes, self.slot_bytes if nbytes is None else nbytes)
 
+    def rows(self) -> torch.Tensor:
+        """The whole arena as a ``(num_slots, slot_bytes)`` uint8 view (no copy): row ``i`` is slot ``i``."""
+        if self._closed:
+            raise ClosedError("the host arena is closed")
+        return self.tensor.view(self.num_slots, self.slot_bytes)
+
     def start_pinning(self, chunk_bytes: int) -> None:
         """Register the arena with CUDA as page-locked memory, chunk by chunk, in the background."""
         if not torch.cuda.is_available() or self._pin_thread is not None:
@@ -102,6 +108,12 @@ class HostArena:
     @property
     def pinned_bytes(self) -> int:
         return self._pinned_bytes
+
+    def wait_pinned(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for background pinning to end; True if the whole arena is pinned."""
+        if self._pin_thread is not None:
+            self._pin_thread.join(timeout)
+        return self._pinned_bytes == self.total_bytes
 
     def close(self, unlink: bool = False) -> None:
         """Unmap the arena (views taken from it must no longer be used). Idempotent."""

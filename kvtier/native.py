@@ -2,20 +2,32 @@
 
 An engine keeps each layer's KV as pages on a leading block dimension. ``PagedKV`` sees every layer (or
 every K/V plane of a layer) as a *segment*: a 2-D byte view ``(num_blocks, page_bytes)`` whose rows may be
-strided. ``gather`` copies the pages of a list of block ids out of every segment into one contiguous
-staging buffer; ``scatter`` copies them back into (other) block ids.
+strided. The block ids are taken ``pages_per_chunk`` at a time; a *chunk* (those engine blocks of every
+segment) is one piece of ``chunk_bytes(pages_per_chunk)`` bytes ordered ``(segment, page in chunk, byte)``,
+i.e. one kvtier block when the chunk covers its tokens.
+
+- ``gather`` / ``scatter``: chunk ``c`` sits at offset ``c * chunk_bytes`` of one contiguous staging buffer.
+- ``gather_to_slots`` / ``scatter_from_slots``: chunk ``c`` sits at the start of row ``slot_ids[c]`` of
+  ``rows``, a ``(num_slots, slot_bytes)`` uint8 view such as ``HostArena.rows()``: pages move between the
+  engine's cache and arena slots in place, with no staging buffer.
 
 Promises:
-- Staging order is ``(chunk, segment, page in chunk, byte)``: the block ids are taken ``pages_per_chunk``
-  at a time, and each chunk (those engine blocks of every segment) is one contiguous piece of
-  ``chunk_bytes(pages_per_chunk)`` bytes, i.e. one kvtier block when the chunk covers its tokens.
 - On CUDA with CuPy importable and ``native/gather_scatter.cu`` present, one kernel launch on torch's
-  current stream moves everything (asynchronous, like any kernel; the staging buffer may be device memory
-  or pinned host memory). Everywhere else a fallback gives the same bytes synchronously: NumPy fancy
-  indexing over the same memory for pages in host memory, torch ``index_select`` / ``index_copy_`` on any
-  other device (a GPU without CuPy). ``backend`` says which one an instance uses.
-- Arguments are checked before anything is copied (``InvalidInputError``): a block id out of range, a
-  staging buffer of the wrong size, device or dtype, segments of unequal page size, device or block count.
+  current stream moves everything (asynchronous, like any kernel). The chunks may be device memory or
+  page-locked host memory that the device can address (``torch.empty(..., pin_memory=True)`` or a
+  ``HostArena`` registered by its background pinning): the kernel reads and writes it over the bus, zero
+  copy. Host memory that is not (yet) registered is never handed to the kernel: the call then takes a
+  correct, slower path through a device buffer and a pageable copy, which waits for the copy (``fallbacks``
+  counts such calls). Whether rows are registered is asked of the driver for the first and last byte used,
+  which suffices for one pinned allocation and for an arena (registered in ascending chunks).
+- Everywhere else a fallback gives the same bytes synchronously: NumPy fancy indexing over the same memory
+  for pages in host memory, torch ``index_select`` / ``index_copy_`` on any other device (a GPU without
+  CuPy). ``backend`` says which one an instance uses.
+- ``segments`` (a range of segment indices) limits a copy to those segments (a layer range); the bytes of
+  the other segments in the chunks are left as they are.
+- Arguments are checked before anything is copied (``InvalidInputError``): a block id or slot id out of
+  range, a slot id twice in one gather, a slot count that is not the chunk count, staging or rows of the
+  wrong size, width, device or dtype, segments of unequal page size, device or block count.
 """
 
 from __future__ import annotations
@@ -110,6 +122,8 @@ class PagedKV:
         self.device = first.device
         kernels = load_kernels() if use_kernel and self.device.type == "cuda" else None
         self._kernels = kernels
+        # Calls whose host chunks the device could not address, so went through a device buffer.
+        self.fallbacks = 0
         self.backend: Backend = (
             "cuda" if kernels is not None else "numpy" if use_numpy and self.device.type == "cpu" else "torch"
         )
@@ -133,28 +147,14 @@ class PagedKV:
 
     def gather(self, block_ids: Sequence[int] | torch.Tensor, staging: torch.Tensor, pages_per_chunk: int = 1,
                segments: range | None = None) -> None:
-        """Copy the pages of ``block_ids`` into ``staging`` (see the module's order).
+        """Copy the pages of ``block_ids`` into the contiguous ``staging`` buffer (see the module's order).
 
         ``segments`` (default: all) limits the copy to those segments, e.g. one layer's; the staging
         positions of the others are left as they are, so a caller can fill ``staging`` layer by layer.
         """
-        ids, chosen = self._check(block_ids, staging, pages_per_chunk, segments)
-        if ids.numel() == 0:
-            return
-        if self._kernels is not None and self._tables is not None:
-            self._launch(self._kernels[0], self._tables, ids, staging, pages_per_chunk, chosen)
-            return
-        grid = staging.view(-1, self.num_segments, pages_per_chunk, self.page_bytes)
-        if self.backend == "numpy" and staging.device.type == "cpu":
-            # torch fans each small row copy out to its thread pool: on a few cores that costs 10x the copy
-            # (0.07-0.6 GB/s against 5-7 GB/s for NumPy on 64 KiB pages, 2 cores).
-            grid_np, ids_np = grid.numpy(), ids.numpy()
-            for index in chosen:
-                grid_np[:, index] = self.segments[index].numpy()[ids_np].reshape(-1, pages_per_chunk, self.page_bytes)
-            return
-        for index in chosen:
-            pages = self.segments[index].index_select(0, ids)
-            grid[:, index].copy_(pages.view(-1, pages_per_chunk, self.page_bytes))
+        ids, chosen = self._check_ids(block_ids, pages_per_chunk, segments)
+        self._copy(True, ids, self._staging_rows(staging, ids.numel(), pages_per_chunk), None, pages_per_chunk,
+                   chosen)
 
     def scatter(self, block_ids: Sequence[int] | torch.Tensor, staging: torch.Tensor, pages_per_chunk: int = 1,
                 segments: range | None = None) -> None:
@@ -162,52 +162,162 @@ class PagedKV:
 
         ``segments`` (default: all) limits the copy to those segments, as for ``gather``.
         """
-        ids, chosen = self._check(block_ids, staging, pages_per_chunk, segments)
-        if ids.numel() == 0:
-            return
-        if self._kernels is not None and self._tables is not None:
-            self._launch(self._kernels[1], self._tables, ids, staging, pages_per_chunk, chosen)
-            return
-        grid = staging.view(-1, self.num_segments, pages_per_chunk, self.page_bytes)
-        if self.backend == "numpy" and staging.device.type == "cpu":
-            grid_np, ids_np = grid.numpy(), ids.numpy()
-            for index in chosen:
-                self.segments[index].numpy()[ids_np] = grid_np[:, index].reshape(-1, self.page_bytes)
-            return
-        for index in chosen:
-            pages = grid[:, index].reshape(-1, self.page_bytes).to(self.device)
-            self.segments[index].index_copy_(0, ids, pages)
+        ids, chosen = self._check_ids(block_ids, pages_per_chunk, segments)
+        self._copy(False, ids, self._staging_rows(staging, ids.numel(), pages_per_chunk), None, pages_per_chunk,
+                   chosen)
 
-    def _check(self, block_ids: Sequence[int] | torch.Tensor, staging: torch.Tensor, pages_per_chunk: int,
-               segments: range | None) -> tuple[torch.Tensor, range]:
+    def gather_to_slots(self, block_ids: Sequence[int] | torch.Tensor, rows: torch.Tensor,
+                        slot_ids: Sequence[int] | torch.Tensor, pages_per_chunk: int = 1,
+                        segments: range | None = None) -> None:
+        """Copy the pages of ``block_ids`` into the rows ``slot_ids`` of ``rows``, chunk ``c`` into row ``slot_ids[c]``.
+
+        The first ``chunk_bytes(pages_per_chunk)`` bytes of each chosen row are written, in ``gather``'s
+        order; the rest of the row is left as it is. A slot id may appear only once.
+        """
+        ids, chosen = self._check_ids(block_ids, pages_per_chunk, segments)
+        slots = self._check_slots(rows, slot_ids, ids.numel() // pages_per_chunk, pages_per_chunk, unique=True)
+        self._copy(True, ids, rows, slots, pages_per_chunk, chosen)
+
+    def scatter_from_slots(self, block_ids: Sequence[int] | torch.Tensor, rows: torch.Tensor,
+                           slot_ids: Sequence[int] | torch.Tensor, pages_per_chunk: int = 1,
+                           segments: range | None = None) -> None:
+        """Copy row ``slot_ids[c]`` of ``rows`` (laid out as ``gather_to_slots`` writes it) into chunk ``c``'s pages."""
+        ids, chosen = self._check_ids(block_ids, pages_per_chunk, segments)
+        slots = self._check_slots(rows, slot_ids, ids.numel() // pages_per_chunk, pages_per_chunk, unique=False)
+        self._copy(False, ids, rows, slots, pages_per_chunk, chosen)
+
+    # -- checks -----------------------------------------------------------------------------------------
+
+    def _check_ids(self, block_ids: Sequence[int] | torch.Tensor, pages_per_chunk: int,
+                   segments: range | None) -> tuple[torch.Tensor, range]:
         chosen = range(self.num_segments) if segments is None else segments
         if chosen.step != 1 or not 0 <= chosen.start <= chosen.stop <= self.num_segments:
             raise InvalidInputError(f"segments must be a contiguous range within [0, {self.num_segments}]")
-        ids = torch.as_tensor(block_ids, dtype=torch.int64).reshape(-1)
+        ids = torch.as_tensor(block_ids, dtype=torch.int64, device="cpu").reshape(-1)
         if pages_per_chunk <= 0 or ids.numel() % pages_per_chunk:
             raise InvalidInputError(f"{ids.numel()} block ids do not make whole chunks of {pages_per_chunk}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
             raise InvalidInputError(f"a block id lies outside [0, {self.num_blocks})")
-        expected = ids.numel() * self.num_segments * self.page_bytes
+        return ids, chosen
+
+    def _staging_rows(self, staging: torch.Tensor, num_ids: int, pages_per_chunk: int) -> torch.Tensor:
+        expected = num_ids * self.num_segments * self.page_bytes
         if staging.dtype != torch.uint8 or not staging.is_contiguous() or staging.numel() != expected:
             raise InvalidInputError(
                 f"staging must be a contiguous uint8 tensor of {expected} bytes, "
                 f"got {staging.dtype} {tuple(staging.shape)}"
             )
-        on_device = staging.device == self.device or (
-            self._kernels is not None and staging.device.type == "cpu" and staging.is_pinned()
-        )
-        if not on_device and staging.device.type != "cpu":
-            raise InvalidInputError(f"staging is on {staging.device}, the pages on {self.device}")
-        if self._kernels is not None and not on_device:
-            raise InvalidInputError("the CUDA kernel needs staging in device memory or pinned host memory")
-        return ids.to(self.device, non_blocking=True), chosen
+        self._check_device(staging, "staging")
+        return staging.view(num_ids // pages_per_chunk, self.chunk_bytes(pages_per_chunk))
 
-    def _launch(self, kernel: Any, tables: torch.Tensor, ids: torch.Tensor, staging: torch.Tensor,
-                pages_per_chunk: int, segments: range) -> None:
-        num_pairs = ids.numel() * len(segments)
-        if num_pairs == 0:
+    def _check_slots(self, rows: torch.Tensor, slot_ids: Sequence[int] | torch.Tensor, num_chunks: int,
+                     pages_per_chunk: int, unique: bool) -> torch.Tensor:
+        chunk_bytes = self.chunk_bytes(pages_per_chunk)
+        if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.stride(1) != 1 or rows.shape[1] < chunk_bytes:
+            raise InvalidInputError(
+                f"rows must be a (num_slots, >= {chunk_bytes}) uint8 view with dense rows, "
+                f"got {rows.dtype} {tuple(rows.shape)} strides {rows.stride()}"
+            )
+        if rows.shape[0] > 1 and rows.stride(0) < chunk_bytes:
+            raise InvalidInputError(f"rows overlap: row stride {rows.stride(0)} B < chunk {chunk_bytes} B")
+        self._check_device(rows, "rows")
+        slots = torch.as_tensor(slot_ids, dtype=torch.int64, device="cpu").reshape(-1)
+        if slots.numel() != num_chunks:
+            raise InvalidInputError(f"{slots.numel()} slot ids for {num_chunks} chunks")
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= rows.shape[0]):
+            raise InvalidInputError(f"a slot id lies outside [0, {rows.shape[0]})")
+        if unique and torch.unique(slots).numel() != slots.numel():
+            raise InvalidInputError("a slot id appears twice in one gather")
+        return slots
+
+    def _check_device(self, chunks: torch.Tensor, what: str) -> None:
+        if chunks.device != self.device and chunks.device.type != "cpu":
+            raise InvalidInputError(f"{what} is on {chunks.device}, the pages on {self.device}")
+
+    # -- copies -----------------------------------------------------------------------------------------
+
+    def _copy(self, gather: bool, ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None,
+              pages_per_chunk: int, chosen: range) -> None:
+        """Move chunks between the pages and ``rows`` (chunk ``c`` in row ``slots[c]``, or row ``c``)."""
+        if ids.numel() == 0 or len(chosen) == 0:
             return
+        if self._kernels is not None:
+            if rows.device == self.device or self._addressable(rows, slots, pages_per_chunk):
+                self._launch(gather, ids, rows, slots, pages_per_chunk, chosen)
+            else:
+                self._copy_via_device(gather, ids, rows, slots, pages_per_chunk, chosen)
+            return
+        grid = self._grid(rows, pages_per_chunk)
+        if self.backend == "numpy" and rows.device.type == "cpu":
+            # torch fans each small row copy out to its thread pool: on a few cores that costs 10x the copy
+            # (0.07-0.6 GB/s against 5-7 GB/s for NumPy on 64 KiB pages, 2 cores).
+            grid_np, ids_np = grid.numpy(), ids.numpy()
+            where = slice(None) if slots is None else slots.numpy()
+            for index in chosen:
+                segment = self.segments[index].numpy()
+                if gather:
+                    grid_np[where, index] = segment[ids_np].reshape(-1, pages_per_chunk * self.page_bytes)
+                else:
+                    segment[ids_np] = grid_np[where, index].reshape(-1, self.page_bytes)
+            return
+        device_ids = ids.to(self.device)
+        grid_slots = None if slots is None else slots.to(grid.device)
+        for index in chosen:
+            if gather:
+                pages = self.segments[index].index_select(0, device_ids).view(-1, pages_per_chunk * self.page_bytes)
+                if grid_slots is None:
+                    grid[:, index].copy_(pages)
+                else:
+                    grid[:, index].index_copy_(0, grid_slots, pages.to(grid.device))
+            else:
+                chunks = grid[:, index] if grid_slots is None else grid[:, index].index_select(0, grid_slots)
+                self.segments[index].index_copy_(0, device_ids, chunks.reshape(-1, self.page_bytes).to(self.device))
+
+    def _grid(self, rows: torch.Tensor, pages_per_chunk: int) -> torch.Tensor:
+        """``rows`` seen as ``(rows, segment, pages of the chunk)``: the first ``chunk_bytes`` of each row."""
+        width = pages_per_chunk * self.page_bytes
+        return rows.as_strided((rows.shape[0], self.num_segments, width), (rows.stride(0), width, 1),
+                               rows.storage_offset())
+
+    def _addressable(self, rows: torch.Tensor, slots: torch.Tensor | None, pages_per_chunk: int) -> bool:
+        """Whether the device can address the host rows this call touches (registered, mapped at the same address)."""
+        if slots is None:
+            first, last = 0, rows.shape[0] - 1
+        else:
+            first, last = int(slots.min()), int(slots.max())
+        begin = rows.data_ptr() + first * rows.stride(0)
+        end = rows.data_ptr() + last * rows.stride(0) + self.chunk_bytes(pages_per_chunk)
+        return _host_mapped(begin) and _host_mapped(end - 1)
+
+    def _copy_via_device(self, gather: bool, ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None,
+                         pages_per_chunk: int, chosen: range) -> None:
+        """The kernel on a device buffer, then one pageable copy: for host rows the device cannot address."""
+        self.fallbacks += 1
+        chunk_bytes = self.chunk_bytes(pages_per_chunk)
+        if gather:
+            buffer = torch.empty((ids.numel() // pages_per_chunk, chunk_bytes), dtype=torch.uint8, device=self.device)
+            self._launch(True, ids, buffer, None, pages_per_chunk, chosen)
+            part = self._grid(buffer, pages_per_chunk)[:, chosen.start:chosen.stop].cpu()
+            target = self._grid(rows, pages_per_chunk)[:, chosen.start:chosen.stop]
+            if slots is None:
+                target.copy_(part)
+            else:
+                target.index_copy_(0, slots, part)
+            return
+        host = rows.narrow(1, 0, chunk_bytes)
+        picked = host if slots is None else host.index_select(0, slots)
+        self._launch(False, ids, picked.to(self.device), None, pages_per_chunk, chosen)
+
+    def _launch(self, gather: bool, ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None,
+                pages_per_chunk: int, segments: range) -> None:
+        assert self._kernels is not None and self._tables is not None
+        kernel = self._kernels[0 if gather else 1]
+        num_ids = ids.numel()
+        # One host-to-device copy carries the block ids and the slot ids.
+        indices = (ids if slots is None else torch.cat((ids, slots))).to(self.device, non_blocking=True)
+        slot_pointer = 0 if slots is None else indices.data_ptr() + num_ids * indices.element_size()
+        num_pairs = num_ids * len(segments)
+        vector = self._vector and rows.data_ptr() % 16 == 0 and rows.stride(0) % 16 == 0
         cupy = importlib.import_module("cupy")
         stream = torch.cuda.current_stream(self.device)
         with cupy.cuda.Device(self.device.index or 0), cupy.cuda.ExternalStream(stream.cuda_stream):
@@ -215,19 +325,33 @@ class PagedKV:
                 (min(num_pairs, _MAX_GRID),),
                 (_THREADS,),
                 (
-                    np.uint64(tables[0].data_ptr()),
-                    np.uint64(tables[1].data_ptr()),
-                    np.uint64(ids.data_ptr()),
-                    np.uint64(staging.data_ptr()),
-                    np.int64(ids.numel()),
+                    np.uint64(self._tables[0].data_ptr()),
+                    np.uint64(self._tables[1].data_ptr()),
+                    np.uint64(indices.data_ptr()),
+                    np.uint64(slot_pointer),
+                    np.uint64(rows.data_ptr()),
+                    np.int64(rows.stride(0)),
+                    np.int64(num_ids),
                     np.int32(self.num_segments),
                     np.int32(segments.start),
                     np.int32(segments.stop),
                     np.int64(self.page_bytes),
                     np.int32(pages_per_chunk),
-                    np.int32(1 if self._vector and staging.data_ptr() % 16 == 0 else 0),
+                    np.int32(1 if vector else 0),
                 ),
             )
-        # The caching allocator may reuse ``ids`` once Python drops it; tie it to the launch's stream.
-        ids.record_stream(stream)
+        # The caching allocator may reuse ``indices`` once Python drops it; tie it to the launch's stream.
+        indices.record_stream(stream)
 
+
+def _host_mapped(pointer: int) -> bool:
+    """Whether host address ``pointer`` is page-locked and mapped at the same address on the device (UVA)."""
+    try:
+        cupy = importlib.import_module("cupy")
+        attributes = cupy.cuda.runtime.pointerGetAttributes(pointer)
+    except Exception:
+        # Unknown to the driver (a CUDA error for plain pageable memory on old drivers): not addressable.
+        return False
+    memory_type = getattr(attributes, "type", getattr(attributes, "memoryType", -1))
+    host_type = getattr(cupy.cuda.runtime, "memoryTypeHost", 1)
+    return int(memory_type) == int(host_type) and int(attributes.devicePointer) == pointer

@@ -7,7 +7,8 @@ Primitives (each documented where it is defined):
 - ``put(keys, blocks)`` / ``get(keys, blocks)``: asynchronous copies from / into caller tensors (CPU or
   CUDA); each returns a ``Job``.
 - ``reserve`` / ``commit`` / ``abort`` and ``acquire`` / ``release``: the zero-copy path, for callers that
-  write and read arena slots themselves (the daemon's clients, the vLLM gather kernels).
+  write and read arena slots themselves (the daemon's clients, the vLLM gather kernels); ``slot_rows()``
+  is the arena as one ``(num_slots, slot_bytes)`` view for ``PagedKV.gather_to_slots`` and friends.
 - ``stats()``: an immutable ``StoreStats`` snapshot. ``close()``: finish jobs, flush the disk tier.
 
 Promises:
@@ -394,6 +395,15 @@ class Store:
     def release(self, lease: Lease) -> None:
         with self._lock:
             self.host.release(lease.keys)
+
+    def slot_rows(self) -> torch.Tensor:
+        """The host arena as a ``(num_slots, slot_bytes)`` uint8 view: row ``slot`` holds that slot's block.
+
+        For in-place copies of reserved or leased slots (``PagedKV.gather_to_slots`` /
+        ``scatter_from_slots``); the first ``layout.block_bytes`` bytes of a row are the block.
+        """
+        self._check_open()
+        return self.arena.rows()
 
     def slot_view(self, slot: int) -> torch.Tensor:
         """The block bytes of host slot ``slot`` as a flat tensor of the layout's dtype."""

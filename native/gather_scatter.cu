@@ -3,13 +3,15 @@
 // Promises (kvtier/native.py is the only caller and checks every argument first):
 // - A "segment" is one layer's paged cache (or one of its K/V planes) seen as rows of bytes: row b
 //   (an engine block id) starts at src_ptrs[s] + b * row_strides[s] and holds page_bytes bytes.
-// - The staging buffer is contiguous and ordered (chunk, segment, page-in-chunk, byte), where the
-//   i-th block id belongs to chunk i / pages_per_chunk: a chunk of pages_per_chunk engine blocks of
-//   all segments is one kvtier block, in one piece.
-// - Only segments [segment_begin, segment_end) are copied (one layer at a time, for layer-wise saves
-//   and restores); staging offsets always count all num_segments segments.
-// - kvtier_gather copies pages into the staging buffer, kvtier_scatter copies them back; the staging
-//   buffer may be device memory or pinned host memory mapped into the device's address space.
+// - The i-th block id belongs to chunk c = i / pages_per_chunk. Chunk c lives at
+//   staging + slot(c) * chunk_stride, where slot(c) is slot_ids[c] (arena slots, in place) or c itself
+//   when slot_ids is null (one contiguous staging buffer). Inside a chunk the order is
+//   (segment, page-in-chunk, byte): a chunk of pages_per_chunk engine blocks of all segments is one
+//   kvtier block, in one piece.
+// - Only segments [segment_begin, segment_end) are copied (one layer range at a time, for layer-wise
+//   saves and restores); offsets inside a chunk always count all num_segments segments.
+// - kvtier_gather copies pages into the chunks, kvtier_scatter copies them back; the chunks may be
+//   device memory or page-locked host memory mapped into the device's address space (zero copy).
 // - One CUDA block per (block id, segment) pair; 16-byte loads and stores when every address and
 //   page_bytes allow it, bytes otherwise. Nothing is allocated, nothing synchronises.
 // - No #include: NVRTC (CuPy's RawModule) compiles this file without the C library's headers.
@@ -33,15 +35,17 @@ __device__ __forceinline__ void copy_page(unsigned char* dst, const unsigned cha
     }
 }
 
-__device__ __forceinline__ long long staging_offset(long long pair, int num_segments, int segment_begin,
-                                                    int segment_end, int pages_per_chunk, long long page_bytes,
-                                                    long long* block_index, int* segment) {
+__device__ __forceinline__ long long chunk_offset(long long pair, const long long* __restrict__ slot_ids,
+                                                  long long chunk_stride, int num_segments, int segment_begin,
+                                                  int segment_end, int pages_per_chunk, long long page_bytes,
+                                                  long long* block_index, int* segment) {
     const int active = segment_end - segment_begin;
     *block_index = pair / active;
     *segment = segment_begin + static_cast<int>(pair % active);
     const long long chunk = *block_index / pages_per_chunk;
     const long long page = *block_index % pages_per_chunk;
-    return ((chunk * num_segments + *segment) * pages_per_chunk + page) * page_bytes;
+    const long long slot = slot_ids != nullptr ? slot_ids[chunk] : chunk;
+    return slot * chunk_stride + (static_cast<long long>(*segment) * pages_per_chunk + page) * page_bytes;
 }
 
 }  // namespace
@@ -49,37 +53,39 @@ __device__ __forceinline__ long long staging_offset(long long pair, int num_segm
 extern "C" __global__ void kvtier_gather(const unsigned long long* __restrict__ src_ptrs,
                                          const long long* __restrict__ row_strides,
                                          const long long* __restrict__ block_ids,
-                                         unsigned char* __restrict__ staging, long long num_block_ids,
-                                         int num_segments, int segment_begin, int segment_end,
-                                         long long page_bytes, int pages_per_chunk, int vector) {
+                                         const long long* __restrict__ slot_ids,
+                                         unsigned char* __restrict__ chunks, long long chunk_stride,
+                                         long long num_block_ids, int num_segments, int segment_begin,
+                                         int segment_end, long long page_bytes, int pages_per_chunk,
+                                         int vector) {
     const long long num_pairs = num_block_ids * (segment_end - segment_begin);
     for (long long pair = blockIdx.x; pair < num_pairs; pair += gridDim.x) {
         long long block_index;
         int segment;
-        const long long offset =
-            staging_offset(pair, num_segments, segment_begin, segment_end, pages_per_chunk, page_bytes,
-                           &block_index, &segment);
+        const long long offset = chunk_offset(pair, slot_ids, chunk_stride, num_segments, segment_begin,
+                                              segment_end, pages_per_chunk, page_bytes, &block_index, &segment);
         const unsigned char* src = reinterpret_cast<const unsigned char*>(src_ptrs[segment]) +
                                    block_ids[block_index] * row_strides[segment];
-        copy_page(staging + offset, src, page_bytes, vector != 0);
+        copy_page(chunks + offset, src, page_bytes, vector != 0);
     }
 }
 
 extern "C" __global__ void kvtier_scatter(const unsigned long long* __restrict__ dst_ptrs,
                                           const long long* __restrict__ row_strides,
                                           const long long* __restrict__ block_ids,
-                                          const unsigned char* __restrict__ staging, long long num_block_ids,
-                                          int num_segments, int segment_begin, int segment_end,
-                                          long long page_bytes, int pages_per_chunk, int vector) {
+                                          const long long* __restrict__ slot_ids,
+                                          const unsigned char* __restrict__ chunks, long long chunk_stride,
+                                          long long num_block_ids, int num_segments, int segment_begin,
+                                          int segment_end, long long page_bytes, int pages_per_chunk,
+                                          int vector) {
     const long long num_pairs = num_block_ids * (segment_end - segment_begin);
     for (long long pair = blockIdx.x; pair < num_pairs; pair += gridDim.x) {
         long long block_index;
         int segment;
-        const long long offset =
-            staging_offset(pair, num_segments, segment_begin, segment_end, pages_per_chunk, page_bytes,
-                           &block_index, &segment);
+        const long long offset = chunk_offset(pair, slot_ids, chunk_stride, num_segments, segment_begin,
+                                              segment_end, pages_per_chunk, page_bytes, &block_index, &segment);
         unsigned char* dst = reinterpret_cast<unsigned char*>(dst_ptrs[segment]) +
                              block_ids[block_index] * row_strides[segment];
-        copy_page(dst, staging + offset, page_bytes, vector != 0);
+        copy_page(dst, chunks + offset, page_bytes, vector != 0);
     }
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtier.arena import HostArena
 from kvtier.errors import InvalidInputError
 from kvtier.native import KERNEL_SOURCE, PagedKV, byte_rows, load_kernels
 
@@ -158,3 +159,145 @@ def test_cuda_kernel_matches_the_torch_path(pinned: bool) -> None:
     torch.cuda.synchronize()
     for index, layer in enumerate(layers):
         assert torch.equal(layer[[11, 10, 8, 7]], layer[ids]) == (index in (1, 2))
+
+
+# -- in place: chunks in arena slots ---------------------------------------------------------------------
+
+
+def _rows(num_slots: int, width: int, device: str = "cpu") -> torch.Tensor:
+    """A ``(num_slots, width)`` row view with row padding beyond ``width``, like an arena's 4 KiB slots."""
+    return torch.zeros(num_slots, width + 32, dtype=torch.uint8, device=device)[:, :width + 16]
+
+
+@FALLBACKS
+@pytest.mark.parametrize("pages_per_chunk", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["layer", "block_outermost", "kernel_blocks"])
+def test_slots_round_trip_at_several_layouts(pages_per_chunk: int, layout: str, use_numpy: bool) -> None:
+    if layout == "layer":
+        segments = [byte_rows(layer, NUM_BLOCKS) for layer in _layers(3)]
+    elif layout == "block_outermost":
+        packed = torch.randn(NUM_BLOCKS, 3, 2, 4, 8)
+        segments = [byte_rows(packed[:, i], NUM_BLOCKS) for i in range(3)]
+    else:
+        segments = [byte_rows(torch.randn(NUM_BLOCKS * 2, 2, 4, 8), NUM_BLOCKS) for _ in range(2)]
+    paged = PagedKV(segments, use_numpy=use_numpy)
+    before = [segment.clone() for segment in segments]
+    src_ids = [1, 4, 5, 0, 9, 2][: 2 * pages_per_chunk]
+    dst_ids = [11, 10, 3, 6, 7, 8][: 2 * pages_per_chunk]
+    rows = _rows(5, paged.chunk_bytes(pages_per_chunk))
+    paged.gather_to_slots(src_ids, rows, [4, 1], pages_per_chunk)
+    # The same bytes as a contiguous gather, chunk by chunk, in the chosen rows.
+    staging = torch.empty(paged.chunk_bytes(pages_per_chunk) * 2, dtype=torch.uint8)
+    paged.gather(src_ids, staging, pages_per_chunk)
+    chunks = staging.view(2, -1)
+    assert torch.equal(rows[4, : chunks.shape[1]], chunks[0]) and torch.equal(rows[1, : chunks.shape[1]], chunks[1])
+    assert torch.count_nonzero(rows[[0, 2, 3]]) == 0
+    paged.scatter_from_slots(dst_ids, rows, [4, 1], pages_per_chunk)
+    for segment, original in zip(segments, before, strict=True):
+        assert torch.equal(segment[dst_ids], original[src_ids])
+
+
+@FALLBACKS
+def test_slots_of_a_layer_range_leave_the_other_layers(use_numpy: bool) -> None:
+    layers = _layers(3)
+    paged = _paged(layers, use_numpy=use_numpy)
+    rows = _rows(4, paged.chunk_bytes())
+    paged.gather_to_slots([3, 4], rows, [2, 0], segments=range(1, 2))
+    grid = rows[:, : paged.chunk_bytes()].view(4, 3, -1)
+    assert torch.count_nonzero(grid[:, 0]) == 0 and torch.count_nonzero(grid[:, 2]) == 0
+    assert torch.equal(grid[2, 1], layers[1][3].reshape(-1).view(torch.uint8))
+    paged.scatter_from_slots([8, 9], rows, [2, 0], segments=range(1, 2))
+    assert torch.equal(layers[1][[8, 9]], layers[1][[3, 4]])
+    assert not torch.equal(layers[0][[8, 9]], layers[0][[3, 4]])
+
+
+def test_slots_in_a_host_arena_hold_whole_blocks() -> None:
+    layers = _layers(2)
+    paged = _paged(layers)
+    arena = HostArena(4, 4096)
+    try:
+        rows = arena.rows()
+        assert rows.shape == (4, 4096) and rows.data_ptr() == arena.slot(0).data_ptr()
+        paged.gather_to_slots([5, 6, 7, 8], rows, [3, 1], pages_per_chunk=2)
+        staging = torch.empty(paged.chunk_bytes(2) * 2, dtype=torch.uint8)
+        paged.gather([5, 6, 7, 8], staging, pages_per_chunk=2)
+        assert torch.equal(arena.slot(3, paged.chunk_bytes(2)), staging[: paged.chunk_bytes(2)])
+        assert torch.equal(arena.slot(1, paged.chunk_bytes(2)), staging[paged.chunk_bytes(2):])
+    finally:
+        del rows
+        arena.close()
+
+
+def test_slot_arguments_are_checked_before_copying() -> None:
+    layers = _layers(2)
+    paged = _paged(layers)
+    before = [layer.clone() for layer in layers]
+    rows = _rows(3, paged.chunk_bytes())
+    bad_calls = [
+        lambda: paged.gather_to_slots([0, 1], rows, [0, 3]),  # slot out of range
+        lambda: paged.gather_to_slots([0, 1], rows, [-1, 0]),
+        lambda: paged.gather_to_slots([0, 1], rows, [1, 1]),  # one slot twice
+        lambda: paged.gather_to_slots([0, 1], rows, [0]),  # chunk count mismatch
+        lambda: paged.gather_to_slots([0, 1], rows, [0, 1], pages_per_chunk=2),
+        lambda: paged.scatter_from_slots([0, 1], rows[:, : paged.chunk_bytes() - 1], [0, 1]),  # too narrow
+        lambda: paged.scatter_from_slots([0, 1], rows.view(torch.int8), [0, 1]),  # wrong dtype
+        lambda: paged.scatter_from_slots([0, 1], rows[0], [0, 1]),  # not rows
+        lambda: paged.scatter_from_slots([0, 1], rows[:, ::2], [0, 1]),  # bytes not dense
+        lambda: paged.scatter_from_slots([0, 1], torch.zeros(4096, dtype=torch.uint8).as_strided(
+            (3, paged.chunk_bytes()), (8, 1)), [0, 1]),  # rows overlap
+        lambda: paged.scatter_from_slots([0, NUM_BLOCKS], rows, [0, 1]),  # block id out of range
+    ]
+    for call in bad_calls:
+        with pytest.raises(InvalidInputError):
+            call()
+    for layer, original in zip(layers, before, strict=True):
+        assert torch.equal(layer, original)
+    assert torch.count_nonzero(rows) == 0
+
+
+def test_empty_slot_list_is_a_no_op() -> None:
+    paged = _paged(_layers(1))
+    rows = _rows(2, paged.chunk_bytes())
+    paged.gather_to_slots([], rows, [])
+    paged.scatter_from_slots([], rows, [])
+    assert torch.count_nonzero(rows) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_kernels_available(), reason="needs CUDA and CuPy")
+@pytest.mark.parametrize("memory", ["registered_arena", "pinned", "device", "pageable"])
+def test_cuda_slots_match_the_cpu_bytes(memory: str) -> None:
+    cpu_layers = _layers(4, seed=2)
+    layers = [layer.cuda() for layer in cpu_layers]
+    kernel = _paged(layers)
+    assert kernel.backend == "cuda"
+    ids, slots = [5, 2, 9, 0], [6, 1]
+    width = kernel.chunk_bytes(2)
+    arena = None
+    if memory == "registered_arena":
+        arena = HostArena(8, -(-width // 4096) * 4096)
+        arena.start_pinning(4096)
+        assert arena.wait_pinned(timeout=30)
+        rows = arena.rows()
+    elif memory == "pinned":
+        rows = torch.zeros(8, width, dtype=torch.uint8, pin_memory=True)
+    elif memory == "device":
+        rows = torch.zeros(8, width, dtype=torch.uint8, device="cuda")
+    else:
+        rows = torch.zeros(8, width, dtype=torch.uint8)
+    try:
+        kernel.gather_to_slots(ids, rows, slots, pages_per_chunk=2)
+        torch.cuda.synchronize()
+        expected = _rows(8, width)
+        _paged(cpu_layers).gather_to_slots(ids, expected, slots, pages_per_chunk=2)
+        assert torch.equal(rows[:, :width].cpu(), expected[:, :width])
+        assert kernel.fallbacks == (1 if memory == "pageable" else 0)
+        kernel.scatter_from_slots([11, 10, 8, 7], rows, slots, pages_per_chunk=2, segments=range(1, 3))
+        torch.cuda.synchronize()
+        for index, layer in enumerate(layers):
+            assert torch.equal(layer[[11, 10, 8, 7]], layer[ids]) == (index in (1, 2))
+        assert kernel.fallbacks == (2 if memory == "pageable" else 0)
+    finally:
+        del rows
+        if arena is not None:
+            arena.close()
