@@ -150,7 +150,8 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
     print(f"scatter {result['scatter_gbps']:>8} GB/s  contiguous {result['contiguous_in_gbps']:>8} GB/s  "
           f"ratio {result['scatter_vs_contiguous']}")
     print(f"in place: gather to slots {result['slots_gather_gbps']} GB/s "
-          f"(ratio {result['slots_gather_vs_contiguous']}), scatter from slots {result['slots_scatter_gbps']} GB/s (ratio {result['slots_scatter_vs_contiguous']})")
+          f"(ratio {result['slots_gather_vs_contiguous']}), scatter from slots "
+          f"{result['slots_scatter_gbps']} GB/s (ratio {result['slots_scatter_vs_contiguous']})")
     return 0
 
 
