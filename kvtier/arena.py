@@ -37,6 +37,7 @@ PAGE_BYTES = 4096
 _SHM_DIR = Path("/dev/shm")
 # linux/mman.h: populate page tables as write faults would, without writing (Linux 5.14+).
 _MADV_POPULATE_WRITE = 23
+_PREFAULT_STEP_BYTES = 16 * 1024 * 1024
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +113,10 @@ class HostArena:
 
     def _prepare_chunks(self, chunk_bytes: int, prefault: bool, pin: bool) -> None:
         base = self.tensor.data_ptr()
+        if not pin:
+            # Small prefault steps: ``close`` waits for the step under way (a fault can cost a microsecond
+            # per 4 KiB page on a VM).
+            chunk_bytes = max(self.slot_bytes, _PREFAULT_STEP_BYTES // self.slot_bytes * self.slot_bytes)
         offsets = list(range(0, self.total_bytes, chunk_bytes))
         madvise = None if pin or not prefault else _libc_madvise()
         for offset in offsets if pin else reversed(offsets):
