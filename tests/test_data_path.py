@@ -125,3 +125,26 @@ def test_arena_prefault_keeps_bytes_written_meanwhile() -> None:
         assert arena.pinned_bytes == 0
     finally:
         arena.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pin", [True, False], ids=["registered", "pageable"])
+def test_transformers_on_cuda_restores_the_saved_bits(pin: bool) -> None:
+    """On a GPU: the restored cache holds exactly the K/V the first prefill saved (kernel or fallback path)."""
+    from kvtier_connectors.transformers import TransformersConnector, kv_layout, random_model
+
+    model = random_model("llama", dtype=torch.bfloat16).to("cuda")
+    layout = kv_layout(model, 8)
+    prompt = torch.randint(0, 512, (1, 8 * 12 + 16), generator=torch.Generator().manual_seed(4)).to("cuda")
+    config = StoreConfig(host=HostConfig(capacity_bytes=64 * max(4096, layout.block_bytes), pin=pin))
+    with Store(layout, config) as store:
+        store.arena.wait_prepared()
+        connector = TransformersConnector(model, store)
+        first = connector.prefill(prompt)
+        connector.wait_saves()
+        second = connector.prefill(prompt)
+        connector.wait_saves()
+        assert second.restored_tokens == 8 * 12
+        for saved, restored in zip(first.cache.layers, second.cache.layers, strict=True):
+            assert torch.equal(restored.keys[:, :, : 8 * 12], saved.keys[:, :, : 8 * 12])
+            assert torch.equal(restored.values[:, :, : 8 * 12], saved.values[:, :, : 8 * 12])
