@@ -395,7 +395,9 @@ class TransformersConnector:
         """Save the whole blocks of ``input_ids`` from ``cache`` that the store lacks; the number written.
 
         ``cache`` must hold at least the prompt's tokens, computed by this model in forwards of at least 16
-        tokens each (see the module docstring). Blocks before ``start_block`` are not looked at.
+        tokens each (see the module docstring). Blocks before ``start_block`` are not looked at. On CUDA the
+        copies run on a side stream: the blocks become readable once they completed (``wait_saves``, or
+        the next restore, which waits for them).
         """
         self._check_request(input_ids, None)
         return self._save_keys(self.block_keys(input_ids), cache, start_block)
