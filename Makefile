@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Without a GPU, the CPU build of torch (a small wheel); with one, torch's default (CUDA) build and CuPy.
+# Without a GPU, the CPU build of torch (a small wheel); with one, torch's default (CUDA) build and the CuPy
+# wheel of torch's CUDA major version (extra cuda12 or cuda13: a CuPy of another major fails to load).
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
-EXTRAS ?= test,transformers$(if $(HAS_GPU),$(comma)cuda)
+EXTRAS ?= test,transformers
+TORCH_CUDA_MAJOR = $$($(BIN)/python -c 'import torch; print((torch.version.cuda or "12").split(".")[0])')
 comma := ,
 
 .PHONY: demo test lint bench native-check clean
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)$(if $(HAS_GPU),$(comma)cuda$(TORCH_CUDA_MAJOR))]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -42,3 +44,4 @@ clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
 
 include mk/vllm.mk
+include mk/gpu.mk

@@ -69,6 +69,8 @@ class HostConfig:
     pin_chunk_bytes: int = 256 * MiB
     # Register the arena with CUDA when CUDA is present (no effect without it).
     pin: bool = True
+    # Fault the arena's pages in the background at open, so the first fill runs at memory speed.
+    prefault: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "capacity_bytes", parse_bytes(self.capacity_bytes, "host.capacity_bytes"))

@@ -77,13 +77,17 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> JobResult:
         deadline = None if timeout is None else time.monotonic() + timeout
+        # A CUDA backend completes on poll: poll before the first wait, then wait 10 us, 20 us, ... up to
+        # 1 ms between polls, so that a restore of a few blocks pays microseconds, a long one no busy loop.
+        self._poll()
+        pause = 1e-5
         with self._cond:
             while self._parts_left:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise JobTimeoutError(f"{self.kind} job {self.id} not done after {timeout} s")
-                # Short waits so that a CUDA backend, which completes on poll, makes progress.
-                self._cond.wait(0.001 if remaining is None else min(remaining, 0.001))
+                self._cond.wait(pause if remaining is None else min(remaining, pause))
+                pause = min(2 * pause, 1e-3)
                 self._cond.release()
                 try:
                     self._poll()

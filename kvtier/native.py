@@ -49,11 +49,13 @@ KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "native" / "gather_scatter
 _THREADS = 256
 # Enough CUDA blocks to fill any current GPU; each one loops over (block id, segment) pairs.
 _MAX_GRID = 8192
+# Whole-block copies are cut into pieces of this size, one CUDA block each at a time.
+_PIECE_BYTES = 64 * 1024
 
 
 @functools.cache
-def load_kernels() -> tuple[Any, Any] | None:
-    """The compiled ``(gather, scatter)`` CuPy kernels, or ``None`` where CuPy, CUDA or the source is missing.
+def _kernel_module() -> Any | None:
+    """The compiled CuPy module of ``native/gather_scatter.cu``, or ``None`` where CuPy, CUDA or the source is missing.
 
     Compiled once per process (CuPy also caches the binary on disk).
     """
@@ -61,12 +63,64 @@ def load_kernels() -> tuple[Any, Any] | None:
         return None
     try:
         cupy = importlib.import_module("cupy")
-        module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",))
-        return module.get_function("kvtier_gather"), module.get_function("kvtier_scatter")
+        return cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",))
     except Exception as exc:
         # An unusable CuPy (no driver, a CUDA mismatch, NVRTC missing) means the torch path, not a crash.
         logging.getLogger(__name__).warning("gather/scatter kernels unavailable, using torch copies: %s", exc)
         return None
+
+
+@functools.cache
+def load_kernels() -> tuple[Any, Any] | None:
+    """The compiled ``(gather, scatter)`` CuPy kernels, or ``None`` where CuPy, CUDA or the source is missing."""
+    module = _kernel_module()
+    return None if module is None else (module.get_function("kvtier_gather"), module.get_function("kvtier_scatter"))
+
+
+@functools.cache
+def load_copy_kernel() -> Any | None:
+    """The compiled whole-block copy kernel (``kvtier_copy_blocks``), or ``None`` as for ``load_kernels``."""
+    module = _kernel_module()
+    return None if module is None else module.get_function("kvtier_copy_blocks")
+
+
+def launch_copy_blocks(kernel: Any, pointers: torch.Tensor, num_blocks: int, nbytes: int, vector: bool,
+                       stream: torch.cuda.Stream) -> None:
+    """Copy ``num_blocks`` blocks of ``nbytes`` from ``pointers[1]`` to ``pointers[0]`` (device int64 ``[2, n]``).
+
+    One launch on ``stream``; every pointer must be device memory or host memory the device addresses.
+    """
+    cupy = importlib.import_module("cupy")
+    num_pieces = num_blocks * -(-nbytes // _PIECE_BYTES)
+    with cupy.cuda.Device(pointers.device.index or 0), cupy.cuda.ExternalStream(stream.cuda_stream):
+        kernel((min(num_pieces, _MAX_GRID),), (_THREADS,),
+               (np.uint64(pointers[0].data_ptr()), np.uint64(pointers[1].data_ptr()), np.int64(num_blocks),
+                np.int64(nbytes), np.int64(_PIECE_BYTES), np.int32(1 if vector else 0)))
+    pointers.record_stream(stream)
+
+
+def host_mapped(pointer: int) -> bool:
+    """Whether host address ``pointer`` is page-locked and mapped at the same address on the device (UVA)."""
+    try:
+        cupy = importlib.import_module("cupy")
+        attributes = cupy.cuda.runtime.pointerGetAttributes(pointer)
+    except Exception:
+        # Unknown to the driver (a CUDA error for plain pageable memory on old drivers): not addressable.
+        return False
+    memory_type = getattr(attributes, "type", getattr(attributes, "memoryType", -1))
+    host_type = getattr(cupy.cuda.runtime, "memoryTypeHost", 1)
+    return int(memory_type) == int(host_type) and int(attributes.devicePointer) == pointer
+
+
+def rows_addressable(rows: torch.Tensor, first_row: int, last_row: int, nbytes: int) -> bool:
+    """Whether the device addresses rows ``first_row..last_row`` (``nbytes`` of the last) of host ``rows``.
+
+    Asks the driver about the first and last byte: enough for one pinned allocation and for an arena,
+    which is registered in ascending chunks.
+    """
+    begin = rows.data_ptr() + first_row * rows.stride(0)
+    end = rows.data_ptr() + last_row * rows.stride(0) + nbytes
+    return host_mapped(begin) and host_mapped(end - 1)
 
 
 def byte_rows(tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -282,12 +336,8 @@ class PagedKV:
     def _addressable(self, rows: torch.Tensor, slots: torch.Tensor | None, pages_per_chunk: int) -> bool:
         """Whether the device can address the host rows this call touches (registered, mapped at the same address)."""
         if slots is None:
-            first, last = 0, rows.shape[0] - 1
-        else:
-            first, last = int(slots.min()), int(slots.max())
-        begin = rows.data_ptr() + first * rows.stride(0)
-        end = rows.data_ptr() + last * rows.stride(0) + self.chunk_bytes(pages_per_chunk)
-        return _host_mapped(begin) and _host_mapped(end - 1)
+            return rows_addressable(rows, 0, rows.shape[0] - 1, self.chunk_bytes(pages_per_chunk))
+        return rows_addressable(rows, int(slots.min()), int(slots.max()), self.chunk_bytes(pages_per_chunk))
 
     def _copy_via_device(self, gather: bool, ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None,
                          pages_per_chunk: int, chosen: range) -> None:
@@ -343,15 +393,3 @@ class PagedKV:
         # The caching allocator may reuse ``indices`` once Python drops it; tie it to the launch's stream.
         indices.record_stream(stream)
 
-
-def _host_mapped(pointer: int) -> bool:
-    """Whether host address ``pointer`` is page-locked and mapped at the same address on the device (UVA)."""
-    try:
-        cupy = importlib.import_module("cupy")
-        attributes = cupy.cuda.runtime.pointerGetAttributes(pointer)
-    except Exception:
-        # Unknown to the driver (a CUDA error for plain pageable memory on old drivers): not addressable.
-        return False
-    memory_type = getattr(attributes, "type", getattr(attributes, "memoryType", -1))
-    host_type = getattr(cupy.cuda.runtime, "memoryTypeHost", 1)
-    return int(memory_type) == int(host_type) and int(attributes.devicePointer) == pointer

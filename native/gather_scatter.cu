@@ -89,3 +89,21 @@ extern "C" __global__ void kvtier_scatter(const unsigned long long* __restrict__
         copy_page(dst, chunks + offset, page_bytes, vector != 0);
     }
 }
+
+// Whole-block copies for Store.put / Store.get: block i moves from src_ptrs[i] to dst_ptrs[i], nbytes each
+// (arena slots in mapped host memory on one side, the caller's device tensors on the other). Each block
+// is cut into pieces of piece_bytes so that a few large blocks still spread over every SM.
+extern "C" __global__ void kvtier_copy_blocks(const unsigned long long* __restrict__ dst_ptrs,
+                                              const unsigned long long* __restrict__ src_ptrs,
+                                              long long num_blocks, long long nbytes, long long piece_bytes,
+                                              int vector) {
+    const long long pieces_per_block = (nbytes + piece_bytes - 1) / piece_bytes;
+    const long long num_pieces = num_blocks * pieces_per_block;
+    for (long long piece = blockIdx.x; piece < num_pieces; piece += gridDim.x) {
+        const long long block = piece / pieces_per_block;
+        const long long begin = (piece % pieces_per_block) * piece_bytes;
+        const long long length = nbytes - begin < piece_bytes ? nbytes - begin : piece_bytes;
+        copy_page(reinterpret_cast<unsigned char*>(dst_ptrs[block]) + begin,
+                  reinterpret_cast<const unsigned char*>(src_ptrs[block]) + begin, length, vector != 0);
+    }
+}

@@ -22,11 +22,13 @@ def test_bad_override_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_bench_host_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["bench", "host", "--block-bytes", "65536", "--total-mib", "1", "--repeats", "1", "--json"])
+    status = main(["bench", "host", "--block-bytes", "65536", "--total-mib", "1", "--repeats", "1",
+                   "--first-fill-mib", "4", "--json"])
     assert status == 0
     result = json.loads(capsys.readouterr().out)
     assert result["block_bytes"] == [65536] and result["lookup_hit_blocks"] == 8192
-    assert {"host_put_gbps", "host_get_gbps", "memcpy_gbps", "key_derive_us_per_block"} <= set(result)
+    assert {"host_put_gbps", "host_get_gbps", "memcpy_gbps", "key_derive_us_per_block", "first_fill_gbps",
+            "first_fill_vs_memcpy", "first_fill_at_open_vs_memcpy", "first_fill_no_prefault_vs_memcpy"} <= set(result)
 
 
 def test_only_the_chosen_command_is_imported() -> None:

@@ -7,7 +7,10 @@ the vLLM connector does on a save) and scattered back (a restore). The baseline 
 the same number of bytes between the same two memories, in the same run, interleaved round by round. On a
 GPU the cache lives in device memory, the staging buffer in pinned host memory, and the CUDA kernel of
 native/ moves the pages; on the CPU the NumPy fallback does, and the generic torch fallback (what a GPU
-without CuPy uses) is measured too. Prints one JSON object (``--json``) or a short table.
+without CuPy uses) is measured too. The in-place form is measured in the same rounds (``slots_*``): the
+same pages gathered straight into shuffled slots of a host arena (registered on a GPU, waited for before
+timing) and scattered back from them, as the connectors do. Prints one JSON object (``--json``) or a short
+table.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvtier.arena import PAGE_BYTES, HostArena, round_up
 from kvtier.bench.common import gbps, median_seconds
 from kvtier.config import StoreConfig
 from kvtier.native import PagedKV, byte_rows
@@ -64,7 +68,16 @@ def run_gather_bench(num_layers: int = 32, num_kv_heads: int = 8, head_dim: int 
     scatter = timed(lambda: paged.scatter(block_ids, staging, pages_per_chunk))
     copy_out = timed(lambda: staging.copy_(contiguous_src, non_blocking=pinned))
     copy_in = timed(lambda: contiguous_src.copy_(staging, non_blocking=pinned))
-    ops = {"copy_out": copy_out, "gather": gather, "copy_in": copy_in, "scatter": scatter}
+    num_chunks = gather_blocks // pages_per_chunk
+    arena = HostArena(2 * num_chunks, round_up(paged.chunk_bytes(pages_per_chunk), PAGE_BYTES))
+    if pinned:
+        arena.start_pinning(256 * 1024 * 1024)
+        arena.wait_pinned()
+    rows = arena.rows()
+    slot_ids = torch.randperm(2 * num_chunks, generator=generator)[:num_chunks].tolist()
+    ops = {"copy_out": copy_out, "gather": gather, "copy_in": copy_in, "scatter": scatter,
+           "slots_gather": timed(lambda: paged.gather_to_slots(block_ids, rows, slot_ids, pages_per_chunk)),
+           "slots_scatter": timed(lambda: paged.scatter_from_slots(block_ids, rows, slot_ids, pages_per_chunk))}
     if paged.backend == "numpy":
         # The generic torch path too, which a GPU without CuPy would use, on the same bytes.
         torch_paged = PagedKV(paged.segments, use_numpy=False)
@@ -78,6 +91,7 @@ def run_gather_bench(num_layers: int = 32, num_kv_heads: int = 8, head_dim: int 
         for name, op in ops.items():
             times[name].append(median_seconds(op, 1))
     seconds = {name: statistics.median(values) for name, values in times.items()}
+    arena.close()
     copy_out_s, gather_s, copy_in_s, scatter_s = (seconds[n] for n in ("copy_out", "gather", "copy_in", "scatter"))
     result: dict[str, object] = {
         "benchmark": "gather",
@@ -101,6 +115,10 @@ def run_gather_bench(num_layers: int = 32, num_kv_heads: int = 8, head_dim: int 
         result["torch_scatter_gbps"] = gbps(moved, seconds["torch_scatter"])
     result["gather_vs_contiguous"] = round(copy_out_s / gather_s, 3)
     result["scatter_vs_contiguous"] = round(copy_in_s / scatter_s, 3)
+    result["slots_gather_gbps"] = gbps(moved, seconds["slots_gather"])
+    result["slots_scatter_gbps"] = gbps(moved, seconds["slots_scatter"])
+    result["slots_gather_vs_contiguous"] = round(copy_out_s / seconds["slots_gather"], 3)
+    result["slots_scatter_vs_contiguous"] = round(copy_in_s / seconds["slots_scatter"], 3)
     result["torch_threads"] = torch.get_num_threads()
     result["unix_time"] = int(time.time())
     return result
@@ -131,6 +149,9 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
           f"ratio {result['gather_vs_contiguous']}")
     print(f"scatter {result['scatter_gbps']:>8} GB/s  contiguous {result['contiguous_in_gbps']:>8} GB/s  "
           f"ratio {result['scatter_vs_contiguous']}")
+    print(f"in place: gather to slots {result['slots_gather_gbps']} GB/s "
+          f"(ratio {result['slots_gather_vs_contiguous']}), scatter from slots "
+          f"{result['slots_scatter_gbps']} GB/s (ratio {result['slots_scatter_vs_contiguous']})")
     return 0
 
 

@@ -1,10 +1,15 @@
 """``kvtier bench host``: host-tier put/get throughput against a raw torch copy, and key/lookup cost.
 
-For each block size, the same bytes are copied three ways in the same run: a raw ``torch`` copy of
-block-sized tensors (the baseline, ``memcpy_gbps``), ``Store.put`` of fresh keys, and ``Store.get`` back
-into caller tensors. The arena is written once before timing, so page faults of a fresh mapping are not
-counted (a long-running store pays them once). Then the cost of deriving and looking up the keys of an
-8,192-block prompt (128k tokens at 16 tokens per block). Prints one JSON object (``--json``) or a table.
+For each block size, the same bytes are copied three ways in the same run: a raw single-threaded
+``memcpy`` of block-sized tensors (NumPy ``copyto``, the baseline, ``memcpy_gbps``), ``Store.put`` of fresh
+keys, and ``Store.get`` back into caller tensors. The arena is written once before timing, so page faults
+of a fresh mapping are not counted there. The first fill of a fresh arena is measured apart
+(``first_fill_*``): a new store of ``--first-fill-mib`` is filled with 1 MiB blocks once its background
+prefault finished (``first_fill``, a pool filled after startup; ``first_fill_prefault_s`` is how long the
+prefault took from opening), right as it opens, racing the prefault (``first_fill_at_open``), and with no
+prefault (``first_fill_no_prefault``), each against a memcpy of the same bytes into memory already touched,
+in the same run. Then the cost of deriving and looking up the keys of an 8,192-block
+prompt (128k tokens at 16 tokens per block). Prints one JSON object (``--json``) or a table.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
 from kvtier.bench.common import gbps, median_seconds
@@ -36,9 +42,12 @@ def measure_copies(block_bytes: int, total_bytes: int, repeats: int, num_workers
     sources = [torch.randn(layout.block_numel).to(torch.float16) for _ in range(num_blocks)]
     outputs = [torch.empty_like(src) for src in sources]
 
+    raw_pairs = [(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy()) for dst, src in
+                 zip(outputs, sources, strict=True)]
+
     def raw_copy() -> None:
-        for dst, src in zip(outputs, sources, strict=True):
-            dst.copy_(src)
+        for dst, src in raw_pairs:
+            np.copyto(dst, src)
 
     raw_copy()  # touch the destination pages, as the arena's are below
     memcpy_s = median_seconds(raw_copy, repeats)
@@ -67,6 +76,42 @@ def measure_copies(block_bytes: int, total_bytes: int, repeats: int, num_workers
             "host_get_gbps": gbps(moved, get_s)}
 
 
+def measure_first_fill(fill_bytes: int, num_workers: int, prefault: bool, repeats: int,
+                       wait_prefault: bool = False) -> dict[str, float]:
+    """GB/s of filling a fresh store (1 MiB blocks), and of a memcpy into touched memory.
+
+    The fill starts as soon as the store opened, or (``wait_prefault``) once its background prefault ended.
+    """
+    layout = _layout_for(_MiB)
+    num_blocks = max(1, fill_bytes // layout.block_bytes)
+    # A few source blocks reused: the sources stay small, every key (and so every slot) is new.
+    sources = [torch.randn(layout.block_numel).to(torch.float16) for _ in range(min(num_blocks, 64))]
+    blocks = [sources[i % len(sources)] for i in range(num_blocks)]
+    warm = np.zeros((min(num_blocks, 256), layout.block_bytes), dtype=np.uint8)
+    source_bytes = [src.view(torch.uint8).numpy() for src in sources]
+
+    def raw_copy() -> None:
+        for i in range(num_blocks):
+            np.copyto(warm[i % len(warm)], source_bytes[i % len(source_bytes)])
+
+    raw_copy()
+    memcpy_s = median_seconds(raw_copy, repeats)
+    config = StoreConfig(host=HostConfig(capacity_bytes=num_blocks * layout.block_bytes, prefault=prefault),
+                         transfer=TransferConfig(backend="cpu", num_workers=num_workers))
+    opened = time.perf_counter()
+    with Store(layout, config) as store:
+        keys = store.hasher("bench-first-fill").keys([0] * (num_blocks * layout.block_tokens))
+        if wait_prefault:
+            store.arena.wait_prepared()
+        prefault_s = time.perf_counter() - opened
+        started = time.perf_counter()
+        if not store.put(keys, blocks).wait().ok:
+            raise RuntimeError("the first-fill benchmark lost blocks")
+        fill_s = time.perf_counter() - started
+    moved = num_blocks * layout.block_bytes
+    return {"memcpy_gbps": gbps(moved, memcpy_s), "fill_gbps": gbps(moved, fill_s), "prefault_s": prefault_s}
+
+
 def measure_keys(num_blocks: int, block_tokens: int, repeats: int) -> dict[str, float]:
     layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, dtype="float16", block_tokens=block_tokens)
     token_ids = [(i * 7919) % 128_000 for i in range(num_blocks * block_tokens)]
@@ -86,7 +131,7 @@ def measure_keys(num_blocks: int, block_tokens: int, repeats: int) -> dict[str, 
 
 
 def run_host_bench(block_sizes: list[int], total_bytes: int, repeats: int, num_workers: int = 2,
-                   prompt_blocks: int = 8192) -> dict[str, object]:
+                   prompt_blocks: int = 8192, first_fill_bytes: int = 0) -> dict[str, object]:
     copies = [measure_copies(size, total_bytes, repeats, num_workers) for size in block_sizes]
     result: dict[str, object] = {
         "benchmark": "host",
@@ -99,6 +144,17 @@ def run_host_bench(block_sizes: list[int], total_bytes: int, repeats: int, num_w
                                                                  strict=True)]
     result["get_vs_memcpy"] = [round(g / m, 3) for g, m in zip(result["host_get_gbps"], result["memcpy_gbps"],  # type: ignore[call-overload]
                                                                  strict=True)]
+    if first_fill_bytes:
+        prefaulted = measure_first_fill(first_fill_bytes, num_workers, True, repeats, wait_prefault=True)
+        racing = measure_first_fill(first_fill_bytes, num_workers, True, repeats)
+        faulting = measure_first_fill(first_fill_bytes, num_workers, False, repeats)
+        result["first_fill_bytes"] = first_fill_bytes
+        result["first_fill_prefault_s"] = round(prefaulted["prefault_s"], 3)
+        for name, row in (("first_fill", prefaulted), ("first_fill_at_open", racing),
+                          ("first_fill_no_prefault", faulting)):
+            result[f"{name}_memcpy_gbps"] = row["memcpy_gbps"]
+            result[f"{name}_gbps"] = row["fill_gbps"]
+            result[f"{name}_vs_memcpy"] = round(row["fill_gbps"] / row["memcpy_gbps"], 3)
     result.update(measure_keys(prompt_blocks, 16, repeats))
     result["torch_threads"] = torch.get_num_threads()
     result["unix_time"] = int(time.time())
@@ -111,11 +167,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--total-mib", type=int, default=256, help="MiB copied per block size and repeat")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2, help="CPU transfer workers")
+    parser.add_argument("--first-fill-mib", type=int, default=2048,
+                        help="size of the fresh arena whose first fill is timed (0: skip)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace, config: StoreConfig) -> int:
-    result = run_host_bench(args.block_bytes, args.total_mib * _MiB, args.repeats, args.workers)
+    result = run_host_bench(args.block_bytes, args.total_mib * _MiB, args.repeats, args.workers,
+                            first_fill_bytes=args.first_fill_mib * _MiB)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -124,6 +183,10 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
                result["host_get_gbps"], result["put_vs_memcpy"], result["get_vs_memcpy"], strict=True)
     for size, raw, put, get, put_ratio, get_ratio in rows:
         print(f"{size:>10} {raw:>12} {put:>10} {get:>10} {put_ratio:>8} {get_ratio:>8}")
+    if "first_fill_gbps" in result:
+        print(f"first fill of a fresh arena: {result['first_fill_gbps']} GB/s ({result['first_fill_vs_memcpy']}x "
+              f"memcpy; {result['first_fill_at_open_vs_memcpy']}x racing the prefault, "
+              f"{result['first_fill_no_prefault_vs_memcpy']}x without it)")
     print(f"keys of {result['prompt_tokens']} tokens: derive {result['key_derive_ms']} ms, "
           f"lookup {result['lookup_ms']} ms")
     return 0

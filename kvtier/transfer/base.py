@@ -5,6 +5,11 @@ A job is a list of ``(dst, src)`` tensor pairs of equal byte size and a directio
 - ``LOAD`` moves host-tier bytes to a caller (a restore, on the engine's critical path: served first);
 - ``STORE`` moves a caller's bytes into the host tier (a save, in the background).
 
+``submit_blocks`` is the batched form the store uses: whole blocks between arena rows (``HostArena.rows()``)
+and caller tensors, one submission however many blocks. Its default builds the pairs and calls
+``submit``; backends override it to skip the per-block work (the CPU one copies raw pointers, the CUDA one
+launches one kernel where the arena is registered).
+
 Promises:
 - ``submit`` never waits for a copy: it queues the job and returns a ``Transfer`` handle.
 - Each job's ``on_done(error)`` is called exactly once, with ``None`` after every pair was copied or with
@@ -58,6 +63,20 @@ class TransferEngine(ABC):
     def submit(self, pairs: Sequence[CopyPair], direction: Direction, on_done: DoneCallback) -> Transfer:
         """Queue the copies ``dst.copy_(src)`` of every pair; see the module promises."""
 
+    def submit_blocks(self, rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor],
+                      direction: Direction, on_done: DoneCallback) -> Transfer:
+        """Copy ``blocks[i]`` into the start of ``rows[slots[i]]`` (``STORE``) or back (``LOAD``), as one job.
+
+        ``rows`` is a ``(num_slots, slot_bytes)`` uint8 view; every block is a contiguous tensor of the same
+        byte size, at most ``slot_bytes``.
+        """
+        nbytes = check_blocks(rows, slots, blocks)
+        slot_views = [rows[slot, :nbytes] for slot in slots]
+        flat = [block.reshape(-1).view(torch.uint8) for block in blocks]
+        pairs = list(zip(flat, slot_views, strict=True)) if direction is Direction.LOAD else list(
+            zip(slot_views, flat, strict=True))
+        return self.submit(pairs, direction, on_done)
+
     @abstractmethod
     def poll(self) -> int:
         """Run the callbacks of jobs that finished; returns how many did."""
@@ -71,3 +90,17 @@ def check_pairs(pairs: Sequence[CopyPair]) -> None:
     for dst, src in pairs:
         if dst.nbytes != src.nbytes:
             raise InvalidInputError(f"copy of {src.nbytes} bytes into {dst.nbytes} bytes")
+
+
+def check_blocks(rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor]) -> int:
+    """The byte size of every block of a ``submit_blocks`` call, or ``InvalidInputError``."""
+    if len(slots) != len(blocks):
+        raise InvalidInputError(f"{len(slots)} slots for {len(blocks)} blocks")
+    if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.stride(1) != 1:
+        raise InvalidInputError("rows must be a (num_slots, slot_bytes) uint8 view")
+    if slots and (min(slots) < 0 or max(slots) >= rows.shape[0]):
+        raise InvalidInputError(f"a slot lies outside [0, {rows.shape[0]})")
+    nbytes = blocks[0].nbytes if blocks else 0
+    if nbytes > rows.shape[1] or any(block.nbytes != nbytes or not block.is_contiguous() for block in blocks):
+        raise InvalidInputError(f"blocks must be contiguous, of one size, at most {rows.shape[1]} bytes")
+    return nbytes

@@ -7,6 +7,11 @@ Promises (beyond ``kvtier.transfer.base``):
 - Within a direction a job's stream first waits on the previous job's event, so jobs complete in order.
 - Completion is seen with ``event.query()`` on the oldest pending job (``poll``), or by synchronizing on
   its event (``Transfer.wait``); events are recycled through a pool.
+- ``submit_blocks`` of CUDA tensors on this device into or out of arena rows the device addresses (the
+  registered part of the arena) is one launch of the block-copy kernel of ``native/`` (CuPy), after one
+  small copy of the address table: a job costs the same few launches for 1 block or 1,000, and the only
+  Python per block is building the address lists. Anything else (no CuPy, rows not yet registered, tensors
+  on the CPU or another device) takes the per-pair ``submit`` path, which is correct for all of them.
 Copies between device memory and pinned host memory are truly asynchronous; from pageable memory CUDA
 stages them, which is correct but slower (the host arena is pinned in the background for this reason).
 """
@@ -16,13 +21,22 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvtier.errors import ClosedError, TransferError
-from kvtier.transfer.base import CopyPair, Direction, DoneCallback, Transfer, TransferEngine, check_pairs
+from kvtier.native import launch_copy_blocks, load_copy_kernel, rows_addressable
+from kvtier.transfer.base import (
+    CopyPair,
+    Direction,
+    DoneCallback,
+    Transfer,
+    TransferEngine,
+    check_blocks,
+    check_pairs,
+)
 
 
 @dataclass
@@ -75,6 +89,38 @@ class CudaTransferEngine(TransferEngine):
 
     def submit(self, pairs: Sequence[CopyPair], direction: Direction, on_done: DoneCallback) -> Transfer:
         check_pairs(pairs)
+
+        def copy_all(stream: torch.cuda.Stream) -> None:
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+
+        return self._enqueue(copy_all, direction, on_done)
+
+    def submit_blocks(self, rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor],
+                      direction: Direction, on_done: DoneCallback) -> Transfer:
+        nbytes = check_blocks(rows, slots, blocks)
+        kernel = load_copy_kernel()
+        if (kernel is None or not blocks or rows.device.type != "cpu"
+                or any(block.device != self.device for block in blocks)
+                or not rows_addressable(rows, min(slots), max(slots), nbytes)):
+            return super().submit_blocks(rows, slots, blocks, direction, on_done)
+        base, stride = rows.data_ptr(), rows.stride(0)
+        slot_addresses = [base + slot * stride for slot in slots]
+        block_addresses = [block.data_ptr() for block in blocks]
+        dsts, srcs = ((block_addresses, slot_addresses) if direction is Direction.LOAD
+                      else (slot_addresses, block_addresses))
+        table = torch.tensor([dsts, srcs], dtype=torch.int64)
+        vector = nbytes % 16 == 0 and stride % 16 == 0 and base % 16 == 0 and all(a % 16 == 0 for a in block_addresses)
+
+        def launch(stream: torch.cuda.Stream) -> None:
+            pointers = table.to(self.device, non_blocking=True)
+            launch_copy_blocks(kernel, pointers, len(blocks), nbytes, vector, stream)
+
+        return self._enqueue(launch, direction, on_done)
+
+    def _enqueue(self, work: Callable[[torch.cuda.Stream], None], direction: Direction,
+                 on_done: DoneCallback) -> Transfer:
+        """Run ``work(stream)`` on the direction's next stream after the previous job, then record an event."""
         transfer = _CudaTransfer(self)
         with self._lock:
             if self._closed:
@@ -85,8 +131,7 @@ class CudaTransferEngine(TransferEngine):
                 with torch.cuda.stream(stream), torch.no_grad():
                     if previous is not None:
                         stream.wait_event(previous)
-                    for dst, src in pairs:
-                        dst.copy_(src, non_blocking=True)
+                    work(stream)
                     event = self._event()
                     event.record(stream)
             except RuntimeError as exc:

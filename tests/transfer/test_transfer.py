@@ -1,12 +1,21 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import pytest
 import torch
 
 from kvtier import ClosedError, ConfigError, InvalidInputError, TransferConfig
-from kvtier.transfer import CpuTransferEngine, Direction, TransferEngine, make_transfer_engine
+from kvtier.transfer import (
+    CopyPair,
+    CpuTransferEngine,
+    Direction,
+    DoneCallback,
+    Transfer,
+    TransferEngine,
+    make_transfer_engine,
+)
 
 
 def run_job(engine: TransferEngine, pairs: list[tuple[torch.Tensor, torch.Tensor]],
@@ -82,3 +91,89 @@ def test_cuda_round_trip_and_order() -> None:
     engine.close()
     assert sorted(done) == ["load", "store"]
     assert all(torch.equal(a, b) for a, b in zip(host, back, strict=True))
+
+
+# -- whole blocks between arena rows and caller tensors ----------------------------------------------------
+
+
+class _PairsOnly(TransferEngine):
+    """An engine with only ``submit``: ``submit_blocks`` takes the base class's pairs path."""
+
+    def __init__(self) -> None:
+        self.inner = CpuTransferEngine(1)
+
+    def submit(self, pairs: Sequence[CopyPair], direction: Direction, on_done: DoneCallback) -> Transfer:
+        return self.inner.submit(pairs, direction, on_done)
+
+    def poll(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("engine_kind", ["cpu", "pairs"])
+def test_submit_blocks_round_trips_through_rows(engine_kind: str) -> None:
+    engine: TransferEngine = CpuTransferEngine(2) if engine_kind == "cpu" else _PairsOnly()
+    rows = torch.zeros(6, 4096, dtype=torch.uint8)
+    blocks = [torch.randn(250) for _ in range(4)]  # 1,000 bytes each, narrower than a row
+    results: list[BaseException | None] = []
+    assert engine.submit_blocks(rows, [5, 0, 3, 1], blocks, Direction.STORE, results.append).wait(30)
+    assert torch.equal(rows[5, :1000], blocks[0].view(torch.uint8)) and torch.count_nonzero(rows[[2, 4]]) == 0
+    outputs = [torch.empty(250) for _ in blocks]
+    assert engine.submit_blocks(rows, [5, 0, 3, 1], outputs, Direction.LOAD, results.append).wait(30)
+    assert results == [None, None]
+    assert all(torch.equal(out, block) for out, block in zip(outputs, blocks, strict=True))
+    engine.close()
+
+
+@pytest.mark.parametrize("slots, blocks", [
+    ([6], [torch.zeros(4)]),  # slot out of range
+    ([-1], [torch.zeros(4)]),
+    ([0, 1], [torch.zeros(4)]),  # one slot too many
+    ([0, 1], [torch.zeros(4), torch.zeros(8)]),  # blocks of unequal size
+    ([0], [torch.zeros(2048)]),  # wider than a row
+    ([0], [torch.zeros(8)[::2]]),  # not contiguous
+])
+def test_submit_blocks_checks_its_arguments(slots: list[int], blocks: list[torch.Tensor]) -> None:
+    engine = CpuTransferEngine(1)
+    rows = torch.zeros(6, 4096, dtype=torch.uint8)
+    with pytest.raises(InvalidInputError):
+        engine.submit_blocks(rows, slots, blocks, Direction.STORE, lambda error: None)
+    with pytest.raises(InvalidInputError):
+        engine.submit_blocks(rows.view(torch.int8), [0], [torch.zeros(4)], Direction.STORE, lambda error: None)
+    assert torch.count_nonzero(rows) == 0
+    engine.close()
+
+
+@pytest.mark.gpu
+def test_cuda_submit_blocks_is_one_launch_and_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.arena import HostArena
+    from kvtier.native import load_copy_kernel
+    from kvtier.transfer import cuda as cuda_engine
+
+    if load_copy_kernel() is None:
+        pytest.skip("needs CuPy")
+    launches: list[int] = []
+    real_launch = cuda_engine.launch_copy_blocks
+
+    def recording(*args: object, **kwargs: object) -> None:
+        launches.append(1)
+        real_launch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cuda_engine, "launch_copy_blocks", recording)
+    arena = HostArena(16, 8192)
+    arena.start_pinning(8192)
+    assert arena.wait_pinned(30)
+    engine = cuda_engine.CudaTransferEngine(2)
+    try:
+        blocks = [torch.randn(2048, device="cuda") for _ in range(12)]
+        slots = list(range(15, 3, -1))
+        assert engine.submit_blocks(arena.rows(), slots, blocks, Direction.STORE, lambda error: None).wait()
+        outputs = [torch.empty_like(block) for block in blocks]
+        assert engine.submit_blocks(arena.rows(), slots, outputs, Direction.LOAD, lambda error: None).wait()
+        assert launches == [1, 1]
+        assert all(torch.equal(out, block) for out, block in zip(outputs, blocks, strict=True))
+    finally:
+        engine.close()
+        arena.close()

@@ -32,6 +32,15 @@ Promises:
   compressed or quantized layers); per request, a prompt longer than a sliding-window layer's window
   minus one (that layer no longer holds the whole prefix); on saving, a cache whose K and V are not
   ``[batch, kv_heads, tokens, head_dim]`` of the layout.
+- Data path: a restore moves every leased slot into one device buffer with one
+  ``PagedKV.scatter_from_slots`` (one kernel launch on CUDA, reading the registered arena in place; NumPy
+  on the CPU), then lays each layer's K and V out as the cache wants them with one device copy each: the
+  number of copies grows with layers, never with blocks. The leases are released once that launch
+  completed (a CUDA event; the forward is queued meanwhile). A save builds the blocks in a device buffer
+  (one indexed copy per layer, K/V and row) and gathers it straight into the reserved slots with one
+  ``gather_to_slots``; on CUDA all of it runs on a side stream after the forward, and the slots are
+  committed once its event completed (checked on the next restore or save, or by ``wait_saves``), so the
+  forward never waits for a save.
 - Batch size: rows of equal length without padding are supported; each row is keyed by its own tokens
   and every row restores the shortest prefix that all rows have stored. A padded batch (an attention
   mask with zeros) is refused with ``InvalidInputError``: pass its rows one at a time.
@@ -65,6 +74,7 @@ from kvtier import (
     Tier,
 )
 from kvtier.layout import dtype_name
+from kvtier.native import PagedKV
 from kvtier_connectors.transformers.exact import MIN_ROWS
 from kvtier_connectors.transformers.models import SUPPORTED_TRANSFORMERS, transformers_version_supported
 
@@ -98,6 +108,8 @@ class BlockStore(Protocol):
     def release(self, lease: Lease) -> None: ...
 
     def slot_view(self, slot: int) -> torch.Tensor: ...
+
+    def slot_rows(self) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -239,6 +251,9 @@ class TransformersConnector:
         self.hasher = store.hasher(self.model_id)
         self.windows = self._check_cache_layers()
         self.cache_kwarg = cache_kwarg(model)
+        # CUDA work in flight on the arena: (event, what to do once it completed): release leases, commit.
+        self._pending: list[tuple[torch.cuda.Event, Any]] = []
+        self._save_stream: torch.cuda.Stream | None = None
 
     def _check_cache_layers(self) -> tuple[int | None, ...]:
         """Each layer's sliding window (``None``: full attention); ``UnsupportedModelError`` for other layers."""
@@ -292,6 +307,8 @@ class TransformersConnector:
 
     def _restore(self, input_ids: torch.Tensor, keys: list[list[bytes]]) -> Restored:
         started = time.perf_counter()
+        # Saves of earlier requests become readable here (their copies finished long ago in practice).
+        self._settle(wait=True)
         cache = self.new_cache()
         max_tokens = input_ids.shape[1] - self.min_tail_tokens
         if max_tokens <= 0:
@@ -304,54 +321,83 @@ class TransformersConnector:
         if num_blocks == 0:
             return Restored(cache, 0, 0, (), time.perf_counter() - started)
         leases = [self.store.acquire(row_keys[:num_blocks]) for row_keys in keys]
+        event = None
         try:
             # A block may have gone (evicted, corrupt on disk) between lookup and acquire: restore what all
             # rows still hold, contiguous from the start.
             num_blocks = min(len(lease.slots) for lease in leases)
             num_tokens = min(num_blocks * self.layout.block_tokens, max_tokens)
             if num_blocks:
-                self._fill(cache, leases, num_blocks, num_tokens)
+                event = self._fill(cache, leases, num_blocks, num_tokens)
         finally:
-            for lease in leases:
-                self.store.release(lease)
+            if event is None:
+                self._release(leases)
+            else:
+                self._pending.append((event, lambda: self._release(leases)))
         return Restored(cache, num_tokens, num_blocks, lookups[0].tiers[:num_blocks], time.perf_counter() - started)
 
-    def _fill(self, cache: DynamicCache, leases: list[Lease], num_blocks: int, num_tokens: int) -> None:
+    def _release(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            self.store.release(lease)
+
+    def _settle(self, wait: bool) -> None:
+        """Run the follow-up of CUDA work that completed (every one if ``wait``): releases and commits."""
+        pending, self._pending = self._pending, []
+        for event, follow_up in pending:
+            if wait:
+                event.synchronize()
+            if wait or event.query():
+                follow_up()
+            else:
+                self._pending.append((event, follow_up))
+
+    def wait_saves(self) -> None:
+        """Wait for every save and restore copy in flight, then commit and release what they held."""
+        self._settle(wait=True)
+
+    def _block_buffer(self, num_blocks: int) -> tuple[torch.Tensor, PagedKV]:
+        """A device buffer of ``num_blocks`` blocks and a ``PagedKV`` that sees one segment per layer of it."""
         layout = self.layout
-        device = self.model.device
-        views = [[self.store.slot_view(slot).view(layout.block_shape) for slot in lease.slots[:num_blocks]]
-                 for lease in leases]
-        # Host slots are pinned where CUDA is present, so copies to a CUDA device may overlap.
-        non_blocking = device.type == "cuda"
+        buffer = torch.empty((num_blocks, *layout.block_shape), dtype=layout.torch_dtype, device=self.model.device)
+        flat = buffer.view(num_blocks, -1).view(torch.uint8)
+        layer_bytes = flat.shape[1] // layout.num_layers
+        return buffer, PagedKV([flat[:, i * layer_bytes:(i + 1) * layer_bytes] for i in range(layout.num_layers)])
+
+    def _fill(self, cache: DynamicCache, leases: list[Lease], num_blocks: int,
+              num_tokens: int) -> torch.cuda.Event | None:
+        """Restore the leased blocks into ``cache``; on CUDA, the event after which the leases may go."""
+        layout = self.layout
+        slots = [slot for lease in leases for slot in lease.slots[:num_blocks]]
+        buffer, paged = self._block_buffer(len(slots))
+        paged.scatter_from_slots(range(len(slots)), _slot_rows(self.store), slots)
+        event = None
+        if buffer.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(buffer.device))
+        # [row, block, layer, plane, heads, block tokens, dim] -> per layer and plane [row, heads, tokens, dim].
+        blocks = buffer.view(len(leases), num_blocks, *layout.block_shape)
         shape = (len(leases), layout.num_kv_heads, num_blocks * layout.block_tokens, layout.head_dim)
         layers: list[Any] = list(cache.layers)
         for layer_index, layer in enumerate(layers):
-            planes = [torch.empty(shape, dtype=layout.torch_dtype, device=device) for _ in range(2)]
-            for plane, dst in enumerate(planes):
-                for row, row_views in enumerate(views):
-                    parts = [view[layer_index, plane] for view in row_views]
-                    if device.type == "cpu":
-                        torch.cat(parts, dim=1, out=dst[row])
-                    else:
-                        for i, part in enumerate(parts):
-                            start = i * layout.block_tokens
-                            dst[row, :, start : start + layout.block_tokens].copy_(part, non_blocking=non_blocking)
-            keys, values = (plane[:, :, :num_tokens] for plane in planes)
+            keys, values = (
+                blocks[:, :, layer_index, plane].transpose(1, 2).reshape(shape)[:, :, :num_tokens]
+                for plane in range(2)
+            )
             if type(layer) is DynamicLayer:
                 # Set directly: ``update`` would concatenate onto an empty tensor, a second full copy.
                 layer.lazy_initialization(keys, values)
                 layer.keys, layer.values = keys, values
             else:
                 layer.update(keys, values)
-        if device.type == "cuda":
-            # The copies read pinned host slots; they must finish before the caller releases the leases.
-            torch.cuda.synchronize(device)
+        return event
 
     def save(self, input_ids: torch.Tensor, cache: DynamicCache, *, start_block: int = 0) -> int:
         """Save the whole blocks of ``input_ids`` from ``cache`` that the store lacks; the number written.
 
         ``cache`` must hold at least the prompt's tokens, computed by this model in forwards of at least 16
-        tokens each (see the module docstring). Blocks before ``start_block`` are not looked at.
+        tokens each (see the module docstring). Blocks before ``start_block`` are not looked at. On CUDA the
+        copies run on a side stream: the blocks become readable once they completed (``wait_saves``, or
+        the next restore, which waits for them).
         """
         self._check_request(input_ids, None)
         return self._save_keys(self.block_keys(input_ids), cache, start_block)
@@ -363,6 +409,7 @@ class TransformersConnector:
 
     def _save_keys(self, keys: list[list[bytes]], cache: DynamicCache, start_block: int) -> int:
         layout = self.layout
+        self._settle(wait=False)
         layers: list[Any] = list(cache.layers)
         planes: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(layers):
@@ -373,39 +420,95 @@ class TransformersConnector:
                     f"layer {i}'s cache is not [batch, {layout.num_kv_heads}, tokens, {layout.head_dim}] K and V "
                     f"(got {None if k is None else tuple(k.shape)})")
             planes.append((k, v))
-        written = 0
-        seen: set[bytes] = set()
+        wanted: dict[bytes, tuple[int, int]] = {}
         for row, row_keys in enumerate(keys):
             for block in range(start_block, len(row_keys)):
-                key = row_keys[block]
-                if key in seen:
-                    continue
-                seen.add(key)
-                if planes[0][0].shape[2] < (block + 1) * layout.block_tokens:
-                    raise InvalidInputError(f"the cache holds {planes[0][0].shape[2]} tokens, fewer than the prompt")
-                written += self._save_block(key, planes, row, block * layout.block_tokens)
-        return written
-
-    def _save_block(self, key: bytes, planes: list[tuple[torch.Tensor, torch.Tensor]], row: int, start: int) -> int:
-        # One block per reservation: a prompt larger than the host tier still saves (older blocks are
-        # demoted meanwhile), and a refusal skips one block instead of the whole prompt.
-        try:
-            reservation = self.store.reserve([key])
-        except CapacityError:
+                wanted.setdefault(row_keys[block], (row, block))
+        if not wanted:
             return 0
-        if not reservation.slots:
+        last_block = max(block for _, block in wanted.values())
+        if planes[0][0].shape[2] < (last_block + 1) * layout.block_tokens:
+            raise InvalidInputError(f"the cache holds {planes[0][0].shape[2]} tokens, fewer than the prompt")
+        reservations = self._reserve(list(wanted))
+        chosen = [(key, slot) for reservation in reservations for key, slot in zip(reservation.keys,
+                                                                                 reservation.slots, strict=True)]
+        if not chosen:
             return 0
         try:
-            dst = self.store.slot_view(reservation.slots[0]).view(self.layout.block_shape)
-            end = start + self.layout.block_tokens
-            for layer_index, (k, v) in enumerate(planes):
-                dst[layer_index, 0].copy_(k[row, :, start:end])
-                dst[layer_index, 1].copy_(v[row, :, start:end])
+            event = self._gather_blocks(planes, [wanted[key] for key, _ in chosen], [slot for _, slot in chosen])
         except BaseException:
-            self.store.abort(reservation)
+            for reservation in reservations:
+                self.store.abort(reservation)
             raise
-        self.store.commit(reservation)
-        return 1
+        if event is None:
+            self._commit(reservations)
+        else:
+            self._pending.append((event, lambda: self._commit(reservations)))
+        return len(chosen)
+
+    def _reserve(self, keys: list[bytes]) -> list[Reservation]:
+        """Slots for the absent ``keys``: all in one reservation, or (the host tier is short) one by one.
+
+        One at a time, a prompt larger than the host tier still saves (older blocks are demoted meanwhile)
+        and a refusal skips one block instead of the whole prompt.
+        """
+        try:
+            return [self.store.reserve(keys)]
+        except CapacityError:
+            pass
+        reservations: list[Reservation] = []
+        for key in keys:
+            try:
+                reservations.append(self.store.reserve([key]))
+            except CapacityError:
+                continue
+        return reservations
+
+    def _commit(self, reservations: list[Reservation]) -> None:
+        for reservation in reservations:
+            self.store.commit(reservation)
+
+    def _gather_blocks(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
+                       slots: list[int]) -> torch.cuda.Event | None:
+        """Copy block ``where[i] = (row, block)`` of the cache into ``slots[i]``; on CUDA, the completion event.
+
+        On CUDA everything runs on a side stream that first waits for the forward's stream; the cache's
+        tensors are tied to it (``record_stream``) so that their memory is not reused before it read them.
+        """
+        device = planes[0][0].device
+        if device.type != "cuda":
+            self._build_and_gather(planes, where, slots)
+            return None
+        if self._save_stream is None:
+            self._save_stream = torch.cuda.Stream(device)
+        stream = self._save_stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._build_and_gather(planes, where, slots)
+            event = torch.cuda.Event()
+            event.record(stream)
+        for k, v in planes:
+            k.record_stream(stream)
+            v.record_stream(stream)
+        return event
+
+    def _build_and_gather(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
+                          slots: list[int]) -> None:
+        layout = self.layout
+        buffer, paged = self._block_buffer(len(slots))
+        device = buffer.device
+        for row in sorted({row for row, _ in where}):
+            positions = [i for i, (r, _) in enumerate(where) if r == row]
+            block_index = torch.tensor([where[i][1] for i in positions], dtype=torch.int64).to(device)
+            position_index = torch.tensor(positions, dtype=torch.int64).to(device)
+            num_whole = planes[0][0].shape[2] // layout.block_tokens
+            for layer_index, pair in enumerate(planes):
+                for plane, tensor in enumerate(pair):
+                    # [heads, tokens, dim] -> [block, heads, block tokens, dim]: a view, then one indexed copy.
+                    by_block = tensor[row, :, : num_whole * layout.block_tokens].reshape(
+                        layout.num_kv_heads, num_whole, layout.block_tokens, layout.head_dim).transpose(0, 1)
+                    buffer[:, layer_index, plane].index_copy_(0, position_index, by_block.index_select(0, block_index))
+        paged.gather_to_slots(range(len(slots)), _slot_rows(self.store), slots)
 
     @staticmethod
     def _check_no_cache(kwargs: dict[str, Any]) -> None:
@@ -455,3 +558,14 @@ class TransformersConnector:
         processors.append(saver)
         generate_kwargs[self.cache_kwarg] = restored.cache
         return self.model.generate(input_ids, logits_processor=processors, **generate_kwargs)
+
+
+def _slot_rows(store: BlockStore) -> torch.Tensor:
+    """The store's arena as ``(num_slots, slot_bytes)`` rows (a daemon client without ``slot_rows``: its arena)."""
+    rows = getattr(store, "slot_rows", None)
+    if rows is not None:
+        return rows()  # type: ignore[no-any-return]
+    arena = getattr(store, "arena", None)
+    if arena is None:
+        raise InvalidInputError("the store exposes no arena rows: in-place restores need slot_rows()")
+    return arena.rows()  # type: ignore[no-any-return]
