@@ -40,7 +40,7 @@ def test_demo_restores_from_host_and_disk_and_the_contract_holds(monkeypatch: py
     assert f"in {restores}/{restores} restores" in contract and "top-1 agrees in 9/9" in contract
     assert contract.endswith("held")
     assert final.startswith("kvtier on cpu (float32): TTFT") and "x faster over 9 requests" in final
-    assert "0 blocks from the host tier" not in final and " and 0 from the disk tier" not in final
+    assert "), 0 blocks from the host tier" not in final and " and 0 from the disk tier" not in final
 
 
 def test_demo_fails_when_restored_kv_is_not_what_was_saved(monkeypatch: pytest.MonkeyPatch,
