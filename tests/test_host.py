@@ -89,6 +89,12 @@ def test_misuse_is_refused(tier: HostTier) -> None:
 
 def test_drop(tier: HostTier) -> None:
     put(tier, 1, 2)
-    tier.acquire([key(2)])
+    pinned_slot = tier.acquire([key(2)])[0]
+    assert pinned_slot is not None
+    used = tier.stats().used_blocks
     assert tier.drop(key(1)) and not tier.drop(key(2)) and not tier.drop(key(7))
-    assert evicted == [] and torch.all(tier.payload(0) >= 0)
+    assert evicted == []  # dropped, never handed to on_evict (demotion)
+    assert tier.state(key(1)) is None and tier.acquire([key(1)]) == [None]
+    assert tier.stats().used_blocks == used - 1
+    # The pinned block is untouched: still readable, its bytes still its own.
+    assert tier.is_ready(key(2)) and bool(torch.all(tier.payload(pinned_slot) == 2))

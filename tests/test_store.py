@@ -105,6 +105,32 @@ def test_zero_copy_reserve_commit_abort(make_store: StoreFactory, layout: KVLayo
     assert store.lookup(keys).num_blocks == 2
 
 
+def test_abort_leaves_nothing_readable_and_commit_reads_back_through_slot_view(make_store: StoreFactory,
+                                                                               layout: KVLayout) -> None:
+    store = make_store(num_slots=4)
+    keys = keys_for(store, 3)
+    blocks = random_blocks(layout, 3)
+    kept = store.reserve(keys[:2])
+    dropped = store.reserve(keys[2:])
+    for slot, block in zip(kept.slots + dropped.slots, blocks, strict=True):
+        store.slot_view(slot).copy_(block.reshape(-1))
+    store.commit(kept)
+    store.abort(dropped)
+    assert store.contains(keys[2]) is None and store.lookup(keys).num_blocks == 2
+    lease = store.acquire(keys)
+    assert lease.keys == tuple(keys[:2])  # the aborted block is not readable, however complete its bytes
+    for slot, block in zip(lease.slots, blocks[:2], strict=True):
+        assert torch.equal(store.slot_view(slot).view(layout.block_shape), block)
+    store.release(lease)
+    out = [torch.empty(layout.block_shape)]
+    assert store.get(keys[2:], out).wait().failed == (0,)
+    # The aborted slot is free again: a new reservation of the same key gets a slot and writes anew.
+    again = store.reserve(keys[2:])
+    assert again.keys == tuple(keys[2:]) and len(again.slots) == 1
+    store.abort(again)
+    assert store.stats().tiers["host"].used_blocks == 2
+
+
 @pytest.mark.parametrize("bad_call", ["dtype", "shape", "count", "key", "duplicate", "noncontiguous"])
 def test_bad_input_is_refused_and_changes_nothing(make_store: StoreFactory, layout: KVLayout,
                                                    bad_call: str) -> None:

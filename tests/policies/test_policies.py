@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier import CapacityError, ConfigError
@@ -99,6 +99,7 @@ operations = st.lists(st.tuples(st.sampled_from(["insert", "touch", "remove", "e
 
 
 @pytest.mark.parametrize("name", ALL)
+@settings(deadline=None)  # a loaded 2-core machine can take more than Hypothesis's default 200 ms per example
 @given(ops=operations)
 def test_policy_tracks_exactly_the_resident_keys(name: str, ops: list[tuple[str, int, frozenset[int]]]) -> None:
     policy: EvictionPolicy[int] = make_policy(name, 6)

@@ -1,12 +1,18 @@
-"""``kvtier_exact``: a causal attention whose result for a token does not depend on how long the sequence is.
+"""``kvtier_exact``: an opt-in attention whose result for a token does not depend on the sequence length.
 
 Why: sdpa and eager attention reduce over the keys with one GEMM whose shape follows the sequence length,
-and CPU BLAS kernels change their summation order with that shape. In fp32, KV computed while prefilling
-a 64-token prompt then differs in the last bits from the same tokens' KV inside a 67-token prompt, so a
-restored prefix is close to, not identical with, a full recompute (bf16 rounding hides it in practice).
-This implementation walks the keys in fixed chunks of ``CHUNK`` tokens aligned at position 0, each chunk
-a GEMM of the same shape, merged left to right with an online softmax: a chunk past a token's position
-adds exactly zero, so every token's output is the same bits whatever the sequence length.
+and CPU BLAS kernels change their summation order with that shape, so the KV of a prefix computed inside
+a shorter prompt can differ in the last bits from the same tokens' KV inside a longer one. This
+implementation walks the keys in fixed chunks of ``CHUNK`` tokens aligned at position 0, each chunk a
+GEMM of the same shape, merged left to right with an online softmax: a chunk past a token's position adds
+exactly zero, so the attention no longer depends on the sequence length.
+
+That removes one source of difference, not all: the model's linear layers are GEMMs whose row count is
+the number of tokens in the forward, and whether a row gets the same bits with other row counts is the
+BLAS's choice (on AVX-512 MKL only 1-row tails differ; on its AVX2 path tails of 2, 3, 7, 8, 9, 13, 14 or
+15 rows do as well). So bit-exactness is a property of the machine, never assumed: ``verify(model)`` checks
+it on the machine it runs on, and nothing in kvtier depends on it (the contract is
+``kvtier_connectors.transformers.contract``).
 
 Promises:
 - ``register()`` (idempotent) makes ``attn_implementation="kvtier_exact"`` available to transformers
@@ -14,8 +20,8 @@ Promises:
 - Output equals softmax(Q K^T * scaling + mask) V up to rounding, causal from the query positions (the
   last ``q`` positions of the keys), accumulated in fp32 and cast to the query dtype; no dropout (it is
   for inference).
-- With at least ``MIN_ROWS`` queries in a call, a token's output has the same bits whatever the sequence
-  length and the number of queries (tested through whole models in the connector's tests).
+- ``verify(model)`` is true only if, on this machine, prefilling prompt prefixes of several lengths and
+  then the rest gives the same KV and logits bits (``torch.equal``) as one forward of the whole prompt.
 """
 
 from __future__ import annotations
@@ -23,15 +29,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "kvtier_exact"
 # Keys per GEMM: large enough to keep the loop short, small enough that padding the last chunk is cheap.
 CHUNK = 64
-# CPU GEMMs give a row the same bits only when at least this many rows share the call (measured: fewer
-# rows take other kernels), so a chunk is computed for fewer rows only when that many remain.
+# A chunk is computed for fewer rows than all the queries only when at least this many remain: on the
+# CPUs measured, GEMMs of 16 rows or more gave a row the same bits (fewer rows took other kernels).
+# The connector's default minimum tail; a heuristic that ``verify`` checks, not a guarantee.
 MIN_ROWS = 16
+# Prefix lengths ``verify`` splits its prompt at: block-aligned and not, tails of many row counts.
+_VERIFY_SPLITS = (16, 33, 64, 95, 112, 127)
+_VERIFY_TOKENS = 144
 
 
 def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -76,6 +86,38 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         acc[:, :, row:] = acc[:, :, row:] * rescale + torch.matmul(probs, value[:, :, start : start + CHUNK])
         row_max[:, :, row:] = new_max
     return (acc / row_sum).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def verify(model: Any, *, seed: int = 0) -> bool:
+    """Whether ``model`` computes, on this machine, a prompt's KV and logits with the same bits in pieces as whole.
+
+    Each split prefills a prefix, then the rest into the same cache, and compares the last logits and
+    every layer's K and V with one forward of the whole prompt (``torch.equal``). Seconds for a small model.
+    """
+    # Imported here: the adapter imports this module (MIN_ROWS), and the contract the adapter.
+    from kvtier_connectors.transformers.adapter import cache_kwarg
+    from kvtier_connectors.transformers.contract import kv_prefix_equal
+
+    vocab_size = int(model.config.vocab_size)
+    prompt = torch.randint(0, vocab_size, (1, _VERIFY_TOKENS), generator=torch.Generator().manual_seed(seed))
+    prompt = prompt.to(model.device)
+    kwarg = cache_kwarg(model)
+
+    def forward(ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        logits: torch.Tensor = model(ids, use_cache=True, logits_to_keep=1, **{kwarg: cache}).logits[:, -1]
+        return logits
+
+    with torch.no_grad():
+        whole = DynamicCache(config=model.config)
+        reference = forward(prompt, whole)
+        for split in _VERIFY_SPLITS:
+            pieces = DynamicCache(config=model.config)
+            forward(prompt[:, :split], pieces)
+            if not torch.equal(forward(prompt[:, split:], pieces), reference):
+                return False
+            if not kv_prefix_equal(pieces, whole, _VERIFY_TOKENS):
+                return False
+    return True
 
 
 def register() -> None:

@@ -2,7 +2,9 @@
 
 Promises:
 - ``random_model(arch, ...)`` returns the same weights for the same arguments in every process (the
-  seed drives a private generator state; the caller's global RNG is left as it was), in eval mode.
+  seed drives a private generator state; the caller's global RNG is left as it was), in eval mode. With
+  ``device="cuda"`` the weights are drawn on the GPU (seconds for a 1B-parameter model, not a minute of
+  CPU): the same in every process there, not the CPU's.
 - ``ARCHITECTURES`` are the configs the tests run the connector against: Llama, Qwen2 and Mistral.
 - ``load_model(path)`` loads a local Hugging Face checkpoint directory (never the network).
 """
@@ -49,8 +51,8 @@ def transformers_version_supported(version: str | None = None) -> bool:
 
 
 def random_model(arch: str = "llama", *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                 seed: int = 0, **config_fields: Any) -> Any:
-    """A causal LM of ``arch`` with seeded random weights; ``config_fields`` override the tiny shape."""
+                 seed: int = 0, device: str | torch.device = "cpu", **config_fields: Any) -> Any:
+    """A causal LM of ``arch`` with seeded random weights on ``device``; ``config_fields`` override the tiny shape."""
     if arch not in _ARCH:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
     config_cls, model_cls = _ARCH[arch]
@@ -58,7 +60,10 @@ def random_model(arch: str = "llama", *, dtype: torch.dtype = torch.float32, att
     config = config_cls(**fields)
     config._attn_implementation = attn_implementation
     config._name_or_path = f"random-{arch}-seed{seed}"
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    # fork_rng restores the generators of the devices it is given: the CPU's always, and the GPU's in use.
+    gpus = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus, device_type="cuda"), device:
         torch.manual_seed(seed)
         model = model_cls(config)
     return model.to(dtype).eval()
