@@ -72,7 +72,7 @@ class SchedulerSide:
         for keys in self.rank_keys:
             found = self.store.lookup(keys.keys(chunk_hashes[:num_hit]))
             num_hit = found.num_blocks
-            is_async = is_async or Tier.DISK in found.tiers
+            is_async = is_async or any(tier is not Tier.HOST for tier in found.tiers)
         end_tokens = (first_chunk + num_hit) * self.block_tokens
         if end_tokens <= num_computed_tokens:
             self._hits.pop(request.request_id, None)
