@@ -94,6 +94,9 @@ def make_client(config: RemoteConfig, counter: RequestCounter) -> Client:
             options["username"] = parts.username
         if parts.password and "password" not in options:
             options["password"] = parts.password
+    # Through ``url`` the client builds its nodes' pools from our options, connection class included; the URL
+    # is bare (no scheme of TLS, no credentials) so that it overrides none of them.
+    first = seeds[0]
     base = redis.SSLConnection if tls else redis.Connection
-    return RedisCluster(startup_nodes=seeds, connection_class=_counting(base, counter), require_full_coverage=False,
-                        **options)
+    return RedisCluster(url=f"redis://{first.host}:{first.port}", startup_nodes=seeds[1:],
+                        connection_class=_counting(base, counter), require_full_coverage=False, **options)

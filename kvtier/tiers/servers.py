@@ -167,7 +167,7 @@ class LocalServers:
                 time.sleep(0.05)
 
 
-def _start(mode: str, count: int, extra: list[str], binary: str | None) -> LocalServers:
+def _start(mode: str, count: int, extra: list[str], binary: str | None, port: int = 0) -> LocalServers:
     binary = binary or server_binary()
     if binary is None:
         raise ServerStartError("no Redis-protocol server binary: install redis-server (make test does, with "
@@ -175,35 +175,38 @@ def _start(mode: str, count: int, extra: list[str], binary: str | None) -> Local
     servers = LocalServers(mode, tempfile.mkdtemp(prefix="kvtier-redis-"))
     try:
         for i in range(count):
-            for _attempt in range(5):
-                port = _free_port()
-                directory = os.path.join(servers.workdir, str(i))
-                os.makedirs(directory, exist_ok=True)
-                args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
-                        "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
-                        "--logfile", os.path.join(directory, "server.log")]
-                if mode == "cluster":
-                    args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                             "--cluster-port", str(_free_port()), "--cluster-node-timeout", "3000"]
-                node = _Node(port, args + extra, os.path.join(directory, "server.log"))
-                node.spawn()
-                try:
-                    node.wait_ready(time.monotonic() + _START_TIMEOUT_S)
-                except ServerStartError:
-                    node.stop()
-                    if "Address already in use" not in node.log():
-                        raise
-                    continue  # another process took the port between the probe and the bind
-                servers.nodes.append(node)
-                break
-            else:
-                raise ServerStartError("no free port for a local server after 5 tries")
+            directory = os.path.join(servers.workdir, str(i))
+            os.makedirs(directory, exist_ok=True)
+            servers.nodes.append(_spawn_node(mode, binary, directory, extra, port if i == 0 else 0))
         if mode == "cluster":
             _form_cluster(servers)
     except BaseException:
         servers.stop()
         raise
     return servers
+
+
+def _spawn_node(mode: str, binary: str, directory: str, extra: list[str], port: int) -> _Node:
+    """A started server on ``port``, or on a free port (retried if another process takes it first)."""
+    for _attempt in range(5):
+        chosen = port or _free_port()
+        log_path = os.path.join(directory, "server.log")
+        args = [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
+                "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no", "--logfile", log_path]
+        if mode == "cluster":
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-port", str(_free_port()), "--cluster-node-timeout", "3000"]
+        node = _Node(chosen, args + extra, log_path)
+        node.spawn()
+        try:
+            node.wait_ready(time.monotonic() + _START_TIMEOUT_S)
+        except ServerStartError:
+            node.stop()
+            if port or "Address already in use" not in node.log():
+                raise
+            continue
+        return node
+    raise ServerStartError("no free port for a local server after 5 tries")
 
 
 def _form_cluster(servers: LocalServers) -> None:
@@ -218,10 +221,12 @@ def _form_cluster(servers: LocalServers) -> None:
     servers._wait_cluster_ok(time.monotonic() + _START_TIMEOUT_S)
 
 
-def start_single(*, maxmemory: str = "", policy: str = "allkeys-lru", binary: str | None = None) -> LocalServers:
-    """One server; with ``maxmemory`` (e.g. ``"64mb"``) it evicts by ``policy`` (``noeviction``: OOM replies)."""
+def start_single(*, maxmemory: str = "", policy: str = "allkeys-lru", binary: str | None = None,
+                 port: int = 0) -> LocalServers:
+    """One server (on ``port``, default any free one); with ``maxmemory`` (e.g. ``"64mb"``) it evicts by
+    ``policy`` (``noeviction``: OOM replies instead)."""
     extra = ["--maxmemory", maxmemory, "--maxmemory-policy", policy] if maxmemory else []
-    return _start("single", 1, extra, binary)
+    return _start("single", 1, extra, binary, port)
 
 
 def start_cluster(masters: int = 3, *, binary: str | None = None) -> LocalServers:
