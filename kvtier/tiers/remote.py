@@ -36,7 +36,7 @@ from typing import Any
 
 import redis
 import torch
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisClusterException, ResponseError
 
 from kvtier.config import RemoteConfig
 from kvtier.disk.codec import ZstdCodec
@@ -349,7 +349,7 @@ class RemoteTier:
                     self._remember_locked(key)
                     self._counters["blocks_written"] += 1
                     self._counters["bytes_written"] += size
-                elif isinstance(reply, ResponseError) and str(reply).startswith("OOM"):
+                elif isinstance(reply, OutOfMemoryError):
                     self._counters["oom_errors"] += 1
                 elif isinstance(reply, ResponseError):
                     self._counters["write_errors"] += 1

@@ -120,8 +120,9 @@ class LocalServers:
         """A plain client of node ``index``, for tests to look at or tamper with what is stored."""
         return self.nodes[index].client()
 
-    def kill(self, index: int) -> None:
-        self.nodes[index].stop(signal.SIGKILL)
+    def kill(self, *indices: int) -> None:
+        for index in indices:
+            self.nodes[index].stop(signal.SIGKILL)
 
     def pause(self, index: int) -> None:
         """Freeze node ``index`` (SIGSTOP): it accepts connections but never answers, a hung server."""
@@ -134,14 +135,17 @@ class LocalServers:
         assert proc is not None
         os.kill(proc.pid, signal.SIGCONT)
 
-    def restart(self, index: int) -> None:
-        """Start node ``index`` again on its port (a cluster node rejoins from its nodes.conf), empty."""
-        node = self.nodes[index]
-        node.stop()
-        node.spawn()
-        node.wait_ready(time.monotonic() + _START_TIMEOUT_S)
-        if self.mode == "cluster":
-            self._wait_cluster_ok(time.monotonic() + _START_TIMEOUT_S)
+    def restart(self, *indices: int) -> None:
+        """Start nodes ``indices`` again, empty, on their ports (cluster nodes rejoin from their nodes.conf);
+        a cluster is then waited for once every node runs."""
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        for index in indices:
+            self.nodes[index].stop()
+            self.nodes[index].spawn()
+        for index in indices:
+            self.nodes[index].wait_ready(deadline)
+        if self.mode == "cluster" and all(node.proc is not None for node in self.nodes):
+            self._wait_cluster_ok(deadline)
 
     def stop(self) -> None:
         for node in self.nodes:
