@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from kvtier import Client, KVLayout, StoreConfig, Tier
-from kvtier.tiers.servers import LocalServers
+from kvtier.tiers.servers import LocalServers, server_binary, start_cluster
+
+NO_BINARY = "no Redis-protocol server binary: `make test` installs redis-server (or set KVTIER_REDIS_SERVER)"
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)
 LAYOUT_ARG = "num_layers=2,num_kv_heads=2,head_dim=8,dtype=float32,block_tokens=4"
@@ -39,6 +41,7 @@ class Host:
 
 
 def start_host(cluster: LocalServers) -> Host:
+    """A daemon started (not yet ready: see ``wait_ready``) with its own pool and disk, over ``cluster``."""
     workdir = tempfile.mkdtemp(prefix="kvh", dir="/tmp")  # short: a Unix socket path has at most 107 bytes
     urls = "[" + ",".join(f'"{url}"' for url in cluster.urls) + "]"
     settings = [f"remote.urls={urls}", "remote.mode=cluster", "remote.timeout_ms=500",
@@ -50,23 +53,40 @@ def start_host(cluster: LocalServers) -> Host:
                "--layout", LAYOUT_ARG]
     with open(Path(workdir) / "daemon.log", "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    host = Host(proc, workdir)
+    return Host(proc, workdir)
+
+
+def wait_ready(host: Host) -> None:
     deadline = time.monotonic() + 60
     while "daemon ready" not in host.log:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+        if host.proc.poll() is not None or time.monotonic() > deadline:
+            host.proc.kill()
             raise RuntimeError(f"the daemon did not start:\n{host.log}")
         time.sleep(0.05)
-    return host
 
 
-@pytest.fixture
-def two_hosts(fresh_cluster: LocalServers) -> Iterator[tuple[Host, Host]]:
-    hosts = (start_host(fresh_cluster), start_host(fresh_cluster))
-    yield hosts
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalServers]:
+    """This module's own cluster: its last test kills it."""
+    if server_binary() is None:
+        pytest.skip(NO_BINARY)
+    with start_cluster(3) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def two_hosts(cluster: LocalServers) -> Iterator[tuple[Host, Host]]:
+    """Both daemons serve both tests (in file order: the second one takes the cluster away)."""
+    hosts = (start_host(cluster), start_host(cluster))  # both start at once: imports take seconds
+    try:
+        for host in hosts:
+            wait_ready(host)
+        yield hosts
+    finally:
+        for host in hosts:
+            if host.proc.poll() is None:
+                host.proc.send_signal(signal.SIGTERM)
     for host in hosts:
-        if host.proc.poll() is None:
-            host.proc.send_signal(signal.SIGTERM)
         assert host.proc.wait(30) == 0, host.log
         shutil.rmtree(host.workdir, ignore_errors=True)
 
@@ -109,13 +129,13 @@ def test_a_prompt_stored_through_one_daemon_is_restored_byte_identical_through_a
 
 
 def test_both_daemons_keep_serving_when_the_cluster_goes_away_and_rejoin_it(
-        two_hosts: tuple[Host, Host], fresh_cluster: LocalServers) -> None:
+        two_hosts: tuple[Host, Host], cluster: LocalServers) -> None:
     first, second = (host.client() for host in two_hosts)
     keys = first.hasher("model-b").keys(list(range(24 * 4)))
     saved = blocks(24, seed=8)
     assert first.put(keys[:8], saved[:8]).wait(10).ok
     wait_for(lambda: second.lookup(keys[:8], prefetch=False).num_blocks == 8)
-    fresh_cluster.kill(0, 1, 2)
+    cluster.kill(0, 1, 2)
     for client, own in ((first, slice(8, 16)), (second, slice(16, 24))):
         started = time.monotonic()
         assert client.put(keys[own], saved[own]).wait(10).ok
@@ -128,7 +148,7 @@ def test_both_daemons_keep_serving_when_the_cluster_goes_away_and_rejoin_it(
     assert second.lookup(keys[:8], prefetch=False).num_blocks == 0  # gone with the cluster: a miss, never junk
     for host in two_hosts:
         assert "remote tier down" in host.log
-    fresh_cluster.restart(0, 1, 2)
+    cluster.restart(0, 1, 2)
     wait_for(lambda: all(client.stats().tiers["remote"].detail["up"] for client in (first, second)))
     more = first.hasher("model-b").keys(list(range(30 * 4)))[24:]
     again = blocks(6, seed=9)
