@@ -30,10 +30,11 @@ def _address(buffer: bytes | bytearray | memoryview) -> int:
     return int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data)
 
 
-def new_value(payload: torch.Tensor) -> bytearray:
-    """A value buffer with ``payload`` (a contiguous uint8 CPU tensor) copied after room for the header."""
+def new_value(payload: torch.Tensor, reuse: bytearray | None = None) -> bytearray:
+    """A value buffer (``reuse`` if given and of the right size) with ``payload`` (a contiguous uint8 CPU
+    tensor) copied after room for the header."""
     nbytes = payload.numel()
-    value = bytearray(HEADER_BYTES + nbytes)
+    value = reuse if reuse is not None and len(reuse) == HEADER_BYTES + nbytes else bytearray(HEADER_BYTES + nbytes)
     # One memmove without the GIL: this runs on the caller's thread (a put's or an eviction's).
     ctypes.memmove(_address(value) + HEADER_BYTES, payload.data_ptr(), nbytes)
     return value
