@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check kvtier connectors tests bench
 	$(BIN)/mypy
 
-test: $(STAMP) lint native-check
+test: $(STAMP) lint native-check redis-server
 	$(BIN)/pytest
 
 # Compile-check the CUDA kernels where nvcc exists, so a syntax error cannot land.
@@ -42,3 +42,4 @@ clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
 
 include mk/vllm.mk
+include mk/remote.mk
