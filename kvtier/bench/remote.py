@@ -9,6 +9,8 @@ unless ``[remote] urls`` are configured (then only the configured mode, on those
   in flight, each verified (header, key, lengths, checksum) before its future resolves.
 - lookup: ``locate`` of 64 present keys, ``--lookups`` times: p50 / p99 latency and the requests it sent
   (one per node it touches: the round trips).
+- offer: the caller's time in each ``offer`` of the put phase (``offer_p50_us`` / ``offer_p99_us``): what a
+  put on the engine's thread pays for write-through (a copy into a reused buffer, never the network).
 Raw and kvtier phases of a kind run back to back and take turns going first; figures are medians over
 ``--repeats``. Every block read back is
 compared with what was written: ``wrong_blocks`` must be 0 (the run fails otherwise).
@@ -78,12 +80,14 @@ def _raw_get(client: Any, keys: list[bytes], batch: int) -> float:
     return time.perf_counter() - started
 
 
-def _tier_put(tier: RemoteTier, keys: list[bytes], sources: list[torch.Tensor]) -> float:
+def _tier_put(tier: RemoteTier, keys: list[bytes], sources: list[torch.Tensor], offer_us: list[float]) -> float:
     before = int(tier.stats(0).detail["blocks_written"])
     started = time.perf_counter()
     for i, key in enumerate(keys):
+        offered = time.perf_counter()
         if not tier.offer(key, sources[i % len(sources)]):
             raise RuntimeError("the tier refused a block (queue full or servers down)")
+        offer_us.append((time.perf_counter() - offered) * 1e6)
     tier.flush()
     seconds = time.perf_counter() - started
     if int(tier.stats(0).detail["blocks_written"]) - before != len(keys):
@@ -140,6 +144,7 @@ def bench_mode(config: RemoteConfig, num_nodes: int, block_bytes: int, total_byt
     samples: dict[str, list[float]] = {name: [] for name in ("raw_put", "raw_get", "put", "get")}
     wrong = 0
     latencies: list[float] = []
+    offer_us: list[float] = []
     requests_per_lookup = 0.0
     try:
         for repeat in range(repeats):
@@ -151,7 +156,7 @@ def bench_mode(config: RemoteConfig, num_nodes: int, block_bytes: int, total_byt
                 if turn:
                     samples["raw_put"].append(_raw_put(raw_client, raw_keys, values, batch))
                 else:
-                    samples["put"].append(_tier_put(tier, keys, sources))
+                    samples["put"].append(_tier_put(tier, keys, sources, offer_us))
             for turn in (first, not first):
                 if turn:
                     seconds, wrong_now = _tier_get(tier, keys, sources, dsts)
@@ -175,6 +180,7 @@ def bench_mode(config: RemoteConfig, num_nodes: int, block_bytes: int, total_byt
         "get_vs_raw": round(figures["get"] / figures["raw_get"], 3),
         "lookup_keys": _LOOKUP_KEYS, "lookup_p50_us": _percentile(latencies, 0.5),
         "lookup_p99_us": _percentile(latencies, 0.99), "lookup_requests": round(requests_per_lookup, 2),
+        "offer_p50_us": _percentile(offer_us, 0.5), "offer_p99_us": _percentile(offer_us, 0.99),
         "wrong_blocks": wrong, "unix_time": int(time.time()),
     }
     record["meets_targets"] = (record["put_vs_raw"] >= 0.8 and record["get_vs_raw"] >= 0.8
