@@ -57,7 +57,7 @@ _KNOWN_KEYS = 1 << 18
 _FAULTS = (redis.ConnectionError, redis.TimeoutError, RedisClusterException, OSError)
 _COUNTERS = ("lookups", "lookup_keys", "lookup_found", "hits", "misses", "checksum_failures", "foreign_values",
              "read_errors", "blocks_written", "bytes_written", "bytes_read", "offers_deduplicated",
-             "queue_rejected", "down_rejected", "dropped_blocks", "write_errors", "oom_errors", "faults",
+             "queue_full_dropped", "down_dropped", "dropped_blocks", "write_errors", "oom_errors", "faults",
              "reconnects")
 
 
@@ -166,10 +166,10 @@ class RemoteTier:
                 self._counters["offers_deduplicated"] += 1
                 return True
             if not self._up:
-                self._counters["down_rejected"] += 1
+                self._counters["down_dropped"] += 1
                 return False
             if self._queued_bytes + self._value_bytes > self.config.queue_bytes:
-                self._counters["queue_rejected"] += 1
+                self._counters["queue_full_dropped"] += 1
                 return False
             self._queued_bytes += self._value_bytes
             self._queued_keys.add(key)
@@ -217,7 +217,8 @@ class RemoteTier:
                 **c, "up": self._up, "mode": self.config.mode, "requests_sent": self.requests.sent,
                 "queued_bytes": self._queued_bytes, "queued_blocks": len(self._queued) + self._writing,
                 "known_blocks": len(self._known)}
-            return TierStats(name="remote", capacity_blocks=0, used_blocks=len(self._known), hit_blocks=hit_blocks,
+            # What the servers hold is theirs to know (and to evict): no capacity or use is claimed here.
+            return TierStats(name="remote", capacity_blocks=0, used_blocks=0, hit_blocks=hit_blocks,
                              evicted_blocks=0, bytes_read=c["bytes_read"], bytes_written=c["bytes_written"],
                              detail=MappingProxyType(detail))
 

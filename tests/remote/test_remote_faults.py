@@ -84,7 +84,7 @@ def test_a_server_down_at_start_is_a_miss_until_it_comes_up(
             assert not tier.offer(key(0), payload(0))
             assert read(tier, key(0)) is None
             detail = tier.stats(0).detail
-            assert detail["down_rejected"] == 1 and detail["misses"] == 1 and detail["faults"] >= 1
+            assert detail["down_dropped"] == 1 and detail["misses"] == 1 and detail["faults"] >= 1
             fresh_single(port=port)
             wait_until(lambda: tier.up)
             assert "remote tier back up" in caplog.text and tier.stats(0).detail["reconnects"] == 1

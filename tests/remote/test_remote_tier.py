@@ -177,7 +177,7 @@ def test_a_full_queue_drops_offers_without_waiting(servers: LocalServers, config
         started = time.monotonic()
         taken = [tier.offer(key(i, "q"), payload(i)) for i in range(20)]
         assert time.monotonic() - started < 0.5
-        assert not all(taken) and tier.stats(0).detail["queue_rejected"] >= 1
+        assert not all(taken) and tier.stats(0).detail["queue_full_dropped"] >= 1
     finally:
         servers.resume(0)
         tier.close()
