@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check kvtier connectors tests bench
 	$(BIN)/mypy
 
-test: $(STAMP) lint native-check
+test: $(STAMP) lint native-check redis-server
 	$(BIN)/pytest
 
 # Compile-check the CUDA kernels where nvcc exists, so a syntax error cannot land.
@@ -45,3 +45,4 @@ clean:
 
 include mk/vllm.mk
 include mk/gpu.mk
+include mk/remote.mk

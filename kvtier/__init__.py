@@ -6,7 +6,15 @@ The public API, re-exported here: ``Store`` (embedded) and ``Client`` (the daemo
 ``load_config``; ``StoreStats``; the exception hierarchy rooted in ``KvtierError``.
 """
 
-from kvtier.config import DaemonConfig, DiskConfig, HostConfig, StoreConfig, TransferConfig, load_config
+from kvtier.config import (
+    DaemonConfig,
+    DiskConfig,
+    HostConfig,
+    RemoteConfig,
+    StoreConfig,
+    TransferConfig,
+    load_config,
+)
 from kvtier.daemon import Client, open_store
 from kvtier.errors import (
     AuthError,
@@ -36,6 +44,6 @@ __all__ = [
     "KEY_BYTES", "AuthError", "BlockHasher", "Client", "CapacityError", "ClosedError", "ConfigError", "DaemonConfig",
     "DirectoryLockedError", "DiskConfig", "DiskError", "FormatVersionError", "HostConfig", "InvalidInputError",
     "Job", "JobResult", "JobTimeoutError", "KVLayout", "KvtierError", "LayoutMismatchError", "Lease",
-    "LookupResult", "Namespace", "ProtocolError", "Reservation", "ServerError", "Store", "StoreConfig",
+    "LookupResult", "Namespace", "ProtocolError", "RemoteConfig", "Reservation", "ServerError", "Store", "StoreConfig",
     "StoreStats", "Tier", "TierStats", "TransferConfig", "TransferError", "load_config", "open_store",
 ]

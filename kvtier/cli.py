@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ttft": ("kvtier_connectors.transformers.bench_ttft", "time to first token: restore from host/disk vs recompute"),
     "gather": ("kvtier.bench.gather", "paged-KV gather/scatter GB/s vs a contiguous copy"),
     "daemon": ("kvtier.bench.daemon", "daemon vs embedded store throughput; lookup latency with 1-4 clients"),
+    "remote": ("kvtier.bench.remote", "remote-tier put/get GB/s vs raw pipelined SET/GET; 64-key lookup latency"),
 }
 _GLOBAL_OPTIONS_WITH_VALUES = {"--config", "--set", "--log-level"}
 

@@ -4,9 +4,9 @@ Every default is documented here, once, in the field's comment; ``docs/api.md`` 
 
 Promises:
 - Constructing a config with a bad value raises ``ConfigError`` naming the field; nothing is half-built.
-- ``load_config(path, overrides)`` reads a TOML file with tables ``[host]``, ``[disk]``, ``[transfer]``,
-  ``[daemon]`` and top-level keys, then applies ``section.field=value`` overrides (from the command line);
-  an unknown section or field is a ``ConfigError``, never silently ignored.
+- ``load_config(path, overrides)`` reads a TOML file with tables ``[host]``, ``[disk]``, ``[remote]``,
+  ``[transfer]``, ``[daemon]`` and top-level keys, then applies ``section.field=value`` overrides (from the
+  command line); an unknown section or field is a ``ConfigError``, never silently ignored.
 - Sizes accept an int of bytes or a string with a binary unit: ``"512MiB"``, ``"4GiB"``.
 """
 
@@ -33,6 +33,7 @@ DirectIO = Literal["auto", "on", "off"]
 WriteMode = Literal["back", "through"]
 Codec = Literal["none", "zstd"]
 TransferBackend = Literal["auto", "cpu", "cuda"]
+RemoteMode = Literal["single", "cluster"]
 
 
 def parse_bytes(value: object, name: str) -> int:
@@ -129,6 +130,69 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    # Redis-protocol servers (Redis, Valkey, managed services): "redis://[user:password@]host:port[/db]", or
+    # "rediss://..." for TLS. Empty: no remote tier. In cluster mode, any nodes of the cluster (seeds).
+    urls: tuple[str, ...] = ()
+    # "single": one server (the first URL). "cluster": Redis Cluster, keys spread over the nodes by slot.
+    mode: RemoteMode = "single"
+    # ACL user and password; they override those in the URLs. Empty: none (or the URL's).
+    username: str = ""
+    password: str = ""
+    # TLS (also implied by a "rediss://" URL): CA bundle, client certificate and key (mutual TLS), checking.
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_verify: bool = True
+    # Bound on establishing a connection, and on every reply (a lookup waits at most about this long).
+    connect_timeout_ms: int = 500
+    timeout_ms: int = 1000
+    # After a failure, reconnects are tried after reconnect_min_ms, doubling up to reconnect_max_ms.
+    reconnect_min_ms: int = 100
+    reconnect_max_ms: int = 5000
+    # Server keys are "<key_prefix>:<layout fingerprint>:<block key in hex>"; the block key itself covers
+    # the model, shard and tenant salt (kvtier.keys), the fingerprint the layout.
+    key_prefix: str = "kvtier"
+    # Seconds a value lives on the server (0: until the server evicts it: set maxmemory and allkeys-lru).
+    ttl_s: int = 0
+    # "through": every new block is sent when it is committed (other hosts can hit it at once), host
+    # evictions too if not sent yet. "back": only host evictions are sent.
+    write_mode: WriteMode = "through"
+    # Bytes of blocks waiting to be sent; an offer beyond it is dropped and counted (never waited for).
+    queue_bytes: int = 256 * MiB
+    # Bytes of values in one write or read pipeline.
+    batch_bytes: int = 32 * MiB
+    # Per-value compression, "none" or "zstd" (as the disk tier's codec); reads decode either.
+    codec: Codec = "none"
+    # Threads reading values into host slots (each with its own connection).
+    read_threads: int = 2
+
+    def __post_init__(self) -> None:
+        urls = (self.urls,) if isinstance(self.urls, str) else self.urls
+        object.__setattr__(self, "urls", tuple(str(url) for url in urls))
+        for url in self.urls:
+            if not url.startswith(("redis://", "rediss://", "valkey://", "valkeys://", "unix://")):
+                raise ConfigError(f"remote.urls: {url!r} is not a redis://, rediss:// or unix:// URL")
+        for name in ("queue_bytes", "batch_bytes"):
+            object.__setattr__(self, name, parse_bytes(getattr(self, name), f"remote.{name}"))
+            _check_positive(getattr(self, name), f"remote.{name}")
+        for name in ("connect_timeout_ms", "timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "read_threads"):
+            _check_positive(getattr(self, name), f"remote.{name}")
+        _check_positive(self.ttl_s, "remote.ttl_s", allow_zero=True)
+        if self.reconnect_max_ms < self.reconnect_min_ms:
+            raise ConfigError("remote.reconnect_max_ms must be at least remote.reconnect_min_ms")
+        _check_choice(self.mode, RemoteMode, "remote.mode")
+        _check_choice(self.write_mode, WriteMode, "remote.write_mode")
+        _check_choice(self.codec, Codec, "remote.codec")
+        if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
+            raise ConfigError(f"remote.key_prefix must be a non-empty word, got {self.key_prefix!r}")
+        for name in ("tls", "tls_verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"remote.{name} must be true or false, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class TransferConfig:
     # "auto" picks CUDA when torch sees a GPU, else the CPU backend.
     backend: TransferBackend = "auto"
@@ -197,6 +261,7 @@ class DaemonConfig:
 class StoreConfig:
     host: HostConfig = field(default_factory=HostConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     # Block-key hash: "sha256" (default), "blake3", or "xxh3_128" (trusted single-tenant use only).
@@ -210,7 +275,7 @@ class StoreConfig:
 
 
 _SECTIONS: dict[str, type[Any]] = {
-    "host": HostConfig, "disk": DiskConfig, "transfer": TransferConfig, "daemon": DaemonConfig,
+    "host": HostConfig, "disk": DiskConfig, "remote": RemoteConfig, "transfer": TransferConfig, "daemon": DaemonConfig,
 }
 
 
@@ -235,8 +300,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> StoreConfig:
             unknown = set(value) - known
             if unknown:
                 raise ConfigError(f"unknown setting(s) in [{name}]: {sorted(unknown)}; known: {sorted(known)}")
-            if "paths" in value and isinstance(value["paths"], list):
-                value = {**value, "paths": tuple(value["paths"])}
+            value = {field_name: tuple(item) if field_name in ("paths", "urls") and isinstance(item, list) else item
+                     for field_name, item in value.items()}
             try:
                 sections[name] = _SECTIONS[name](**value)
             except TypeError as exc:

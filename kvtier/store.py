@@ -1,24 +1,29 @@
-"""The embedded store: kvtier's public API over the host tier, the disk tier and the transfer engine.
+"""The embedded store: kvtier's public API over the host tier, the lower tiers and the transfer engine.
 
 Primitives (each documented where it is defined):
 
-- ``lookup(keys)``: the longest leading run of keys present, and the tier of each; starts disk reads of
-  the disk-resident part at once (prefetch into host slots).
+- ``lookup(keys)``: the longest leading run of keys present, and the tier of each (``host``, ``disk``,
+  ``remote``); starts reads of the part below the host at once (prefetch into host slots).
 - ``put(keys, blocks)`` / ``get(keys, blocks)``: asynchronous copies from / into caller tensors (CPU or
   CUDA); each returns a ``Job``.
 - ``reserve`` / ``commit`` / ``abort`` and ``acquire`` / ``release``: the zero-copy path, for callers that
   write and read arena slots themselves (the daemon's clients, the vLLM gather kernels); ``slot_rows()``
   is the arena as one ``(num_slots, slot_bytes)`` view for ``PagedKV.gather_to_slots`` and friends.
-- ``stats()``: an immutable ``StoreStats`` snapshot. ``close()``: finish jobs, flush the disk tier.
+- ``stats()``: an immutable ``StoreStats`` snapshot. ``close()``: finish jobs, flush and close the lower tiers.
+
+The tiers below the host pool (disk, remote) are an ordered chain behind one interface
+(``kvtier.tiers``): the store never names one.
 
 Promises:
 - Every argument is checked before anything changes: bad keys, blocks of another dtype, shape or byte
   size raise ``InvalidInputError``; a closed store raises ``ClosedError``.
 - A put of a key already present (or being written) is deduplicated: counted, not copied again.
-- A get returns exactly the bytes that were put under a key, or reports that index as failed; a disk
+- A get returns exactly the bytes that were put under a key, or reports that index as failed; a lower-tier
   block that fails its checksum is a failed index and a counter, never data.
-- Blocks move host -> disk on host eviction (write-back, the default) or on put (write-through), and
-  disk -> host on a disk hit (promotion); the disk copy stays valid after promotion.
+- Blocks move down on host eviction (to every lower tier lacking them) and on commit (to the tiers in
+  write-through mode), and up from the nearest tier holding them (promotion); the lower copy stays valid.
+- A lookup waits on the network at most once per lower tier, bounded by that tier's timeout; nothing else
+  the store does on the caller's thread waits on the network.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_keys
 from kvtier.layout import KVLayout
 from kvtier.policies import make_policy
 from kvtier.stats import StoreStats, TierStats
+from kvtier.tiers import LowerTier, build_chain
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
 
 if TYPE_CHECKING:
@@ -51,6 +57,7 @@ if TYPE_CHECKING:
 class Tier(enum.StrEnum):
     HOST = "host"
     DISK = "disk"
+    REMOTE = "remote"
 
 
 @dataclass(frozen=True)
@@ -117,22 +124,20 @@ class Store:
         self._closed = False
         self._counters = dict.fromkeys(
             ("lookups", "hit_blocks", "miss_blocks", "put_blocks", "put_deduplicated_blocks", "put_failed_blocks",
-             "get_blocks", "get_failed_blocks", "bytes_put", "bytes_got", "host_hit_blocks", "disk_hit_blocks",
-             "promoted_blocks", "promotion_failed_blocks", "demoted_blocks"), 0)
+             "get_blocks", "get_failed_blocks", "bytes_put", "bytes_got", "host_hit_blocks", "promoted_blocks",
+             "promotion_failed_blocks", "demoted_blocks"), 0)
         self.arena = HostArena(num_slots, self.slot_bytes, name=arena_name)
         self.arena.prepare(self.config.host.pin_chunk_bytes, prefault=self.config.host.prefault,
                            pin=self.config.host.pin)
         self._promotions: dict[bytes, Future[bool]] = {}
-        self.disk: DiskTier | None = None
-        if self.config.disk.paths:
-            from kvtier.disk import DiskTier
-            from kvtier.disk.admission import make_admission
-
-            capacity_blocks = self.config.disk.capacity_bytes * len(self.config.disk.paths) // self.slot_bytes
-            self.disk = DiskTier(self.config.disk, layout, make_admission(self.config.disk.admission,
-                                                                           max(1, capacity_blocks)))
+        self._promotion_tiers: dict[bytes, Tier] = {}
+        try:
+            self.lower = build_chain(self.config, layout, self.slot_bytes)
+        except BaseException:
+            self.arena.close(unlink=True)
+            raise
         self.host = HostTier(self.arena, make_policy(self.config.host.policy, num_slots), layout.block_bytes,
-                             on_evict=None if self.disk is None else self._demote)
+                             on_evict=self._demote if self.lower else None)
         self.transfer = transfer or make_transfer_engine(self.config.transfer)
 
     # -- keys ---------------------------------------------------------------------------------------
@@ -143,47 +148,64 @@ class Store:
         algo: HashAlgo = self.config.hash_algo  # type: ignore[assignment]
         return BlockHasher(namespace, self.layout.block_tokens, algo)
 
+    @property
+    def disk(self) -> DiskTier | None:
+        """The disk tier, if configured (for its own calls and stats; the store goes through ``lower``)."""
+        from kvtier.tiers.disk import DiskAdapter
+
+        adapter = self.lower.get("disk")
+        return adapter.tier if isinstance(adapter, DiskAdapter) else None
+
     # -- lookup -------------------------------------------------------------------------------------
 
     def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True) -> LookupResult:
-        """The longest leading run of ``keys`` present in some tier; disk hits are prefetched into host."""
+        """The longest leading run of ``keys`` present in some tier; lower-tier hits are prefetched into host."""
         keys = check_keys(keys)
+        found = self._locate(keys)
+        tiers = [tier for tier, _ in found]
         with self._lock:
             self._check_open()
-            tiers: list[Tier] = []
-            for key, host_ready in zip(keys, self.host.ready_flags(keys), strict=True):
-                tier = self._tier_of(key, host_ready)
-                if tier is None:
-                    break
-                tiers.append(tier)
             self._counters["lookups"] += 1
             self._counters["hit_blocks"] += len(tiers)
             self._counters["miss_blocks"] += len(keys) - len(tiers)
             self._counters["host_hit_blocks"] += tiers.count(Tier.HOST)
-            self._counters["disk_hit_blocks"] += tiers.count(Tier.DISK)
-            if self.disk is not None:
-                self.disk.on_access(keys, [i < len(tiers) for i in range(len(keys))])
+            for tier in set(tiers) - {Tier.HOST}:
+                self.lower.count_hits(tier.value, tiers.count(tier))
+            if self.lower:
+                self.lower.on_access(keys, [i < len(tiers) for i in range(len(keys))])
                 if prefetch:
-                    for key, tier in zip(keys, tiers, strict=False):
-                        if tier is Tier.DISK:
-                            self._start_promotion(key)
+                    for key, (tier, lower) in zip(keys, found, strict=False):
+                        if tier is not Tier.HOST and key not in self._promotions:
+                            self._start_promotion(key, lower)
         return LookupResult(len(tiers), tuple(tiers))
 
-    def _tier_of(self, key: bytes, host_ready: bool) -> Tier | None:
-        if key in self._promotions:
-            return Tier.DISK
-        if host_ready:
-            return Tier.HOST
-        if self.disk is not None and self.disk.contains(key):
-            return Tier.DISK
-        return None
+    def _locate(self, keys: list[bytes]) -> list[tuple[Tier, LowerTier | None]]:
+        """The tier of each key of the leading run present (and the lower tier to promote it from).
 
-    def contains(self, key: bytes) -> Tier | None:
-        """The tier holding ``key`` (host first), or ``None``."""
-        check_keys([key])
+        The host and promotions in flight answer under the lock; the lower tiers are asked outside it (a
+        remote tier's answer is one round trip), about the keys the host lacks only.
+        """
         with self._lock:
             self._check_open()
-            return self._tier_of(key, self.host.is_ready(key))
+            tiers: list[Tier | None] = [self._promotion_tiers.get(key) or (Tier.HOST if ready else None)
+                                        for key, ready in zip(keys, self.host.ready_flags(keys), strict=True)]
+        lowers: list[LowerTier | None] = [None] * len(keys)
+        missing = [i for i, tier in enumerate(tiers) if tier is None]
+        if missing and self.lower:
+            for i, lower in zip(missing, self.lower.locate([keys[i] for i in missing]), strict=True):
+                if lower is not None:
+                    tiers[i], lowers[i] = Tier(lower.name), lower
+        run: list[tuple[Tier, LowerTier | None]] = []
+        for tier, lower in zip(tiers, lowers, strict=True):
+            if tier is None:
+                break
+            run.append((tier, lower))
+        return run
+
+    def contains(self, key: bytes) -> Tier | None:
+        """The tier holding ``key`` (host first, then the lower tiers in order), or ``None``."""
+        found = self._locate(check_keys([key]))
+        return found[0][0] if found else None
 
     # -- put ----------------------------------------------------------------------------------------
 
@@ -215,7 +237,7 @@ class Store:
         return job.seal()
 
     def _present_or_writing(self, key: bytes) -> bool:
-        return self.host.state(key) is not None or (self.disk is not None and self.disk.contains(key))
+        return self.host.state(key) is not None or self.lower.find_local(key) is not None
 
     def _on_put_done(self, job: Job, indices: list[int], keys: list[bytes]) -> Callable[[BaseException | None], None]:
         def on_done(error: BaseException | None) -> None:
@@ -228,26 +250,29 @@ class Store:
                 self.host.commit(keys)
                 self._counters["put_blocks"] += len(keys)
                 self._counters["bytes_put"] += len(keys) * self.layout.block_bytes
-                if self.disk is not None and self.config.disk.write_mode == "through":
+                if self._writes_through:
                     for key in keys:
                         self._write_through(key)
             job.part_done()
 
         return on_done
 
+    @property
+    def _writes_through(self) -> bool:
+        return any(tier.write_mode == "through" for tier in self.lower.tiers)
+
     def _write_through(self, key: bytes) -> None:
-        assert self.disk is not None
         slot = self.host.acquire([key])[0]
         if slot is None:
             return
         try:
-            self.disk.offer(key, self.host.payload(slot))
+            self.lower.write_through(key, self.host.payload(slot))
         finally:
             self.host.release([key])
 
     def _demote(self, key: bytes, payload: torch.Tensor) -> None:
-        # Never wait for the drive here: this runs in the caller's put, on the engine's critical path.
-        if self.disk is not None and not self.disk.contains(key) and self.disk.offer(key, payload, wait=False):
+        # Never wait for a drive or a server here: this runs in the caller's put, on the engine's critical path.
+        if self.lower.demote(key, payload):
             self._counters["demoted_blocks"] += 1
 
     # -- get ----------------------------------------------------------------------------------------
@@ -255,8 +280,8 @@ class Store:
     def get(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> Job:
         """Copy the block stored under ``keys[i]`` into ``blocks[i]``, asynchronously.
 
-        Host blocks are pinned and copied; disk blocks are first read into a host slot (promotion, already
-        under way if ``lookup`` prefetched them). Absent or corrupt blocks are failed indices of the job.
+        Host blocks are pinned and copied; lower-tier blocks are first read into a host slot (promotion,
+        already under way if ``lookup`` prefetched them). Absent or corrupt blocks are failed indices of the job.
         """
         keys = check_keys_and_blocks(self.layout, keys, blocks)
         job = Job("get", len(keys), self.transfer.poll)
@@ -315,18 +340,22 @@ class Store:
 
         return on_promoted
 
-    # -- promotion (disk -> host) ----------------------------------------------------------------------
+    # -- promotion (lower tier -> host) ----------------------------------------------------------------
 
-    def _start_promotion(self, key: bytes) -> Future[bool] | None:
-        """Read a disk block into a fresh host slot; ``None`` if it is not on disk or no slot is free."""
-        if self.disk is None or not self.disk.contains(key) or self.host.state(key) is not None:
+    def _start_promotion(self, key: bytes, tier: LowerTier | None = None) -> Future[bool] | None:
+        """Read ``key`` from ``tier`` (default: the nearest that holds it, by what the tiers know locally)
+        into a fresh host slot; ``None`` if no tier holds it, it is in the host, or no slot is free."""
+        if tier is None:
+            tier = self.lower.find(key)
+        if tier is None or self.host.state(key) is not None:
             return None
         try:
             slot = self.host.reserve([key])[0]
         except CapacityError:
             return None
-        future = self.disk.submit_read(key, self.arena.slot(slot))
+        future = tier.submit_read(key, self.arena.slot(slot))
         self._promotions[key] = future
+        self._promotion_tiers[key] = Tier(tier.name)
         future.add_done_callback(lambda done: self._settle_promotion(key, done))
         return future
 
@@ -336,6 +365,7 @@ class Store:
             if self._promotions.get(key) is not future:
                 return
             del self._promotions[key]
+            del self._promotion_tiers[key]
             if not future.cancelled() and future.exception() is None and future.result():
                 self.host.commit([key])
                 self._counters["promoted_blocks"] += 1
@@ -366,7 +396,7 @@ class Store:
             self.host.commit(reservation.keys)
             self._counters["put_blocks"] += len(reservation.keys)
             self._counters["bytes_put"] += len(reservation.keys) * self.layout.block_bytes
-            if self.disk is not None and self.config.disk.write_mode == "through":
+            if self._writes_through:
                 for key in reservation.keys:
                     self._write_through(key)
 
@@ -376,7 +406,7 @@ class Store:
             self.host.abort(reservation.keys)
 
     def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease:
-        """Pin the longest leading run of ``keys`` that is readable, promoting disk blocks first (blocking)."""
+        """Pin the longest leading run of ``keys`` that is readable, promoting lower-tier blocks first (blocking)."""
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
@@ -423,23 +453,11 @@ class Store:
         if self._closed:
             raise ClosedError("the store is closed")
 
-    def _disk_tier_stats(self) -> TierStats:
-        assert self.disk is not None
-        disk = self.disk.stats()
-        return TierStats(
-            name="disk", capacity_blocks=disk.capacity_blocks, used_blocks=disk.used_blocks,
-            hit_blocks=self._counters["disk_hit_blocks"], evicted_blocks=disk.regions_evicted,
-            bytes_read=disk.bytes_read, bytes_written=disk.bytes_written,
-            detail=MappingProxyType({name: value for name, value in vars(disk).items()
-                                     if isinstance(value, int | float | bool | str)}),
-        )
-
     def flush(self) -> None:
-        """Write the disk tier's open region now (a durability point)."""
+        """Write what the lower tiers hold in memory (the disk tier's open region, the remote tier's queue)."""
         with self._lock:
             self._check_open()
-            if self.disk is not None:
-                self.disk.flush()
+            self.lower.flush()
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -458,8 +476,7 @@ class Store:
                                              "promotion_failed_blocks": c["promotion_failed_blocks"],
                                              "demoted_blocks": c["demoted_blocks"]})),
             }
-            if self.disk is not None:
-                tiers["disk"] = self._disk_tier_stats()
+            tiers.update(self.lower.stats())
             return StoreStats(
                 lookups=c["lookups"], hit_blocks=c["hit_blocks"], miss_blocks=c["miss_blocks"],
                 put_blocks=c["put_blocks"], put_deduplicated_blocks=c["put_deduplicated_blocks"],
@@ -469,7 +486,7 @@ class Store:
             )
 
     def close(self) -> None:
-        """Finish queued copies and promotions, flush and close the disk tier, release the arena. Idempotent."""
+        """Finish queued copies and promotions, flush and close the lower tiers, release the arena. Idempotent."""
         with self._lock:
             if self._closed:
                 return
@@ -480,8 +497,8 @@ class Store:
         self.transfer.close()
         with self._lock:
             self._closed = True
-            if self.disk is not None:
-                self.disk.close()
+        # Outside the lock: a tier's last reads resolve futures whose callbacks take it.
+        self.lower.close()
         self.arena.close(unlink=True)
 
     def __enter__(self) -> Store:

@@ -3,6 +3,7 @@
 Promises:
 - With no configuration at all it runs: a host pool of half the available RAM (and of free ``/dev/shm``),
   at most ``daemon.pool_cap_bytes``; a disk tier in ``<user data dir>/kvtier/disk`` unless ``--no-disk``;
+  a remote tier only with ``[remote] urls`` (TOML or ``--set remote.urls=...``);
   the socket in the user's runtime directory; the layout of the first client.
 - Settings come from the defaults, then the ``--config`` TOML file and ``--set`` overrides, then this
   command's flags. A bad setting exits with status 2 and a one-line message, before anything is opened.
@@ -121,9 +122,11 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    log.info("starting: host pool %.1f MiB, disk %s (direct I/O %s, %s each, write-%s), transfer %s",
+    log.info("starting: host pool %.1f MiB, disk %s (direct I/O %s, %s each, write-%s), remote %s, transfer %s",
              config.host.capacity_bytes / 2**20, list(config.disk.paths) or "off", config.disk.direct_io,
-             f"{config.disk.capacity_bytes / 2**20:.0f} MiB", config.disk.write_mode, config.transfer.backend)
+             f"{config.disk.capacity_bytes / 2**20:.0f} MiB", config.disk.write_mode,
+             f"{list(config.remote.urls)} ({config.remote.mode}, write-{config.remote.write_mode})"
+             if config.remote.urls else "off", config.transfer.backend)
     try:
         daemon.start()
     except (KvtierError, OSError) as exc:

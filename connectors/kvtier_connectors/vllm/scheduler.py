@@ -107,7 +107,7 @@ class SchedulerSide:
                 break
             found = self._lookup(keys, chunk_hashes[:num_hit], prefetch=True)
             num_hit = found.num_blocks
-            is_async = is_async or Tier.DISK in found.tiers[:num_hit]
+            is_async = is_async or any(tier is not Tier.HOST for tier in found.tiers[:num_hit])
         end_tokens = (first_chunk + num_hit) * self.block_tokens
         if end_tokens <= num_computed_tokens:
             self._hits.pop(request.request_id, None)
