@@ -48,6 +48,7 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvtier.config import DiskConfig
 from kvtier.disk.admission import AdmissionPolicy, make_admission
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier.policies import make_policy
@@ -129,7 +130,7 @@ class RegionLog:
     """The disk tier's index and space: a FIFO of regions with hits-based reinsertion (module docstring)."""
 
     def __init__(self, capacity_blocks: int, blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION,
-                 reinsert_hits: int = 2) -> None:
+                 reinsert_hits: int = DiskConfig.reinsert_hits) -> None:
         if capacity_blocks < 1 or blocks_per_region < 1 or reinsert_hits < 0:
             raise ConfigError(f"a region log needs capacity_blocks >= 1, blocks_per_region >= 1 and "
                               f"reinsert_hits >= 0, got {capacity_blocks}, {blocks_per_region}, {reinsert_hits}")
@@ -275,7 +276,7 @@ class TieredResult:
 
 def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: str = "s3fifo",
                   admission: str | AdmissionPolicy = "adaptive",
-                  blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION, reinsert_hits: int = 2,
+                  blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION, reinsert_hits: int = DiskConfig.reinsert_hits,
                   drive: DriveModel | None = None) -> TieredResult:
     """Replay ``trace`` through host RAM (``policy``) over a region-log disk (0 blocks: no disk tier), on the
     trace's clock through ``drive`` if given."""
