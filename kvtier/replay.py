@@ -14,6 +14,15 @@ The disk is a region log: blocks are appended to an open region of ``blocks_per_
 every region is used, the oldest sealed region is evicted whole, and each of its blocks read from disk at
 least ``reinsert_hits`` times since written is appended again (a write) instead of dropped (0: never).
 
+With a ``DriveModel`` the replay has a clock: request ``i`` arrives at its trace timestamp (times
+``time_scale``), its evictions happen at that instant (the engine puts at memory speed), and an admitted
+block goes through what the store's disk tier does with a demotion (``kvtier.disk.tier``): it is charged to
+the write budget (a token bucket of one second of budget; over it: dropped, ``dropped_over_budget``), then
+queued in the write-back buffer, which the drive drains at ``write_bytes_per_s`` (no room: dropped,
+``dropped_buffer_full``). A dropped block is not on disk. Reinsertions are writes too: charged and queued,
+never refused. The buffer is modelled as a fluid (it drains continuously); the tier drains it a region at
+a time, so it may refuse up to one region earlier.
+
 Single-tier baselines replay the same trace through one cache that admits everything (LRU, S3-FIFO, ARC)
 and through Belady's offline optimum with bypass (evict, or skip caching, the block referenced furthest in
 the future), in the same lookup-then-deepest-first order; they reproduce the reference hit ratios of
@@ -25,7 +34,8 @@ Promises:
 - ``load_trace`` raises ``InvalidInputError`` naming the file (and the line, for a malformed line); sizes
   and names out of range raise ``ConfigError``.
 - A block hit ratio is hit blocks over referenced blocks; host and disk hit ratios add up to it.
-- Deterministic: the same trace and settings give the same result.
+- Deterministic: the same trace and settings give the same result; a clocked replay uses the trace's
+  timestamps, never the wall clock.
 """
 
 from __future__ import annotations
@@ -35,9 +45,10 @@ import json
 import math
 from collections import deque
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvtier.config import DiskConfig
 from kvtier.disk.admission import AdmissionPolicy, make_admission
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier.policies import make_policy
@@ -50,9 +61,11 @@ DEFAULT_BLOCKS_PER_REGION = 16
 
 @dataclass(frozen=True)
 class Trace:
-    """A trace's requests as lists of block ids, deepest last."""
+    """A trace's requests as lists of block ids, deepest last, and their arrival times in milliseconds
+    (empty when the trace has none)."""
 
     requests: list[list[int]]
+    timestamps_ms: list[float] = field(default_factory=list)
 
     @property
     def unique_blocks(self) -> int:
@@ -79,17 +92,21 @@ def load_trace(path: str | Path, block_tokens: int = TRACE_BLOCK_TOKENS,
     except OSError as exc:
         raise InvalidInputError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
     requests: list[list[int]] = []
+    timestamps: list[float | None] = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        ids = _parse_line(line, path, line_number)
+        ids, timestamp = _parse_line(line, path, line_number)
         requests.append(ids[group - 1::group] + ([ids[-1]] if len(ids) % group else []))
+        timestamps.append(timestamp)
     if not requests:
         raise InvalidInputError(f"trace {path} has no requests")
-    return Trace(requests)
+    # A trace with a line without a timestamp has no clock: a clocked replay of it is refused.
+    times = [t for t in timestamps if t is not None]
+    return Trace(requests, times if len(times) == len(timestamps) else [])
 
 
-def _parse_line(line: str, path: str | Path, line_number: int) -> list[int]:
+def _parse_line(line: str, path: str | Path, line_number: int) -> tuple[list[int], float | None]:
     where = f"{path}:{line_number}"
     try:
         record = json.loads(line)
@@ -101,14 +118,19 @@ def _parse_line(line: str, path: str | Path, line_number: int) -> list[int]:
     if (not isinstance(ids, list) or not ids
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
         raise InvalidInputError(f"{where}: 'hash_ids' must be a non-empty list of integers")
-    return ids
+    timestamp = record.get("timestamp")
+    if timestamp is None:
+        return ids, None
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float) or not math.isfinite(timestamp):
+        raise InvalidInputError(f"{where}: 'timestamp' must be a number of milliseconds, got {timestamp!r}")
+    return ids, float(timestamp)
 
 
 class RegionLog:
     """The disk tier's index and space: a FIFO of regions with hits-based reinsertion (module docstring)."""
 
     def __init__(self, capacity_blocks: int, blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION,
-                 reinsert_hits: int = 2) -> None:
+                 reinsert_hits: int = DiskConfig.reinsert_hits) -> None:
         if capacity_blocks < 1 or blocks_per_region < 1 or reinsert_hits < 0:
             raise ConfigError(f"a region log needs capacity_blocks >= 1, blocks_per_region >= 1 and "
                               f"reinsert_hits >= 0, got {capacity_blocks}, {blocks_per_region}, {reinsert_hits}")
@@ -134,11 +156,14 @@ class RegionLog:
         """Count a read of a stored ``key`` (a disk hit) towards its reinsertion."""
         self._reads[key] += 1
 
-    def write(self, key: int) -> None:
-        """Append ``key`` (not stored), evicting the oldest region first if every region is used."""
+    def write(self, key: int) -> int:
+        """Append ``key`` (not stored), evicting the oldest region first if every region is used; returns the
+        blocks written, reinsertions included."""
+        before = self.blocks_written
         while len(self._open) >= self.blocks_per_region:
             self._seal()
         self._append(key)
+        return self.blocks_written - before
 
     def _append(self, key: int) -> None:
         self._where[key] = self._open_id
@@ -166,6 +191,63 @@ class RegionLog:
 
 
 @dataclass(frozen=True)
+class DriveModel:
+    """The drive under a clocked replay (module docstring): the bytes of a block, the drive's write
+    bandwidth, the write-back buffer, the write budget (0: none) and the factor applied to trace time."""
+
+    block_bytes: int
+    write_bytes_per_s: float
+    writeback_buffer_bytes: int
+    budget_bytes_per_s: float = 0.0
+    time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        finite = all(math.isfinite(value) for value in (self.write_bytes_per_s, self.budget_bytes_per_s,
+                                                         self.time_scale))
+        if (not finite or self.block_bytes < 1 or self.write_bytes_per_s <= 0 or self.writeback_buffer_bytes < 0
+                or self.budget_bytes_per_s < 0 or self.time_scale <= 0):
+            raise ConfigError(f"a drive model needs block_bytes >= 1, write_bytes_per_s > 0, "
+                              f"writeback_buffer_bytes >= 0, budget_bytes_per_s >= 0 and time_scale > 0, got {self}")
+
+
+class _Drive:
+    """A ``DriveModel``'s state: the buffer's backlog and the budget's tokens at the time of the last call."""
+
+    def __init__(self, model: DriveModel) -> None:
+        self.model = model
+        self.now_s = 0.0
+        self.backlog_bytes = 0.0
+        # The tier's bucket (kvtier.disk.tier._TokenBucket): one second of budget, at least one block.
+        self.burst_bytes = max(model.budget_bytes_per_s, float(model.block_bytes))
+        self.tokens = self.burst_bytes
+        self.dropped_buffer_full = 0
+        self.dropped_over_budget = 0
+
+    def advance(self, timestamp_ms: float) -> None:
+        now_s = max(self.now_s, timestamp_ms / 1000 * self.model.time_scale)  # time never runs backwards
+        elapsed_s, self.now_s = now_s - self.now_s, now_s
+        self.backlog_bytes = max(0.0, self.backlog_bytes - elapsed_s * self.model.write_bytes_per_s)
+        self.tokens = min(self.burst_bytes, self.tokens + elapsed_s * self.model.budget_bytes_per_s)
+
+    def accept(self) -> bool:
+        """Whether a demoted block gets written; a refusal is counted by cause, in the tier's order."""
+        block = self.model.block_bytes
+        if self.backlog_bytes + block > self.model.writeback_buffer_bytes:
+            self.dropped_buffer_full += 1
+            return False
+        if self.model.budget_bytes_per_s and self.tokens < block:
+            self.dropped_over_budget += 1
+            return False
+        return True
+
+    def write(self, blocks: int) -> None:
+        nbytes = blocks * self.model.block_bytes
+        self.backlog_bytes += nbytes
+        if self.model.budget_bytes_per_s:
+            self.tokens -= nbytes
+
+
+@dataclass(frozen=True)
 class TieredResult:
     requests: int
     referenced_blocks: int
@@ -175,6 +257,9 @@ class TieredResult:
     disk_blocks_reinserted: int
     disk_offers: int
     disk_admitted: int
+    # Admitted blocks a clocked replay could not write (zero without a clock).
+    dropped_buffer_full: int = 0
+    dropped_over_budget: int = 0
 
     @property
     def host_hit_ratio(self) -> float:
@@ -191,10 +276,15 @@ class TieredResult:
 
 def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: str = "s3fifo",
                   admission: str | AdmissionPolicy = "adaptive",
-                  blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION, reinsert_hits: int = 2) -> TieredResult:
-    """Replay ``trace`` through host RAM (``policy``) over a region-log disk (0 blocks: no disk tier)."""
+                  blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION, reinsert_hits: int = DiskConfig.reinsert_hits,
+                  drive: DriveModel | None = None) -> TieredResult:
+    """Replay ``trace`` through host RAM (``policy``) over a region-log disk (0 blocks: no disk tier), on the
+    trace's clock through ``drive`` if given."""
     if host_blocks < 1 or disk_blocks < 0:
         raise ConfigError(f"host_blocks must be >= 1 and disk_blocks >= 0, got {host_blocks} and {disk_blocks}")
+    if drive is not None and len(trace.timestamps_ms) != len(trace.requests):
+        raise ConfigError("a clocked replay needs a trace with a timestamp on every request")
+    clock = _Drive(drive) if drive is not None and disk_blocks else None
     host = make_policy(policy, host_blocks)
     disk = RegionLog(disk_blocks, blocks_per_region, reinsert_hits) if disk_blocks else None
     admit: AdmissionPolicy | None = None
@@ -203,7 +293,9 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
     elif isinstance(admission, str):
         make_admission(admission, 1)  # an unknown name is an error even without a disk tier
     host_hits = disk_hits = offers = admitted = 0
-    for request in trace.requests:
+    for number, request in enumerate(trace.requests):
+        if clock is not None:
+            clock.advance(trace.timestamps_ms[number])
         run = 0
         for key in request:
             if key in host:
@@ -228,10 +320,14 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
                     offers += 1
                     if admit.admit(victim):
                         admitted += 1
-                        disk.write(victim)
+                        if clock is None:
+                            disk.write(victim)
+                        elif clock.accept():
+                            clock.write(disk.write(victim))
             host.insert(key)
     return TieredResult(len(trace.requests), trace.referenced_blocks, host_hits, disk_hits,
-                        disk.blocks_written if disk else 0, disk.blocks_reinserted if disk else 0, offers, admitted)
+                        disk.blocks_written if disk else 0, disk.blocks_reinserted if disk else 0, offers, admitted,
+                        clock.dropped_buffer_full if clock else 0, clock.dropped_over_budget if clock else 0)
 
 
 def _leading_run(request: Sequence[int], present: Container[int]) -> int:
@@ -305,5 +401,5 @@ def replay_belady(trace: Trace, capacity: int) -> float:
     return hits / trace.referenced_blocks
 
 
-__all__ = ["DEFAULT_BLOCKS_PER_REGION", "RegionLog", "Trace", "TieredResult", "load_trace", "replay_belady",
-           "replay_single", "replay_tiered"]
+__all__ = ["DEFAULT_BLOCKS_PER_REGION", "DriveModel", "RegionLog", "Trace", "TieredResult", "load_trace",
+           "replay_belady", "replay_single", "replay_tiered"]

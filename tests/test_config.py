@@ -64,3 +64,22 @@ def test_dataclasses_validate_directly() -> None:
     with pytest.raises(ConfigError):
         DaemonConfig(tcp_port=9000)
     assert DaemonConfig(tcp_port=9000, tcp_token="t").tcp_host == "127.0.0.1"
+
+
+def test_write_budget_in_drive_writes_per_day_or_bytes_per_second() -> None:
+    disk = DiskConfig(paths=("/a", "/b"), capacity_bytes="432MiB", write_budget_dwpd=2)
+    assert disk.budget_bytes_per_s == 2 * 2 * 432 * 1024 * 1024 // 86_400  # from both paths' capacity
+    assert DiskConfig(write_budget_bytes_per_s="1MiB").budget_bytes_per_s == 1024 * 1024
+    assert DiskConfig().budget_bytes_per_s == 0
+    with pytest.raises(ConfigError, match="at most one"):
+        DiskConfig(write_budget_bytes_per_s=1000, write_budget_dwpd=1.0)
+    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ConfigError, match="write_budget_dwpd"):
+            DiskConfig(write_budget_dwpd=bad)  # type: ignore[arg-type]
+
+
+def test_writeback_buffer_is_whole_regions_at_least_three() -> None:
+    assert DiskConfig(region_bytes="64MiB", writeback_buffer_bytes="1GiB").writeback_regions == 16
+    assert DiskConfig(region_bytes="64MiB", writeback_buffer_bytes="100MiB").writeback_regions == 3
+    with pytest.raises(ConfigError, match="writeback_buffer_bytes"):
+        DiskConfig(writeback_buffer_bytes=0)

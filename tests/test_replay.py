@@ -11,7 +11,7 @@ import pytest
 
 from kvtier.bench.replay import run_replay
 from kvtier.errors import ConfigError, InvalidInputError
-from kvtier.replay import RegionLog, Trace, load_trace, replay_belady, replay_single, replay_tiered
+from kvtier.replay import DriveModel, RegionLog, Trace, load_trace, replay_belady, replay_single, replay_tiered
 
 REPO = Path(__file__).resolve().parent.parent
 MOONCAKE = next((path for path in (Path(os.environ.get("KVTIER_MOONCAKE_TRACE", "")),
@@ -174,3 +174,74 @@ def test_mooncake_reference_figures_and_admission_goals() -> None:
     admit_all = replay_tiered(trace, host, one_percent, admission="admit_all")
     assert adaptive.block_hit_ratio > admit_all.block_hit_ratio
     assert adaptive.disk_blocks_written <= admit_all.disk_blocks_written / 3
+
+
+def test_load_trace_keeps_timestamps_and_refuses_bad_ones(tmp_path: Path) -> None:
+    path = _write_trace(tmp_path / "t.jsonl", [[1], [2]])
+    assert load_trace(path).timestamps_ms == [0.0, 1.0]
+    path.write_text(path.read_text() + '{"hash_ids": [3]}\n')
+    assert load_trace(path).timestamps_ms == []  # a line without one: the trace has no clock
+    for bad in ('"0"', "true", "NaN"):
+        path.write_text(f'{{"timestamp": {bad}, "hash_ids": [3]}}\n')
+        with pytest.raises(InvalidInputError, match=r"t\.jsonl:1: 'timestamp'"):
+            load_trace(path)
+
+
+# One host block (LRU) over a 4-block disk, admit-all: every request evicts one block to the disk.
+CHAIN = Trace([[1], [2], [3], [4]], timestamps_ms=[0, 0, 1000, 1000])
+
+
+def test_clocked_replay_drops_what_the_buffer_cannot_hold_by_hand() -> None:
+    # Blocks of 100 bytes, a buffer of 100 bytes, a drive of 100 B/s. r2 evicts 1 (buffered); r3 at 1 s
+    # evicts 2 (the drive wrote 1 meanwhile); r4 at 1 s evicts 3: the buffer still holds 2, so 3 is dropped.
+    drive = DriveModel(block_bytes=100, write_bytes_per_s=100, writeback_buffer_bytes=100)
+    result = replay_tiered(CHAIN, 1, 4, policy="lru", admission="admit_all", blocks_per_region=4, drive=drive)
+    assert (result.disk_admitted, result.disk_blocks_written, result.dropped_buffer_full) == (3, 2, 1)
+    # Twice as fast a clock (time_scale 0.5): r3 comes at 0.5 s, with half of 1 still unwritten: 2 is dropped too.
+    fast = DriveModel(100, 100, 100, time_scale=0.5)
+    assert replay_tiered(CHAIN, 1, 4, policy="lru", admission="admit_all", drive=fast).dropped_buffer_full == 2
+    roomy = DriveModel(100, 100, 300)
+    result = replay_tiered(CHAIN, 1, 4, policy="lru", admission="admit_all", drive=roomy)
+    assert (result.disk_blocks_written, result.dropped_buffer_full) == (3, 0)
+
+
+def test_clocked_replay_drops_blocks_over_the_write_budget_by_hand() -> None:
+    # A budget of 100 B/s is a bucket of one 100-byte block: r2's eviction takes it, r3's (1 s later) finds
+    # it refilled, r4's (same instant) finds it empty.
+    drive = DriveModel(100, 1e9, 1 << 20, budget_bytes_per_s=100)
+    result = replay_tiered(CHAIN, 1, 4, policy="lru", admission="admit_all", drive=drive)
+    assert (result.disk_blocks_written, result.dropped_over_budget, result.dropped_buffer_full) == (2, 1, 0)
+
+
+def test_clocked_replay_refuses_a_trace_without_times_and_bad_drives() -> None:
+    with pytest.raises(ConfigError, match="timestamp"):
+        replay_tiered(SMALL, 1, 4, drive=DriveModel(100, 100, 100))
+    for bad in ({"block_bytes": 0}, {"write_bytes_per_s": 0}, {"time_scale": float("inf")},
+                {"budget_bytes_per_s": -1}):
+        with pytest.raises(ConfigError):
+            DriveModel(**{"block_bytes": 1, "write_bytes_per_s": 1, "writeback_buffer_bytes": 1, **bad})
+
+
+def test_run_replay_on_the_clock_reports_drops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write_trace(tmp_path / "t.jsonl", [[1], [2], [3], [4], [5]])  # one request a millisecond
+    result = run_replay(path, host_blocks=1, disk_blocks=4, policy="lru", admission="admit_all", baselines=False,
+                        drive_write_bytes_per_s=1000, block_bytes=1000, writeback_buffer_bytes=2000)
+    assert (result["disk_admitted"], result["dropped_buffer_full"], result["dropped_over_budget"]) == (4, 2, 0)
+    dwpd = run_replay(path, host_blocks=1, disk_blocks=4, policy="lru", admission="admit_all", baselines=False,
+                      drive_write_bytes_per_s=1e12, block_bytes=21_600, write_budget_dwpd=1.0)
+    assert dwpd["write_budget_bytes_per_s"] == 1  # 4 blocks of 21,600 bytes once a day
+    assert dwpd["dropped_over_budget"] == 3
+    with pytest.raises(ConfigError, match="at most one"):
+        run_replay(path, host_blocks=1, disk_blocks=4, drive_write_bytes_per_s=1, write_budget_bytes_per_s=1,
+                   write_budget_dwpd=1)
+    spec = importlib.util.spec_from_file_location("replay_script", REPO / "bench" / "replay.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--trace", str(path), "--host-blocks", "1", "--disk-blocks", "4", "--no-baselines", "--admission",
+            "admit_all", "--policy", "lru", "--drive-write-rate", "1000", "--block-bytes", "1000",
+            "--writeback-buffer", "2000"]
+    assert script.main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped_buffer_full"] == 2
+    assert script.main(argv) == 0
+    assert "2 blocks dropped with the buffer full" in capsys.readouterr().out

@@ -13,6 +13,11 @@ Promises:
   parsed is an ``InvalidInputError`` naming the file and line.
 - The policy, admission and reinsertion default to the configuration's (``host.policy``,
   ``disk.admission``, ``disk.reinsert_hits``) on the command line, and to the store's defaults in Python.
+- With a drive bandwidth (``drive_write_bytes_per_s``) the tiered replay (not the baselines) runs on the
+  trace's clock (``kvtier.replay.DriveModel``) and the dict also holds ``dropped_buffer_full`` and
+  ``dropped_over_budget``. The write-back buffer and the budget default to the configuration's
+  (``disk.writeback_buffer_bytes``; ``disk.write_budget_bytes_per_s`` or ``disk.write_budget_dwpd``, the
+  latter of a drive of the replay's disk capacity in bytes); setting both budgets is a ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtier.config import DiskConfig, HostConfig, StoreConfig
+from kvtier.config import DiskConfig, HostConfig, StoreConfig, parse_bytes
 from kvtier.errors import ConfigError
 from kvtier.replay import (
     DEFAULT_BLOCKS_PER_REGION,
     TRACE_BLOCK_TOKENS,
+    DriveModel,
     load_trace,
     replay_belady,
     replay_single,
@@ -36,6 +42,8 @@ from kvtier.replay import (
 
 HELP = "replay a Mooncake-format trace through host RAM and the disk tier (no payloads) against baselines"
 BASELINE_POLICIES = ("lru", "s3fifo", "arc")
+# A 512-token block of Llama-3-8B in bf16 (32 layers x 8 KV heads x 128 x K and V x 2 bytes a token).
+DEFAULT_BLOCK_BYTES = 64 << 20
 
 
 def _capacity(blocks: int | None, frac: float | None, unique_blocks: int, tier: str, minimum: int) -> int:
@@ -58,15 +66,26 @@ def run_replay(trace_path: str | Path, *, block_tokens: int = TRACE_BLOCK_TOKENS
                host_frac: float | None = None, disk_blocks: int | None = None, disk_frac: float | None = None,
                policy: str = HostConfig.policy, admission: str = DiskConfig.admission,
                blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION, reinsert_hits: int = DiskConfig.reinsert_hits,
-               baselines: bool = True) -> dict[str, Any]:
+               baselines: bool = True, drive_write_bytes_per_s: float = 0.0,
+               block_bytes: int = DEFAULT_BLOCK_BYTES, time_scale: float = 1.0,
+               writeback_buffer_bytes: int = DiskConfig.writeback_buffer_bytes,
+               write_budget_bytes_per_s: float = 0.0, write_budget_dwpd: float = 0.0) -> dict[str, Any]:
     """Replay the trace at ``trace_path``; see the module docstring for what the dict holds."""
     started = time.perf_counter()
     trace = load_trace(trace_path, block_tokens)
     unique = trace.unique_blocks
     host = _capacity(host_blocks, host_frac, unique, "host", 1)
     disk = _capacity(disk_blocks, disk_frac, unique, "disk", 0)
+    if write_budget_bytes_per_s and write_budget_dwpd:
+        raise ConfigError("give at most one of write_budget_bytes_per_s and write_budget_dwpd")
+    if write_budget_dwpd < 0:
+        raise ConfigError(f"write_budget_dwpd must be >= 0, got {write_budget_dwpd}")
+    drive = None
+    if drive_write_bytes_per_s:
+        budget = write_budget_bytes_per_s or write_budget_dwpd * disk * block_bytes / 86_400
+        drive = DriveModel(block_bytes, drive_write_bytes_per_s, writeback_buffer_bytes, budget, time_scale)
     tiered = replay_tiered(trace, host, disk, policy=policy, admission=admission,
-                           blocks_per_region=blocks_per_region, reinsert_hits=reinsert_hits)
+                           blocks_per_region=blocks_per_region, reinsert_hits=reinsert_hits, drive=drive)
     result: dict[str, Any] = {
         "trace": str(trace_path),
         "requests": tiered.requests,
@@ -87,6 +106,12 @@ def run_replay(trace_path: str | Path, *, block_tokens: int = TRACE_BLOCK_TOKENS
         "disk_offers": tiered.disk_offers,
         "disk_admitted": tiered.disk_admitted,
     }
+    if drive is not None:
+        result.update({"block_bytes": block_bytes, "drive_write_bytes_per_s": drive.write_bytes_per_s,
+                       "writeback_buffer_bytes": writeback_buffer_bytes,
+                       "write_budget_bytes_per_s": round(drive.budget_bytes_per_s), "time_scale": time_scale,
+                       "dropped_buffer_full": tiered.dropped_buffer_full,
+                       "dropped_over_budget": tiered.dropped_over_budget})
     if baselines:
         total = host + disk
         admit_all = tiered if admission == "admit_all" else replay_tiered(
@@ -119,6 +144,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reinsert-hits", type=int, default=None,
                         help="disk reads that earn a block reinsertion (default: disk.reinsert_hits; 0: never)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the single-tier and admit-all baselines")
+    clock = parser.add_argument_group("clock", "replay on the trace's timestamps over a drive of limited bandwidth")
+    clock.add_argument("--drive-write-rate", default=None, metavar="BYTES",
+                       help="the drive's write bandwidth in bytes per second (e.g. 1.5GB); enables the clock")
+    clock.add_argument("--block-bytes", default=None, metavar="BYTES",
+                       help="bytes of one block's KV (default 64MiB: 512 tokens of Llama-3-8B in bf16)")
+    clock.add_argument("--time-scale", type=float, default=1.0,
+                       help="multiplies the trace's times (0.5: requests arrive twice as fast)")
+    clock.add_argument("--writeback-buffer", default=None, metavar="BYTES",
+                       help="the write-back buffer (default: disk.writeback_buffer_bytes)")
+    budget = clock.add_mutually_exclusive_group()
+    budget.add_argument("--write-budget-rate", default=None, metavar="BYTES",
+                        help="write budget in bytes per second (default: disk.write_budget_bytes_per_s)")
+    budget.add_argument("--write-budget-dwpd", type=float, default=None,
+                        help="write budget in drive writes per day of the replay's disk "
+                             "(default: disk.write_budget_dwpd)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -128,7 +168,7 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
         disk_blocks=args.disk_blocks, disk_frac=args.disk_frac, policy=args.policy or config.host.policy,
         admission=args.admission or config.disk.admission, blocks_per_region=args.blocks_per_region,
         reinsert_hits=config.disk.reinsert_hits if args.reinsert_hits is None else args.reinsert_hits,
-        baselines=not args.no_baselines)
+        baselines=not args.no_baselines, **_clock_settings(args, config.disk))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -136,8 +176,35 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
           f"({result['policy']}, {result['admission']}): hit ratio {result['block_hit_ratio']} "
           f"(host {result['host_hit_ratio']}, disk {result['disk_hit_ratio']}), "
           f"{result['disk_blocks_written']} disk blocks written")
+    if "dropped_buffer_full" in result:
+        print(f"on the trace's clock ({result['drive_write_bytes_per_s'] / 1e9:.2f} GB/s drive, "
+              f"{result['writeback_buffer_bytes'] >> 20} MiB write-back buffer, budget "
+              f"{result['write_budget_bytes_per_s'] / 1e6:.1f} MB/s): {result['dropped_buffer_full']} blocks dropped "
+              f"with the buffer full, {result['dropped_over_budget']} over the budget")
     if "baselines" in result:
         shown = ", ".join(f"{name} {ratio}" for name, ratio in result["baselines"].items())
         print(f"single tier of {result['baseline_capacity_blocks']} blocks: {shown}; admit_all: hit ratio "
               f"{result['baseline_admit_all_block_hit_ratio']}, {result['baseline_disk_blocks_written']} written")
     return 0
+
+
+def _clock_settings(args: argparse.Namespace, disk: DiskConfig) -> dict[str, Any]:
+    """``run_replay``'s clock arguments from the command line, defaults from the ``[disk]`` configuration."""
+    if args.drive_write_rate is None:
+        return {}
+    settings: dict[str, Any] = {
+        "drive_write_bytes_per_s": parse_bytes(args.drive_write_rate, "--drive-write-rate"),
+        "time_scale": args.time_scale,
+        "writeback_buffer_bytes": parse_bytes(args.writeback_buffer or disk.writeback_buffer_bytes,
+                                              "--writeback-buffer"),
+    }
+    if args.block_bytes is not None:
+        settings["block_bytes"] = parse_bytes(args.block_bytes, "--block-bytes")
+    if args.write_budget_rate is not None:
+        settings["write_budget_bytes_per_s"] = parse_bytes(args.write_budget_rate, "--write-budget-rate")
+    elif args.write_budget_dwpd is not None:
+        settings["write_budget_dwpd"] = args.write_budget_dwpd
+    else:
+        settings["write_budget_bytes_per_s"] = disk.write_budget_bytes_per_s
+        settings["write_budget_dwpd"] = disk.write_budget_dwpd
+    return settings

@@ -3,7 +3,8 @@
 Metrics (all prefixed ``kvtier_``): ``hit_blocks_total{tier}``, ``miss_blocks_total``, ``lookups_total``,
 ``put_blocks_total``, ``put_deduplicated_blocks_total``, ``put_failed_blocks_total``, ``get_blocks_total``,
 ``get_failed_blocks_total``, ``tier_bytes_read_total{tier}``, ``tier_bytes_written_total{tier}``,
-``evicted_blocks_total{tier}``, ``admissions_rejected_total``, ``used_blocks{tier}``,
+``evicted_blocks_total{tier}``, ``admissions_rejected_total`` (all refusals), ``disk_refused_blocks_total{cause}``
+(``admission``, ``buffer_full``: the write-back buffer was full, ``over_budget``), ``used_blocks{tier}``,
 ``capacity_blocks{tier}``, ``occupancy_ratio{tier}``, ``op_latency_seconds{op}`` (histogram),
 ``clients_connected{transport}``, ``auth_failures_total``, ``error_replies_total{kind}``.
 
@@ -104,6 +105,10 @@ class DaemonCollector(Collector):
         yield latency
 
 
+# The disk tier's refusal counters (DiskStats) by the cause they name.
+_REFUSAL_CAUSES = {"admission": "admissions_rejected", "buffer_full": "busy_rejected", "over_budget": "budget_rejected"}
+
+
 def _store_families(stats: dict[str, Any] | None) -> Iterator[Metric]:
     if stats is None:
         return
@@ -123,6 +128,8 @@ def _store_families(stats: dict[str, Any] | None) -> Iterator[Metric]:
     }
     families = {name: kind(f"kvtier_{name}", doc, labels=["tier"]) for name, (kind, doc) in per_tier.items()}
     rejected = 0
+    dropped = CounterMetricFamily("kvtier_disk_refused_blocks", "Blocks the disk tier did not write, by cause",
+                                  labels=["cause"])
     for tier_name, tier in stats["tiers"].items():
         values = {"hit_blocks": tier["hit_blocks"], "tier_bytes_read": tier["bytes_read"],
                   "tier_bytes_written": tier["bytes_written"], "evicted_blocks": tier["evicted_blocks"],
@@ -132,7 +139,11 @@ def _store_families(stats: dict[str, Any] | None) -> Iterator[Metric]:
             families[name].add_metric([tier_name], value)
         # The disk tier names its admission counters in its detail; any counter of rejections is summed.
         rejected += sum(int(v) for k, v in tier["detail"].items() if "rejected" in k and isinstance(v, int))
+        for cause, counter in _REFUSAL_CAUSES.items():
+            if isinstance(tier["detail"].get(counter), int):
+                dropped.add_metric([cause], tier["detail"][counter])
     yield from families.values()
+    yield dropped
     yield CounterMetricFamily("kvtier_admissions_rejected", "Blocks the disk admission policy refused",
                               value=rejected)
 

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Final
 
+from kvtier.config import DiskConfig
 from kvtier.errors import ConfigError
 
 ADMISSIONS: Final = ("adaptive", "admit_all", "reject_first")
@@ -39,8 +40,8 @@ MAX_TRACKED_KEYS: Final = 1 << 20
 # Shadow caches simulate at most this many blocks each; bigger disks are simulated on a key sample.
 SHADOW_BLOCKS: Final = 4096
 GHOST_FACTOR: Final = 4
-# The disk tier's default (DiskConfig.reinsert_hits); the shadows only need to be close to it.
-REINSERT_HITS: Final = 2
+# The disk tier's default; the shadows only need to be close to the configured value.
+REINSERT_HITS: Final = DiskConfig.reinsert_hits
 
 _MASK64 = (1 << 64) - 1
 

@@ -2,16 +2,26 @@
 
 Modelled on CacheLib Navy's BlockCache. Each data path holds one preallocated file cut into regions of
 ``region_bytes``; region ``r`` lives in path ``r % len(paths)`` (striping). Offered blocks are appended to
-an in-memory region buffer (3 buffers of ``region_bytes``, faulted in at open); a full region is sealed
+an in-memory region buffer; a full region is sealed
 and, on the I/O pool, marked OPEN in the index, written as ONE sequential write, fdatasync'ed, and only
 then are its entries committed together with its SEALED mark (index changes are group-committed: about one
 synced LMDB transaction per region). Space comes back by evicting whole regions, oldest sealed first
 (FIFO); a block read at least ``reinsert_hits`` times since it was written is read back synchronously and
 copied into the new open region instead of dropped.
 
+The region buffers are the write-back buffer (``disk.writeback_buffer_bytes``, at least 3 regions; 3 are
+faulted in at open, the others allocated by the first burst that needs them and kept). One fills while the
+others wait for the drive, so a burst of demotions up to the buffer's size is written at the drive's pace
+instead of dropped. Why a staging area and not host slots held until written: the host tier's slots belong
+to the engine's working set, and holding them would turn a slow drive into failed puts; a staging copy
+costs one memcpy per demoted block (about 5 GB/s here), which the offer already paid.
+
 Promises:
 - ``offer`` copies the payload before it returns; a block it admits is readable at once (from memory until
   its region is written) and survives a restart once its region is written (``flush`` waits for that).
+- ``offer(wait=False)`` never waits for the drive. A block it cannot take is counted by cause:
+  ``busy_rejected`` (the write-back buffer is full), ``budget_rejected`` (over the write budget),
+  ``admissions_rejected`` (the admission policy said no).
 - ``read_into`` returns ``True`` only with bytes whose header and payload checksums verified. A corrupt,
   truncated or torn entry is a miss, counted (``checksum_failures``) and dropped; a read error is a miss
   counted in ``io_errors``; neither raises. After ``False`` the contents of ``dst`` are undefined.
@@ -77,9 +87,10 @@ from kvtier.keys import check_key
 from kvtier.layout import KVLayout
 
 _LOG = logging.getLogger(__name__)
-# One region fills while two are written (a write also waits on fdatasync and an index commit): with
-# two, the drive sat idle during those waits and writes reached about 0.6x of raw.
-_IN_MEMORY_REGIONS = 3
+# The fewest region buffers: one region fills while two are written (a write also waits on fdatasync and an
+# index commit): with two, the drive sat idle during those waits and writes reached about 0.6x of raw.
+_PREFAULTED_REGIONS = 3
+_WRITER_THREADS = 2
 _DATA_FILE = "kvtier-data.bin"
 _LOCK_FILE = "kvtier.lock"
 _INDEX_DIR = "kvtier-index"
@@ -185,7 +196,7 @@ class DiskTier:
         # Always able to decode: a directory may hold zstd entries written before codec was set to "none".
         self._zstd = ZstdCodec(layout.torch_dtype.itemsize)
         self._compress = config.codec == "zstd"
-        rate = config.write_budget_bytes_per_s
+        rate = config.budget_bytes_per_s
         self._budget = _TokenBucket(rate, max(rate, self._max_entry)) if rate else None
         # Guards the tables; never held across disk I/O or an index commit. Index changes are enqueued
         # while holding it, so the index applies them in the order the tables changed.
@@ -203,7 +214,8 @@ class DiskTier:
         self._open: _Region | None = None
         self._next_seq = 1
         self._free_buffers = [np.frombuffer(aligned_buffer(config.region_bytes, populate=True), dtype=np.uint8)
-                              for _ in range(_IN_MEMORY_REGIONS)]
+                              for _ in range(_PREFAULTED_REGIONS)]
+        self._unallocated_buffers = config.writeback_regions - _PREFAULTED_REGIONS
         self._lock_fds: list[int] = []
         self._devices: list[Device] = []
         self._index: DiskIndex | None = None
@@ -216,6 +228,10 @@ class DiskTier:
             self._release()
             raise
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvtier-disk")
+        # Region writes get threads of their own: a write-back buffer of many sealed regions queued on the
+        # read pool would make every read wait behind the whole burst. Two keep the drive busy while the
+        # other write waits on fdatasync.
+        self._writer = ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="kvtier-disk-write")
 
     # -- opening and recovery -------------------------------------------------------------------------
 
@@ -395,6 +411,7 @@ class DiskTier:
                 return
             self._flush_locked()
             self._closed = True
+        self._writer.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         self._wait_index()
         self._release()
@@ -426,7 +443,8 @@ class DiskTier:
         region = self._open
         if region is not None and region.used + size <= self.config.region_bytes:
             return True
-        return not self._opening and bool(self._free_buffers) and bool(self._clean or self._fifo)
+        return (not self._opening and bool(self._free_buffers or self._unallocated_buffers)
+                and bool(self._clean or self._fifo))
 
     def _append_locked(self, region: _Region, offset: int, header: EntryHeader, stored: memoryview) -> None:
         buffer = region.buffer
@@ -448,7 +466,7 @@ class DiskTier:
             return
         self._open = None
         region.seq, self._next_seq = self._next_seq, self._next_seq + 1
-        self._pool.submit(self._write_region, region)
+        self._writer.submit(self._write_region, region)
 
     def _flush_locked(self) -> None:
         if self._admitting and not self._opening:
@@ -461,8 +479,12 @@ class DiskTier:
         self._opening = True
         try:
             # Wait for a buffer and for a region that is not being written (all may be, with few regions).
-            while not self._free_buffers or not (self._clean or self._fifo):
+            while not (self._free_buffers or self._unallocated_buffers) or not (self._clean or self._fifo):
                 self._cond.wait()
+            if not self._free_buffers:
+                # Not populated: its pages fault in as blocks are copied in, at memory speed.
+                self._unallocated_buffers -= 1
+                self._free_buffers.append(np.frombuffer(aligned_buffer(self.config.region_bytes), dtype=np.uint8))
             buffer = self._free_buffers.pop()
             hot: list[tuple[bytes, _Entry]] = []
             dropped: list[bytes] = []

@@ -139,7 +139,7 @@ def test_offer_without_wait_refuses_while_the_drive_is_behind(kit: DiskKit, disk
         devices.append(GatedDevice(size, direct))
         return devices[-1]
 
-    with DiskTier(disk_config(), kit.layout, device_factory=factory) as tier:
+    with DiskTier(disk_config(writeback_buffer_bytes=3 * kit.region), kit.layout, device_factory=factory) as tier:
         admitted = [tier.offer(kit.key(i), kit.payload(i), wait=False) for i in range(4 * kit.per_region)]
         # Three region buffers fill (two wait on the drive, one open), then offers are refused, not blocked.
         assert admitted.count(True) == 3 * kit.per_region and not any(admitted[3 * kit.per_region :])
