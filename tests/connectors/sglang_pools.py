@@ -7,11 +7,17 @@
 - ``token_kv`` reads one token's K and V (or latent) straight from a pool's host buffer, indexing each host
   layout by hand, so the tests compare pages without going through the backend's own page views.
 - ``open_backend`` builds the backend as SGLang's cache controller does: ``StorageBackendFactory`` with
-  ``"dynamic"``, then ``register_mem_pool_host``.
+  ``"dynamic"``, then ``register_mem_pool_host``. ``Daemon`` is a real ``kvtier serve`` for it to connect to.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,3 +123,27 @@ def open_backend(pool: Any, *, tp_rank: int = 0, tp_size: int = 1, **kvtier: Any
     backend = StorageBackendFactory.create_backend("dynamic", config, pool)
     backend.register_mem_pool_host(pool)
     return backend
+
+
+class Daemon:
+    """A real ``kvtier serve`` in a subprocess, serving one layout on a short Unix socket path."""
+
+    def __init__(self, layout_arg: str, *extra_args: str) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="kvs", dir="/tmp")  # a Unix socket path has at most 107 bytes
+        self.address = f"unix:{os.path.join(self.workdir, 'd.sock')}"
+        self.log = Path(self.workdir) / "daemon.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kvtier.daemon", "serve", "--socket", self.address[5:], "--pool", "1MiB",
+                 "--metrics-port", "0", "--layout", layout_arg, *extra_args],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "daemon ready" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"the daemon did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        assert self.proc.wait(60) == 0, self.log.read_text()

@@ -7,11 +7,9 @@ byte; missing, evicted and corrupt pages are reported missing; pools kvtier cann
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,33 +40,9 @@ def assert_same_pages(writer: Any, written: torch.Tensor, reader: Any, read: tor
         assert torch.equal(sp.token_kv(reader, dst), sp.token_kv(writer, src))
 
 
-class Daemon:
-    """A real ``kvtier serve`` in a subprocess, serving one layout on a short Unix socket path."""
-
-    def __init__(self, layout_arg: str, *extra_args: str) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="kvs", dir="/tmp")  # a Unix socket path has at most 107 bytes
-        self.address = f"unix:{os.path.join(self.workdir, 'd.sock')}"
-        self.log = Path(self.workdir) / "daemon.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvtier.daemon", "serve", "--socket", self.address[5:], "--pool", "1MiB",
-                 "--metrics-port", "0", "--layout", layout_arg, *extra_args],
-                stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while "daemon ready" not in self.log.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"the daemon did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        assert self.proc.wait(60) == 0, self.log.read_text()
-
-
 @pytest.fixture(scope="module")
-def daemons() -> Iterator[dict[str, Daemon]]:
-    started = {kind: Daemon(sp.LAYOUT_ARGS[kind], "--no-disk") for kind in sp.KINDS}
+def daemons() -> Iterator[dict[str, sp.Daemon]]:
+    started = {kind: sp.Daemon(sp.LAYOUT_ARGS[kind], "--no-disk") for kind in sp.KINDS}
     yield started
     for daemon in started.values():
         daemon.stop()
@@ -88,7 +62,7 @@ def backends() -> Iterator[Callable[..., Any]]:
         backend.close()
 
 
-def on_daemon(daemon: Daemon) -> dict[str, Any]:
+def on_daemon(daemon: sp.Daemon) -> dict[str, Any]:
     return {"store": "daemon", "address": daemon.address}
 
 
@@ -131,7 +105,7 @@ def test_pools_kvtier_cannot_serve_are_refused(make_pool: Callable[[], Any], mes
         backend.batch_exists(sp.page_hashes(1))
 
 
-def test_a_daemon_of_another_layout_refuses_the_pool(daemons: dict[str, Daemon]) -> None:
+def test_a_daemon_of_another_layout_refuses_the_pool(daemons: dict[str, sp.Daemon]) -> None:
     backend = KvtierStorage(sp.storage_config(sp.extra_config(**on_daemon(daemons["mha"])), mla=True))
     with pytest.raises(LayoutMismatchError):
         backend.register_mem_pool_host(sp.mla_pool("page_first"))
@@ -169,7 +143,7 @@ def test_pages_come_back_byte_identical(backends: Callable[..., Any], kind: str,
 
 
 @pytest.mark.parametrize("kind", sp.KINDS)
-def test_pages_of_one_host_layout_load_into_every_other(daemons: dict[str, Daemon], backends: Callable[..., Any],
+def test_pages_of_one_host_layout_load_into_every_other(daemons: dict[str, sp.Daemon], backends: Callable[..., Any],
                                                         kind: str) -> None:
     for write_layout in sp.HOST_LAYOUTS:
         writer = sp.make_pool(kind, write_layout)
@@ -185,7 +159,30 @@ def test_pages_of_one_host_layout_load_into_every_other(daemons: dict[str, Daemo
             assert_same_pages(writer, written, reader, read)
 
 
-def test_a_missing_page_ends_the_hit_and_is_reported(daemons: dict[str, Daemon],
+def test_another_process_reads_the_pages_byte_identical(daemons: dict[str, sp.Daemon],
+                                                        backends: Callable[..., Any], tmp_path: Path) -> None:
+    jobs, expected = [], {}
+    for kind in sp.KINDS:
+        pool = sp.make_pool(kind, "page_first")
+        hashes = fresh_hashes(3)
+        written = pool.alloc(3 * sp.PAGE_TOKENS)
+        sp.fill(pool, written, seed=5)
+        assert backends(pool, **on_daemon(daemons[kind])).batch_set_v1(hashes, written) == [True] * 3
+        jobs.append({"kind": kind, "address": daemons[kind].address, "hashes": hashes})
+        expected[kind] = torch.stack([sp.token_kv(pool, token) for token in written.tolist()])
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    child = subprocess.run([sys.executable, str(Path(__file__).with_name("sglang_child.py")),
+                            str(tmp_path / "jobs.json"), str(tmp_path / "found.pt")],
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-4000:]
+    found = torch.load(tmp_path / "found.pt")
+    assert len(found) == len(sp.KINDS) * len(sp.HOST_LAYOUTS)
+    for name, got in found.items():
+        assert got["hits"] == 3 and got["results"] == [True] * 3, name
+        assert torch.equal(got["kv"], expected[name.split("/")[0]]), name
+
+
+def test_a_missing_page_ends_the_hit_and_is_reported(daemons: dict[str, sp.Daemon],
                                                      backends: Callable[..., Any]) -> None:
     pool = sp.mha_pool("page_first")
     backend = backends(pool, **on_daemon(daemons["mha"]))
@@ -204,7 +201,7 @@ def test_a_missing_page_ends_the_hit_and_is_reported(daemons: dict[str, Daemon],
         assert torch.equal(sp.token_kv(pool, token), old)  # a missing page leaves the host pool untouched
 
 
-def test_an_existence_check_is_one_daemon_round_trip(daemons: dict[str, Daemon],
+def test_an_existence_check_is_one_daemon_round_trip(daemons: dict[str, sp.Daemon],
                                                      backends: Callable[..., Any]) -> None:
     pool = sp.mha_pool("page_first")
     backend = backends(pool, **on_daemon(daemons["mha"]))
@@ -259,7 +256,7 @@ def test_a_corrupt_page_on_disk_is_reported_missing(backends: Callable[..., Any]
 
 
 @pytest.mark.parametrize("kind", sp.KINDS)
-def test_ranks_share_mla_pages_but_not_mha_pages(daemons: dict[str, Daemon], backends: Callable[..., Any],
+def test_ranks_share_mla_pages_but_not_mha_pages(daemons: dict[str, sp.Daemon], backends: Callable[..., Any],
                                                  kind: str) -> None:
     settings = on_daemon(daemons[kind])
     writer_pool, reader_pool = sp.make_pool(kind, "page_first"), sp.make_pool(kind, "page_first")
