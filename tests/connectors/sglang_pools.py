@@ -53,15 +53,19 @@ def _pointers(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.uint64)
 
 
-def mha_pool(layout: str, *, v_head_dim: int = HEAD_DIM, dtype: torch.dtype = torch.float32) -> MHATokenToKVPoolHost:
-    k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=dtype) for _ in range(LAYERS))
-    v = tuple(torch.zeros(DEVICE_TOKENS, HEADS, v_head_dim, dtype=dtype) for _ in range(LAYERS))
+def mha_pool(layout: str, *, v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, layers: int = LAYERS,
+             heads: int = HEADS, head_dim: int = HEAD_DIM, page_tokens: int = PAGE_TOKENS,
+             device_tokens: int = DEVICE_TOKENS) -> MHATokenToKVPoolHost:
+    """A host pool of ``2 * device_tokens`` tokens (SGLang's default ratio), over stand-in device buffers."""
+    v_head_dim = v_head_dim or head_dim
+    k = tuple(torch.zeros(device_tokens, heads, head_dim, dtype=dtype) for _ in range(layers))
+    v = tuple(torch.zeros(device_tokens, heads, v_head_dim, dtype=dtype) for _ in range(layers))
     info = MHABufferInfo(
         buffers=KVBuffers(k=k, v=v, k_data_ptrs=_pointers(k), v_data_ptrs=_pointers(v), layout=KVBufferLayout.NHD),
-        page_size=PAGE_TOKENS, head_num=HEADS, head_dim=HEAD_DIM, v_head_dim=v_head_dim, dtype=dtype,
+        page_size=page_tokens, head_num=heads, head_dim=head_dim, v_head_dim=v_head_dim, dtype=dtype,
         device=torch.device("cpu"))
-    return MHATokenToKVPoolHost(info, 2.0, 0, PAGE_TOKENS, layout, pin_memory=False, device="cpu",
-                                device_capacity_tokens=DEVICE_TOKENS, start_layer=0, end_layer=LAYERS)
+    return MHATokenToKVPoolHost(info, 2.0, 0, page_tokens, layout, pin_memory=False, device="cpu",
+                                device_capacity_tokens=device_tokens, start_layer=0, end_layer=layers)
 
 
 def mla_pool(layout: str) -> MLATokenToKVPoolHost:
