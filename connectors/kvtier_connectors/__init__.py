@@ -1,1 +1,1 @@
-"""Engine adapters built on kvtier's public API: ``kvtier_connectors.transformers`` and ``kvtier_connectors.vllm``."""
+"""Engine adapters built on kvtier's public API: ``kvtier_connectors.transformers``, ``.vllm`` and ``.sglang``."""

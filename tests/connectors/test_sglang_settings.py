@@ -1,0 +1,106 @@
+"""The SGLang backend's settings and keys: read from SGLang's extra config JSON, no SGLang needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.errors import ConfigError, InvalidInputError
+from kvtier.layout import KVLayout
+from kvtier_connectors.sglang.settings import PageKeys, Shard, StorageSettings
+
+pytestmark = pytest.mark.sglang
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)
+HASHES = ["ab" * 32, "cd" * 32]
+
+
+def extra(**kvtier: Any) -> dict[str, Any]:
+    return {"backend_name": "kvtier", "module_path": "kvtier_connectors.sglang", "class_name": "KvtierStorage",
+            "interface_v1": 1, "kvtier": kvtier}
+
+
+def test_defaults_are_an_embedded_store_named_after_sglangs_model() -> None:
+    settings = StorageSettings.from_extra_config(extra(), "org/model")
+    assert (settings.store, settings.model_id, settings.tenant_salt) == ("embedded", "org/model", "")
+    assert settings.store_config().daemon.connect == ""
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"interface_v1": 0}, "interface_v1"),
+    ({"kvtier": "daemon"}, "must be a table"),
+    ({"kvtier": {"stroe": "daemon"}}, "unknown kvtier key"),
+    ({"kvtier": {"store": "redis"}}, "store must be"),
+    ({"kvtier": {"address": "unix:/x.sock"}}, "store='daemon'"),
+    ({"kvtier": {"config": ["host"]}}, "mapping"),
+])
+def test_bad_settings_are_refused(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        StorageSettings.from_extra_config({**extra(), **config}, "org/model")
+
+
+def test_a_model_is_required() -> None:
+    with pytest.raises(ConfigError, match="model_id"):
+        StorageSettings.from_extra_config(extra(), "")
+    assert StorageSettings.from_extra_config(extra(model_id="m"), "").model_id == "m"
+
+
+def test_config_overrides_the_toml_file_table_by_table(tmp_path: Path) -> None:
+    path = tmp_path / "kvtier.toml"
+    path.write_text('hash_algo = "blake3"\n[host]\ncapacity_bytes = "2MiB"\npolicy = "lru"\n')
+    settings = StorageSettings.from_extra_config(
+        extra(config_path=str(path), config={"host": {"capacity_bytes": "4MiB"}}), "m")
+    config = settings.store_config()
+    assert (config.host.capacity_bytes, config.host.policy, config.hash_algo) == (4 << 20, "lru", "blake3")
+
+
+@pytest.mark.parametrize(("text", "message"), [(None, "cannot read"), ("[host", "not valid TOML")])
+def test_a_bad_config_file_is_refused(tmp_path: Path, text: str | None, message: str) -> None:
+    path = tmp_path / "kvtier.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        StorageSettings.from_extra_config(extra(config_path=str(path)), "m").store_config()
+
+
+def test_a_daemon_is_reached_over_its_unix_socket() -> None:
+    assert StorageSettings.from_extra_config(extra(store="daemon"), "m").store_config().daemon.connect == "unix"
+    settings = StorageSettings.from_extra_config(extra(store="daemon", address="unix:/run/k.sock"), "m")
+    assert settings.store_config().daemon.connect == "unix:/run/k.sock"
+    from_config = extra(store="daemon", config={"daemon": {"connect": "unix:/run/c.sock"}})
+    assert StorageSettings.from_extra_config(from_config, "m").store_config().daemon.connect == "unix:/run/c.sock"
+    with pytest.raises(ConfigError, match="Unix socket"):
+        StorageSettings.from_extra_config(extra(store="daemon", address="tcp://h:1"), "m").store_config()
+
+
+def test_keys_are_deterministic_and_distinct_per_namespace() -> None:
+    settings = StorageSettings(model_id="org/model")
+    keys = PageKeys(settings, LAYOUT, Shard()).keys(HASHES)
+    assert keys == PageKeys(settings, LAYOUT, Shard()).keys(HASHES)
+    assert len(set(keys)) == 2 and all(len(key) == 16 for key in keys)
+    others = [
+        PageKeys(StorageSettings(model_id="org/other"), LAYOUT, Shard()),
+        PageKeys(settings, KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_tokens=4),
+                 Shard()),
+        PageKeys(settings, LAYOUT, Shard(tp_rank=1, tp_size=2)),
+        PageKeys(settings, LAYOUT, Shard(pp_rank=1, pp_size=2)),
+        PageKeys(settings, LAYOUT, Shard(cp_rank=1, cp_size=2)),
+        PageKeys(StorageSettings(model_id="org/model", tenant_salt="t"), LAYOUT, Shard()),
+    ]
+    for other in others:
+        assert not set(other.keys(HASHES)) & set(keys)
+
+
+def test_a_replicated_shard_drops_the_tensor_parallel_rank() -> None:
+    class Config:
+        tp_rank, tp_size, pp_rank, pp_size, attn_cp_rank, attn_cp_size = 1, 2, 0, 1, 0, 1
+
+    assert Shard.of(Config(), replicated=False) == Shard(tp_rank=1, tp_size=2)
+    assert Shard.of(Config(), replicated=True) == Shard()
+
+
+def test_a_hash_that_is_not_a_string_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="strings"):
+        PageKeys(StorageSettings(model_id="m"), LAYOUT, Shard()).keys([b"\x00" * 32])  # type: ignore[list-item]
