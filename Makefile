@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Without a GPU, the CPU build of torch (a small wheel); with one, torch's default (CUDA) build and CuPy.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
-EXTRAS ?= test,transformers$(if $(HAS_GPU),$(comma)cuda)
+EXTRAS ?= test,transformers,plots$(if $(HAS_GPU),$(comma)cuda)
 comma := ,
 
 .PHONY: demo test lint bench native-check clean
