@@ -195,7 +195,7 @@ class LmdbBlockStore:
         with self.env.begin() as txn:
             present = {key for key in keys if txn.get(key) is not None}
         todo = tuple(key for key in keys if key not in present)
-        return Reservation(todo, tuple(self._buffer() for _ in todo), tuple(present))
+        return Reservation(todo, tuple(self._buffer() for _ in todo), tuple(key for key in keys if key in present))
 
     def commit(self, reservation: Reservation) -> None:
         with self.env.begin(write=True) as txn:

@@ -124,8 +124,9 @@ def _ttft_lines(records: list[dict[str, Any]]) -> dict[str, tuple[list[float], l
             return record.get("source") == source
 
         xs, ys = _points(records, "prompt_tokens", "ttft_kvtier_s", from_source)
-        if xs and not lines[f"restore from {source}"][0]:
-            lines[f"restore from {source}"] = (xs, ys)
+        old_xs, old_ys = lines[f"restore from {source}"]
+        merged = sorted(zip(old_xs + xs, old_ys + ys, strict=True))
+        lines[f"restore from {source}"] = ([p[0] for p in merged], [p[1] for p in merged])
     xs, ys = lines["recompute"]
     deduplicated = dict(zip(xs, ys, strict=True))  # one recompute per prompt length when records repeat it
     lines["recompute"] = (list(deduplicated), list(deduplicated.values()))
