@@ -10,8 +10,9 @@ Promises:
   or ``skipped``), ``returncode``, ``seconds``, ``load_average`` (1-minute, at start and end), ``records``
   (every JSON record the benchmark printed, whatever its fields) and ``error`` (the end of its stderr) when
   it failed. A failing or timed-out step is recorded and the rest still run.
-- ``DIR/run.json``: the command, the machine (``kvtier.bench.machine``), the start time, the wall time and
-  every step's status. ``DIR/*.png``: the plots whose records are present.
+- ``DIR/run.json``: the command, the machine (``kvtier.bench.machine``), the start time, the wall time, the
+  environment the steps ran with (``OMP_WAIT_POLICY``, see ``benchmark_env``) and every step's status.
+  ``DIR/*.png``: the plots whose records are present.
 - ``--quick`` sizes every benchmark to finish the whole run in under 5 minutes on 2 idle cores.
 - Progress: a bar over the steps on stderr, showing the running step's last progress line.
 - ``remote`` runs only where ``kvtier bench remote`` exists; a failure there (no server) is a skip.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -102,7 +104,7 @@ def _benchmark_exists(name: str) -> bool:
 
 def plan(quick: bool, out_dir: Path, trace: Path | None, disk_path: Path | None = None) -> list[Step]:
     """The steps of a full or ``--quick`` run (see ``docs/benchmarks.md`` for what each measures)."""
-    timeout = 240.0 if quick else 3600.0
+    timeout = 600.0 if quick else 3600.0  # against hangs; a loaded machine may take several times the usual
     disk_dir = str(disk_path or out_dir)
     steps: list[Step] = []
     host: tuple[str, ...]
@@ -153,6 +155,18 @@ def plan(quick: bool, out_dir: Path, trace: Path | None, disk_path: Path | None 
     return steps
 
 
+def benchmark_env() -> dict[str, str]:
+    """The environment of every step: this one, with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set.
+
+    torch's OpenMP threads spin while they wait for each other; on a machine where other processes want the
+    cores they lose their time slices spinning (a 512-token forward of the demo model took 8 s instead of
+    1.5 s at a load average of 7 on 2 cores). Passive waiting costs little on an idle machine.
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 def run_step(step: Step, on_line: Callable[[str], None] = lambda line: None,
              config_args: Sequence[str] = ()) -> dict[str, Any]:
     """Run one step in a subprocess; its result dict (see the module docstring). Never raises for a failure."""
@@ -162,7 +176,7 @@ def run_step(step: Step, on_line: Callable[[str], None] = lambda line: None,
     started, load_start = time.perf_counter(), load_average()
     argv = [sys.executable, "-m", "kvtier.cli", *config_args, *step.argv]
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=benchmark_env())
     stdout_parts: list[str] = []
 
     def read_stdout() -> None:
@@ -208,7 +222,8 @@ def run_all(steps: Sequence[Step], out_dir: Path, command: str, *, config_args: 
     started_unix, started = time.time(), time.perf_counter()
     run_info: dict[str, Any] = {"command": command, "started_unix": int(started_unix),
                                 "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started_unix)),
-                                "machine": describe_machine(), "load_average_start": load_average(), "steps": []}
+                                "machine": describe_machine(), "load_average_start": load_average(),
+                                "environment": {"OMP_WAIT_POLICY": benchmark_env()["OMP_WAIT_POLICY"]}, "steps": []}
     console = Console(stderr=True)
     plain = not console.is_terminal
     with progress_bar(console) as bar:

@@ -160,7 +160,8 @@ def _machine(results: Results) -> list[str]:
             ("kvtier commit", machine.get("kvtier_commit")), ("started", run.get("started_utc")),
             ("wall time", f"{run['seconds']} s" if is_number(run.get("seconds")) else None),
             ("1-minute load average at start / end",
-             f"{run.get('load_average_start')} / {run.get('load_average_end')}")]
+             f"{run.get('load_average_start')} / {run.get('load_average_end')}"),
+            ("environment", ", ".join(f"{k}={v}" for k, v in (run.get("environment") or {}).items()) or None)]
     return ["## Machine", "", *_table(["", ""], [row for row in rows if row[1] is not None])]
 
 

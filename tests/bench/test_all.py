@@ -76,5 +76,6 @@ def test_bench_all_writes_records_survives_failures_and_draws(tmp_path: Path) ->
     assert json.loads((out / "absent.json").read_text())["reason"] == "no trace here"
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "kvtier bench all --out out" and run["machine"]["cpu_cores"] >= 1
+    assert run["environment"]["OMP_WAIT_POLICY"]
     if matplotlib_available():
         assert run["plots"] == ["tier_throughput.png"] and (out / "tier_throughput.png").stat().st_size > 1000

@@ -31,6 +31,7 @@ def test_report_has_commands_machine_targets_and_every_benchmark(run_dir: Path, 
     assert text.startswith("# kvtier benchmarks")
     assert "kvtier bench all --quick --out small-run\nkvtier bench report " in text  # the commands, at the top
     assert "| CPU | AMD EPYC |" in text and "| GPU | none |" in text and "0.3 / 0.6" in text
+    assert "| environment | OMP_WAIT_POLICY=PASSIVE |" in text
     for title in ("## Host tier", "## Disk tier", "## Daemon", "## Time to first token", "## Cache policy on a trace",
                   "## kvtier against the alternatives", "## Scaling", "## Remote tier", "## GPU check"):
         assert title in text, title
