@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # wheel of torch's CUDA major version (extra cuda12 or cuda13: a CuPy of another major fails to load).
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
-EXTRAS ?= test,transformers
+EXTRAS ?= test,transformers,plots
 TORCH_CUDA_MAJOR = $$($(BIN)/python -c 'import torch; print((torch.version.cuda or "12").split(".")[0])')
 comma := ,
 

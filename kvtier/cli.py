@@ -37,6 +37,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "gather": ("kvtier.bench.gather", "paged-KV gather/scatter GB/s vs a contiguous copy"),
     "daemon": ("kvtier.bench.daemon", "daemon vs embedded store throughput; lookup latency with 1-4 clients"),
     "remote": ("kvtier.bench.remote", "remote-tier put/get GB/s vs raw pipelined SET/GET; 64-key lookup latency"),
+    "alternatives": ("kvtier.bench.alternatives",
+                     "kvtier vs recompute, a safetensors file per prefix, LMDB blobs: TTFT, hit ratio, disk bytes"),
+    "scaling": ("kvtier.bench.scaling", "lookup/put/get cost vs blocks stored (10^3-10^6) and prompt length"),
+    "all": ("kvtier.bench.all", "run every benchmark into one directory: JSON records and plots"),
+    "report": ("kvtier.bench.report", "generate docs/benchmarks.md from a `kvtier bench all` directory"),
 }
 _GLOBAL_OPTIONS_WITH_VALUES = {"--config", "--set", "--log-level"}
 

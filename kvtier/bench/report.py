@@ -1,0 +1,330 @@
+"""``kvtier bench report DIR``: the benchmark report (``docs/benchmarks.md``) generated from a ``bench all`` run.
+
+The page: the commands that made it (at the top, to regenerate it), the machine, the targets and where
+kvtier falls short, then one section per benchmark (what it measures, the command of each step, its
+records as tables, its plots), the GPU check when ``DIR/gpu-check.json`` exists, and the steps that failed
+or were skipped with the reason.
+
+Promises:
+- Generic over records: any list of JSON records renders as tables (``render_records``): lists of equal
+  length become columns (one row per entry), nested objects flatten to ``a.b`` fields, and when several
+  records differ in a few fields they share one table. A benchmark that adds fields shows them; one this
+  report does not know gets a section too.
+- Plots are drawn by ``kvtier bench all`` (this command never writes into ``DIR``). Its PNGs are copied into
+  ``<output stem>/`` beside the output (``docs/benchmarks/*.png``) and linked relatively; stale PNGs there are
+  removed first. The output is written whole, or not at all (a bad directory is an ``InvalidInputError``
+  before anything is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvtier.bench.results import Results, is_number, load_results
+from kvtier.bench.targets import MET, MISSED, check_targets
+from kvtier.config import StoreConfig
+
+HELP = "generate docs/benchmarks.md (tables, plots, targets) from a `kvtier bench all --out DIR` directory"
+_MAX_COLUMNS = 9  # wider than this, a table of several records is transposed (one column per record)
+_MAX_TEXT = 80
+# Benchmarks run once per size (a step per prompt length, disk capacity, block size): one table for all.
+_ONE_TABLE = ("replay", "ttft", "disk")
+
+# What each benchmark measures, in the order of the page; any other benchmark follows under its own name.
+SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "host": ("Host tier", "Put and get through the store (CPU transfer engine) against a raw copy of the same "
+             "block-sized tensors in the same run, by block size; key derivation and lookup of a long prompt.",
+             ("tier_throughput.png",)),
+    "disk": ("Disk tier", "Write, read and restore through the disk tier against plain sequential O_DIRECT I/O of "
+             "the same bytes on the same filesystem, same run, by block size.", ()),
+    "gather": ("Gather / scatter of paged KV", "Paged KV (vLLM's layout) gathered into and scattered from a "
+               "staging buffer, against one contiguous copy of the same bytes.", ()),
+    "daemon": ("Daemon", "The daemon (one host pool shared by client processes over a Unix socket) against the "
+               "embedded store in the same run; 64-key lookup latency by number of clients.",
+               ("daemon_clients.png",)),
+    "ttft": ("Time to first token", "A prompt's KV saved, then restored from the host tier and (after a restart) "
+             "from the disk tier, against a full prefill, by prompt length; a random-weight Llama-shaped model.",
+             ("ttft.png",)),
+    "replay": ("Cache policy on a trace", "The Mooncake-format trace replayed through host RAM and the disk tier "
+               "(no payloads), against single-tier LRU, S3-FIFO, ARC and Belady (offline optimum) of the same "
+               "total capacity, and the same tiers admitting everything (admit-all), by disk capacity.",
+               ("replay_hit_ratio.png", "replay_disk_writes.png")),
+    "alternatives": ("kvtier against the alternatives", "The same multi-turn workload (the demo's model and "
+                     "conversations) served by: recompute (no cache); one safetensors file per prompt (exact "
+                     "prefix reuse); KV blocks as LMDB blobs, no host tier; kvtier host tier only; kvtier host + "
+                     "disk. TTFT, share of prompt tokens restored and bytes on disk of each, side by side; "
+                     "`identical_logits` counts requests whose first-token logits equal the recompute's "
+                     "(`torch.equal`).", ("alternatives.png",)),
+    "scaling": ("Scaling", "Per-block cost of lookup, put and get as the index grows from 10^3 to 10^6 blocks "
+                "(payload-free: reserve/commit and acquire/release, no copy) and as the prompt grows from 1k to "
+                "128k tokens (4 KiB blocks, with payloads). A flat line is O(1) per block.",
+                ("scaling_index.png", "scaling_prompt.png")),
+    "remote": ("Remote tier", "Put and get through the remote tier against the raw pipelined client of the same "
+               "server, same run; 64-key lookup latency.", ()),
+}
+
+
+# -- generic rendering of records ------------------------------------------------------------------------
+
+
+def _cell(value: Any, limit: int = _MAX_TEXT) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value)
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], limit: int = _MAX_TEXT) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h, limit) for h in header) + " |", "|" + " --- |" * len(header)]
+    lines.extend("| " + " | ".join(_cell(v, limit) for v in row) + " |" for row in rows)
+    return [*lines, ""]
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _split(record: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, list[Any]]]]:
+    """Scalars, and tables: lists of scalars of one object grouped by length (two or more lists each)."""
+    scalars: dict[str, Any] = {}
+    groups: dict[tuple[str, int], dict[str, list[Any]]] = {}
+    for name, value in _flatten(record).items():
+        if isinstance(value, list) and value and all(not isinstance(v, dict | list) for v in value):
+            groups.setdefault((name.rpartition(".")[0], len(value)), {})[name] = value
+        else:
+            scalars[name] = value
+    tables = [group for (_, length), group in groups.items() if len(group) >= 2 and length >= 2]
+    for group in groups.values():
+        if not any(group is table for table in tables):
+            scalars.update(group)
+    return scalars, tables
+
+
+def render_records(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown tables of ``records`` (see the module docstring); ``[]`` for none."""
+    if not records:
+        return []
+    split = [_split(record) for record in records]
+    lines: list[str] = []
+    for index, (_, tables) in enumerate(split):
+        for group in tables:
+            if len(records) > 1:
+                lines.append(f"Record {index + 1}:")
+                lines.append("")
+            names = list(group)
+            lines += _table(names, list(zip(*(group[n] for n in names), strict=True)))
+    scalar_dicts = [scalars for scalars, _ in split]
+    names = list(dict.fromkeys(name for scalars in scalar_dicts for name in scalars))
+    if len(records) == 1:
+        return lines + _table(["field", "value"], [(name, scalar_dicts[0][name]) for name in names])
+    varying = [n for n in names if len({json.dumps(s.get(n), sort_keys=True) for s in scalar_dicts}) > 1]
+    common = [n for n in names if n not in varying]
+    if len(varying) <= _MAX_COLUMNS:
+        lines += _table(varying, [[s.get(n) for n in varying] for s in scalar_dicts])
+    else:
+        lines += _table(["field", *(f"#{i + 1}" for i in range(len(records)))],
+                        [[n, *(s.get(n) for s in scalar_dicts)] for n in varying])
+    if common:
+        lines += ["Same in every record: " + ", ".join(f"`{n}` = {_cell(scalar_dicts[0][n])}" for n in common), ""]
+    return lines
+
+
+# -- the page ----------------------------------------------------------------------------------------------
+
+
+def _machine(results: Results) -> list[str]:
+    machine = results.run.get("machine") or {}
+    run = results.run
+    memory = machine.get("memory_bytes")
+    rows = [("CPU", machine.get("cpu_model")), ("cores (usable)", machine.get("cpu_cores")),
+            ("memory", f"{memory / 2**30:.1f} GiB" if isinstance(memory, int) else None),
+            ("GPU", ", ".join(machine.get("gpus") or []) or "none"), ("OS", machine.get("os")),
+            ("Python / torch", f"{machine.get('python')} / {machine.get('torch')}"),
+            ("kvtier commit", machine.get("kvtier_commit")), ("started", run.get("started_utc")),
+            ("wall time", f"{run['seconds']} s" if is_number(run.get("seconds")) else None),
+            ("1-minute load average at start / end",
+             f"{run.get('load_average_start')} / {run.get('load_average_end')}"),
+            ("environment", ", ".join(f"{k}={v}" for k, v in (run.get("environment") or {}).items()) or None)]
+    return ["## Machine", "", *_table(["", ""], [row for row in rows if row[1] is not None])]
+
+
+def _targets(results: Results) -> list[str]:
+    targets = check_targets(results)
+    lines = ["## Targets", "", "From the project's issues; each a ratio to a raw baseline measured in the same run "
+             "(medians). `not measured`: the benchmark did not run here or lacks the figure.", ""]
+    lines += _table(["area", "target", "measured", "status"],
+                    [(t.area, t.target, t.measured, f"**{t.status}**" if t.status == MISSED else t.status)
+                     for t in targets], limit=1000)
+    missed = [t for t in targets if t.status == MISSED]
+    met = sum(t.status == MET for t in targets)
+    lines.append(f"{met} met, {len(missed)} missed, {len(targets) - met - len(missed)} not measured.")
+    lines.append("")
+    if missed:
+        lines += ["Where kvtier falls short in this run:", ""]
+        lines += [f"- {t.area}: {t.target}: {t.measured}." for t in missed]
+        lines.append("")
+    return lines
+
+
+def _scaling_verdicts(records: Sequence[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for record in records:
+        for sweep, label in (("index", "blocks stored (10^3 to 10^6)"), ("prompt", "prompt length (1k to 128k "
+                                                                                  "tokens)")):
+            growth = (record.get(sweep) or {}).get("growth")
+            if not isinstance(growth, dict):
+                continue
+            flat = [n for n, v in growth.items() if isinstance(v, dict) and v.get("constant_per_block")]
+            grows = [f"{n} ({v.get('growth')}x)" for n, v in growth.items()
+                     if isinstance(v, dict) and not v.get("constant_per_block")]
+            lines.append(f"- Against {label}: O(1) per block (per-block cost within 2x from smallest to largest): "
+                         f"{', '.join(flat) or 'none'}; growing: {', '.join(grows) or 'none'}.")
+    return [*lines, ""] if lines else []
+
+
+def _daemon_clients(records: Sequence[dict[str, Any]]) -> list[str]:
+    for record in records:
+        clients, p99 = record.get("clients"), record.get("lookup_p99_us")
+        if isinstance(clients, list) and isinstance(p99, list) and len(clients) == len(p99) >= 2:
+            shown = ", ".join(f"{c} clients {_cell(float(p))} us" for c, p in zip(clients, p99, strict=True)
+                              if is_number(p))
+            return [f"64-key lookup p99 by number of clients (closed loop): {shown}. With more client processes "
+                    "than cores a lookup waits for CPU time: the latency grows with the clients, the daemon's "
+                    "own work per lookup does not.", ""]
+    return []
+
+
+def _section(results: Results, benchmark: str, images: set[str], image_dir: str) -> list[str]:
+    title, about, plots = SECTIONS.get(benchmark, (benchmark, "", ()))
+    steps = results.steps_of(benchmark)
+    lines = [f"## {title}", ""]
+    if about:
+        lines += [about, ""]
+    lines.append("Commands:")
+    lines.append("")
+    for step in steps:
+        seconds = f", {step['seconds']} s" if is_number(step.get("seconds")) else ""
+        lines.append(f"- `{step.get('command', step['step'])}` ({step.get('status', '?')}{seconds})")
+    lines.append("")
+    with_records = [step for step in steps if step.get("records")]
+    if len(with_records) > 1 and benchmark not in _ONE_TABLE:
+        for step in with_records:
+            lines += [f"### {step['step']}", "", *render_records(step["records"])]
+    else:
+        lines += render_records(results.records(benchmark))
+    if benchmark == "scaling":
+        lines += _scaling_verdicts(results.records("scaling"))
+    if benchmark == "daemon":
+        lines += _daemon_clients(results.records("daemon"))
+    for plot in plots:
+        if plot in images:
+            lines += [f"![{plot.removesuffix('.png')}]({image_dir}/{plot})", ""]
+    return lines
+
+
+def _gpu_check(results: Results) -> list[str]:
+    lines = ["## GPU check (`make gpu-check`)", ""]
+    if results.gpu_check is None:
+        return [*lines, "No `gpu-check.json` in this run's directory: the GPU figures come from `make gpu-check` "
+                "on a CUDA machine (copy its `gpu-check.json` into the directory and regenerate).", ""]
+    scalars = {k: v for k, v in results.gpu_check.items() if not isinstance(v, dict | list)}
+    if scalars:
+        lines += render_records([scalars])
+    for name, value in results.gpu_check.items():
+        if isinstance(value, dict):
+            lines += [f"### {name}", "", *render_records([value])]
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            lines += [f"### {name}", "", *render_records(value)]
+        elif isinstance(value, list):
+            lines += [f"### {name}", "", *render_records([{name: value}])]
+    return lines
+
+
+def _problems(results: Results) -> list[str]:
+    lines: list[str] = []
+    for step in results.steps:
+        if step.get("status") == "skipped":
+            lines.append(f"- `{step['step']}` skipped: {step.get('reason', '')}")
+        elif step.get("status") != "ok":
+            error = str(step.get("error", "")).strip().splitlines()
+            lines.append(f"- `{step['step']}` failed: {' / '.join(error[:1] + error[-3:])[:400]}")
+    lines += [f"- {note}" for note in results.notes]
+    return ["## Failed and skipped steps", "", *lines, ""] if lines else []
+
+
+def render_report(results: Results, images: set[str], image_dir: str, report_command: str) -> str:
+    """The whole page as markdown."""
+    run_command = results.run.get("command", f"kvtier bench all --out {results.directory}")
+    lines = ["# kvtier benchmarks", "",
+             "Generated; do not edit by hand. To regenerate (from the repository root, after `make test`):", "",
+             "```", run_command, report_command, "```", "",
+             "Every figure is a median of repeated runs and, where the project has a target, a ratio to a raw "
+             "baseline measured in the same run on the same machine. Figures from a loaded machine (see the load "
+             "average below) are lower and noisier than on an idle one.", ""]
+    lines += _machine(results)
+    lines += _targets(results)
+    benchmarks = list(dict.fromkeys([*SECTIONS, *(str(s.get("benchmark")) for s in results.steps)]))
+    for benchmark in benchmarks:
+        if results.steps_of(benchmark):
+            lines += _section(results, benchmark, images, image_dir)
+    lines += _gpu_check(results)
+    lines += _problems(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(directory: str | Path, output: str | Path, report_command: str | None = None) -> Path:
+    """Render ``directory``'s run into ``output`` and copy its PNGs beside it; the output path."""
+    results = load_results(directory)
+    out = Path(output)
+    image_dir = out.parent / out.stem
+    if image_dir.exists():
+        for stale in image_dir.glob("*.png"):
+            stale.unlink()
+    images = sorted(results.directory.glob("*.png"))
+    if images:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        for image in images:
+            shutil.copyfile(image, image_dir / image.name)
+    command = report_command or f"kvtier bench report {directory} --output {output}"
+    text = render_report(results, {image.name for image in images}, out.stem, command)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(out)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="the --out directory of `kvtier bench all`")
+    parser.add_argument("--output", default="docs/benchmarks.md", metavar="FILE",
+                        help="markdown file to write (default docs/benchmarks.md; PNGs go to docs/benchmarks/)")
+
+
+def run(args: argparse.Namespace, config: StoreConfig) -> int:
+    out = write_report(args.directory, args.output)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``bench/report.py``: parse ``argv`` and write the report."""
+    parser = argparse.ArgumentParser(prog="kvtier bench report", description=HELP)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), StoreConfig())

@@ -1,0 +1,185 @@
+"""The project's performance targets (from its issues), checked against a ``kvtier bench all`` directory.
+
+Each target reads the fields it needs and reports ``not measured`` when they are absent, so a benchmark
+that does not run on this machine (remote without a server, the GPU figures on a CPU machine) leaves a row
+that says so instead of an error.
+
+Promises: ``check_targets(results)`` returns one ``Target`` per target and measured case, in a fixed order;
+``status`` is ``met``, ``missed`` or ``not measured``; ``measured`` says the figures behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kvtier.bench.results import Results, number, series
+
+MET, MISSED, NOT_MEASURED = "met", "missed", "not measured"
+_MiB = 2**20
+_REPLAY_SLACK = 0.003  # 0.3 points of hit ratio (issue 13)
+
+
+@dataclass(frozen=True)
+class Target:
+    area: str
+    target: str
+    measured: str
+    status: str
+
+
+def _status(ok: bool) -> str:
+    return MET if ok else MISSED
+
+
+def _host(results: Results) -> Iterator[Target]:
+    target = "put and get >= 0.8x memcpy for 1 MiB blocks"
+    for record in results.records("host"):
+        sizes, puts, gets = (series(record, n) for n in ("block_bytes", "put_vs_memcpy", "get_vs_memcpy"))
+        if sizes and puts and gets and _MiB in sizes:
+            i = sizes.index(_MiB)
+            yield Target("host tier", target, f"put {puts[i]:.2f}x, get {gets[i]:.2f}x", _status(min(puts[i], gets[i])
+                                                                                              >= 0.8))
+            break
+    else:
+        yield Target("host tier", target, "", NOT_MEASURED)
+    for record in results.records("host"):
+        for name in sorted(record):
+            ratio = number(record, name)
+            if "first_fill" in name and name.endswith("vs_memcpy") and ratio is not None:
+                yield Target("host tier", "first fill of a fresh arena >= 0.5x memcpy", f"{ratio:.2f}x ({name})",
+                             _status(ratio >= 0.5))
+
+
+def _disk(results: Results) -> Iterator[Target]:
+    target = "write and read >= 0.8x raw O_DIRECT on the same filesystem"
+    found = False
+    for record in sorted(results.records("disk"), key=lambda r: number(r, "block_bytes") or 0):
+        write, read, size = number(record, "write_vs_raw"), number(record, "read_vs_raw"), number(record, "block_bytes")
+        if write is None or read is None:
+            continue
+        found = True
+        direct = "" if record.get("direct_io", True) else " (no O_DIRECT: page cache)"
+        label = f"{size / 1024:.0f} KiB blocks: " if size else ""
+        yield Target("disk tier", target, f"{label}write {write:.2f}x, read {read:.2f}x{direct}",
+                     _status(min(write, read) >= 0.8))
+    if not found:
+        yield Target("disk tier", target, "", NOT_MEASURED)
+
+
+def _daemon(results: Results) -> Iterator[Target]:
+    records = results.records("daemon")
+    put = next((number(r, "put_ratio_1_client") for r in records if number(r, "put_ratio_1_client") is not None), None)
+    get = next((number(r, "get_ratio_1_client") for r in records if number(r, "get_ratio_1_client") is not None), None)
+    target = "put and get >= 0.8x the embedded store (1 client)"
+    if put is None or get is None:
+        yield Target("daemon", target, "", NOT_MEASURED)
+    else:
+        yield Target("daemon", target, f"put {put:.2f}x, get {get:.2f}x", _status(min(put, get) >= 0.8))
+    target = "64-key lookup p99 <= 1 ms with 4 clients"
+    for record in records:
+        clients, p99 = series(record, "clients"), series(record, "lookup_p99_us")
+        if clients and p99 and 4 in clients and len(p99) == len(clients):
+            value = p99[clients.index(4)]
+            paced = series(record, "paced_lookup_p99_us")
+            extra = f" (paced, 1 lookup/ms/client: {paced[clients.index(4)]:.0f} us)" if paced and len(paced) == len(
+                clients) else ""
+            yield Target("daemon", target, f"{value:.0f} us closed loop{extra}", _status(value <= 1000))
+            return
+    yield Target("daemon", target, "", NOT_MEASURED)
+
+
+def _remote(results: Results) -> Iterator[Target]:
+    target = "put and get >= 0.8x the raw pipelined client"
+    found = False
+    for record in results.records("remote"):
+        values = [number(record, n) for n in ("remote_put_gbps", "raw_put_gbps", "remote_get_gbps", "raw_get_gbps")]
+        if any(v is None or (i % 2 and v == 0) for i, v in enumerate(values)):
+            continue
+        put_ratio, get_ratio = values[0] / values[1], values[2] / values[3]  # type: ignore[operator]
+        found = True
+        yield Target(f"remote ({record.get('mode', '?')})", target, f"put {put_ratio:.2f}x, get {get_ratio:.2f}x",
+                     _status(min(put_ratio, get_ratio) >= 0.8))
+    if not found:
+        reasons = [str(step.get("reason", "")) for step in results.steps_of("remote") if step.get("reason")]
+        yield Target("remote", target, reasons[0] if reasons else "", NOT_MEASURED)
+
+
+def _replay(results: Results) -> Iterator[Target]:
+    records = []
+    for record in results.records("replay"):
+        best = max((number(record, f"baselines.{n}") or 0.0 for n in ("lru", "s3fifo", "arc")), default=0.0)
+        hit = number(record, "block_hit_ratio")
+        disk, unique = number(record, "disk_blocks"), number(record, "unique_blocks")
+        if hit is not None and disk is not None and unique:
+            records.append((round(100 * disk / unique, 1), hit, best, record))
+    if not records:
+        yield Target("replay", "never below the best classic baseline (0.3-point slack)", "", NOT_MEASURED)
+        return
+    records.sort(key=lambda item: item[0])
+    below = [f"{disk:g}%: {100 * hit:.1f} vs {100 * best:.1f}" for disk, hit, best, _ in records
+             if hit < best - _REPLAY_SLACK]
+    shown = ", ".join(f"{disk:g}%: {100 * hit:.1f} vs {100 * best:.1f}" for disk, hit, best, _ in records)
+    yield Target("replay", "never below the best classic baseline (0.3-point slack)",
+                 f"kvtier vs best classic, % hit, by disk size: {shown}", _status(not below))
+    for disk, hit, _, record in records:
+        belady = number(record, "baselines.belady")
+        if round(disk) == 1 and belady:
+            yield Target("replay", "at 1% disk, >= 0.5x Belady", f"{hit / belady:.2f}x ({100 * hit:.1f} vs "
+                         f"{100 * belady:.1f}% hit)", _status(hit >= 0.5 * belady))
+    for disk, _, _, record in records:
+        written, admit_all = number(record, "disk_blocks_written"), number(record, "baseline_disk_blocks_written")
+        if written is None or not admit_all:
+            continue
+        limit = 1 / 3 if disk <= 2.0 else 1.0
+        yield Target("replay", f"disk writes <= {'1/3 of ' if limit < 1 else ''}admit-all at {disk:g}%",
+                     f"{written / admit_all:.2f}x admit-all", _status(written <= limit * admit_all))
+
+
+def _ttft(results: Results) -> Iterator[Target]:
+    found = False
+    for record in results.records("ttft"):
+        tokens = record.get("prompt_tokens")
+        for name, value in record.items():
+            if name.endswith("_within_target") and isinstance(value, bool):
+                found = True
+                tier = name.removesuffix("_within_target")
+                ratio = number(record, f"{tier}_vs_target")
+                source = f" ({record['source']})" if "source" in record else ""
+                yield Target("ttft", f"{tier} restore + tail within 1.25x of KV bytes / bandwidth + the tail's prefill",
+                             f"{tokens} tokens{source}: {ratio:.2f}x" if ratio is not None else f"{tokens} tokens",
+                             _status(value))
+    if not found:
+        yield Target("ttft", "restore + tail within 1.25x of KV bytes / bandwidth + tail", "", NOT_MEASURED)
+    yield from _gpu_speedups(results)
+
+
+def _gpu_records(value: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(value, dict):
+        yield value
+        for item in value.values():
+            yield from _gpu_records(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _gpu_records(item)
+
+
+def _gpu_speedups(results: Results) -> Iterator[Target]:
+    """TTFT at 8k and 32k tokens on a GPU (issue 10), from ``gpu-check.json`` wherever it holds such records."""
+    for tokens, factor in ((8192, 2.0), (32768, 5.0)):
+        target = f"on a GPU, TTFT with kvtier >= {factor:g}x faster than recompute at {tokens // 1024}k tokens"
+        speedups = [number(r, "speedup") for r in _gpu_records(results.gpu_check)
+                    if number(r, "prompt_tokens") == tokens]
+        measured = [s for s in speedups if s is not None]
+        if measured:
+            yield Target("ttft (GPU)", target, ", ".join(f"{s:.1f}x" for s in measured),
+                         _status(min(measured) >= factor))
+        else:
+            yield Target("ttft (GPU)", target, "no gpu-check.json with this prompt length", NOT_MEASURED)
+
+
+def check_targets(results: Results) -> list[Target]:
+    """Every target against ``results`` (see the module docstring)."""
+    return [target for check in (_host, _disk, _daemon, _remote, _replay, _ttft) for target in check(results)]
+

@@ -1,0 +1,125 @@
+"""``kvtier bench report`` on a small recorded run (fixtures/small-run): tables, targets, plots, GPU check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kvtier.bench.plots import draw_all, matplotlib_available
+from kvtier.bench.report import render_records, write_report
+from kvtier.bench.results import load_results
+from kvtier.bench.targets import MET, MISSED, NOT_MEASURED, Target, check_targets
+from kvtier.cli import main
+from kvtier.errors import InvalidInputError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "small-run"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(FIXTURE, copy)
+    return copy
+
+
+def test_report_has_commands_machine_targets_and_every_benchmark(run_dir: Path, tmp_path: Path) -> None:
+    out = write_report(run_dir, tmp_path / "docs" / "benchmarks.md")
+    text = out.read_text()
+    assert text.startswith("# kvtier benchmarks")
+    assert "kvtier bench all --quick --out small-run\nkvtier bench report " in text  # the commands, at the top
+    assert "| CPU | AMD EPYC |" in text and "| GPU | none |" in text and "0.3 / 0.6" in text
+    assert "| environment | OMP_WAIT_POLICY=PASSIVE |" in text
+    for title in ("## Host tier", "## Disk tier", "## Daemon", "## Time to first token", "## Cache policy on a trace",
+                  "## kvtier against the alternatives", "## Scaling", "## Remote tier", "## GPU check"):
+        assert title in text, title
+    assert "| 1048576 | 9.995 | 10.36 | 15.4 | 0.649 | 0.673 |" in text  # host's aligned lists as columns
+    assert "| kvtier-host+disk |" in text and "| safetensors |" in text  # one row per alternative
+    assert "`gather` failed: exit status 1" in text and "the gather benchmark broke" in text
+    assert "`remote` skipped: remote did not run here" in text
+    assert "growing: key_derive_us_per_block (4.8x), lookup_us_per_block (2.5x)" in text
+    assert "1 clients 677 us, 2 clients 740 us, 4 clients 3181 us" in text
+
+
+def test_report_renders_gpu_check_sections_generically(run_dir: Path, tmp_path: Path) -> None:
+    text = write_report(run_dir, tmp_path / "b.md").read_text()
+    gpu = text[text.index("## GPU check"):]
+    assert "| device | NVIDIA H200 |" in gpu and "### store" in gpu and "| put_vs_raw | 0.95 |" in gpu
+    assert "### ttft" in gpu and "| 32768 |" in gpu and "### tests" in gpu
+
+
+def test_targets_say_met_missed_and_not_measured(run_dir: Path) -> None:
+    by_area: dict[str, list[Target]] = {}
+    for t in check_targets(load_results(run_dir)):
+        by_area.setdefault(t.area, []).append(t)
+    assert [t.status for t in by_area["host tier"]] == [MISSED, MET]  # 0.649x at 1 MiB; first fill 0.62x
+    assert [t.status for t in by_area["disk tier"]] == [MISSED, MET]  # 256 KiB missed, 2 MiB met
+    assert [t.status for t in by_area["daemon"]] == [MISSED, MISSED]  # get 0.77x; p99 3181 us at 4 clients
+    assert by_area["remote"][0].status == NOT_MEASURED and "did not run" in by_area["remote"][0].measured
+    replay = {t.target: t.status for t in by_area["replay"]}
+    assert replay["never below the best classic baseline (0.3-point slack)"] == MISSED  # 5.75 vs 6.72 at 1%
+    assert replay["at 1% disk, >= 0.5x Belady"] == MISSED
+    assert replay["disk writes <= 1/3 of admit-all at 1%"] == MET
+    assert [t.status for t in by_area["ttft"]] == [MET, MISSED]
+    assert [t.status for t in by_area["ttft (GPU)"]] == [MET, MISSED]  # 4.0x at 8k, 4.5x at 32k
+
+
+def test_targets_of_an_empty_run_are_not_measured(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"command": "kvtier bench all", "steps": []}))
+    targets = check_targets(load_results(tmp_path))
+    assert targets and all(t.status == NOT_MEASURED for t in targets)
+
+
+def test_render_records_groups_lists_flattens_objects_and_transposes_wide_tables() -> None:
+    record = {"n": [1, 2], "gbps": [0.5, 1.5], "nested": {"a": 1}, "single": [3], "text": "x|y"}
+    one = "\n".join(render_records([record]))
+    assert "| n | gbps |" in one and "| 2 | 1.5 |" in one
+    assert "| nested.a | 1 |" in one and "| single | [3] |" in one and "x\\|y" in one
+    few = "\n".join(render_records([{"size": 1, "hit": 0.5, "same": "s"}, {"size": 2, "hit": 0.25, "same": "s"}]))
+    assert "| size | hit |" in few and "| 2 | 0.25 |" in few and "Same in every record: `same` = s" in few
+    wide = "\n".join(render_records([{f"f{i}": i * j for i in range(12)} for j in (1, 2)]))
+    assert "| field | #1 | #2 |" in wide and "| f11 | 11 | 22 |" in wide
+    assert render_records([]) == []
+
+
+@pytest.mark.skipif(not matplotlib_available(), reason="matplotlib (the plots extra) is not installed")
+def test_plots_are_drawn_and_linked_from_the_report(run_dir: Path, tmp_path: Path) -> None:
+    drawn = draw_all(run_dir)
+    assert set(drawn) == {"tier_throughput.png", "ttft.png", "replay_hit_ratio.png", "replay_disk_writes.png",
+                          "alternatives.png", "scaling_index.png", "scaling_prompt.png", "daemon_clients.png"}
+    stale = tmp_path / "docs" / "benchmarks" / "old.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"stale")
+    text = write_report(run_dir, tmp_path / "docs" / "benchmarks.md").read_text()
+    assert sorted(p.name for p in stale.parent.iterdir()) == sorted(drawn)
+    for name in drawn:
+        assert f"(benchmarks/{name})" in text
+        assert (stale.parent / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_skip_records_without_their_fields(tmp_path: Path) -> None:
+    (tmp_path / "host.json").write_text(json.dumps({"step": "host", "benchmark": "host", "status": "ok",
+                                                    "records": [{"block_bytes": [1, 2], "other": [1, 2]}]}))
+    assert draw_all(tmp_path) == []
+
+
+def test_report_command_and_bad_directories(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "report", str(run_dir), "--output", str(tmp_path / "r.md")]) == 0
+    assert (tmp_path / "r.md").read_text().startswith("# kvtier benchmarks")
+    assert main(["bench", "report", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InvalidInputError, match="no `kvtier bench all` output"):
+        write_report(empty, tmp_path / "x.md")
+    assert not (tmp_path / "x.md").exists()
+
+
+def test_unreadable_step_files_are_reported_not_fatal(run_dir: Path, tmp_path: Path) -> None:
+    (run_dir / "daemon.json").write_text("{not json")
+    (run_dir / "gpu-check.json").write_text("[")
+    text = write_report(run_dir, tmp_path / "b.md").read_text()
+    assert "`daemon` failed: daemon.json could not be read" in text
+    assert "gpu-check.json could not be read" in text
