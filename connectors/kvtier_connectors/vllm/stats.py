@@ -9,7 +9,7 @@ Promises:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.distributed.kv_events import BlockStored
@@ -21,6 +21,8 @@ _COUNTERS = ("loaded_chunks", "failed_chunks", "saved_chunks")
 @dataclass
 class KvtierStats(KVConnectorStats):
     """Chunk counters of one interval."""
+
+    data: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.data = {}
