@@ -518,7 +518,13 @@ class TransformersConnector:
                     # [heads, tokens, dim] -> [block, heads, block tokens, dim]: a view, then one indexed copy.
                     by_block = tensor[row, :, : num_whole * layout.block_tokens].reshape(
                         layout.num_kv_heads, num_whole, layout.block_tokens, layout.head_dim).transpose(0, 1)
-                    buffer[layer_index, :, plane].index_copy_(0, position_index, by_block.index_select(0, block_index))
+                    target = buffer[layer_index, :, plane]
+                    if device.type == "cpu":
+                        # NumPy over the bytes (any dtype), as in ``_tokens_major``.
+                        target.view(torch.uint8).numpy()[position_index.numpy()] = (
+                            by_block.view(torch.uint8).numpy()[block_index.numpy()])
+                    else:
+                        target.index_copy_(0, position_index, by_block.index_select(0, block_index))
         paged.gather_to_slots(range(len(slots)), _slot_rows(self.store), slots)
 
     @staticmethod
