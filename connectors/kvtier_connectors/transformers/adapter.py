@@ -32,13 +32,13 @@ Promises:
   compressed or quantized layers); per request, a prompt longer than a sliding-window layer's window
   minus one (that layer no longer holds the whole prefix); on saving, a cache whose K and V are not
   ``[batch, kv_heads, tokens, head_dim]`` of the layout.
-- Data path: a restore moves every leased slot into one device buffer with one
-  ``PagedKV.scatter_from_slots`` (one kernel launch on CUDA, reading the registered arena in place; NumPy
-  on the CPU), then lays each layer's K and V out as the cache wants them with one device copy each: the
-  number of copies grows with layers, never with blocks. The leases are released once that launch
-  completed (a CUDA event; the forward is queued meanwhile). A save builds the blocks in a device buffer
-  (one indexed copy per layer, K/V and row) and gathers it straight into the reserved slots with one
-  ``gather_to_slots``; on CUDA all of it runs on a side stream after the forward, and the slots are
+- Data path: a restore moves every leased slot into a device buffer with ``PagedKV.scatter_from_slots``
+  (one kernel launch on CUDA, reading the registered arena in place; on the CPU one NumPy call per layer
+  into a one-layer buffer), then lays each layer's K and V out as the cache wants them with one device
+  copy each: the number of copies grows with layers, never with blocks. The leases are released once the
+  launch completed (a CUDA event; the forward is queued meanwhile). A save builds the blocks in a device
+  buffer (one indexed copy per layer, K/V and row) and gathers it straight into the reserved slots with
+  one ``gather_to_slots``; on CUDA all of it runs on a side stream after the forward, and the slots are
   committed once its event completed (checked on the next restore or save, or by ``wait_saves``), so the
   forward never waits for a save.
 - Batch size: rows of equal length without padding are supported; each row is keyed by its own tokens
@@ -56,6 +56,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import transformers
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
@@ -355,34 +356,44 @@ class TransformersConnector:
         """Wait for every save and restore copy in flight, then commit and release what they held."""
         self._settle(wait=True)
 
-    def _block_buffer(self, num_blocks: int) -> tuple[torch.Tensor, PagedKV]:
-        """A device buffer of ``num_blocks`` blocks and a ``PagedKV`` that sees one segment per layer of it."""
+    def _block_buffer(self, num_blocks: int, num_layers: int) -> tuple[torch.Tensor, PagedKV]:
+        """A ``[num_layers, num_blocks, 2, heads, block tokens, dim]`` device buffer and a ``PagedKV`` over it.
+
+        The ``PagedKV`` has one segment per layer of the layout; with fewer buffer layers than that (one,
+        on the CPU), layer ``i`` is buffer layer ``i % num_layers``, to be copied one layer range at a time.
+        """
         layout = self.layout
-        buffer = torch.empty((num_blocks, *layout.block_shape), dtype=layout.torch_dtype, device=self.model.device)
-        flat = buffer.view(num_blocks, -1).view(torch.uint8)
-        layer_bytes = flat.shape[1] // layout.num_layers
-        return buffer, PagedKV([flat[:, i * layer_bytes:(i + 1) * layer_bytes] for i in range(layout.num_layers)])
+        shape = (num_layers, num_blocks, 2, layout.num_kv_heads, layout.block_tokens, layout.head_dim)
+        buffer = torch.empty(shape, dtype=layout.torch_dtype, device=self.model.device)
+        rows = [buffer[i].view(num_blocks, -1).view(torch.uint8) for i in range(num_layers)]
+        return buffer, PagedKV([rows[i % num_layers] for i in range(layout.num_layers)])
 
     def _fill(self, cache: DynamicCache, leases: list[Lease], num_blocks: int,
               num_tokens: int) -> torch.cuda.Event | None:
-        """Restore the leased blocks into ``cache``; on CUDA, the event after which the leases may go."""
+        """Restore the leased blocks into ``cache``; on CUDA, the event after which the leases may go.
+
+        On CUDA one launch moves every layer into a device buffer; on the CPU one layer at a time goes
+        through a buffer of one layer (a fresh buffer of the whole prefix costs a page fault per 4 KiB).
+        """
         layout = self.layout
         slots = [slot for lease in leases for slot in lease.slots[:num_blocks]]
-        buffer, paged = self._block_buffer(len(slots))
-        paged.scatter_from_slots(range(len(slots)), _slot_rows(self.store), slots)
+        rows = _slot_rows(self.store)
+        on_cuda = self.model.device.type == "cuda"
+        buffer_layers = layout.num_layers if on_cuda else 1
+        buffer, paged = self._block_buffer(len(slots), buffer_layers)
         event = None
-        if buffer.device.type == "cuda":
+        if on_cuda:
+            paged.scatter_from_slots(range(len(slots)), rows, slots)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(buffer.device))
-        # [row, block, layer, plane, heads, block tokens, dim] -> per layer and plane [row, heads, tokens, dim].
-        blocks = buffer.view(len(leases), num_blocks, *layout.block_shape)
+        # [row, block, plane, heads, block tokens, dim] of a layer -> per plane [row, heads, tokens, dim].
         shape = (len(leases), layout.num_kv_heads, num_blocks * layout.block_tokens, layout.head_dim)
         layers: list[Any] = list(cache.layers)
         for layer_index, layer in enumerate(layers):
-            keys, values = (
-                blocks[:, :, layer_index, plane].transpose(1, 2).reshape(shape)[:, :, :num_tokens]
-                for plane in range(2)
-            )
+            if not on_cuda:
+                paged.scatter_from_slots(range(len(slots)), rows, slots, segments=range(layer_index, layer_index + 1))
+            blocks = buffer[layer_index % buffer_layers].view(len(leases), num_blocks, 2, *layout.block_shape[2:])
+            keys, values = (_tokens_major(blocks[:, :, plane], shape)[:, :, :num_tokens] for plane in range(2))
             if type(layer) is DynamicLayer:
                 # Set directly: ``update`` would concatenate onto an empty tensor, a second full copy.
                 layer.lazy_initialization(keys, values)
@@ -495,7 +506,7 @@ class TransformersConnector:
     def _build_and_gather(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
                           slots: list[int]) -> None:
         layout = self.layout
-        buffer, paged = self._block_buffer(len(slots))
+        buffer, paged = self._block_buffer(len(slots), layout.num_layers)
         device = buffer.device
         for row in sorted({row for row, _ in where}):
             positions = [i for i, (r, _) in enumerate(where) if r == row]
@@ -507,7 +518,13 @@ class TransformersConnector:
                     # [heads, tokens, dim] -> [block, heads, block tokens, dim]: a view, then one indexed copy.
                     by_block = tensor[row, :, : num_whole * layout.block_tokens].reshape(
                         layout.num_kv_heads, num_whole, layout.block_tokens, layout.head_dim).transpose(0, 1)
-                    buffer[:, layer_index, plane].index_copy_(0, position_index, by_block.index_select(0, block_index))
+                    target = buffer[layer_index, :, plane]
+                    if device.type == "cpu":
+                        # NumPy over the bytes (any dtype), as in ``_tokens_major``.
+                        target.view(torch.uint8).numpy()[position_index.numpy()] = (
+                            by_block.view(torch.uint8).numpy()[block_index.numpy()])
+                    else:
+                        target.index_copy_(0, position_index, by_block.index_select(0, block_index))
         paged.gather_to_slots(range(len(slots)), _slot_rows(self.store), slots)
 
     @staticmethod
@@ -569,3 +586,18 @@ def _slot_rows(store: BlockStore) -> torch.Tensor:
     if arena is None:
         raise InvalidInputError("the store exposes no arena rows: in-place restores need slot_rows()")
     return arena.rows()  # type: ignore[no-any-return]
+
+
+def _tokens_major(blocks: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """``[row, block, heads, block tokens, dim]`` as a new ``[row, heads, tokens, dim]`` tensor (a copy).
+
+    On the CPU through NumPy (over the bytes, so any dtype): torch's strided copy ran at a third of its
+    speed here, fanned out to a thread pool on a few busy cores.
+    """
+    if blocks.device.type != "cpu":
+        return blocks.transpose(1, 2).reshape(shape)
+    out = torch.empty(shape, dtype=blocks.dtype)
+    rows, num_blocks, heads, block_tokens, _ = blocks.shape
+    target = out.view(torch.uint8).numpy().reshape(rows, heads, num_blocks, block_tokens, -1)
+    np.copyto(target, blocks.view(torch.uint8).numpy().transpose(0, 2, 1, 3, 4))
+    return out
