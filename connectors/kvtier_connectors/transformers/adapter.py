@@ -377,7 +377,7 @@ class TransformersConnector:
         """
         layout = self.layout
         slots = [slot for lease in leases for slot in lease.slots[:num_blocks]]
-        rows = _slot_rows(self.store)
+        rows = self.store.slot_rows()
         on_cuda = self.model.device.type == "cuda"
         buffer_layers = layout.num_layers if on_cuda else 1
         buffer, paged = self._block_buffer(len(slots), buffer_layers)
@@ -525,7 +525,7 @@ class TransformersConnector:
                             by_block.view(torch.uint8).numpy()[block_index.numpy()])
                     else:
                         target.index_copy_(0, position_index, by_block.index_select(0, block_index))
-        paged.gather_to_slots(range(len(slots)), _slot_rows(self.store), slots)
+        paged.gather_to_slots(range(len(slots)), self.store.slot_rows(), slots)
 
     @staticmethod
     def _check_no_cache(kwargs: dict[str, Any]) -> None:
@@ -575,17 +575,6 @@ class TransformersConnector:
         processors.append(saver)
         generate_kwargs[self.cache_kwarg] = restored.cache
         return self.model.generate(input_ids, logits_processor=processors, **generate_kwargs)
-
-
-def _slot_rows(store: BlockStore) -> torch.Tensor:
-    """The store's arena as ``(num_slots, slot_bytes)`` rows (a daemon client without ``slot_rows``: its arena)."""
-    rows = getattr(store, "slot_rows", None)
-    if rows is not None:
-        return rows()  # type: ignore[no-any-return]
-    arena = getattr(store, "arena", None)
-    if arena is None:
-        raise InvalidInputError("the store exposes no arena rows: in-place restores need slot_rows()")
-    return arena.rows()  # type: ignore[no-any-return]
 
 
 def _tokens_major(blocks: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
