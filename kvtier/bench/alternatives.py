@@ -12,8 +12,8 @@ state, so that background load hits them alike:
   an exact prefix of it (so a conversation's next turn hits; the shared system prompt alone never does).
 - ``lmdb``: the prompt's KV blocks (kvtier's blocks and keys, through the same connector) as blobs in one
   LMDB environment with its default durability, no host tier: every restore reads the map.
-- ``kvtier-host``: kvtier's host tier alone, sized to a third of the workload's blocks or the longest prompt
-  and one block, the larger (it evicts).
+- ``kvtier-host``: kvtier's host tier alone, sized to a third of the workload's blocks or twice the longest
+  prompt, the larger (below the workload: it evicts).
 - ``kvtier-host+disk``: the same host tier over a disk tier (write-back, ``admit_all``).
 
 Promises: one JSON record per alternative (``--json`` prints the list): ``requests``, ``prompt_tokens``,
@@ -304,7 +304,7 @@ def _summary(name: str, served: list[Served], prompts: list[torch.Tensor], refer
             **extra}
 
 
-def run_alternatives(*, conversations: int = 4, turns: int = 4, system_tokens: int = 384, block_tokens: int = 32,
+def run_alternatives(*, conversations: int = 6, turns: int = 4, system_tokens: int = 384, block_tokens: int = 32,
                      seed: int = 0, model_fields: dict[str, Any] | None = None,
                      config: StoreConfig | None = None) -> list[dict[str, Any]]:
     """Serve the workload with every alternative; one summary record each (see the module docstring)."""
@@ -313,10 +313,11 @@ def run_alternatives(*, conversations: int = 4, turns: int = 4, system_tokens: i
     layout = kv_layout(model, block_tokens)
     prompts = workload(conversations, turns, system_tokens, int(model.config.vocab_size), seed + 1)
     workload_blocks = unique_blocks(prompts, block_tokens)
-    # A third of the workload, but at least the longest prompt and a spare block: a restore pins all of its
-    # blocks in host slots at once, so a smaller host tier could never restore the longest prompt whole.
+    # A third of the workload, but at least twice the longest prompt: a restore holds all of its blocks in
+    # host slots at once, and its promotions from disk evict host blocks; with a host tier barely larger than
+    # the prompt they evict the prompt's own blocks and the restore comes back short (seen: none of 15).
     longest_blocks = max(prompt.shape[1] for prompt in prompts) // block_tokens
-    host_blocks = max(longest_blocks + 1, workload_blocks // 3)
+    host_blocks = max(2 * (longest_blocks + 1), workload_blocks // 3)
     base = config or StoreConfig()
     host_only = dataclasses.replace(base, host=dataclasses.replace(base.host, capacity_bytes=host_blocks *
                                                                    layout.block_bytes), disk=DiskConfig())
@@ -355,17 +356,17 @@ def run_alternatives(*, conversations: int = 4, turns: int = 4, system_tokens: i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=384, help="tokens of the shared system prompt")
     parser.add_argument("--block-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="2 conversations of 3 turns, a 256-token system prompt")
+    parser.add_argument("--quick", action="store_true", help="4 conversations of 3 turns, a 256-token system prompt")
     parser.add_argument("--json", action="store_true", help="print the records as one JSON list")
 
 
 def run(args: argparse.Namespace, config: StoreConfig) -> int:
-    sizes = (2, 3, 256) if args.quick else (args.conversations, args.turns, args.system_tokens)
+    sizes = (4, 3, 256) if args.quick else (args.conversations, args.turns, args.system_tokens)
     records = run_alternatives(conversations=sizes[0], turns=sizes[1], system_tokens=sizes[2],
                                block_tokens=args.block_tokens, seed=args.seed, config=config)
     if args.json:

@@ -148,7 +148,7 @@ def _ttft(results: Results) -> Iterator[Target]:
                 ratio = number(record, f"{tier}_vs_target")
                 source = f" ({record['source']})" if "source" in record else ""
                 yield Target("ttft", f"{tier} restore + tail within 1.25x of KV bytes / bandwidth + the tail's prefill",
-                             f"{tokens} tokens{source}: {ratio:.2f}x" if ratio is not None else f"{tokens} tokens",
+                             f"{tokens} tokens{source}: {ratio:.3f}x" if ratio is not None else f"{tokens} tokens",
                              _status(value))
     if not found:
         yield Target("ttft", "restore + tail within 1.25x of KV bytes / bandwidth + tail", "", NOT_MEASURED)
