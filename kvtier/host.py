@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
@@ -96,15 +97,19 @@ class HostTier:
         with self._lock:
             return len(self._free) + len(self._policy) - len(self._pinned)
 
-    def reserve(self, keys: Sequence[bytes]) -> list[int]:
-        """Give each absent key a slot in the writing state, evicting as needed; all or nothing."""
+    def reserve(self, keys: Sequence[bytes], protected: AbstractSet[bytes] = frozenset()) -> list[int]:
+        """Give each absent key a slot in the writing state, evicting as needed; all or nothing.
+
+        Neither pinned blocks nor ``protected`` ones are evicted for it (a promotion must not push out the
+        rest of the prefix it belongs to).
+        """
         with self._lock:
             for key in keys:
                 if key in self._entries:
                     raise InvalidInputError("reserve() of a key that is already in the host tier")
             shortfall = len(keys) - len(self._free)
             if shortfall > 0:
-                victims = self._policy.evict(shortfall, self._pinned)
+                victims = self._policy.evict(shortfall, self._pinned | protected if protected else self._pinned)
                 for victim in victims:
                     self._evict(victim)
             slots = [self._free.pop() for _ in keys]

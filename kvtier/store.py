@@ -174,9 +174,10 @@ class Store:
             if self.lower:
                 self.lower.on_access(keys, [i < len(tiers) for i in range(len(keys))])
                 if prefetch:
+                    run = frozenset(keys[: len(found)])
                     for key, (tier, lower) in zip(keys, found, strict=False):
                         if tier is not Tier.HOST and key not in self._promotions:
-                            self._start_promotion(key, lower)
+                            self._start_promotion(key, lower, protected=run)
         return LookupResult(len(tiers), tuple(tiers))
 
     def _locate(self, keys: list[bytes]) -> list[tuple[Tier, LowerTier | None]]:
@@ -342,15 +343,17 @@ class Store:
 
     # -- promotion (lower tier -> host) ----------------------------------------------------------------
 
-    def _start_promotion(self, key: bytes, tier: LowerTier | None = None) -> Future[bool] | None:
+    def _start_promotion(self, key: bytes, tier: LowerTier | None = None,
+                         protected: frozenset[bytes] = frozenset()) -> Future[bool] | None:
         """Read ``key`` from ``tier`` (default: the nearest that holds it, by what the tiers know locally)
-        into a fresh host slot; ``None`` if no tier holds it, it is in the host, or no slot is free."""
+        into a fresh host slot; ``None`` if no tier holds it, it is in the host, or no slot is free without
+        evicting a ``protected`` block (the other blocks of the prefix being looked up or read)."""
         if tier is None:
             tier = self.lower.find(key)
         if tier is None or self.host.state(key) is not None:
             return None
         try:
-            slot = self.host.reserve([key])[0]
+            slot = self.host.reserve([key], protected)[0]
         except CapacityError:
             return None
         future = tier.submit_read(key, self.arena.slot(slot))
@@ -410,7 +413,8 @@ class Store:
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
-            pending = {key: self._promotions.get(key) or self._start_promotion(key)
+            wanted = frozenset(keys)
+            pending = {key: self._promotions.get(key) or self._start_promotion(key, protected=wanted)
                        for key in keys if not self.host.is_ready(key)}
         for key, future in pending.items():
             if future is not None:

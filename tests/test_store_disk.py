@@ -94,3 +94,23 @@ def test_a_directory_of_another_layout_is_refused(layout: KVLayout, tmp_path: Pa
     other = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)
     with pytest.raises(LayoutMismatchError):
         disk_store(other, tmp_path)
+
+
+def test_lookup_prefetch_never_evicts_the_prefix_it_looks_up(layout: KVLayout, tmp_path: Path) -> None:
+    with disk_store(layout, tmp_path) as store:
+        keys = keys_for(store, 6)
+        blocks = random_blocks(layout, 6)
+        for start in range(0, 6, 2):  # a 4-slot host: blocks 0 and 1 go to disk, LRU order 2, 3, 4, 5
+            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
+        assert [store.contains(key) for key in keys[:4]] == [Tier.DISK, Tier.DISK, Tier.HOST, Tier.HOST]
+        assert store.lookup(keys[:4]).num_blocks == 4
+        # Promoting blocks 0 and 1 takes the slots of 4 and 5, never of 2 and 3 (the prefix's own).
+        assert store.contains(keys[2]) is Tier.HOST and store.contains(keys[3]) is Tier.HOST
+        lease = store.acquire(keys[:4], timeout=30)
+        try:
+            assert lease.keys == tuple(keys[:4])
+            assert all(torch.equal(store.slot_view(slot).view(layout.block_shape), block)
+                       for slot, block in zip(lease.slots, blocks[:4], strict=True))
+        finally:
+            store.release(lease)
+        assert store.stats().tiers["host"].detail["promoted_blocks"] == 2
