@@ -43,8 +43,11 @@ def main() -> int:
     parser.add_argument("--page-tokens", type=int, default=16)
     parser.add_argument("--pages", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (0: torch's default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokens = args.pages * args.page_tokens
     pool = sp.mha_pool(args.layout, dtype=torch.bfloat16, layers=args.layers, heads=args.heads,

@@ -55,10 +55,10 @@ class KvtierStorage(HiCacheStorage):
         if self.store is not None:
             raise ConfigError("a host pool is already registered with this kvtier backend")
         pages = HostPages.of(mem_pool_host)
+        page_keys = PageKeys(self.settings, pages.layout, Shard.of(self.storage_config, replicated=pages.latent))
         store = open_store(self.settings, pages.layout)
         super().register_mem_pool_host(mem_pool_host)
-        self.pages = pages
-        self.page_keys = PageKeys(self.settings, pages.layout, Shard.of(self.storage_config, replicated=pages.latent))
+        self.pages, self.page_keys = pages, page_keys
         self.writes = not (pages.latent and isinstance(store, Client) and not self.storage_config.is_storage_writer)
         self.store = store
 
