@@ -131,3 +131,19 @@ def test_demo_runs_on_a_local_checkpoint(capsys: pytest.CaptureFixture[str], tmp
                         "--system-tokens", "48", "--block-tokens", "8", "--no-disk"])
     assert demo.run(args, StoreConfig()) == 0
     assert "top-1 agrees in 4/4" in capsys.readouterr().out.splitlines()[-2]
+
+
+@pytest.mark.gpu
+def test_demo_and_bench_run_on_cuda_in_bfloat16(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(demo, "DEMO_MODEL_CUDA", TINY)
+    args = parse(demo, ["--conversations", "2", "--turns", "2", "--system-tokens", "64", "--block-tokens", "8",
+                        "--no-disk", "--device", "cuda"])
+    assert demo.run(args, StoreConfig()) == 0
+    final = capsys.readouterr().out.splitlines()[-1]
+    assert final.startswith("kvtier on cuda (bfloat16): TTFT")
+    args = parse(bench_ttft, ["--json", "--prompt-tokens", "96", *BENCH_TINY[:-2], "--device", "cuda"])
+    assert bench_ttft.run(args, StoreConfig()) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["device"], document["dtype"]) == ("cuda", "bfloat16")
+    assert all(record["kv_identical"] and record["contract_held"] for record in document["records"])

@@ -1,9 +1,9 @@
-"""kvtier for Hugging Face transformers: restore stored KV prefixes into a model's cache, bit-identically.
+"""kvtier for Hugging Face transformers: restore stored KV prefixes into a model's cache, byte for byte.
 
 Exports ``TransformersConnector`` (``prefill``, ``generate``, ``restore``, ``save``) and its results
 ``Prefill`` and ``Restored``; ``BlockStore`` (the store methods it uses); ``kv_layout`` (the store layout
 of a model); ``model_id_for`` (the key namespace of a model); ``cache_kwarg`` (the forward argument that
-takes the cache in the installed transformers); ``EXACT_ATTENTION`` (kvtier's length-invariant attention,
+takes the cache in the installed transformers); ``EXACT_ATTENTION`` (kvtier's opt-in length-invariant attention,
 registered with transformers on import); ``random_model`` and ``load_model`` (a model with seeded random
 weights, or from a local checkpoint); ``UnsupportedModelError``; ``SUPPORTED_TRANSFORMERS`` (the
 versions supported). Promises: ``kvtier_connectors.transformers.adapter``.
