@@ -7,18 +7,16 @@ Promises:
 - ``prefill`` and ``generate`` look up the longest stored prefix of the prompt, restore it into a
   ``DynamicCache`` and run the model on the rest only. Positions follow from the cache length, so the
   rotary embedding of the remaining tokens is the full forward's.
-- The logits are identical (``torch.equal``) to the full forward's when the restored KV has the bits the
-  full forward computes for those tokens. Tested for Llama, Qwen2 and Mistral in fp32 and bf16: always
-  with ``attn_implementation="kvtier_exact"``; with sdpa and eager in bf16, and in fp32 when the prefix
-  was stored by a prompt of the same length (fp32 sdpa/eager KV of a shorter prompt can differ in the
-  last bit: CPU kernels sum over the keys in an order that follows the sequence length; see
-  ``kvtier_connectors.transformers.exact``).
-- At least ``min_tail_tokens`` (default 16) prompt tokens are always recomputed: the forward must return
-  logits, and CPU GEMMs compute a row with the same bits only when at least 16 rows share the call
-  (fewer rows take other kernels; measured). A prompt stored whole restores all but its last 16 tokens.
+- The restored KV is byte-identical (``torch.equal``) to the KV that was saved. The logits that follow
+  match a full recompute within the engine's own numerical noise, not bit for bit: GEMM and attention
+  kernels sum in an order that follows the shapes, and which shapes differ depends on the BLAS and the
+  device (``kvtier_connectors.transformers.contract`` states the bound and measures it; the opt-in
+  ``kvtier_exact`` attention is bit-exact only where ``exact.verify`` confirms it on the running machine).
+- At least ``min_tail_tokens`` (default 16) prompt tokens are always recomputed, since the forward must
+  return logits; a prompt stored whole restores all but its last ``min_tail_tokens`` tokens.
 - After the prefill, the prompt's whole blocks that the store lacks are saved; the partial tail block is
-  not (it is recomputed next time), and nothing of a forward of fewer than 16 tokens is (its rows come
-  from other GEMM kernels, so its KV is not the bits a longer prompt computes). Saving is best effort: a
+  not (it is recomputed next time), and nothing of a forward shorter than ``min_tail_tokens`` is (its KV
+  comes from the smallest GEMM shapes, the furthest from a full prefill's). Saving is best effort: a
   block that gets no host slot is skipped, never an error. ``generate`` saves right after its prefill
   step, before any token is decoded.
 - KV is keyed by ``model_id`` (``model_id_for``): the checkpoint name and a digest of the config, of a
@@ -187,7 +185,7 @@ def model_id_for(model: Any) -> str:
 
     The digest covers the config (minus bookkeeping fields), a sample of every weight and buffer, the
     weights' dtype, the attention implementation, the device type and the transformers and torch versions
-    (kernels and model code decide the last bits of KV, and restores promise bit-identical logits).
+    (kernels and model code decide the last bits of KV, so KV of one is never restored into the other).
     """
     config = model.config
     fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
@@ -405,10 +403,10 @@ class TransformersConnector:
     def save(self, input_ids: torch.Tensor, cache: DynamicCache, *, start_block: int = 0) -> int:
         """Save the whole blocks of ``input_ids`` from ``cache`` that the store lacks; the number written.
 
-        ``cache`` must hold at least the prompt's tokens, computed by this model in forwards of at least 16
-        tokens each (see the module docstring). Blocks before ``start_block`` are not looked at. On CUDA the
-        copies run on a side stream: the blocks become readable once they completed (``wait_saves``, or
-        the next restore, which waits for them).
+        ``cache`` must hold at least the prompt's tokens, computed by this model in forwards of at least
+        ``min_tail_tokens`` tokens each (see the module docstring). Blocks before ``start_block`` are not
+        looked at. On CUDA the copies run on a side stream: the blocks become readable once they completed
+        (``wait_saves``, or the next restore, which waits for them).
         """
         self._check_request(input_ids, None)
         return self._save_keys(self.block_keys(input_ids), cache, start_block)
