@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import itertools
 import json
 import statistics
 import sys
@@ -50,6 +49,7 @@ from transformers import DynamicCache
 from kvtier import DiskConfig, Store, StoreConfig
 from kvtier.bench.progress import track
 from kvtier.config import MiB
+from kvtier.errors import CapacityError
 from kvtier.keys import BlockHasher, HashAlgo, Namespace
 from kvtier.layout import KVLayout
 from kvtier.store import Lease, LookupResult, Reservation, Tier
@@ -160,13 +160,14 @@ class LmdbBlockStore:
     one LMDB transaction (synced, LMDB's default) per reservation.
     """
 
-    def __init__(self, path: Path, layout: KVLayout, map_bytes: int, hash_algo: str) -> None:
+    def __init__(self, path: Path, layout: KVLayout, map_bytes: int, hash_algo: str, num_slots: int = 64) -> None:
         self._layout = layout
         self._hash_algo = hash_algo
         self.path = path
         self.env = lmdb.open(str(path), map_size=map_bytes)
-        self._buffers: dict[int, torch.Tensor] = {}
-        self._next_slot = itertools.count()
+        # Staging rows, not a cache: a slot lives from reserve/acquire to commit/abort/release.
+        self._rows = torch.empty((num_slots, layout.block_bytes), dtype=torch.uint8)
+        self._free = list(range(num_slots - 1, -1, -1))
 
     @property
     def layout(self) -> KVLayout:
@@ -187,24 +188,26 @@ class LmdbBlockStore:
         return LookupResult(found, (Tier.DISK,) * found)
 
     def _buffer(self) -> int:
-        slot = next(self._next_slot)
-        self._buffers[slot] = torch.empty(self._layout.block_numel, dtype=self._layout.torch_dtype)
-        return slot
+        if not self._free:
+            raise CapacityError(f"all {self._rows.shape[0]} staging rows are reserved or leased")
+        return self._free.pop()
 
     def reserve(self, keys: Sequence[bytes]) -> Reservation:
         with self.env.begin() as txn:
             present = {key for key in keys if txn.get(key) is not None}
         todo = tuple(key for key in keys if key not in present)
+        if len(todo) > len(self._free):
+            raise CapacityError(f"{len(todo)} blocks but {len(self._free)} free staging rows")
         return Reservation(todo, tuple(self._buffer() for _ in todo), tuple(key for key in keys if key in present))
 
     def commit(self, reservation: Reservation) -> None:
         with self.env.begin(write=True) as txn:
             for key, slot in zip(reservation.keys, reservation.slots, strict=True):
-                txn.put(key, self._buffers.pop(slot).view(torch.uint8).numpy().tobytes())
+                txn.put(key, self._rows[slot].numpy().tobytes())
+        self._free.extend(reservation.slots)
 
     def abort(self, reservation: Reservation) -> None:
-        for slot in reservation.slots:
-            self._buffers.pop(slot, None)
+        self._free.extend(reservation.slots)
 
     def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease:
         run: list[bytes] = []
@@ -215,17 +218,19 @@ class LmdbBlockStore:
                 if blob is None:
                     break
                 slot = self._buffer()
-                self._buffers[slot].view(torch.uint8).numpy()[:] = np.frombuffer(blob, dtype=np.uint8)
+                self._rows[slot].numpy()[:] = np.frombuffer(blob, dtype=np.uint8)
                 run.append(key)
                 slots.append(slot)
         return Lease(tuple(run), tuple(slots))
 
     def release(self, lease: Lease) -> None:
-        for slot in lease.slots:
-            self._buffers.pop(slot, None)
+        self._free.extend(lease.slots)
 
     def slot_view(self, slot: int) -> torch.Tensor:
-        return self._buffers[slot]
+        return self._rows[slot].view(self._layout.torch_dtype)
+
+    def slot_rows(self) -> torch.Tensor:
+        return self._rows
 
     def disk_bytes(self) -> tuple[int, int]:
         used = int((self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"])
@@ -330,8 +335,8 @@ def run_alternatives(*, conversations: int = 6, turns: int = 4, system_tokens: i
         alternatives: list[Alternative] = [
             Recompute(model),
             SafetensorsPerPrefix(model, root / "safetensors"),
-            ThroughConnector("lmdb", model, LmdbBlockStore(root / "lmdb", layout, 4 * 2**30, base.hash_algo),
-                             None),
+            ThroughConnector("lmdb", model,
+                             LmdbBlockStore(root / "lmdb", layout, 4 * 2**30, base.hash_algo, host_blocks), None),
             ThroughConnector("kvtier-host", model, Store(layout, host_only), None),
             ThroughConnector("kvtier-host+disk", model, Store(layout, dataclasses.replace(host_only, disk=disk)),
                              root / "disk"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvtier.bench.alternatives import LmdbBlockStore, run_alternatives, unique_blocks, workload
+from kvtier.errors import CapacityError
 from kvtier.layout import KVLayout
 from kvtier_connectors.transformers.models import TINY
 
@@ -56,7 +57,8 @@ def test_lmdb_store_reserves_commits_and_reads_back(tmp_path: Path) -> None:
     assert lease.keys == tuple(keys[:2])
     assert [float(store.slot_view(slot)[0]) for slot in lease.slots] == [1.0, 2.0]
     store.release(lease)
-    with pytest.raises(KeyError):
-        store.slot_view(lease.slots[0])
+    assert store.reserve(keys[2:]).slots == lease.slots[-1:]  # a released row is staging for the next call
+    with pytest.raises(CapacityError):
+        store.reserve([bytes([9, i]) * 8 for i in range(64)])
     assert store.disk_bytes()[0] > 0
     store.close()
