@@ -412,11 +412,12 @@ class RemoteTier:
                 else:
                     self._counters["dropped_blocks"] += 1
             self._queued_bytes = max(0, self._queued_bytes - len(batch) * self._value_bytes)
-            self._writing = 0
             room = 2 * self._batch_values - len(self._spare)
             self._spare.extend([write.value for write in batch if write.value is not None][: max(0, room)])
+        _released(batch)  # before flush can return: what was lent is given back by then
+        with self._lock:
+            self._writing = 0
             self._cond.notify_all()
-        _released(batch)
 
     # -- readers --------------------------------------------------------------------------------------
 
