@@ -443,7 +443,8 @@ class Store:
         """Write what the lower tiers hold in memory (the disk tier's open region, the remote tier's queue)."""
         with self._lock:
             self._check_open()
-            self.lower.flush()
+        # Outside the lock: a remote tier gives lent host slots back (under this lock) before it returns.
+        self.lower.flush()
 
     def stats(self) -> StoreStats:
         with self._lock:
