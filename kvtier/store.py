@@ -263,12 +263,16 @@ class Store:
         return any(tier.write_mode == "through" for tier in self.lower.tiers)
 
     def _write_through(self, key: bytes) -> None:
+        # The read pin keeps the slot's bytes in place until every tier has sent or copied them: a remote
+        # tier sends straight from the slot (at most remote.queue_bytes of slots pinned), never copying
+        # 2 MiB on the caller's thread.
         slot = self.host.acquire([key])[0]
         if slot is None:
             return
-        try:
-            self.lower.write_through(key, self.host.payload(slot))
-        finally:
+        self.lower.write_through(key, self.host.payload(slot), lambda: self._unpin(key))
+
+    def _unpin(self, key: bytes) -> None:
+        with self._lock:
             self.host.release([key])
 
     def _demote(self, key: bytes, payload: torch.Tensor) -> None:
@@ -461,7 +465,8 @@ class Store:
         """Write what the lower tiers hold in memory (the disk tier's open region, the remote tier's queue)."""
         with self._lock:
             self._check_open()
-            self.lower.flush()
+        # Outside the lock: a remote tier gives lent host slots back (under this lock) before it returns.
+        self.lower.flush()
 
     def stats(self) -> StoreStats:
         with self._lock:

@@ -4,13 +4,14 @@ For each mode (``single``: one server; ``cluster``: 3 masters), on servers it st
 unless ``[remote] urls`` are configured (then only the configured mode, on those servers):
 - raw put / get: pipelined SET / GET of values of the same size as the tier's (header + block), in
   batches of ``remote.batch_bytes``, through a client built the same way as the tier's.
-- kvtier put: ``offer`` of every block (unique keys) then ``flush``: queued, sealed (header, checksum),
-  sent and acknowledged. kvtier get: ``submit_read`` of every block into block-sized host buffers, all
+- kvtier put: ``offer`` of every block (unique keys), lent as the store's write-through lends a pinned
+  host slot, then ``flush``: queued, sealed (header, checksum), sent from the block's memory, acknowledged.
+  kvtier get: ``submit_read`` of every block into block-sized host buffers, all
   in flight, each verified (header, key, lengths, checksum) before its future resolves.
 - lookup: ``locate`` of 64 present keys, ``--lookups`` times: p50 / p99 latency and the requests it sent
   (one per node it touches: the round trips).
 - offer: the caller's time in each ``offer`` of the put phase (``offer_p50_us`` / ``offer_p99_us``): what a
-  put on the engine's thread pays for write-through (a copy into a reused buffer, never the network).
+  put on the engine's thread pays for write-through (queueing a lent block, never a copy or the network).
 Raw and kvtier phases of a kind run back to back and take turns going first; figures are medians over
 ``--repeats``. Every block read back is
 compared with what was written: ``wrong_blocks`` must be 0 (the run fails otherwise).
@@ -83,12 +84,16 @@ def _raw_get(client: Any, keys: list[bytes], batch: int) -> float:
 def _tier_put(tier: RemoteTier, keys: list[bytes], sources: list[torch.Tensor], offer_us: list[float]) -> float:
     before = int(tier.stats(0).detail["blocks_written"])
     started = time.perf_counter()
+    released: list[int] = []
     for i, key in enumerate(keys):
         offered = time.perf_counter()
-        if not tier.offer(key, sources[i % len(sources)]):
+        # Lent, as the store's write-through lends a pinned host slot: sent from there, never copied.
+        if not tier.offer(key, sources[i % len(sources)], release=lambda: released.append(1)):
             raise RuntimeError("the tier refused a block (queue full or servers down)")
         offer_us.append((time.perf_counter() - offered) * 1e6)
     tier.flush()
+    if len(released) != len(keys):
+        raise RuntimeError("a lent block was not released")
     seconds = time.perf_counter() - started
     if int(tier.stats(0).detail["blocks_written"]) - before != len(keys):
         raise RuntimeError("not every block was written")

@@ -7,8 +7,9 @@ Promises every implementation keeps:
 - ``contains`` answers from what the tier knows locally, without I/O: ``True`` means a read is worth trying.
 - ``locate`` may ask the tier's backing store (one round trip per server at most) and is bounded by the
   tier's timeout; a tier that cannot answer says ``False``.
-- ``offer`` never waits for I/O unless ``wait`` is true, copies the payload before it returns, and returns
-  whether the block was taken (or already held).
+- ``offer`` never waits for I/O unless ``wait`` is true and returns whether the block was taken (or already
+  held). Without ``release`` it copies the payload before it returns; with it, the tier may borrow the
+  payload until it calls ``release()``, which it does exactly once (at once if it keeps no reference).
 - ``submit_read`` lands the block's verified bytes in ``dst`` and resolves to ``True``; a miss, a corrupt,
   truncated or foreign value, or a fault resolves to ``False`` (counted), never to wrong bytes or an error.
 - ``stats`` answers after ``close``; ``close`` is idempotent.
@@ -16,7 +17,7 @@ Promises every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Literal, Protocol
 
@@ -42,7 +43,8 @@ class LowerTier(Protocol):
 
     def locate(self, keys: Sequence[bytes]) -> list[bool]: ...
 
-    def offer(self, key: bytes, payload: torch.Tensor, *, wait: bool = False) -> bool: ...
+    def offer(self, key: bytes, payload: torch.Tensor, *, wait: bool = False,
+              release: Callable[[], None] | None = None) -> bool: ...
 
     def submit_read(self, key: bytes, dst: torch.Tensor) -> Future[bool]: ...
 

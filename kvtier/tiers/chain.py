@@ -3,7 +3,8 @@
 Promises:
 - ``find`` and ``find_local`` answer from the tiers' local knowledge, without I/O; ``locate`` asks each tier
   only about the keys no nearer tier holds, one batch per tier.
-- ``write_through`` offers a committed block to every tier in write-through mode; ``demote`` offers an
+- ``write_through`` offers a committed block to every tier in write-through mode, lending the payload to
+  shared tiers (released once none holds it); ``demote`` offers an
   evicted block, without waiting, to every tier that does not hold it yet. A tier's refusal or failure
   never stops the others.
 - Hits are counted per tier as the store reports them; ``stats`` maps each tier's name to its ``TierStats``.
@@ -12,7 +13,8 @@ Promises:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,6 +22,26 @@ from kvtier.config import StoreConfig
 from kvtier.layout import KVLayout
 from kvtier.stats import TierStats
 from kvtier.tiers.base import LowerTier
+
+
+class _Holds:
+    """Counts the borrowers of a payload; the last one's ``done`` calls ``release`` (the chain holds one)."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._count = 1
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def done(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            self._release()
 
 
 class TierChain:
@@ -55,10 +77,18 @@ class TierChain:
                     found[i] = tier
         return found
 
-    def write_through(self, key: bytes, payload: torch.Tensor) -> None:
-        for tier in self.tiers:
-            if tier.write_mode == "through":
-                tier.offer(key, payload, wait=tier.local)
+    def write_through(self, key: bytes, payload: torch.Tensor, release: Callable[[], None]) -> None:
+        """Offer a committed block to the write-through tiers. ``payload`` stays valid (the caller pins it)
+        until ``release()``, called once when no tier borrows it any more: shared tiers send it from there
+        instead of copying it on the caller's thread."""
+        holds = _Holds(release)
+        try:
+            for tier in self.tiers:
+                if tier.write_mode == "through":
+                    holds.add()
+                    tier.offer(key, payload, wait=tier.local, release=holds.done)
+        finally:
+            holds.done()
 
     def demote(self, key: bytes, payload: torch.Tensor) -> bool:
         """Offer an evicted block to every tier lacking it; whether any took it."""

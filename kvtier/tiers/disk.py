@@ -6,7 +6,7 @@ Promises: behaviour is the disk tier's own (see ``kvtier.disk.tier``); ``locate`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from types import MappingProxyType
 
@@ -37,8 +37,13 @@ class DiskAdapter:
     def locate(self, keys: Sequence[bytes]) -> list[bool]:
         return [self.tier.contains(key) for key in keys]
 
-    def offer(self, key: bytes, payload: torch.Tensor, *, wait: bool = False) -> bool:
-        return self.tier.offer(key, payload, wait=wait)
+    def offer(self, key: bytes, payload: torch.Tensor, *, wait: bool = False,
+              release: Callable[[], None] | None = None) -> bool:
+        try:
+            return self.tier.offer(key, payload, wait=wait)
+        finally:
+            if release is not None:
+                release()  # the disk tier copies before it returns: nothing is borrowed
 
     def submit_read(self, key: bytes, dst: torch.Tensor) -> Future[bool]:
         return self.tier.submit_read(key, dst)

@@ -7,6 +7,7 @@ Promises:
   client certificate, verification), connect and reply timeouts.
 - The client never retries on its own: one failed attempt is reported at once, and the tier decides when
   to try again (so no call waits longer than its timeout).
+- A ``SplitValue`` argument (header + borrowed payload) is sent as one value without joining its pieces.
 - ``RequestCounter.sent`` counts the pipelines and commands written to any server (one per node a pipeline
   touches): the tier's round trips.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +26,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from kvtier.config import RemoteConfig
+from kvtier.tiers.values import SplitValue
 
 Client = redis.Redis | RedisCluster
 
@@ -40,12 +43,43 @@ class RequestCounter:
             self.sent += 1
 
 
+def _pack_split(connection: Any, args: Sequence[Any]) -> list[Any]:
+    """RESP chunks of one command with ``SplitValue`` arguments: each is framed as one bulk string whose
+    header and payload go to the socket as they are (the payload never copied in user space)."""
+    chunks: list[Any] = []
+    pending = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, SplitValue):
+            pending.append(b"$%d\r\n" % len(arg))
+            pending.append(arg.header)
+            chunks.append(b"".join(pending))
+            chunks.append(arg.payload)
+            pending = [b"\r\n"]
+        else:
+            encoded = connection.encoder.encode(arg)
+            pending.append(b"$%d\r\n" % len(encoded))
+            pending.append(bytes(encoded))
+            pending.append(b"\r\n")
+    chunks.append(b"".join(pending))
+    return chunks
+
+
 def _counting(base: type[Any], counter: RequestCounter) -> type[Any]:
     def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
         counter.add()
         base.send_packed_command(self, command, check_health)
 
-    return type(f"Counting{base.__name__}", (base,), {"send_packed_command": send_packed_command})
+    def pack_commands(self: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        output: list[Any] = []
+        for args in commands:
+            if any(isinstance(arg, SplitValue) for arg in args):
+                output.extend(_pack_split(self, args))
+            else:
+                output.extend(base.pack_commands(self, [args]))
+        return output
+
+    return type(f"Counting{base.__name__}", (base,), {"send_packed_command": send_packed_command,
+                                                      "pack_commands": pack_commands})
 
 
 def _normalized(url: str, tls: bool) -> str:

@@ -29,10 +29,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import torch
@@ -48,7 +48,7 @@ from kvtier.layout import KVLayout
 from kvtier.stats import TierStats
 from kvtier.tiers.base import WriteMode
 from kvtier.tiers.redis_client import Client, RequestCounter, make_client
-from kvtier.tiers.values import new_value, read_value, seal
+from kvtier.tiers.values import SplitValue, new_value, read_value, seal, seal_borrowed
 
 _LOG = logging.getLogger(__name__)
 # Keys this host wrote or saw present, so that they are not sent again; bounded, oldest forgotten first.
@@ -61,6 +61,22 @@ _COUNTERS = ("lookups", "lookup_keys", "lookup_found", "hits", "misses", "checks
              "reconnects")
 
 
+class _Write:
+    """A queued block: a copy (``value``, header room first) or a borrowed payload and its ``release``."""
+
+    __slots__ = ("borrowed", "key", "release", "value")
+
+    def __init__(self, key: bytes, value: bytearray | None, borrowed: memoryview | None = None,
+                 release: Callable[[], None] | None = None) -> None:
+        self.key, self.value, self.borrowed, self.release = key, value, borrowed, release
+
+
+def _released(writes: Sequence[_Write]) -> None:
+    for write in writes:
+        if write.release is not None:
+            write.release()
+
+
 class _Read:
     __slots__ = ("dst", "future", "key")
 
@@ -68,7 +84,9 @@ class _Read:
         self.key, self.dst, self.future = key, dst, future
 
 
-def _miss(reads: list[_Read]) -> None:
+def _miss(dropped: tuple[list[_Write], list[_Read]]) -> None:
+    writes, reads = dropped
+    _released(writes)
     for read in reads:
         read.future.set_result(False)
 
@@ -95,7 +113,7 @@ class RemoteTier:
         self._cond = threading.Condition(self._lock)
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._known: dict[bytes, None] = {}
-        self._queued: deque[tuple[bytes, bytearray]] = deque()
+        self._queued: deque[_Write] = deque()
         self._queued_keys: set[bytes] = set()
         self._queued_bytes = 0
         self._writing = 0
@@ -153,32 +171,59 @@ class RemoteTier:
                     self._known.pop(key, None)
         return found
 
-    def offer(self, key: bytes, payload: torch.Tensor, *, wait: bool = False) -> bool:
-        """Queue ``payload`` (a contiguous uint8 CPU tensor of ``block_bytes``) to be sent; never waits."""
+    def offer(self, key: bytes, payload: torch.Tensor, *, wait: bool = False,
+              release: Callable[[], None] | None = None) -> bool:
+        """Queue ``payload`` (a contiguous uint8 CPU tensor of ``block_bytes``) to be sent; never waits.
+
+        Without ``release`` the block is copied before this returns. With it, the payload is borrowed: it
+        must stay unchanged until ``release()``, which the tier calls exactly once, from this call (block
+        not kept) or from its writer thread once the block was sent or dropped. It saves the copy on the
+        caller's thread (the store pins the block's host slot meanwhile).
+        """
         check_key(key)
         if (not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.device.type != "cpu"
                 or payload.numel() != self.block_bytes or not payload.is_contiguous()):
+            if release is not None:
+                release()
             raise InvalidInputError(f"a remote payload must be a contiguous uint8 CPU tensor of {self.block_bytes} "
                                     "bytes")
+        spare: bytearray | None = None
         with self._lock:
-            self._check_open()
-            if key in self._known or key in self._queued_keys:
-                self._counters["offers_deduplicated"] += 1
-                return True
-            if not self._up:
-                self._counters["down_dropped"] += 1
-                return False
-            if self._queued_bytes + self._value_bytes > self.config.queue_bytes:
-                self._counters["queue_full_dropped"] += 1
-                return False
-            self._queued_bytes += self._value_bytes
-            self._queued_keys.add(key)
-            spare = self._spare.pop() if self._spare else None
-        value = new_value(payload, spare)
+            try:
+                outcome = self._admit_locked(key)
+            except ClosedError:
+                if release is not None:
+                    release()
+                raise
+            if outcome == "reserved" and release is None:
+                spare = self._spare.pop() if self._spare else None
+        if outcome != "reserved":
+            if release is not None:
+                release()
+            return outcome == "held"
+        write = (_Write(key, new_value(payload, spare)) if release is None
+                 else _Write(key, None, tensor_view(payload), release))
         with self._lock:
-            self._queued.append((key, value))
+            self._queued.append(write)
             self._cond.notify_all()
         return True
+
+    def _admit_locked(self, key: bytes) -> Literal["held", "reserved", "refused"]:
+        """``held`` (sent or queued already), ``reserved`` (room taken in the queue: the caller queues it)
+        or ``refused`` (down, or the queue is full; counted)."""
+        self._check_open()
+        if key in self._known or key in self._queued_keys:
+            self._counters["offers_deduplicated"] += 1
+            return "held"
+        if not self._up:
+            self._counters["down_dropped"] += 1
+            return "refused"
+        if self._queued_bytes + self._value_bytes > self.config.queue_bytes:
+            self._counters["queue_full_dropped"] += 1
+            return "refused"
+        self._queued_bytes += self._value_bytes
+        self._queued_keys.add(key)
+        return "reserved"
 
     def submit_read(self, key: bytes, dst: torch.Tensor) -> Future[bool]:
         """Read ``key`` into ``dst`` (a contiguous uint8 CPU tensor of at least ``block_bytes``) on a reader."""
@@ -291,16 +336,17 @@ class RemoteTier:
         log("remote tier down: %s failed (%s: %s); serving from the other tiers, retrying in %.1f s",
             during, type(exc).__name__, exc, delay_s)
 
-    def _drop_queued_locked(self) -> list[_Read]:
-        """Forget the queued writes and take the queued reads (the caller fails them outside the lock)."""
+    def _drop_queued_locked(self) -> tuple[list[_Write], list[_Read]]:
+        """Take the queued writes and reads (the caller releases and fails them outside the lock)."""
         self._counters["dropped_blocks"] += len(self._queued)
+        writes = list(self._queued)
         self._queued.clear()
         self._queued_keys.clear()
         self._queued_bytes = 0
         reads = list(self._reads)
         self._reads.clear()
         self._counters["misses"] += len(reads)
-        return reads
+        return writes, reads
 
     def _remember_locked(self, key: bytes) -> None:
         self._known[key] = None
@@ -334,24 +380,29 @@ class RemoteTier:
                 continue
             self._write(client, batch)
 
-    def _write(self, client: Client, batch: list[tuple[bytes, bytearray]]) -> None:
+    def _write(self, client: Client, batch: list[_Write]) -> None:
         pipe = client.pipeline(transaction=False)
         sizes = []
         ttl_ms = self.config.ttl_s * 1000 or None
-        for key, value in batch:
-            sealed = seal(key, value, self._codec)
+        for write in batch:
+            sealed: SplitValue | bytes | bytearray
+            if write.borrowed is not None:
+                sealed = seal_borrowed(write.key, write.borrowed, self._codec)
+            else:
+                assert write.value is not None
+                sealed = seal(write.key, write.value, self._codec)
             sizes.append(len(sealed))
-            pipe.set(self.server_key(key), sealed, px=ttl_ms)
+            pipe.set(self.server_key(write.key), sealed, px=ttl_ms)  # type: ignore[arg-type]
         try:
             replies: list[Any] = pipe.execute(raise_on_error=False)
         except _FAULTS as exc:
             replies = [exc] * len(batch)
             self._fail(exc, "write")
         with self._lock:
-            for (key, _), size, reply in zip(batch, sizes, replies, strict=True):
-                self._queued_keys.discard(key)
+            for write, size, reply in zip(batch, sizes, replies, strict=True):
+                self._queued_keys.discard(write.key)
                 if reply is True:
-                    self._remember_locked(key)
+                    self._remember_locked(write.key)
                     self._counters["blocks_written"] += 1
                     self._counters["bytes_written"] += size
                 elif isinstance(reply, OutOfMemoryError):
@@ -361,9 +412,11 @@ class RemoteTier:
                 else:
                     self._counters["dropped_blocks"] += 1
             self._queued_bytes = max(0, self._queued_bytes - len(batch) * self._value_bytes)
-            self._writing = 0
             room = 2 * self._batch_values - len(self._spare)
-            self._spare.extend(value for _, value in batch[:room])
+            self._spare.extend([write.value for write in batch if write.value is not None][: max(0, room)])
+        _released(batch)  # before flush can return: what was lent is given back by then
+        with self._lock:
+            self._writing = 0
             self._cond.notify_all()
 
     # -- readers --------------------------------------------------------------------------------------

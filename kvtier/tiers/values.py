@@ -6,7 +6,8 @@ the payload checksum, and its own checksum.
 
 Promises:
 - ``seal`` turns a value whose payload was copied in by ``new_value`` into a complete value (in place when
-  not compressed); ``read_value`` returns ``"ok"`` only after the header, the key, the lengths and the
+  not compressed); ``seal_borrowed`` makes one of a payload it does not copy (a ``SplitValue``);
+  ``read_value`` returns ``"ok"`` only after the header, the key, the lengths and the
   payload checksum all verified and the raw bytes were written to ``dst``.
 - ``read_value`` never raises on bad bytes: ``"corrupt"`` (bad header, truncated, failed checksum, bad
   encoding) or ``"foreign"`` (an intact value of another key or block size).
@@ -38,6 +39,34 @@ def new_value(payload: torch.Tensor, reuse: bytearray | None = None) -> bytearra
     # One memmove without the GIL: this runs on the caller's thread (a put's or an eviction's).
     ctypes.memmove(_address(value) + HEADER_BYTES, payload.data_ptr(), nbytes)
     return value
+
+
+class SplitValue:
+    """A value sent as two pieces, its header and a borrowed payload, with no copy joining them (the
+    connections of ``kvtier.tiers.redis_client`` frame it as one bulk string)."""
+
+    __slots__ = ("header", "payload")
+
+    def __init__(self, header: bytes, payload: memoryview) -> None:
+        self.header, self.payload = header, payload
+
+    def __len__(self) -> int:
+        return len(self.header) + len(self.payload)
+
+
+def seal_borrowed(key: bytes, payload: memoryview, codec: ZstdCodec | None) -> SplitValue | bytearray:
+    """The value for ``key`` over a payload that is not copied (unless ``codec`` compresses it)."""
+    if codec is not None:
+        packed = codec.encode(payload)
+        if packed is not None:
+            sealed = bytearray(HEADER_BYTES + len(packed))
+            sealed[HEADER_BYTES:] = packed
+            pack_header(EntryHeader(key, CODEC_ZSTD, codec.planes, len(packed), len(payload), checksum(packed)),
+                        memoryview(sealed))
+            return sealed
+    header = bytearray(HEADER_BYTES)
+    pack_header(EntryHeader(key, CODEC_NONE, 1, len(payload), len(payload), checksum(payload)), memoryview(header))
+    return SplitValue(bytes(header), payload)
 
 
 def seal(key: bytes, value: bytearray, codec: ZstdCodec | None) -> bytes | bytearray:

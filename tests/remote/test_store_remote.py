@@ -60,6 +60,8 @@ def test_a_prefix_stored_on_one_host_is_restored_byte_identical_on_another(
     saved = blocks(8, seed=1)
     assert first.put(keys, saved).wait(10).ok
     first.flush()
+    # Write-through lent the host slots to the remote tier; sent, they are all released.
+    assert first.stats().tiers["host"].detail["pinned_blocks"] == 0
     found = second.lookup(keys)
     assert found.num_blocks == 8 and found.tiers == (Tier.REMOTE,) * 8
     assert all(torch.equal(a, b) for a, b in zip(restore(second, keys), saved, strict=True))
@@ -126,6 +128,7 @@ def test_a_store_whose_remote_went_away_keeps_serving_from_its_host(
     assert all(torch.equal(a, b) for a, b in zip(restore(store, keys), saved, strict=True))
     remote = store.stats().tiers["remote"].detail
     assert remote["up"] is False and remote["faults"] >= 1
+    assert store.stats().tiers["host"].detail["pinned_blocks"] == 0  # nothing stays lent to a dead server
 
 
 def test_the_remote_tier_is_set_from_toml_and_overrides(redis_single: LocalServers) -> None:
