@@ -28,12 +28,24 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
     def records(self, benchmark: str) -> list[dict[str, Any]]:
-        """Every record of ``benchmark``'s steps, in step order (failed steps' records too)."""
-        return [record for step in self.steps if step.get("benchmark") == benchmark
-                for record in step.get("records", []) if isinstance(record, dict)]
+        """Every record of ``benchmark``'s steps, in step order (failed steps' records too).
+
+        A record that wraps its own ``records`` list (``{"benchmark", "device", "records": [...]}``) stands
+        for those records, each with the wrapper's other fields as defaults.
+        """
+        return [flat for step in self.steps if step.get("benchmark") == benchmark
+                for record in step.get("records", []) if isinstance(record, dict) for flat in _flatten(record)]
 
     def steps_of(self, benchmark: str) -> list[dict[str, Any]]:
         return [step for step in self.steps if step.get("benchmark") == benchmark]
+
+
+def _flatten(record: dict[str, Any]) -> list[dict[str, Any]]:
+    inner = record.get("records")
+    if not isinstance(inner, list):
+        return [record]
+    outer = {name: value for name, value in record.items() if name != "records"}
+    return [{**outer, **item} for item in inner if isinstance(item, dict)]
 
 
 def _read_json(path: Path) -> Any:
