@@ -259,9 +259,10 @@ class Client:
         reserved: list[bytes] = reply["keys"]
         if reserved:
             indices = [index[key] for key in reserved]
-            pairs = [(self._slot(slot), as_bytes(blocks[i])) for i, slot in zip(indices, reply["slots"], strict=True)]
             job.add_parts()
-            self.transfer.submit(pairs, Direction.STORE, self._finish_put(job, indices, reserved))
+            # One submission for every block, as the embedded store does (one kernel launch on CUDA).
+            self.transfer.submit_blocks(self.slot_rows(), reply["slots"], [blocks[i] for i in indices],
+                                        Direction.STORE, self._finish_put(job, indices, reserved))
         return job.seal()
 
     def _finish_put(self, job: Job, indices: list[int], keys: list[bytes]) -> Callable[[BaseException | None], None]:
@@ -288,9 +289,9 @@ class Client:
         leased = [(i, slot) for i, slot in enumerate(slots) if slot is not None]
         if leased:
             indices = [i for i, _ in leased]
-            pairs = [(as_bytes(blocks[i]), self._slot(slot)) for i, slot in leased]
             job.add_parts()
-            self.transfer.submit(pairs, Direction.LOAD, self._finish_get(job, indices, [keys[i] for i in indices]))
+            self.transfer.submit_blocks(self.slot_rows(), [slot for _, slot in leased], [blocks[i] for i in indices],
+                                        Direction.LOAD, self._finish_get(job, indices, [keys[i] for i in indices]))
         return job.seal()
 
     def _finish_get(self, job: Job, indices: list[int], keys: list[bytes]) -> Callable[[BaseException | None], None]:
