@@ -54,16 +54,22 @@ class SplitValue:
         return len(self.header) + len(self.payload)
 
 
+def _compressed(key: bytes, raw: memoryview, codec: ZstdCodec | None) -> bytearray | None:
+    """The complete zstd value for ``key``, or ``None`` without a codec or where compression saves nothing."""
+    packed = None if codec is None else codec.encode(raw)
+    if codec is None or packed is None:
+        return None
+    sealed = bytearray(HEADER_BYTES + len(packed))
+    sealed[HEADER_BYTES:] = packed
+    pack_header(EntryHeader(key, CODEC_ZSTD, codec.planes, len(packed), len(raw), checksum(packed)), memoryview(sealed))
+    return sealed
+
+
 def seal_borrowed(key: bytes, payload: memoryview, codec: ZstdCodec | None) -> SplitValue | bytearray:
     """The value for ``key`` over a payload that is not copied (unless ``codec`` compresses it)."""
-    if codec is not None:
-        packed = codec.encode(payload)
-        if packed is not None:
-            sealed = bytearray(HEADER_BYTES + len(packed))
-            sealed[HEADER_BYTES:] = packed
-            pack_header(EntryHeader(key, CODEC_ZSTD, codec.planes, len(packed), len(payload), checksum(packed)),
-                        memoryview(sealed))
-            return sealed
+    compressed = _compressed(key, payload, codec)
+    if compressed is not None:
+        return compressed
     header = bytearray(HEADER_BYTES)
     pack_header(EntryHeader(key, CODEC_NONE, 1, len(payload), len(payload), checksum(payload)), memoryview(header))
     return SplitValue(bytes(header), payload)
@@ -72,14 +78,9 @@ def seal_borrowed(key: bytes, payload: memoryview, codec: ZstdCodec | None) -> S
 def seal(key: bytes, value: bytearray, codec: ZstdCodec | None) -> bytes | bytearray:
     """The complete value for ``key``: header packed, payload compressed if ``codec`` saves space."""
     raw = memoryview(value)[HEADER_BYTES:]
-    if codec is not None:
-        packed = codec.encode(raw)
-        if packed is not None:
-            sealed = bytearray(HEADER_BYTES + len(packed))
-            sealed[HEADER_BYTES:] = packed
-            pack_header(EntryHeader(key, CODEC_ZSTD, codec.planes, len(packed), len(raw), checksum(packed)),
-                        memoryview(sealed))
-            return sealed
+    compressed = _compressed(key, raw, codec)
+    if compressed is not None:
+        return compressed
     pack_header(EntryHeader(key, CODEC_NONE, 1, len(raw), len(raw), checksum(raw)), memoryview(value))
     return value
 
