@@ -41,7 +41,8 @@ class JobResult:
 class Job:
     """One put or get; built by the store, completed by transfer and disk callbacks."""
 
-    def __init__(self, kind: JobKind, num_blocks: int, poll: Callable[[], int]) -> None:
+    def __init__(self, kind: JobKind, num_blocks: int, poll: Callable[[], int] | None) -> None:
+        """``poll`` runs a backend's completions (CUDA); ``None`` where completions arrive by themselves."""
         self.id = next(_job_ids)
         self.kind = kind
         self.num_blocks = num_blocks
@@ -71,12 +72,22 @@ class Job:
         return self
 
     def done(self) -> bool:
-        self._poll()
+        if self._poll is not None:
+            self._poll()
         with self._cond:
             return self._parts_left == 0
 
     def wait(self, timeout: float | None = None) -> JobResult:
         deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            if self._poll is None:
+                # Completions are pushed (CPU workers): sleep until the last part notifies, no wake-ups between.
+                while self._parts_left:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise self._timeout(timeout)
+                    self._cond.wait(remaining)
+                return self._result()
         # A CUDA backend completes on poll: poll before the first wait, then wait 10 us, 20 us, ... up to
         # 1 ms between polls, so that a restore of a few blocks pays microseconds, a long one no busy loop.
         self._poll()
@@ -85,7 +96,7 @@ class Job:
             while self._parts_left:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise JobTimeoutError(f"{self.kind} job {self.id} not done after {timeout} s")
+                    raise self._timeout(timeout)
                 self._cond.wait(pause if remaining is None else min(remaining, pause))
                 pause = min(2 * pause, 1e-3)
                 self._cond.release()
@@ -93,7 +104,13 @@ class Job:
                     self._poll()
                 finally:
                     self._cond.acquire()
-            return JobResult(self.kind, self.num_blocks, tuple(sorted(self._failed)))
+            return self._result()
+
+    def _timeout(self, timeout: float | None) -> JobTimeoutError:
+        return JobTimeoutError(f"{self.kind} job {self.id} not done after {timeout} s")
+
+    def _result(self) -> JobResult:
+        return JobResult(self.kind, self.num_blocks, tuple(sorted(self._failed)))
 
     def __repr__(self) -> str:
         return f"Job(id={self.id}, kind={self.kind}, num_blocks={self.num_blocks}, done={self.done()})"

@@ -29,6 +29,7 @@ Promises:
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -86,6 +87,12 @@ class Lease:
 
 
 
+@functools.cache
+def _block_forms(layout: KVLayout) -> tuple[torch.dtype, tuple[torch.Size, torch.Size]]:
+    """The dtype and the two accepted shapes of a block of ``layout`` (read once per layout, not per call)."""
+    return layout.torch_dtype, (torch.Size(layout.block_shape), torch.Size((layout.block_numel,)))
+
+
 def check_keys_and_blocks(layout: KVLayout, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> list[bytes]:
     """The arguments of a put or get, checked: one well-formed key per block of ``layout``."""
     checked = check_keys(keys)
@@ -93,8 +100,7 @@ def check_keys_and_blocks(layout: KVLayout, keys: Sequence[bytes], blocks: Seque
         raise InvalidInputError(f"{len(checked)} keys but {len(blocks)} blocks")
     # ``check_block``'s conditions with the layout's properties read once (it costs 5-15 us a block);
     # a block that fails them goes through ``check_block`` for its precise error.
-    dtype = layout.torch_dtype
-    shapes = (torch.Size(layout.block_shape), torch.Size((layout.block_numel,)))
+    dtype, shapes = _block_forms(layout)
     for i, block in enumerate(blocks):
         if not (isinstance(block, torch.Tensor) and block.dtype == dtype and block.shape in shapes
                 and block.is_contiguous()):
@@ -129,6 +135,7 @@ class Store:
         self.arena = HostArena(num_slots, self.slot_bytes, name=arena_name)
         self.arena.prepare(self.config.host.pin_chunk_bytes, prefault=self.config.host.prefault,
                            pin=self.config.host.pin)
+        self._rows = self.arena.rows()  # one view for every copy (a fresh view per call costs 5-10 us)
         self._promotions: dict[bytes, Future[bool]] = {}
         self._promotion_tiers: dict[bytes, Tier] = {}
         try:
@@ -139,6 +146,7 @@ class Store:
         self.host = HostTier(self.arena, make_policy(self.config.host.policy, num_slots), layout.block_bytes,
                              on_evict=self._demote if self.lower else None)
         self.transfer = transfer or make_transfer_engine(self.config.transfer)
+        self._poll = self.transfer.poll if self.transfer.completes_on_poll else None
 
     # -- keys ---------------------------------------------------------------------------------------
 
@@ -218,7 +226,7 @@ class Store:
         worth more than its tail. The caller must not change ``blocks`` until the job is done.
         """
         keys = check_keys_and_blocks(self.layout, keys, blocks)
-        job = Job("put", len(keys), self.transfer.poll)
+        job = Job("put", len(keys), self._poll)
         with self._lock:
             self._check_open()
             todo = [i for i, key in enumerate(keys) if not self._present_or_writing(key)]
@@ -233,7 +241,7 @@ class Store:
         # callback never waits for us. One job for the whole call (one submission: a kernel launch on CUDA);
         # the engine splits it across its workers, and the slots are committed when it completed.
         if stored:
-            self.transfer.submit_blocks(self.arena.rows(), slots, [blocks[i] for i in stored], Direction.STORE,
+            self.transfer.submit_blocks(self._rows, slots, [blocks[i] for i in stored], Direction.STORE,
                                         self._on_put_done(job, stored, [keys[i] for i in stored]))
         return job.seal()
 
@@ -289,7 +297,7 @@ class Store:
         already under way if ``lookup`` prefetched them). Absent or corrupt blocks are failed indices of the job.
         """
         keys = check_keys_and_blocks(self.layout, keys, blocks)
-        job = Job("get", len(keys), self.transfer.poll)
+        job = Job("get", len(keys), self._poll)
         with self._lock:
             self._check_open()
             slots = self.host.acquire(keys)
@@ -328,7 +336,7 @@ class Store:
                     self._counters["get_failed_blocks"] += len(keys)
             job.part_done(indices if error is not None else ())
 
-        self.transfer.submit_blocks(self.arena.rows(), acquired, dsts, Direction.LOAD, on_done)
+        self.transfer.submit_blocks(self._rows, acquired, dsts, Direction.LOAD, on_done)
 
     def _after_promotion(self, job: Job, index: int, key: bytes, block: torch.Tensor) -> Callable[[Future[bool]], None]:
         def on_promoted(future: Future[bool]) -> None:

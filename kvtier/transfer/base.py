@@ -58,6 +58,8 @@ class TransferEngine(ABC):
     """Moves bytes between caller memory and the host arena asynchronously."""
 
     name: str = ""
+    # False where workers run ``on_done`` themselves: a waiter then sleeps until notified instead of polling.
+    completes_on_poll: bool = True
 
     @abstractmethod
     def submit(self, pairs: Sequence[CopyPair], direction: Direction, on_done: DoneCallback) -> Transfer:

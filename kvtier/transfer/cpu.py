@@ -8,6 +8,11 @@ other than the main one ran at about 60% of its main-thread speed here (its intr
 thread's). Anything else (other devices, dtypes or strides) goes through ``Tensor.copy_``.
 ``submit_blocks`` between CPU tensors and arena rows copies raw addresses with ``memmove`` (ctypes, GIL
 released): about a microsecond of Python per block instead of ten; the job holds the tensors until done.
+Its bytes, not its blocks, are cut into the workers' shares (page-aligned, at least ``MIN_SHARE_BYTES``
+each), so one large block (a connector's usual call) is copied by every worker, and a small job wakes one.
+Queued shares wait in one deque per direction behind a C ``SimpleQueue`` of wake-up tokens: a hand-off
+costs one futex wake, not a Python ``Condition`` round (``PriorityQueue``), which on a loaded VM was a
+large part of a one-block call.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import functools
 import itertools
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -61,7 +67,10 @@ class _CpuTransfer(Transfer):
         return self._finished.wait(timeout)
 
 
-_Task = tuple[int, int, Callable[[], None] | None, _CpuTransfer | None]
+_Task = tuple[Callable[[], None], _CpuTransfer]
+# A share smaller than this costs more to hand to another thread than to copy on the one that has it.
+MIN_SHARE_BYTES = 1 << 20
+_SHARE_ALIGN = 4096
 
 
 def _as_bytes(tensor: torch.Tensor) -> npt.NDArray[np.uint8]:
@@ -83,20 +92,43 @@ def _copy_pairs(pairs: Sequence[CopyPair]) -> None:
             copy_pair(dst, src)
 
 
-def _memmove_all(dsts: Sequence[int], srcs: Sequence[int], nbytes: int, owners: object) -> None:
-    """``memmove`` each address pair; ``owners`` keeps the memory alive until the copies are done."""
+def _memmove_all(segments: Sequence[tuple[int, int, int]], owners: object) -> None:
+    """``memmove`` each ``(dst, src, nbytes)``; ``owners`` keeps the memory alive until the copies are done."""
     memmove = ctypes.memmove
-    for dst, src in zip(dsts, srcs, strict=True):
+    for dst, src, nbytes in segments:
         memmove(dst, src, nbytes)
+
+
+def cut_segments(dsts: Sequence[int], srcs: Sequence[int], nbytes: int,
+                 num_shares: int) -> list[list[tuple[int, int, int]]]:
+    """The copies of ``nbytes`` from each ``srcs[i]`` to ``dsts[i]``, as ``num_shares`` runs of equal bytes.
+
+    A block may be split between two shares; cuts fall on ``_SHARE_ALIGN`` boundaries of the job's bytes.
+    """
+    total = len(dsts) * nbytes
+    bounds = [min(total, total * i // num_shares // _SHARE_ALIGN * _SHARE_ALIGN) for i in range(num_shares)]
+    shares: list[list[tuple[int, int, int]]] = []
+    for start, stop in itertools.pairwise([*bounds, total]):
+        segments: list[tuple[int, int, int]] = []
+        position = start
+        while position < stop:
+            index, offset = divmod(position, nbytes)
+            length = min(nbytes - offset, stop - position)
+            segments.append((dsts[index] + offset, srcs[index] + offset, length))
+            position += length
+        shares.append(segments)
+    return shares
 
 
 class CpuTransferEngine(TransferEngine):
     name = "cpu"
+    completes_on_poll = False
 
     def __init__(self, num_workers: int = 2) -> None:
         self._num_workers = num_workers
-        self._queue: queue.PriorityQueue[_Task] = queue.PriorityQueue()
-        self._sequence = itertools.count()
+        # One token per queued share (``None``: a worker stops); the shares wait in ``_work[direction]``.
+        self._tokens: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
+        self._work: tuple[deque[_Task], ...] = tuple(deque() for _ in Direction)
         self._closed = False
         self._lock = threading.Lock()
         self._workers = [
@@ -107,8 +139,10 @@ class CpuTransferEngine(TransferEngine):
 
     def submit(self, pairs: Sequence[CopyPair], direction: Direction, on_done: DoneCallback) -> Transfer:
         check_pairs(pairs)
-        return self._queue_shares(len(pairs), lambda start, stop: functools.partial(_copy_pairs, pairs[start:stop]),
-                                  direction, on_done)
+        num_shares = max(1, min(self._num_workers, len(pairs)))
+        bounds = [len(pairs) * i // num_shares for i in range(num_shares + 1)]
+        return self._queue_shares([functools.partial(_copy_pairs, pairs[start:stop])
+                                   for start, stop in itertools.pairwise(bounds)], direction, on_done)
 
     def submit_blocks(self, rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor],
                       direction: Direction, on_done: DoneCallback) -> Transfer:
@@ -121,28 +155,31 @@ class CpuTransferEngine(TransferEngine):
         dsts, srcs = ((block_addresses, slot_addresses) if direction is Direction.LOAD
                       else (slot_addresses, block_addresses))
         owners = (rows, list(blocks))
-        return self._queue_shares(
-            len(blocks), lambda start, stop: functools.partial(_memmove_all, dsts[start:stop], srcs[start:stop],
-                                                               nbytes, owners), direction, on_done)
+        num_shares = max(1, min(self._num_workers, len(blocks) * nbytes // MIN_SHARE_BYTES))
+        return self._queue_shares([functools.partial(_memmove_all, segments, owners)
+                                   for segments in cut_segments(dsts, srcs, nbytes, num_shares)], direction, on_done)
 
-    def _queue_shares(self, num_items: int, share: Callable[[int, int], Callable[[], None]], direction: Direction,
+    def _queue_shares(self, shares: list[Callable[[], None]], direction: Direction,
                       on_done: DoneCallback) -> Transfer:
-        """Cut ``num_items`` into one contiguous share per worker; ``share(start, stop)`` is a share's work."""
-        num_shares = max(1, min(self._num_workers, num_items))
-        bounds = [num_items * i // num_shares for i in range(num_shares + 1)]
-        transfer = _CpuTransfer(num_shares, on_done)
+        """Queue one job's ``shares`` (each a worker's part); ``on_done`` runs after the last one."""
+        transfer = _CpuTransfer(len(shares), on_done)
         with self._lock:
             if self._closed:
                 raise ClosedError("the transfer engine is closed")
-            for start, stop in itertools.pairwise(bounds):
-                self._queue.put((int(direction), next(self._sequence), share(start, stop), transfer))
+            work = self._work[direction]
+            for share in shares:
+                work.append((share, transfer))
+                self._tokens.put(True)
         return transfer
 
     def _serve(self) -> None:
-        while True:
-            _, _, work, transfer = self._queue.get()
-            if work is None or transfer is None:
-                return
+        loads, stores = self._work
+        while self._tokens.get() is not None:
+            # Every token was put after its share: a token in hand means a share is queued in one deque.
+            try:
+                work, transfer = loads.popleft()
+            except IndexError:
+                work, transfer = stores.popleft()
             error: BaseException | None = None
             try:
                 work()
@@ -159,7 +196,7 @@ class CpuTransferEngine(TransferEngine):
                 return
             self._closed = True
             for _ in self._workers:
-                # Sentinels sort after every queued job, so queued work is finished first.
-                self._queue.put((len(Direction), next(self._sequence), None, None))
+                # Stop tokens come after every share's token, so queued work is finished first.
+                self._tokens.put(None)
         for worker in self._workers:
             worker.join()

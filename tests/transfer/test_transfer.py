@@ -16,6 +16,7 @@ from kvtier.transfer import (
     TransferEngine,
     make_transfer_engine,
 )
+from kvtier.transfer.cpu import MIN_SHARE_BYTES, cut_segments
 
 
 def run_job(engine: TransferEngine, pairs: list[tuple[torch.Tensor, torch.Tensor]],
@@ -177,3 +178,36 @@ def test_cuda_submit_blocks_is_one_launch_and_round_trips(monkeypatch: pytest.Mo
     finally:
         engine.close()
         arena.close()
+
+
+@pytest.mark.parametrize("num_blocks, nbytes, num_shares", [(1, 3 * 2**20 + 4096, 2), (3, 2**20 + 512, 3),
+                                                            (5, 4096, 2), (2, 100, 1)])
+def test_cut_segments_cover_every_byte_once(num_blocks: int, nbytes: int, num_shares: int) -> None:
+    dsts = [10**9 * (i + 1) for i in range(num_blocks)]
+    srcs = [10**9 * (i + 1) + 5 * 10**8 for i in range(num_blocks)]
+    shares = cut_segments(dsts, srcs, nbytes, num_shares)
+    assert len(shares) == num_shares
+    covered = sorted((dst, length, src - dst) for share in shares for dst, src, length in share)
+    for i, dst in enumerate(dsts):  # each block's bytes, contiguous and in order, src at the same offset
+        runs = [(d, n) for d, n, shift in covered if dst <= d < dst + nbytes and shift == srcs[i] - dst]
+        position = dst
+        for start, length in runs:
+            assert start == position
+            position += length
+        assert position == dst + nbytes
+
+
+def test_one_large_block_is_copied_by_every_worker_and_round_trips() -> None:
+    engine = CpuTransferEngine(2)
+    nbytes = 2 * MIN_SHARE_BYTES + 12_288  # two shares, the cut inside the block
+    rows = torch.zeros(2, nbytes + 4096, dtype=torch.uint8)
+    block = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    results: list[BaseException | None] = []
+    assert engine.submit_blocks(rows, [1], [block], Direction.STORE, results.append).wait(30)
+    out = torch.empty_like(block)
+    transfer = engine.submit_blocks(rows, [1], [out], Direction.LOAD,
+                                    results.append)
+    assert transfer.wait(30)
+    assert results == [None, None] and torch.equal(out, block) and torch.equal(rows[1, :nbytes], block)
+    assert torch.count_nonzero(rows[0]) == 0 and torch.count_nonzero(rows[1, nbytes:]) == 0
+    engine.close()
