@@ -23,12 +23,21 @@ def test_bad_override_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_bench_host_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["bench", "host", "--block-bytes", "65536", "--total-mib", "1", "--repeats", "1",
-                   "--first-fill-mib", "4", "--json"])
+                   "--first-fill-mib", "4", "--per-call-rounds", "1", "--per-call-calls", "2", "--per-call-layouts",
+                   "1b", "--json"])
     assert status == 0
     result = json.loads(capsys.readouterr().out)
     assert result["block_bytes"] == [65536] and result["lookup_hit_blocks"] == 8192
-    assert {"host_put_gbps", "host_get_gbps", "memcpy_gbps", "key_derive_us_per_block", "first_fill_gbps",
-            "first_fill_vs_memcpy", "first_fill_at_open_vs_memcpy", "first_fill_no_prefault_vs_memcpy"} <= set(result)
+    assert {"host_put_gbps", "host_get_gbps", "memcpy_gbps", "memcpy_threads_gbps", "put_vs_memcpy_1t",
+            "key_derive_us_per_block", "first_fill_gbps", "first_fill_vs_memcpy", "first_fill_at_open_vs_memcpy",
+            "first_fill_no_prefault_vs_memcpy"} <= set(result)
+    # The ratio is against the better raw copy (one thread or as many as the store's workers).
+    best = max(result["memcpy_gbps"][0], result["memcpy_threads_gbps"][0])
+    assert result["put_vs_memcpy"][0] == round(result["host_put_gbps"][0] / best, 3)
+    assert result["per_call_1b_chunk_bytes"] == 16 * 8 * 64 * 2 * 2 * 256
+    assert {"per_call_1b_put_ms", "per_call_1b_get_ms", "per_call_1b_raw_1t_ms", "per_call_1b_raw_threads_ms",
+            "per_call_1b_put_vs_raw", "per_call_1b_get_vs_raw"} <= set(result)
+    assert "per_call_7b_put_ms" not in result
 
 
 def test_only_the_chosen_command_is_imported() -> None:

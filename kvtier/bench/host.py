@@ -1,33 +1,52 @@
-"""``kvtier bench host``: host-tier put/get throughput against a raw torch copy, and key/lookup cost.
+"""``kvtier bench host``: host-tier put/get against raw copies of the same bytes, per call and in batches.
 
-For each block size, the same bytes are copied three ways in the same run: a raw single-threaded
-``memcpy`` of block-sized tensors (NumPy ``copyto``, the baseline, ``memcpy_gbps``), ``Store.put`` of fresh
-keys, and ``Store.get`` back into caller tensors. The arena is written once before timing, so page faults
-of a fresh mapping are not counted there. The first fill of a fresh arena is measured apart
-(``first_fill_*``): a new store of ``--first-fill-mib`` is filled with 1 MiB blocks once its background
-prefault finished (``first_fill``, a pool filled after startup; ``first_fill_prefault_s`` is how long the
-prefault took from opening), right as it opens, racing the prefault (``first_fill_at_open``), and with no
-prefault (``first_fill_no_prefault``), each against a memcpy of the same bytes into memory already touched,
-in the same run. Then the cost of deriving and looking up the keys of an 8,192-block
-prompt (128k tokens at 16 tokens per block). Prints one JSON object (``--json``) or a table.
+Baselines, measured in the same run (``kvtier.bench.rawcopy``): ``memcpy_gbps``, a single-threaded copy, and
+``memcpy_threads_gbps``, the same bytes cut across as many threads as the store's transfer workers (the
+caller copying one part). Every ``*_vs_memcpy`` ratio is against the better of the two, so a ratio near 1
+means kvtier copies as fast as the machine does with its threads; ``*_vs_memcpy_1t`` is against the
+single-threaded copy alone.
+
+- Batches: for each block size, ``Store.put`` of fresh keys and ``Store.get`` back into caller tensors, one
+  call for the whole batch. The arena is written once before timing, so page faults of a fresh mapping are
+  not counted there.
+- Per call (``per_call``): one chunk per call, as a connector moves one request's new block, for a
+  Llama-3.2-1B-like chunk (16 layers x 8 KV heads x 64 dims, bf16, 256 tokens: 8 MiB) and a 7B-like one
+  (32 x 8 x 128: 32 MiB): the median milliseconds of ``put([key], [chunk]).wait()`` (fresh keys) and of
+  ``get``, against both raw copies of one chunk, in rounds that take turns going first (the load drifts).
+- First fill (``first_fill_*``): a new store of ``--first-fill-mib`` filled with 1 MiB blocks once its
+  background prefault finished (``first_fill``; ``first_fill_prefault_s`` is how long the prefault took
+  from opening), right as it opens, racing the prefault (``first_fill_at_open``), and with no prefault
+  (``first_fill_no_prefault``), each against a memcpy of the same bytes into memory already touched.
+- Keys: the cost of deriving and looking up the keys of an 8,192-block prompt (128k tokens at 16 tokens
+  per block).
+
+Prints one JSON object (``--json``) or a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from kvtier.bench.common import gbps, median_seconds
+from kvtier.bench.rawcopy import RawCopier
 from kvtier.config import HostConfig, StoreConfig, TransferConfig
 from kvtier.layout import KVLayout
 from kvtier.store import Store
 
-HELP = "host-tier put/get GB/s vs a raw torch copy; key derivation and lookup cost"
+HELP = "host-tier put/get vs raw copies (1 and N threads), per call and in batches; key derivation, lookup"
 _MiB = 1024 * 1024
+# One chunk of 256 tokens of one shard, bf16: Llama-3.2-1B-like (8 MiB) and 7B-like with GQA (32 MiB).
+PER_CALL_LAYOUTS = {
+    "1b": KVLayout(num_layers=16, num_kv_heads=8, head_dim=64, dtype="bfloat16", block_tokens=256),
+    "7b": KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_tokens=256),
+}
 
 
 def _layout_for(block_bytes: int) -> KVLayout:
@@ -42,15 +61,10 @@ def measure_copies(block_bytes: int, total_bytes: int, repeats: int, num_workers
     sources = [torch.randn(layout.block_numel).to(torch.float16) for _ in range(num_blocks)]
     outputs = [torch.empty_like(src) for src in sources]
 
-    raw_pairs = [(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy()) for dst, src in
-                 zip(outputs, sources, strict=True)]
-
-    def raw_copy() -> None:
-        for dst, src in raw_pairs:
-            np.copyto(dst, src)
-
-    raw_copy()  # touch the destination pages, as the arena's are below
-    memcpy_s = median_seconds(raw_copy, repeats)
+    with RawCopier(1) as single, RawCopier(num_workers) as threaded:
+        single.copy(outputs, sources)  # touch the destination pages, as the arena's are below
+        memcpy_s = median_seconds(lambda: single.copy(outputs, sources), repeats)
+        threads_s = median_seconds(lambda: threaded.copy(outputs, sources), repeats)
     config = StoreConfig(host=HostConfig(capacity_bytes=2 * num_blocks * layout.block_bytes + 4096 * num_blocks),
                          transfer=TransferConfig(backend="cpu", num_workers=num_workers))
     with Store(layout, config) as store:
@@ -72,8 +86,63 @@ def measure_copies(block_bytes: int, total_bytes: int, repeats: int, num_workers
         if store.stats().put_failed_blocks or store.stats().get_failed_blocks:
             raise RuntimeError("the host benchmark lost blocks: the arena is too small for its working set")
     moved = num_blocks * layout.block_bytes
-    return {"memcpy_gbps": gbps(moved, memcpy_s), "host_put_gbps": gbps(moved, put_s),
-            "host_get_gbps": gbps(moved, get_s)}
+    return {"memcpy_gbps": gbps(moved, memcpy_s), "memcpy_threads_gbps": gbps(moved, threads_s),
+            "host_put_gbps": gbps(moved, put_s), "host_get_gbps": gbps(moved, get_s)}
+
+
+def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int) -> dict[str, float]:
+    """Median ms of one-chunk puts and gets, and of one chunk's raw copies, interleaved in ``rounds``."""
+    num_sources = 4
+    sources = [torch.randn(layout.block_numel).to(layout.torch_dtype) for _ in range(num_sources)]
+    outputs = [torch.empty_like(src) for src in sources]
+    # LRU with room for the chunks read back and two rounds of fresh puts (rounds take turns going first, so two
+    # put rounds may fall between two get rounds): the chunks read back are never evicted.
+    config = StoreConfig(host=HostConfig(capacity_bytes=(2 * calls + num_sources + 2) * (layout.block_bytes + 4096),
+                                         policy="lru"),
+                         transfer=TransferConfig(backend="cpu", num_workers=num_workers))
+    times: dict[str, list[float]] = {name: [] for name in ("raw_1t", "raw_threads", "put", "get")}
+    with Store(layout, config) as store, RawCopier(1) as single, RawCopier(num_workers) as threaded:
+        store.arena.wait_prepared()
+        hasher = store.hasher("bench-per-call")
+        fresh = iter(range(10**9))
+
+        def put(i: int) -> bytes:
+            key = hasher.keys([next(fresh)] * layout.block_tokens)[0]
+            if not store.put([key], [sources[i % num_sources]]).wait().ok:
+                raise RuntimeError("the per-call benchmark lost a put")
+            return key
+
+        resident = [put(i) for i in range(num_sources)]  # resident[i] holds sources[i]: the chunks read back
+
+        def get(i: int) -> None:
+            if not store.get([resident[i % num_sources]], [outputs[i % num_sources]]).wait().ok:
+                raise RuntimeError("the per-call benchmark lost a get")
+
+        steps: dict[str, Callable[[int], object]] = {
+            "raw_1t": lambda i: single.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
+            "raw_threads": lambda i: threaded.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
+            "put": put, "get": get}
+        for i in range(2 * num_sources):  # touch every page of the sources, outputs and the first slots
+            for step in steps.values():
+                step(i)
+        order = list(steps)
+        for r in range(rounds):
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                for i in range(calls):
+                    start = time.perf_counter()
+                    steps[name](i)
+                    times[name].append(time.perf_counter() - start)
+        for key, source in zip(resident, sources, strict=True):
+            out = torch.empty_like(source)
+            if not (store.get([key], [out]).wait().ok and torch.equal(out, source)):
+                raise RuntimeError("the per-call benchmark read back other bytes")
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    best = min(ms["raw_1t"], ms["raw_threads"])
+    return {"chunk_bytes": layout.block_bytes, "raw_1t_ms": round(ms["raw_1t"], 3),
+            "raw_threads_ms": round(ms["raw_threads"], 3), "put_ms": round(ms["put"], 3),
+            "get_ms": round(ms["get"], 3), "put_vs_raw": round(ms["put"] / best, 3),
+            "get_vs_raw": round(ms["get"] / best, 3), "put_vs_raw_1t": round(ms["put"] / ms["raw_1t"], 3),
+            "get_vs_raw_1t": round(ms["get"] / ms["raw_1t"], 3)}
 
 
 def measure_first_fill(fill_bytes: int, num_workers: int, prefault: bool, repeats: int,
@@ -131,19 +200,26 @@ def measure_keys(num_blocks: int, block_tokens: int, repeats: int) -> dict[str, 
 
 
 def run_host_bench(block_sizes: list[int], total_bytes: int, repeats: int, num_workers: int = 2,
-                   prompt_blocks: int = 8192, first_fill_bytes: int = 0) -> dict[str, object]:
+                   prompt_blocks: int = 8192, first_fill_bytes: int = 0, per_call_rounds: int = 0,
+                   per_call_calls: int = 10, per_call_layouts: Sequence[str] = tuple(PER_CALL_LAYOUTS)
+                   ) -> dict[str, object]:
     copies = [measure_copies(size, total_bytes, repeats, num_workers) for size in block_sizes]
     result: dict[str, object] = {
         "benchmark": "host",
         "block_bytes": [_layout_for(size).block_bytes for size in block_sizes],
         "total_bytes_per_size": total_bytes,
         "repeats": repeats,
-        **{name: [row[name] for row in copies] for name in ("host_put_gbps", "host_get_gbps", "memcpy_gbps")},
+        "transfer_workers": num_workers,
+        **{name: [row[name] for row in copies]
+           for name in ("host_put_gbps", "host_get_gbps", "memcpy_gbps", "memcpy_threads_gbps")},
     }
-    result["put_vs_memcpy"] = [round(p / m, 3) for p, m in zip(result["host_put_gbps"], result["memcpy_gbps"],  # type: ignore[call-overload]
-                                                                 strict=True)]
-    result["get_vs_memcpy"] = [round(g / m, 3) for g, m in zip(result["host_get_gbps"], result["memcpy_gbps"],  # type: ignore[call-overload]
-                                                                 strict=True)]
+    for op in ("put", "get"):
+        result[f"{op}_vs_memcpy"] = [round(row[f"host_{op}_gbps"] / max(row["memcpy_gbps"], row["memcpy_threads_gbps"]),
+                                           3) for row in copies]
+        result[f"{op}_vs_memcpy_1t"] = [round(row[f"host_{op}_gbps"] / row["memcpy_gbps"], 3) for row in copies]
+    for name in per_call_layouts if per_call_rounds else ():
+        row = measure_per_call(PER_CALL_LAYOUTS[name], per_call_rounds, per_call_calls, num_workers)
+        result.update({f"per_call_{name}_{field}": value for field, value in row.items()})
     if first_fill_bytes:
         prefaulted = measure_first_fill(first_fill_bytes, num_workers, True, repeats, wait_prefault=True)
         racing = measure_first_fill(first_fill_bytes, num_workers, True, repeats)
@@ -169,24 +245,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="CPU transfer workers")
     parser.add_argument("--first-fill-mib", type=int, default=2048,
                         help="size of the fresh arena whose first fill is timed (0: skip)")
+    parser.add_argument("--per-call-rounds", type=int, default=5,
+                        help="rounds of one-chunk calls per method, taking turns going first (0: skip)")
+    parser.add_argument("--per-call-calls", type=int, default=10, help="one-chunk calls per method and round")
+    parser.add_argument("--per-call-layouts", nargs="+", choices=sorted(PER_CALL_LAYOUTS),
+                        default=list(PER_CALL_LAYOUTS), help="chunk layouts of the per-call figures")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace, config: StoreConfig) -> int:
     result = run_host_bench(args.block_bytes, args.total_mib * _MiB, args.repeats, args.workers,
-                            first_fill_bytes=args.first_fill_mib * _MiB)
+                            first_fill_bytes=args.first_fill_mib * _MiB, per_call_rounds=args.per_call_rounds,
+                            per_call_calls=args.per_call_calls, per_call_layouts=args.per_call_layouts)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{'block':>10} {'memcpy GB/s':>12} {'put GB/s':>10} {'get GB/s':>10} {'put/raw':>8} {'get/raw':>8}")
-    rows = zip(result["block_bytes"], result["memcpy_gbps"], result["host_put_gbps"],  # type: ignore[call-overload]
-               result["host_get_gbps"], result["put_vs_memcpy"], result["get_vs_memcpy"], strict=True)
-    for size, raw, put, get, put_ratio, get_ratio in rows:
-        print(f"{size:>10} {raw:>12} {put:>10} {get:>10} {put_ratio:>8} {get_ratio:>8}")
+    print(f"{'block':>10} {'raw 1t GB/s':>12} {'raw Nt GB/s':>12} {'put GB/s':>10} {'get GB/s':>10} {'put/raw':>8} "
+          f"{'get/raw':>8}")
+    rows = zip(result["block_bytes"], result["memcpy_gbps"], result["memcpy_threads_gbps"],  # type: ignore[call-overload]
+               result["host_put_gbps"], result["host_get_gbps"], result["put_vs_memcpy"], result["get_vs_memcpy"],
+               strict=True)
+    for size, raw, raw_threads, put, get, put_ratio, get_ratio in rows:
+        print(f"{size:>10} {raw:>12} {raw_threads:>12} {put:>10} {get:>10} {put_ratio:>8} {get_ratio:>8}")
     if "first_fill_gbps" in result:
         print(f"first fill of a fresh arena: {result['first_fill_gbps']} GB/s ({result['first_fill_vs_memcpy']}x "
               f"memcpy; {result['first_fill_at_open_vs_memcpy']}x racing the prefault, "
               f"{result['first_fill_no_prefault_vs_memcpy']}x without it)")
+    for name in args.per_call_layouts if args.per_call_rounds else ():
+        row = {field: result[f"per_call_{name}_{field}"] for field in ("chunk_bytes", "raw_1t_ms", "raw_threads_ms",
+                                                                     "put_ms", "get_ms", "put_vs_raw", "get_vs_raw")}
+        print(f"one {name} chunk ({row['chunk_bytes']} B) per call: put {row['put_ms']} ms, get {row['get_ms']} ms; "
+              f"raw {row['raw_1t_ms']} ms (1 thread), {row['raw_threads_ms']} ms ({args.workers} threads); "
+              f"put {row['put_vs_raw']}x, get {row['get_vs_raw']}x the better raw copy")
     print(f"keys of {result['prompt_tokens']} tokens: derive {result['key_derive_ms']} ms, "
           f"lookup {result['lookup_ms']} ms")
     return 0
