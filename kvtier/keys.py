@@ -158,7 +158,11 @@ def check_key(key: object) -> bytes:
 
 def check_keys(keys: Sequence[bytes]) -> list[bytes]:
     """Validate every key of ``keys``; ``InvalidInputError`` on the first bad one or a duplicate."""
-    checked = [check_key(key) for key in keys]
+    checked = list(keys)
+    # Types and lengths through C-level maps (a lookup of a long prompt checks thousands of keys); any odd
+    # key goes through ``check_key`` for its precise error.
+    if set(map(type, checked)) - {bytes} or set(map(len, checked)) - {KEY_BYTES}:
+        checked = [check_key(key) for key in checked]
     if len(set(checked)) != len(checked):
         raise InvalidInputError("the same key appears twice in one call")
     return checked

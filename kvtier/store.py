@@ -61,6 +61,9 @@ class Tier(enum.StrEnum):
     REMOTE = "remote"
 
 
+_TIERS = {tier.value: tier for tier in Tier}  # a dict read, not an enum call, per block of a long lookup
+
+
 @dataclass(frozen=True)
 class LookupResult:
     """``num_blocks`` leading keys are present; ``tiers[i]`` says where block ``i`` was found."""
@@ -180,7 +183,7 @@ class Store:
             for tier in set(tiers) - {Tier.HOST}:
                 self.lower.count_hits(tier.value, tiers.count(tier))
             if self.lower:
-                self.lower.on_access(keys, [i < len(tiers) for i in range(len(keys))])
+                self.lower.on_access(keys, [True] * len(tiers) + [False] * (len(keys) - len(tiers)))
                 if prefetch:
                     run = frozenset(keys[: len(found)])
                     for key, (tier, lower) in zip(keys, found, strict=False):
@@ -194,22 +197,23 @@ class Store:
         The host and promotions in flight answer under the lock; the lower tiers are asked outside it (a
         remote tier's answer is one round trip), about the keys the host lacks only.
         """
+        host = Tier.HOST
         with self._lock:
             self._check_open()
-            tiers: list[Tier | None] = [self._promotion_tiers.get(key) or (Tier.HOST if ready else None)
-                                        for key, ready in zip(keys, self.host.ready_flags(keys), strict=True)]
+            ready = self.host.ready_flags(keys)
+            promoting = self._promotion_tiers
+            tiers: list[Tier | None] = ([promoting.get(key) or (host if flag else None) for key, flag in
+                                         zip(keys, ready, strict=True)] if promoting else
+                                        [host if flag else None for flag in ready])
         lowers: list[LowerTier | None] = [None] * len(keys)
-        missing = [i for i, tier in enumerate(tiers) if tier is None]
-        if missing and self.lower:
-            for i, lower in zip(missing, self.lower.locate([keys[i] for i in missing]), strict=True):
+        if None in tiers and self.lower:
+            missing = [i for i, tier in enumerate(tiers) if tier is None]
+            asked = keys if len(missing) == len(keys) else [keys[i] for i in missing]
+            for i, lower in zip(missing, self.lower.locate(asked), strict=True):
                 if lower is not None:
-                    tiers[i], lowers[i] = Tier(lower.name), lower
-        run: list[tuple[Tier, LowerTier | None]] = []
-        for tier, lower in zip(tiers, lowers, strict=True):
-            if tier is None:
-                break
-            run.append((tier, lower))
-        return run
+                    tiers[i], lowers[i] = _TIERS[lower.name], lower
+        length = tiers.index(None) if None in tiers else len(tiers)
+        return list(zip(tiers[:length], lowers[:length], strict=True))  # type: ignore[arg-type]
 
     def contains(self, key: bytes) -> Tier | None:
         """The tier holding ``key`` (host first, then the lower tiers in order), or ``None``."""

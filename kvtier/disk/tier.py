@@ -323,6 +323,13 @@ class DiskTier:
             self._check_open()
             return key in self._entries
 
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """``contains`` of every key under one acquisition of the lock (the index is a dict in memory)."""
+        with self._lock:
+            self._check_open()
+            entries = self._entries
+            return [key in entries for key in keys]
+
     def on_access(self, keys: Sequence[bytes], hit_flags: Sequence[bool]) -> None:
         if len(keys) != len(hit_flags):
             raise InvalidInputError(f"{len(keys)} keys but {len(hit_flags)} hit flags")

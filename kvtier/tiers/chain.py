@@ -68,7 +68,10 @@ class TierChain:
     def locate(self, keys: Sequence[bytes]) -> list[LowerTier | None]:
         """The nearest tier holding each key, asking each tier once about what the nearer ones lack."""
         found: list[LowerTier | None] = [None] * len(keys)
-        for tier in self.tiers:
+        for n, tier in enumerate(self.tiers):
+            if n == 0:  # the nearest tier is asked about every key: no index lists to build
+                found = [tier if hit else None for hit in tier.locate(keys)]
+                continue
             todo = [i for i, where in enumerate(found) if where is None]
             if not todo:
                 break

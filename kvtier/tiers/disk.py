@@ -1,6 +1,6 @@
 """The disk tier (``kvtier.disk.DiskTier``) behind the lower-tier interface.
 
-Promises: behaviour is the disk tier's own (see ``kvtier.disk.tier``); ``locate`` is ``contains`` per key
+Promises: behaviour is the disk tier's own (see ``kvtier.disk.tier``); ``locate`` is one ``contains_many``
 (the index is in memory); ``offer`` without ``wait`` refuses a block rather than wait for the drive.
 """
 
@@ -35,7 +35,7 @@ class DiskAdapter:
         return self.tier.contains(key)
 
     def locate(self, keys: Sequence[bytes]) -> list[bool]:
-        return [self.tier.contains(key) for key in keys]
+        return self.tier.contains_many(keys)
 
     def offer(self, key: bytes, payload: torch.Tensor, *, wait: bool = False,
               release: Callable[[], None] | None = None) -> bool:

@@ -321,3 +321,15 @@ def test_the_real_admission_policies_plug_in(disk_config: Config, kit: DiskKit, 
         for i in range(20):
             got = kit.read(tier, i)
             assert got is None or torch.equal(got, kit.payload(i))
+
+
+def test_contains_many_answers_as_contains_does_under_one_lock(disk_config: Config, kit: DiskKit) -> None:
+    tier = DiskTier(disk_config(), kit.layout)
+    kit.fill(tier, range(20))
+    tier.flush()  # some blocks written and indexed, the rest still in the open region
+    keys = [kit.key(i) for i in (0, 25, 19, 13, 40)]
+    assert tier.contains_many(keys) == [tier.contains(key) for key in keys] == [True, False, True, True, False]
+    assert tier.contains_many([]) == []
+    tier.close()
+    with pytest.raises(ClosedError):
+        tier.contains_many(keys)
