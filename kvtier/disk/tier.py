@@ -2,8 +2,10 @@
 
 Modelled on CacheLib Navy's BlockCache. Each data path holds one preallocated file cut into regions of
 ``region_bytes``; region ``r`` lives in path ``r % len(paths)`` (striping). Offered blocks are appended to
-an in-memory region buffer; a full region is sealed
-and, on the I/O pool, marked OPEN in the index, written as ONE sequential write, fdatasync'ed, and only
+an in-memory region buffer. The region is marked OPEN in the index when it opens; while it fills, each
+``_STREAM_BYTES`` appended are written behind the appends (in order, on the writer threads), so the drive
+works during the fill instead of after it (with the first region written only once full, a burst ran at
+0.75-0.85x of raw O_DIRECT); a full region is sealed, its last bytes written, fdatasync'ed, and only
 then are its entries committed together with its SEALED mark (index changes are group-committed: about one
 synced LMDB transaction per region). Space comes back by evicting whole regions, oldest sealed first
 (FIFO); a block read at least ``reinsert_hits`` times since it was written is read back synchronously and
@@ -91,6 +93,8 @@ _LOG = logging.getLogger(__name__)
 # index commit): with two, the drive sat idle during those waits and writes reached about 0.6x of raw.
 _PREFAULTED_REGIONS = 3
 _WRITER_THREADS = 2
+# Bytes of an open region written behind its appends at a time: large sequential writes, started early.
+_STREAM_BYTES = 8 * 1024 * 1024
 _DATA_FILE = "kvtier-data.bin"
 _LOCK_FILE = "kvtier.lock"
 _INDEX_DIR = "kvtier-index"
@@ -138,7 +142,7 @@ _COUNTERS = ("bytes_written", "bytes_read", "hits", "misses", "checksum_failures
 class _Region:
     """One region slot. ``buffer`` is set while it is open or being written (reads are served from it)."""
 
-    __slots__ = ("buffer", "id", "keys", "open_ticket", "readers", "seq", "used")
+    __slots__ = ("buffer", "id", "keys", "open_ticket", "readers", "seq", "streamed", "used", "writes")
 
     def __init__(self, region_id: int) -> None:
         self.id = region_id
@@ -146,6 +150,8 @@ class _Region:
         self.open_ticket = 0  # the index change that marked it OPEN; committed before the slot is rewritten
         self.buffer: _Bytes | None = None
         self.used = 0
+        self.streamed = 0  # bytes from the start submitted for writing while the region fills
+        self.writes: list[Future[None]] = []  # those writes, waited for before the region's sync
         self.readers = 0
         self.seq = 0
 
@@ -466,6 +472,10 @@ class DiskTier:
             region.id % self._num_paths, region.id, offset, header.stored_len, header.raw_len, header.codec,
             header.planes, header_checksum, header.payload_checksum))
         region.keys.append(header.key)
+        if region.used - region.streamed >= _STREAM_BYTES and region.used == end:
+            # Appends end where reservations do (one offer at a time under the lock): the bytes are in place.
+            region.writes.append(self._writer.submit(self._write_part, region, region.streamed, end))
+            region.streamed = end
 
     def _seal_locked(self) -> None:
         region = self._open
@@ -499,7 +509,7 @@ class DiskTier:
                 region = self._regions[self._clean.popleft()]
             else:
                 region, hot, dropped = self._evict_locked()
-            region.keys, region.used, region.buffer = [], 0, buffer
+            region.keys, region.used, region.buffer, region.streamed, region.writes = [], 0, buffer, 0, []
             assert self._index is not None
             region.open_ticket = self._index.enqueue(OpenRegion(region.id, tuple(dropped)))
             # Commit the OPEN mark while the region fills, so its write does not wait for an fsync first.
@@ -572,10 +582,13 @@ class DiskTier:
         """
         assert region.buffer is not None and self._index is not None
         try:
-            self._index.wait(region.open_ticket)
-            device = self._devices[region.id % self._num_paths]
-            device.write(self._file_offset(region.id), region.buffer.data[: region.used])
-            device.sync()
+            # Writes submitted while it filled ran (or run) on the other writer thread: they were queued first.
+            # Wait for every one before anything else, so none lands after the slot is reused.
+            failures = [error for error in (write.exception() for write in region.writes) if error is not None]
+            if failures:
+                raise failures[0]
+            self._write_part(region, region.streamed, region.used)
+            self._devices[region.id % self._num_paths].sync()
         except Exception as exc:  # any failure, not only OSError: the buffer must come back or flush would hang
 
             with self._lock:
@@ -599,6 +612,14 @@ class DiskTier:
             # The blocks are on disk and stay readable until this process ends; only their restart is lost.
             with self._lock:
                 self._stop_admitting_locked(exc)
+
+    def _write_part(self, region: _Region, start: int, stop: int) -> None:
+        """Write bytes ``[start, stop)`` of ``region``'s buffer to its place, once the slot is marked OPEN."""
+        assert region.buffer is not None and self._index is not None
+        self._index.wait(region.open_ticket)
+        if stop > start:
+            self._devices[region.id % self._num_paths].write(self._file_offset(region.id) + start,
+                                                             region.buffer.data[start:stop])
 
     def _commit_soon(self, ticket: int) -> None:
         # A failure is not lost: the region's writer waits for the same ticket, gets the error and handles it.
