@@ -9,6 +9,14 @@ Each repeat, in a fresh directory under ``path`` (tier and raw take turns going 
 - restore: the same, then each host slot copied into a caller tensor (disk -> host slot -> caller) by a
   single-threaded memcpy: torch's intra-op threads spin while copying and took both cores from the I/O
   threads here (restore fell to half the read rate).
+- per call: one block per call, nothing else in flight: ``read_into`` of a block against an O_DIRECT
+  ``preadv`` of the same number of bytes from the raw file, taking turns (``per_call_read_ms`` /
+  ``per_call_raw_read_ms``, medians over the calls of every repeat).
+
+Then, once, the lookup of a 64-block prefix through a ``Store`` with a disk tier (``lookup_prefix_blocks``):
+the median microseconds of ``lookup(keys, prefetch=False)`` with the blocks in the host tier
+(``lookup_host_us``) and with them only on disk (``lookup_disk_us``, host evicted), same store, same keys:
+the disk index answers from memory, so the ratio ``lookup_disk_vs_host`` is the cost of asking it.
 Figures are medians over ``repeats``, ratios medians of per-repeat ratios; ``gbps`` counts payload
 bytes (10**9 bytes per second). Where the filesystem has no O_DIRECT, both sides use buffered I/O,
 ``direct_io`` is false and the figures measure the page cache, not the drive.
@@ -17,6 +25,7 @@ bytes (10**9 bytes per second). Where the filesystem has no O_DIRECT, both sides
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -30,16 +39,19 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from kvtier.bench.common import gbps
-from kvtier.config import DiskConfig, StoreConfig
+from kvtier.bench.common import gbps, median_seconds
+from kvtier.config import DiskConfig, HostConfig, StoreConfig
 from kvtier.disk import DiskTier, aligned_tensor, supports_direct_io
 from kvtier.disk.device import aligned_buffer
 from kvtier.disk.format import entry_bytes
 from kvtier.layout import KVLayout
+from kvtier.store import Store
 
 HELP = "disk-tier write/read/restore GB/s vs raw O_DIRECT sequential I/O on the same filesystem"
 _MiB = 1024 * 1024
 _SOURCES = 8  # distinct payloads cycled through by the writes
+_PER_CALL_READS = 16  # one-block reads per repeat, each side
+_LOOKUP_BLOCKS = 64
 
 
 def _timed(run: Callable[[], object]) -> float:
@@ -133,11 +145,62 @@ def _one_repeat(root: str, layout: KVLayout, total_bytes: int, region_bytes: int
             step()
         seconds["restore"] = _timed(lambda: _read_all(tier, keys, slots,
                                                       lambda slot: np.copyto(caller, slot.numpy())))
+        per_call = _per_call_reads(tier, keys, raw_path, block_bytes, direct)
         if tier.stats().used_blocks != num_blocks:
             raise RuntimeError("the disk benchmark's tier did not keep every block")
     os.unlink(raw_path)
     shutil.rmtree(config.paths[0])
-    return {name: gbps(moved, value) for name, value in seconds.items()}
+    return {**{name: gbps(moved, value) for name, value in seconds.items()}, **per_call}
+
+
+def _per_call_reads(tier: DiskTier, keys: list[bytes], raw_path: str, block_bytes: int,
+                    direct: bool) -> dict[str, float]:
+    """Median ms of one-block reads, nothing else in flight: the tier's ``read_into`` and a raw ``preadv``."""
+    dst = aligned_tensor(block_bytes)
+    buffer = memoryview(aligned_buffer(block_bytes))
+    step = max(1, len(keys) // _PER_CALL_READS)  # spread over the file: not the blocks just read
+    tier_s: list[float] = []
+    raw_s: list[float] = []
+    fd = os.open(raw_path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        for i in range(0, len(keys), step)[:_PER_CALL_READS]:
+            raw_s.append(_timed(functools.partial(os.preadv, fd, [buffer], i * block_bytes)))
+            start = time.perf_counter()
+            if not tier.read_into(keys[i], dst):
+                raise RuntimeError("the disk benchmark lost a block")
+            tier_s.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+    return {"per_call_read": statistics.median(tier_s), "per_call_raw_read": statistics.median(raw_s)}
+
+
+def measure_prefix_lookup(path: str, repeats: int) -> dict[str, float]:
+    """Median us of a 64-block prefix lookup (no prefetch) with the blocks in host RAM, then only on disk."""
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=1024, dtype="uint8", block_tokens=4, kind="latent")
+    root = tempfile.mkdtemp(prefix="kvtier-bench-lookup-", dir=path)
+    # The host holds one prefix: a second one evicts the first, which write-through already put on disk.
+    config = StoreConfig(host=HostConfig(capacity_bytes=_LOOKUP_BLOCKS * 4096),
+                         disk=DiskConfig(paths=(root,), region_bytes=_MiB, capacity_bytes=4 * _MiB,
+                                         write_mode="through", admission="admit_all"))
+    try:
+        with Store(layout, config) as store:
+            hasher = store.hasher("bench-lookup")
+            blocks = [torch.zeros(layout.block_numel, dtype=torch.uint8)] * _LOOKUP_BLOCKS
+            keys, others = (hasher.keys([seed] * (_LOOKUP_BLOCKS * layout.block_tokens)) for seed in (1, 2))
+            store.put(keys, blocks).wait()
+            store.flush()
+            calls = max(50, 20 * repeats)
+            host_s = median_seconds(lambda: store.lookup(keys, prefetch=False), calls)
+            store.put(others, blocks).wait()
+            store.flush()
+            found = store.lookup(keys, prefetch=False)
+            if found.num_blocks != _LOOKUP_BLOCKS or set(found.tiers) != {"disk"}:
+                raise RuntimeError(f"the lookup benchmark's prefix is not all on disk: {found.tiers}")
+            disk_s = median_seconds(lambda: store.lookup(keys, prefetch=False), calls)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"lookup_prefix_blocks": _LOOKUP_BLOCKS, "lookup_host_us": round(host_s * 1e6, 1),
+            "lookup_disk_us": round(disk_s * 1e6, 1), "lookup_disk_vs_host": round(disk_s / host_s, 3)}
 
 
 def run_disk_bench(path: str, block_bytes: int, total_bytes: int, repeats: int, *, region_bytes: int = 64 * _MiB,
@@ -153,6 +216,7 @@ def run_disk_bench(path: str, block_bytes: int, total_bytes: int, repeats: int, 
         direct = supports_direct_io(root)
         runs = [_one_repeat(root, layout, total_bytes, region_bytes, io_threads, direct, tier_first=bool(i % 2))
                 for i in range(repeats)]
+        lookup = measure_prefix_lookup(root, repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -178,6 +242,11 @@ def run_disk_bench(path: str, block_bytes: int, total_bytes: int, repeats: int, 
         # Medians of the per-repeat ratios: each pair ran back to back, so drive drift cancels out.
         "write_vs_raw": ratio("write", "raw_write"),
         "read_vs_raw": ratio("read", "raw_read"),
+        "per_call_read_ms": round(1e3 * statistics.median(run["per_call_read"] for run in runs), 3),
+        "per_call_raw_read_ms": round(1e3 * statistics.median(run["per_call_raw_read"] for run in runs), 3),
+        "per_call_read_vs_raw": round(statistics.median(run["per_call_read"] / run["per_call_raw_read"]
+                                                        for run in runs), 3),
+        **lookup,
         "torch_threads": torch.get_num_threads(),
         "unix_time": int(time.time()),
     }
@@ -205,4 +274,8 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
           f"write {result['disk_write_gbps']} GB/s (raw {result['raw_write_gbps']}, x{result['write_vs_raw']}), "
           f"read {result['disk_read_gbps']} GB/s (raw {result['raw_read_gbps']}, x{result['read_vs_raw']}), "
           f"restore {result['restore_gbps']} GB/s")
+    print(f"one block per call: read {result['per_call_read_ms']} ms (raw {result['per_call_raw_read_ms']} ms, "
+          f"x{result['per_call_read_vs_raw']}); {result['lookup_prefix_blocks']}-block prefix lookup: "
+          f"{result['lookup_disk_us']} us on disk, {result['lookup_host_us']} us in host "
+          f"(x{result['lookup_disk_vs_host']})")
     return 0
