@@ -38,11 +38,15 @@ _ONE_TABLE = ("replay", "ttft", "disk")
 
 # What each benchmark measures, in the order of the page; any other benchmark follows under its own name.
 SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "host": ("Host tier", "Put and get through the store (CPU transfer engine) against a raw copy of the same "
-             "block-sized tensors in the same run, by block size; key derivation and lookup of a long prompt.",
+    "host": ("Host tier", "Put and get through the store (CPU transfer engine) against raw copies of the same "
+             "block-sized tensors in the same run (one thread, and as many threads as the store's workers; ratios "
+             "against the better), by block size; one 1B-like (8 MiB) and 7B-like (32 MiB) chunk per call "
+             "(`per_call_*`, ms); key derivation and lookup of a long prompt.",
              ("tier_throughput.png",)),
     "disk": ("Disk tier", "Write, read and restore through the disk tier against plain sequential O_DIRECT I/O of "
-             "the same bytes on the same filesystem, same run, by block size.", ()),
+             "the same bytes on the same filesystem, same run, by block size; one block read per call against one "
+             "raw `preadv`; the lookup of a 64-block prefix with the blocks on disk against the same lookup with "
+             "them in host RAM (`lookup_disk_vs_host`).", ()),
     "gather": ("Gather / scatter of paged KV", "Paged KV (vLLM's layout) gathered into and scattered from a "
                "staging buffer, against one contiguous copy of the same bytes.", ()),
     "daemon": ("Daemon", "The daemon (one host pool shared by client processes over a Unix socket) against the "

@@ -54,8 +54,11 @@ def test_targets_say_met_missed_and_not_measured(run_dir: Path) -> None:
     by_area: dict[str, list[Target]] = {}
     for t in check_targets(load_results(run_dir)):
         by_area.setdefault(t.area, []).append(t)
-    assert [t.status for t in by_area["host tier"]] == [MISSED, MET]  # 0.649x at 1 MiB; first fill 0.62x
-    assert [t.status for t in by_area["disk tier"]] == [MISSED, MET]  # 256 KiB missed, 2 MiB met
+    # 0.649x at 1 MiB; no per-call figures in this older run; first fill 0.62x
+    assert [t.status for t in by_area["host tier"]] == [MISSED, NOT_MEASURED, MET]
+    assert "1 thread only" in by_area["host tier"][0].measured  # the older run had no N-thread baseline
+    # 256 KiB missed, 2 MiB met (0.985x, 1.011x); no prefix lookup in this older run
+    assert [t.status for t in by_area["disk tier"]] == [MISSED, MET, NOT_MEASURED]
     assert [t.status for t in by_area["daemon"]] == [MISSED, MISSED]  # get 0.77x; p99 3181 us at 4 clients
     assert by_area["remote"][0].status == NOT_MEASURED and "did not run" in by_area["remote"][0].measured
     replay = {t.target: t.status for t in by_area["replay"]}
@@ -64,6 +67,27 @@ def test_targets_say_met_missed_and_not_measured(run_dir: Path) -> None:
     assert replay["disk writes <= 1/3 of admit-all at 1%"] == MET
     assert [t.status for t in by_area["ttft"]] == [MET, MISSED]
     assert [t.status for t in by_area["ttft (GPU)"]] == [MET, MISSED]  # 4.0x at 8k, 4.5x at 32k
+
+
+def test_per_call_and_prefix_lookup_targets_read_the_new_fields(tmp_path: Path) -> None:
+    host = {"benchmark": "host", "block_bytes": [1048576], "put_vs_memcpy": [0.9], "get_vs_memcpy": [0.85],
+            "memcpy_gbps": [10.0], "memcpy_threads_gbps": [12.0], "transfer_workers": 2,
+            **{f"per_call_1b_{f}": v for f, v in (("put_vs_raw", 1.1), ("get_vs_raw", 1.05), ("put_ms", 0.9),
+                                                   ("get_ms", 0.85), ("raw_1t_ms", 0.8), ("raw_threads_ms", 0.82))},
+            **{f"per_call_7b_{f}": v for f, v in (("put_vs_raw", 1.3), ("get_vs_raw", 1.0), ("put_ms", 4.0),
+                                                   ("get_ms", 3.1), ("raw_1t_ms", 3.1), ("raw_threads_ms", 3.2))}}
+    disk = [{"benchmark": "disk", "block_bytes": 262144, "write_vs_raw": 0.92, "read_vs_raw": 0.95,
+             "lookup_disk_vs_host": ratio, "lookup_disk_us": 50.0, "lookup_host_us": 42.0} for ratio in (1.4, 1.19)]
+    steps = [{"step": "host", "benchmark": "host", "records": [host]},
+             {"step": "disk-256k", "benchmark": "disk", "records": disk}]
+    (tmp_path / "run.json").write_text(json.dumps({"command": "kvtier bench all", "steps": steps}))
+    for step in steps:
+        (tmp_path / f"{step['step']}.json").write_text(json.dumps(step))
+    targets = [t for t in check_targets(load_results(tmp_path)) if t.area in ("host tier", "disk tier")]
+    # 1 MiB batch, 1B per call, 7B per call (put 1.3x); two disk records at 0.92x/0.95x; the prefix lookup
+    assert [t.status for t in targets] == [MET, MET, MISSED, MET, MET, MET]
+    assert "12.0 GB/s 2 threads" in targets[0].measured and "1B" in targets[1].target
+    assert targets[5].measured.startswith("1.19x")  # the best of the runs
 
 
 def test_targets_of_an_empty_run_are_not_measured(tmp_path: Path) -> None:
