@@ -6,6 +6,7 @@ Promises:
   a failed put leaves no readable block under its key, a failed get leaves the caller's tensor for that
   index unspecified and says so.
 - ``done()`` never blocks; ``wait(timeout)`` raises ``JobTimeoutError`` on timeout and the job goes on.
+  ``wait`` may first run, on the waiting thread, copies of the job that no worker has started.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class Job:
         self._failed: set[int] = set()
         self._parts_left = 1  # the submitting call itself, finished by ``seal``
         self._cond = threading.Condition()
+        self._helpers: list[Callable[[], None]] = []
+
+    def add_helper(self, helper: Callable[[], None]) -> None:
+        """``helper()`` is run by ``wait`` before it sleeps: copies the waiter may run itself (``Transfer.help``)."""
+        self._helpers.append(helper)
 
     def add_parts(self, count: int = 1) -> None:
         with self._cond:
@@ -79,6 +85,8 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> JobResult:
         deadline = None if timeout is None else time.monotonic() + timeout
+        for helper in self._helpers:
+            helper()
         with self._cond:
             if self._poll is None:
                 # Completions are pushed (CPU workers): sleep until the last part notifies, no wake-ups between.

@@ -245,8 +245,9 @@ class Store:
         # callback never waits for us. One job for the whole call (one submission: a kernel launch on CUDA);
         # the engine splits it across its workers, and the slots are committed when it completed.
         if stored:
-            self.transfer.submit_blocks(self._rows, slots, [blocks[i] for i in stored], Direction.STORE,
-                                        self._on_put_done(job, stored, [keys[i] for i in stored]))
+            job.add_helper(self.transfer.submit_blocks(self._rows, slots, [blocks[i] for i in stored],
+                                                       Direction.STORE,
+                                                       self._on_put_done(job, stored, [keys[i] for i in stored])).help)
         return job.seal()
 
     def _present_or_writing(self, key: bytes) -> bool:
@@ -340,7 +341,7 @@ class Store:
                     self._counters["get_failed_blocks"] += len(keys)
             job.part_done(indices if error is not None else ())
 
-        self.transfer.submit_blocks(self._rows, acquired, dsts, Direction.LOAD, on_done)
+        job.add_helper(self.transfer.submit_blocks(self._rows, acquired, dsts, Direction.LOAD, on_done).help)
 
     def _after_promotion(self, job: Job, index: int, key: bytes, block: torch.Tensor) -> Callable[[Future[bool]], None]:
         def on_promoted(future: Future[bool]) -> None:

@@ -15,6 +15,8 @@ Promises:
 - Each job's ``on_done(error)`` is called exactly once, with ``None`` after every pair was copied or with
   the exception that stopped it. It is called from a worker thread (CPU backend) or from whichever thread
   polls (CUDA backend, in ``poll``/``Transfer.done``/``Transfer.wait``).
+- ``Transfer.help`` may run parts of a job on the thread that calls it (one about to wait for the job
+  anyway); ``on_done`` then runs there if that part is the last.
 - Loads are preferred over queued stores. Completion order between jobs is the backend's (the CUDA one
   keeps submission order per direction); the store never relies on it, since a block becomes readable only
   after its own job completed.
@@ -52,6 +54,13 @@ class Transfer(ABC):
     @abstractmethod
     def wait(self, timeout: float | None = None) -> bool:
         """Block until done or ``timeout`` seconds passed; returns ``done()``."""
+
+    def help(self) -> None:  # noqa: B027 (a no-op by default, not abstract: only CPU backends have work to lend)
+        """Run on the calling thread the parts of this job no worker has started (a waiter lends its core).
+
+        Never waits for a part another thread runs. The default, for backends whose copies are not CPU
+        work (CUDA), does nothing.
+        """
 
 
 class TransferEngine(ABC):

@@ -12,7 +12,10 @@ Its bytes, not its blocks, are cut into the workers' shares (page-aligned, at le
 each), so one large block (a connector's usual call) is copied by every worker, and a small job wakes one.
 Queued shares wait in one deque per direction behind a C ``SimpleQueue`` of wake-up tokens: a hand-off
 costs one futex wake, not a Python ``Condition`` round (``PriorityQueue``), which on a loaded VM was a
-large part of a one-block call.
+large part of a one-block call. ``Transfer.help`` runs one share of the job that no worker has picked up yet on
+the calling thread: a caller about to wait copies instead of sleeping while a worker wakes up (tens to hundreds
+of microseconds on a loaded VM), so a one-chunk put or get that is waited for costs about what the same
+bytes cost copied by that many threads.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from kvtier.transfer.base import (
 
 
 class _CpuTransfer(Transfer):
-    def __init__(self, num_shares: int, on_done: DoneCallback) -> None:
+    def __init__(self, num_shares: int, on_done: DoneCallback, steal: Callable[[_CpuTransfer], None]) -> None:
+        self._steal = steal
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._shares_left = num_shares
@@ -65,6 +69,10 @@ class _CpuTransfer(Transfer):
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._finished.wait(timeout)
+
+    def help(self) -> None:
+        if not self._finished.is_set():
+            self._steal(self)
 
 
 _Task = tuple[Callable[[], None], _CpuTransfer]
@@ -120,6 +128,16 @@ def cut_segments(dsts: Sequence[int], srcs: Sequence[int], nbytes: int,
     return shares
 
 
+def _run(task: _Task) -> None:
+    work, transfer = task
+    error: BaseException | None = None
+    try:
+        work()
+    except Exception as exc:  # delivered to the job's owner, who turns it into failed blocks
+        error = exc
+    transfer.share_done(error)
+
+
 class CpuTransferEngine(TransferEngine):
     name = "cpu"
     completes_on_poll = False
@@ -162,7 +180,7 @@ class CpuTransferEngine(TransferEngine):
     def _queue_shares(self, shares: list[Callable[[], None]], direction: Direction,
                       on_done: DoneCallback) -> Transfer:
         """Queue one job's ``shares`` (each a worker's part); ``on_done`` runs after the last one."""
-        transfer = _CpuTransfer(len(shares), on_done)
+        transfer = _CpuTransfer(len(shares), on_done, self._run_queued_shares)
         with self._lock:
             if self._closed:
                 raise ClosedError("the transfer engine is closed")
@@ -175,17 +193,30 @@ class CpuTransferEngine(TransferEngine):
     def _serve(self) -> None:
         loads, stores = self._work
         while self._tokens.get() is not None:
-            # Every token was put after its share: a token in hand means a share is queued in one deque.
+            # Every token was put after its share, but a waiter may have run the share itself (``help``).
             try:
-                work, transfer = loads.popleft()
+                task = loads.popleft()
             except IndexError:
-                work, transfer = stores.popleft()
-            error: BaseException | None = None
-            try:
-                work()
-            except Exception as exc:  # delivered to the job's owner, who turns it into failed blocks
-                error = exc
-            transfer.share_done(error)
+                try:
+                    task = stores.popleft()
+                except IndexError:
+                    continue
+            _run(task)
+
+    def _run_queued_shares(self, transfer: _CpuTransfer) -> None:
+        """Run on this thread one share of ``transfer`` still queued, the last (its token then finds none).
+
+        One only: the workers take the others from the front meanwhile, so the job is still copied by every
+        thread; a caller taking them all copied alone while the woken workers found nothing to do.
+        """
+        for work in self._work:
+            for task in [task for task in reversed(work) if task[1] is transfer][:1]:
+                try:
+                    work.remove(task)
+                except ValueError:  # a worker took it meanwhile
+                    return
+                _run(task)
+                return
 
     def poll(self) -> int:
         return 0

@@ -211,3 +211,39 @@ def test_one_large_block_is_copied_by_every_worker_and_round_trips() -> None:
     assert results == [None, None] and torch.equal(out, block) and torch.equal(rows[1, :nbytes], block)
     assert torch.count_nonzero(rows[0]) == 0 and torch.count_nonzero(rows[1, nbytes:]) == 0
     engine.close()
+
+
+def _waits_for(gate: threading.Event) -> DoneCallback:
+    def on_done(error: BaseException | None) -> None:
+        gate.wait(10)
+
+    return on_done
+
+
+def test_help_runs_one_queued_share_on_the_waiting_thread() -> None:
+    engine = CpuTransferEngine(1)
+    gate = threading.Event()
+    engine.submit([], Direction.STORE, _waits_for(gate))  # occupies the only worker
+    nbytes = 2 * MIN_SHARE_BYTES
+    rows = torch.zeros(2, nbytes, dtype=torch.uint8)
+    block = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    done_on: list[str] = []
+    one = engine.submit_blocks(rows, [0], [block[: nbytes // 2].clone()], Direction.STORE,
+                               lambda e: done_on.append(threading.current_thread().name))
+    one.help()  # one share, no worker free: the caller copies it and runs on_done
+    assert one.done() and done_on == [threading.current_thread().name]
+    assert torch.equal(rows[0, : nbytes // 2], block[: nbytes // 2])
+    gate.set()
+    engine.close()
+    engine = CpuTransferEngine(2)
+    gates = [threading.Event() for _ in range(2)]
+    for g in gates:  # both workers busy
+        engine.submit([], Direction.STORE, _waits_for(g))
+    results: list[BaseException | None] = []
+    two = engine.submit_blocks(rows, [1], [block], Direction.STORE, results.append)  # two shares
+    two.help()  # takes one share only: the other waits for a worker
+    assert not two.done() and torch.equal(rows[1, nbytes // 2 :], block[nbytes // 2 :])
+    for g in gates:
+        g.set()
+    assert two.wait(30) and results == [None] and torch.equal(rows[1], block)
+    engine.close()
