@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 
 from kvtier.config import DiskConfig
@@ -24,9 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 # The writer offers the blocks of DiskKit.payload. With `every` > 0 it flushes every `every` blocks and prints
 # how many blocks are committed after each flush, forever. With `every` = 0 it writes and flushes one region
 # (printing 12), then tears the next region's write: half of it reaches the file, then the process kills
-# itself.
+# itself. A third argument sets the bytes of an open region written behind its appends (parts torn too).
 WRITER = """
 import os, signal, sys, torch
+import kvtier.disk.tier as tier_module
 from kvtier.config import DiskConfig
 from kvtier.disk import DiskTier, FileDevice
 from kvtier.layout import KVLayout
@@ -40,6 +42,8 @@ class Tearing(FileDevice):
         return super()._pwritev(offset, buffer)
 
 path, every = sys.argv[1], int(sys.argv[2])
+if len(sys.argv) > 3:
+    tier_module._STREAM_BYTES = int(sys.argv[3])
 layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16", block_tokens=16)
 config = DiskConfig(paths=(path,), capacity_bytes=64 << 20, region_bytes=256 << 10, io_threads=2)
 tier = DiskTier(config, layout, device_factory=Tearing)
@@ -56,8 +60,12 @@ while True:
 """
 
 
-def writer(path: str, every: int) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", WRITER, path, str(every)], cwd=REPO,
+STREAM = [None, 2 * 20 * 1024]  # the default (never within a 256 KiB region), and every two entries
+
+
+def writer(path: str, every: int, stream: int | None = None) -> subprocess.Popen[str]:
+    extra = [] if stream is None else [str(stream)]
+    return subprocess.Popen([sys.executable, "-c", WRITER, path, str(every), *extra], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
 
 
@@ -75,10 +83,11 @@ def check_everything_readable(tier: DiskTier, kit: DiskKit, committed: int, trie
     return present
 
 
-def test_sigkill_mid_write_loses_nothing_committed(disk_config: Config, kit: DiskKit) -> None:
+@pytest.mark.parametrize("stream", STREAM)
+def test_sigkill_mid_write_loses_nothing_committed(disk_config: Config, kit: DiskKit, stream: int | None) -> None:
     kill_after = 100
     cfg = disk_config(capacity_bytes=64 << 20)
-    child = writer(cfg.paths[0], every=7)
+    child = writer(cfg.paths[0], every=7, stream=stream)
     assert child.stdout is not None
     committed = 0
     for line in child.stdout:
@@ -93,9 +102,10 @@ def test_sigkill_mid_write_loses_nothing_committed(disk_config: Config, kit: Dis
         assert present >= committed
 
 
-def test_a_region_torn_by_a_crash_is_discarded(disk_config: Config, kit: DiskKit) -> None:
+@pytest.mark.parametrize("stream", STREAM)
+def test_a_region_torn_by_a_crash_is_discarded(disk_config: Config, kit: DiskKit, stream: int | None) -> None:
     cfg = disk_config(capacity_bytes=64 << 20)
-    child = writer(cfg.paths[0], every=0)
+    child = writer(cfg.paths[0], every=0, stream=stream)
     out, _ = child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL and out.split() == ["12"]
     with DiskTier(cfg, kit.layout) as tier:
