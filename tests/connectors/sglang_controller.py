@@ -19,6 +19,7 @@ import time
 from queue import Empty
 from typing import Any
 
+import sglang_pools  # noqa: F401  (declares torchvision's operator schemas before SGLang is imported)
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
 from sglang.srt.mem_cache.hicache_storage import PoolName
@@ -41,7 +42,9 @@ def storage_controller(backend: Any, pool: Any, *, sync_groups: list[Any] | None
     controller.enable_storage_metrics = False
     controller.storage_backend = backend
     controller.storage_backend_type = "dynamic"
-    controller.storage_config = backend.storage_config
+    # The config SGLang built the backend with (the same object, as in attach_storage_backend), also when
+    # SGLang's failure injector wraps the backend.
+    controller.storage_config = getattr(backend, "storage_config", None) or backend._backend.storage_config
     controller.enable_storage = True
     controller.storage_stop_event = threading.Event()
     controller.prefetch_hits_sync_groups = list(sync_groups or [])

@@ -114,16 +114,16 @@ def extra_config(**kvtier: Any) -> dict[str, Any]:
 
 
 def storage_config(extra: dict[str, Any] | None, *, mla: bool = False, tp_rank: int = 0,
-                   tp_size: int = 1) -> HiCacheStorageConfig:
+                   tp_size: int = 1, metrics: bool = False) -> HiCacheStorageConfig:
     return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
-                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
+                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=metrics,
                                 is_page_first_layout=False, model_name="org/model", extra_config=extra)
 
 
-def open_backend(pool: Any, *, tp_rank: int = 0, tp_size: int = 1, **kvtier: Any) -> Any:
+def open_backend(pool: Any, *, tp_rank: int = 0, tp_size: int = 1, metrics: bool = False, **kvtier: Any) -> Any:
     """The backend, created and registered as SGLang's cache controller does it."""
     config = storage_config(extra_config(**kvtier), mla=isinstance(pool, MLATokenToKVPoolHost), tp_rank=tp_rank,
-                            tp_size=tp_size)
+                            tp_size=tp_size, metrics=metrics)
     backend = StorageBackendFactory.create_backend("dynamic", config, pool)
     backend.register_mem_pool_host(pool)
     return backend
