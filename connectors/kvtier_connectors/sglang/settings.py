@@ -147,16 +147,21 @@ def rank_directory(storage_config: Any) -> str:
 def _sglang_kv_cache_dtype() -> str:
     """SGLang's ``--kv-cache-dtype`` as its scheduler process published it; "" where it is not published."""
     try:
-        from sglang.srt.runtime_context import get_model
-
-        return str(get_model().kv_cache_dtype)
-    except (ImportError, ValueError, AttributeError):
+        from sglang.srt import runtime_context
+    except ImportError:
         return ""
+    # The resolved config bag first, then the operator's server arguments it was projected from.
+    for getter in ("get_model", "get_server_args"):
+        try:
+            return str(getattr(runtime_context, getter)().kv_cache_dtype)
+        except (ValueError, AttributeError):
+            continue
+    return ""
 
 
 def kv_format(settings: StorageSettings, pool_dtype: str, *, rocm: bool | None = None) -> str:
     """What the pool's bytes are: its dtype, or for SGLang's ``uint8`` fp8 caches the fp8 format."""
-    name = settings.kv_cache_dtype or _sglang_kv_cache_dtype()
+    name = settings.kv_cache_dtype or (_sglang_kv_cache_dtype() if pool_dtype == "uint8" else "")
     if name in _SCALED_FORMATS:
         raise LayoutMismatchError(f"kvtier does not store block-scaled KV caches ({name}): their scales live "
                                   "outside the host pool's pages")
