@@ -281,3 +281,26 @@ def test_storage_metrics_report_each_read_and_write(run: Callable[..., tuple[Any
     assert backend.get_stats().backup_pgs == []  # each call reports what happened since the last
     quiet, _ = run(sp.mha_pool("page_first"), config=host_config())
     assert quiet.get_stats() is None
+
+
+# -- SGLang's failure injector ---------------------------------------------------------------------------------
+
+
+def test_under_sglangs_failure_injector_every_page_read_is_the_page_written(
+        monkeypatch: pytest.MonkeyPatch, run: Callable[..., tuple[Any, Any]]) -> None:
+    monkeypatch.setenv("SGLANG_TEST_HICACHE_BACKEND_RANDOM_FAILURE", "0.3")
+    pool = sp.mha_pool("page_first", device_tokens=256)
+    backend, controller = run(pool, config=host_config("256KiB"))
+    assert type(backend).__name__ == "HiCacheStorageFailureInjector"
+    for seed in range(8):
+        tokens = fresh_tokens(4)
+        indices, expected = written_pages(pool, 4, seed=50 + seed)
+        stored = sc.backup(controller, indices, tokens)
+        pool.free(indices)
+        hit, read, got = sc.prefetch(controller, tokens)
+        assert read <= hit <= len(tokens) and (stored == 0 or stored == len(tokens))
+        if read:
+            assert torch.equal(read_back(pool, got[:read]), expected[:read])
+            pool.free(got)
+    backend.clear()  # the injector hands clear() to the backend
+    assert sc.prefetch(controller, tokens)[0] == 0
