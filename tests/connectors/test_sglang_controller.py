@@ -158,6 +158,10 @@ def test_sglangs_clear_drops_the_pages_for_every_instance_on_the_daemon(daemon: 
     assert sc.backup(first, written_pages(pool, 3, seed=21)[0], tokens) == len(tokens)
     assert sc.prefetch(other, tokens)[0] == len(tokens)
     assert first.clear_storage_backend() is True  # SGLang's own clear path: ends in backend.clear()
+    stale = other_pool.alloc(3 * sp.PAGE_TOKENS)
+    hashes = sp.page_hashes(3, first_token=tokens[0])
+    assert other_backend.batch_get_v1(hashes, stale) == [False] * 3  # a read with no hit query first
+    other_pool.free(stale)
     assert sc.prefetch(first, tokens)[:2] == (0, 0)
     assert sc.prefetch(other, tokens)[:2] == (0, 0)  # learnt from its own lookup's reply
     assert other_backend.exists(sp.page_hashes(1, first_token=tokens[0])[0]) is False

@@ -14,7 +14,9 @@ Promises:
   epoch in the store (``Store.advance_epoch``), so every page saved before it is unreachable for every rank
   and instance on that store (the bytes age out by eviction); a closed backend raises, so SGLang reports the
   failed clear. ``batch_exists`` learns of an epoch another process advanced from the reply of its own
-  lookup (no extra request) and re-derives its keys before it answers; reads follow the hit query.
+  lookup (no extra request) and re-derives its keys before it answers; ``batch_get_v1`` and
+  ``batch_set_v1`` ask the store for the epoch first (one small request on a daemon, next to the copies of
+  up to 128 pages), so no read after another process's clear serves a page saved before it.
 - ``batch_exists`` is one ``lookup`` (one daemon round trip, two after another process's clear): the length
   of the leading run of pages present in any tier; disk pages of the run start their promotion at once.
 - ``batch_get_v1`` pins the leading run of readable pages and copies each straight from its arena slot into
@@ -149,7 +151,7 @@ class KvtierStorage(HiCacheStorage):
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
         store, pages, page_keys = self._ready()
         starts = pages.page_starts(host_indices, len(keys))
-        block_keys = page_keys.keys(keys)
+        block_keys = self._current_keys(store, page_keys, keys)
         chunk = max(1, self.host_blocks // 2)
         started = time.perf_counter()
         found = 0
@@ -172,7 +174,7 @@ class KvtierStorage(HiCacheStorage):
         starts = pages.page_starts(host_indices, len(keys))
         if not self.writes:
             return [True] * len(keys)
-        block_keys = page_keys.keys(keys)
+        block_keys = self._current_keys(store, page_keys, keys)
         limit = len(keys) if self.spills else min(len(keys), self.host_blocks)
         started = time.perf_counter()
         stored = 0
@@ -191,6 +193,14 @@ class KvtierStorage(HiCacheStorage):
             stored += count
         self._record("backup", stored, started)
         return [True] * stored + [False] * (len(keys) - stored)
+
+    @staticmethod
+    def _current_keys(store: BlockStore, page_keys: PageKeys, hashes: list[str]) -> list[bytes]:
+        """Keys under the store's current epoch: a read never serves, a write never hides, pages of before a clear."""
+        epoch = store.epoch(page_keys.scope)
+        if epoch != page_keys.epoch:
+            page_keys.at(epoch)
+        return page_keys.keys(hashes)
 
     @staticmethod
     def _reserve_leading(store: BlockStore, keys: list[bytes]) -> tuple[Reservation | None, int]:
