@@ -241,6 +241,21 @@ def test_a_draft_pool_is_refused_with_a_message_about_speculative_decoding() -> 
         backend.close()
 
 
+@pytest.mark.parametrize("layout", sp.HOST_LAYOUTS)
+def test_a_draft_layer_packed_into_the_target_pool_is_stored_with_its_pages(
+        layout: str, run: Callable[..., tuple[Any, Any]]) -> None:
+    pool = sp.mha_pool(layout, packed_draft_layers=1)
+    backend, controller = run(pool, config=host_config())
+    assert backend.pages.layout.num_layers == sp.LAYERS + 1
+    tokens = fresh_tokens(2)
+    indices, expected = written_pages(pool, 2, seed=24)
+    assert sc.backup(controller, indices, tokens) == len(tokens)
+    pool.free(indices)
+    hit, read, got = sc.prefetch(controller, tokens)
+    assert (hit, read) == (len(tokens), len(tokens))
+    assert torch.equal(read_back(pool, got), expected)
+
+
 # -- 6. batches larger than the host tier ----------------------------------------------------------------------
 
 
