@@ -71,6 +71,8 @@ def test_a_daemon_is_reached_over_its_unix_socket() -> None:
     assert settings.store_config().daemon.connect == "unix:/run/k.sock"
     from_config = extra(store="daemon", config={"daemon": {"connect": "unix:/run/c.sock"}})
     assert StorageSettings.from_extra_config(from_config, "m").store_config().daemon.connect == "unix:/run/c.sock"
+    per_stage = StorageSettings.from_extra_config(extra(store="daemon", address="unix:/run/k{pp_rank}.sock"), "m")
+    assert per_stage.store_config(pp_rank=1).daemon.connect == "unix:/run/k1.sock"
     with pytest.raises(ConfigError, match="Unix socket"):
         StorageSettings.from_extra_config(extra(store="daemon", address="tcp://h:1"), "m").store_config()
 

@@ -105,10 +105,11 @@ class StorageSettings:
             raise ConfigError(f"kv_cache_dtype {settings.kv_cache_dtype!r} is not one of {sorted(known)}")
         return settings
 
-    def store_config(self, rank_dir: str = "") -> StoreConfig:
+    def store_config(self, rank_dir: str = "", pp_rank: int = 0) -> StoreConfig:
         """kvtier's configuration: the TOML file ``config_path`` (if any), then ``config`` over it.
 
-        ``rank_dir`` (``rank_directory``) puts an embedded store's disk tier in that subdirectory of each path.
+        ``rank_dir`` (``rank_directory``) puts an embedded store's disk tier in that subdirectory of each path;
+        ``{pp_rank}`` in a daemon address becomes ``pp_rank`` (one daemon per pipeline stage layout).
         """
         data: dict[str, Any] = {}
         if self.config_path:
@@ -123,7 +124,7 @@ class StorageSettings:
             data[name] = {**below, **value} if isinstance(below, Mapping) and isinstance(value, Mapping) else value
         config = config_from_mapping(data)
         if self.store == "daemon":
-            address = self.address or config.daemon.connect or "unix"
+            address = (self.address or config.daemon.connect or "unix").replace("{pp_rank}", str(pp_rank))
             if address.startswith("tcp://"):
                 raise ConfigError("the SGLang backend writes the daemon's shared arena: connect over its Unix "
                                   f"socket ('unix' or 'unix:PATH'), not {address!r}")
@@ -230,10 +231,10 @@ class PageKeys:
         return keys
 
 
-def open_store(settings: StorageSettings, layout: KVLayout, rank_dir: str = "") -> BlockStore:
+def open_store(settings: StorageSettings, layout: KVLayout, rank_dir: str = "", pp_rank: int = 0) -> BlockStore:
     """An embedded ``Store`` for ``layout``, or a ``Client`` of the daemon (``store='daemon'``).
 
     A daemon that serves another layout refuses the client with ``LayoutMismatchError``.
     """
-    config = settings.store_config(rank_dir)
+    config = settings.store_config(rank_dir, pp_rank)
     return Client(layout, config) if settings.store == "daemon" else Store(layout, config)

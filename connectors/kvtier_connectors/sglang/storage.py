@@ -98,7 +98,8 @@ class KvtierStorage(HiCacheStorage):
         fmt = kv_format(self.settings, pages.layout.dtype)
         page_keys = PageKeys(self.settings, pages.layout, Shard.of(self.storage_config, replicated=pages.latent), fmt)
         embedded = self.settings.store == "embedded"
-        store = open_store(self.settings, pages.layout, rank_directory(self.storage_config) if embedded else "")
+        store = open_store(self.settings, pages.layout, rank_directory(self.storage_config) if embedded else "",
+                           self.storage_config.pp_rank)
         try:
             page_keys.at(store.epoch(page_keys.scope))
             stats = store.stats()
