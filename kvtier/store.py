@@ -9,6 +9,8 @@ Primitives (each documented where it is defined):
 - ``reserve`` / ``commit`` / ``abort`` and ``acquire`` / ``release``: the zero-copy path, for callers that
   write and read arena slots themselves (the daemon's clients, the vLLM gather kernels); ``slot_rows()``
   is the arena as one ``(num_slots, slot_bytes)`` view for ``PagedKV.gather_to_slots`` and friends.
+- ``epoch(scope)`` / ``advance_epoch(scope)``: the key epoch callers mix into the keys of a scope; advancing
+  it makes the scope's old keys unreachable (``kvtier.epochs``; persisted in the disk tier's index).
 - ``stats()``: an immutable ``StoreStats`` snapshot. ``close()``: finish jobs, flush and close the lower tiers.
 
 The tiers below the host pool (disk, remote) are an ordered chain behind one interface
@@ -41,6 +43,7 @@ import torch
 
 from kvtier.arena import PAGE_BYTES, HostArena, round_up
 from kvtier.config import StoreConfig
+from kvtier.epochs import KeyEpochs
 from kvtier.errors import CapacityError, ClosedError, ConfigError, InvalidInputError
 from kvtier.host import HostTier
 from kvtier.job import Job
@@ -66,10 +69,14 @@ _TIERS = {tier.value: tier for tier in Tier}  # a dict read, not an enum call, p
 
 @dataclass(frozen=True)
 class LookupResult:
-    """``num_blocks`` leading keys are present; ``tiers[i]`` says where block ``i`` was found."""
+    """``num_blocks`` leading keys are present; ``tiers[i]`` says where block ``i`` was found.
+
+    ``epoch`` is the current key epoch of the scope the lookup named (``None`` when it named none).
+    """
 
     num_blocks: int
     tiers: tuple[Tier, ...]
+    epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,7 @@ class Store:
                              on_evict=self._demote if self.lower else None)
         self.transfer = transfer or make_transfer_engine(self.config.transfer)
         self._poll = self.transfer.poll if self.transfer.completes_on_poll else None
+        self._epochs = KeyEpochs(self.disk)
 
     # -- keys ---------------------------------------------------------------------------------------
 
@@ -167,11 +175,25 @@ class Store:
         adapter = self.lower.get("disk")
         return adapter.tier if isinstance(adapter, DiskAdapter) else None
 
+    def epoch(self, scope: str) -> int:
+        """The key epoch of ``scope``: 0 until advanced (``InvalidInputError`` for a malformed scope)."""
+        self._check_open()
+        return self._epochs.get(scope)
+
+    def advance_epoch(self, scope: str) -> int:
+        """Advance ``scope``'s key epoch and return the new one; with a disk tier it is durable on return."""
+        self._check_open()
+        return self._epochs.advance(scope)
+
     # -- lookup -------------------------------------------------------------------------------------
 
-    def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True) -> LookupResult:
-        """The longest leading run of ``keys`` present in some tier; lower-tier hits are prefetched into host."""
+    def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True, scope: str | None = None) -> LookupResult:
+        """The longest leading run of ``keys`` present in some tier; lower-tier hits are prefetched into host.
+
+        With ``scope``, the result also carries that scope's current key epoch (``LookupResult.epoch``).
+        """
         keys = check_keys(keys)
+        epoch = None if scope is None else self._epochs.get(scope)
         found = self._locate(keys)
         tiers = [tier for tier, _ in found]
         with self._lock:
@@ -189,7 +211,7 @@ class Store:
                     for key, (tier, lower) in zip(keys, found, strict=False):
                         if tier is not Tier.HOST and key not in self._promotions:
                             self._start_promotion(key, lower, protected=run)
-        return LookupResult(len(tiers), tuple(tiers))
+        return LookupResult(len(tiers), tuple(tiers), epoch)
 
     def _locate(self, keys: list[bytes]) -> list[tuple[Tier, LowerTier | None]]:
         """The tier of each key of the leading run present (and the lower tier to promote it from).

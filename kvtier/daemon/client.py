@@ -5,7 +5,8 @@ CUDA) and arena slots with its own transfer engine; only control frames cross th
 payloads travel in frames and the zero-copy calls are unavailable.
 
 Promises:
-- ``lookup``, ``contains``, ``put``, ``get``, ``stats``, ``flush``, ``hasher``, ``close``, the context manager
+- ``lookup``, ``contains``, ``put``, ``get``, ``epoch``, ``advance_epoch``, ``stats``, ``flush``, ``hasher``,
+  ``close``, the context manager
   and (Unix only) ``reserve`` / ``commit`` / ``abort`` / ``acquire`` / ``release`` / ``slot_view`` behave as
   the embedded ``Store``'s, with these differences: a put that finds no room fails all of its blocks (the
   daemon reserves all or nothing), and a get fails only the indices that are missing.
@@ -38,6 +39,7 @@ import torch
 from kvtier.arena import HostArena
 from kvtier.config import StoreConfig
 from kvtier.daemon.protocol import VERSION, Message, default_socket_path, pack, read_frame, stats_from_dict
+from kvtier.epochs import check_scope
 from kvtier.errors import (
     AuthError,
     CapacityError,
@@ -233,10 +235,24 @@ class Client:
         namespace = Namespace.for_layout(model_id, self.layout, tp_rank, tp_size, tenant_salt)
         return BlockHasher(namespace, self.layout.block_tokens, self.hash_algo)
 
-    def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True) -> LookupResult:
-        """The longest leading run of ``keys`` present in the daemon; disk hits are prefetched into host."""
-        reply = self._call("lookup", keys=check_keys(keys), prefetch=prefetch)
-        return LookupResult(reply["num_blocks"], tuple(_TIERS[tier] for tier in reply["tiers"]))
+    def lookup(self, keys: Sequence[bytes], *, prefetch: bool = True, scope: str | None = None) -> LookupResult:
+        """The longest leading run of ``keys`` present in the daemon; disk hits are prefetched into host.
+
+        With ``scope``, the same reply carries that scope's current key epoch (``LookupResult.epoch``).
+        """
+        fields: dict[str, Any] = {} if scope is None else {"scope": check_scope(scope)}
+        reply = self._call("lookup", keys=check_keys(keys), prefetch=prefetch, **fields)
+        return LookupResult(reply["num_blocks"], tuple(_TIERS[tier] for tier in reply["tiers"]), reply.get("epoch"))
+
+    def epoch(self, scope: str) -> int:
+        """The key epoch of ``scope`` in the daemon's store, shared by all its clients; see ``Store.epoch``."""
+        epoch: int = self._call("epoch", scope=check_scope(scope))["epoch"]
+        return epoch
+
+    def advance_epoch(self, scope: str) -> int:
+        """Advance ``scope``'s key epoch for every client of the daemon; see ``Store.advance_epoch``."""
+        epoch: int = self._call("advance_epoch", scope=check_scope(scope))["epoch"]
+        return epoch
 
     def contains(self, key: bytes) -> Tier | None:
         tier = self._call("contains", keys=[check_key(key)])["tier"]

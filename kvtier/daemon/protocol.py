@@ -8,7 +8,8 @@ Ops (fields in brackets; keys are 16-byte msgpack bins):
 
 - ``hello`` [layout: map | nil, namespace: str, token: str] -> arena, num_slots, slot_bytes, block_bytes,
   hash_algo, max_frame_bytes, layout. Must come first; a hello without a layout may only ask for ``stats``.
-- ``lookup`` [keys, prefetch] -> num_blocks, tiers. ``contains`` is ``lookup`` of one key without counting.
+- ``lookup`` [keys, prefetch, scope] -> num_blocks, tiers, epoch (``scope``'s key epoch; nil without a scope).
+  ``contains`` is ``lookup`` of one key without counting.
 - ``reserve`` [keys] -> keys, slots, skipped (all or a ``CapacityError`` reply). ``commit`` / ``abort`` [keys].
 - ``acquire`` [keys, prefix, timeout] -> keys, slots (a read lease; ``prefix`` false leases every readable
   key, not only the leading run; ``slots[i]`` is nil for a miss). ``release`` [keys].
@@ -17,6 +18,8 @@ Ops (fields in brackets; keys are 16-byte msgpack bins):
 - ``stats`` -> stats (``stats_to_dict`` of the store's ``StoreStats``, nil before a layout is known),
   daemon (clients, errors, op latencies).
 - ``flush``: write the disk tier's open region.
+- ``epoch`` [scope] -> epoch; ``advance_epoch`` [scope] -> epoch (the new one): the store's key epochs
+  (``kvtier.epochs``), one per scope, shared by every client of the daemon.
 
 Promises:
 - ``read_frame`` refuses a body longer than ``max_frame_bytes`` before reading it (``ProtocolError``), and
@@ -43,7 +46,7 @@ from kvtier.stats import StoreStats, TierStats
 VERSION = 1
 HEADER = struct.Struct(">I")
 OPS = frozenset({"hello", "lookup", "contains", "reserve", "commit", "abort", "acquire", "release", "put", "get",
-                 "stats", "flush"})
+                 "stats", "flush", "epoch", "advance_epoch"})
 Message = dict[str, Any]
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvtier.epochs import check_scope
 from kvtier.errors import AuthError, InvalidInputError, LayoutMismatchError, ProtocolError
 from kvtier.keys import check_keys
 from kvtier.layout import KVLayout
@@ -34,7 +35,7 @@ from kvtier.daemon.protocol import Message
 Handler = Callable[["Session", Message], dict[str, Any]]
 # Ops that read or change blocks need a layout in the hello; an observer (``kvtier stats``) has none.
 _STORE_OPS = frozenset({"lookup", "contains", "reserve", "commit", "abort", "acquire", "release", "put", "get",
-                        "flush"})
+                        "flush", "epoch", "advance_epoch"})
 
 
 def _keys(message: Message, *, checked: bool = True) -> list[bytes]:
@@ -43,6 +44,10 @@ def _keys(message: Message, *, checked: bool = True) -> list[bytes]:
     if not isinstance(keys, list):
         raise InvalidInputError("'keys' must be a list of 16-byte keys")
     return check_keys(keys) if checked else keys
+
+
+def _scope(message: Message) -> str:
+    return check_scope(message.get("scope"))
 
 
 def _flag(message: Message, field: str, default: bool) -> bool:
@@ -118,8 +123,16 @@ class Session:
         return self.store
 
     def _lookup(self, message: Message) -> dict[str, Any]:
-        result = self._require_store().lookup(_keys(message, checked=False), prefetch=_flag(message, "prefetch", True))
-        return {"num_blocks": result.num_blocks, "tiers": [tier.value for tier in result.tiers]}
+        result = self._require_store().lookup(_keys(message, checked=False), prefetch=_flag(message, "prefetch", True),
+                                              scope=_scope(message) if "scope" in message else None)
+        return {"num_blocks": result.num_blocks, "tiers": [tier.value for tier in result.tiers],
+                "epoch": result.epoch}
+
+    def _epoch(self, message: Message) -> dict[str, Any]:
+        return {"epoch": self._require_store().epoch(_scope(message))}
+
+    def _advance_epoch(self, message: Message) -> dict[str, Any]:
+        return {"epoch": self._require_store().advance_epoch(_scope(message))}
 
     def _contains(self, message: Message) -> dict[str, Any]:
         keys = _keys(message)
@@ -248,4 +261,5 @@ _HANDLERS: dict[str, Handler] = {
     "lookup": Session._lookup, "contains": Session._contains, "reserve": Session._reserve,
     "commit": Session._commit, "abort": Session._abort, "acquire": Session._acquire,
     "release": Session._release, "put": Session._put, "get": Session._get, "flush": Session._flush,
+    "epoch": Session._epoch, "advance_epoch": Session._advance_epoch,
 }

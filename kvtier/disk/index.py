@@ -1,7 +1,8 @@
 """The disk tier's persistent index in LMDB: where each block lives, which regions are sealed, and a meta record.
 
 Three LMDB databases in one environment:
-- ``meta``: one JSON record (format version, layout fingerprint, region size, number of paths).
+- ``meta``: one JSON record (format version, layout fingerprint, region size, number of paths), and the
+  store's key epochs (``epoch:SCOPE`` -> decimal epoch; ``kvtier.epochs``), which survive a ``reset``.
 - ``regions``: region id -> (state, seal sequence). ``OPEN`` means "being filled or written"; ``SEALED``
   means its data was written and fdatasync'ed before its entries were committed.
 - ``entries``: 16-byte key -> ``IndexEntry`` (path, region, offset, lengths, codec, checksums).
@@ -86,6 +87,7 @@ _ENTRY = struct.Struct("<HIQIIBBQQ")
 _REGION_KEY = struct.Struct(">I")  # big-endian, so LMDB's byte order is region order
 _REGION = struct.Struct("<BQ")
 _META_KEY = b"meta"
+_EPOCH_PREFIX = b"epoch:"
 
 
 def _pack_entry(entry: IndexEntry) -> bytes:
@@ -128,6 +130,23 @@ class DiskIndex:
             txn.drop(self._regions, delete=False)
             txn.drop(self._entries, delete=False)
             txn.put(_META_KEY, json.dumps(meta, sort_keys=True).encode(), db=self._meta)
+
+    def read_epochs(self) -> dict[str, int]:
+        """Every key epoch recorded with ``write_epoch``, by scope."""
+        epochs: dict[str, int] = {}
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._meta)
+            if cursor.set_range(_EPOCH_PREFIX):
+                for raw_key, raw in cursor:
+                    if not bytes(raw_key).startswith(_EPOCH_PREFIX):
+                        break
+                    epochs[bytes(raw_key)[len(_EPOCH_PREFIX):].decode()] = int(raw)
+        return epochs
+
+    def write_epoch(self, scope: str, epoch: int) -> None:
+        """Record ``scope``'s key epoch in a synced transaction of its own (durable when this returns)."""
+        with self._write() as txn:
+            txn.put(_EPOCH_PREFIX + scope.encode(), str(epoch).encode(), db=self._meta)
 
     def load(self) -> tuple[dict[int, tuple[RegionState, int]], dict[bytes, IndexEntry]]:
         """Every region record (id -> state, sequence) and every entry."""

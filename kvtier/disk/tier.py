@@ -413,6 +413,18 @@ class DiskTier:
             self._check_open()
             self._drop_locked(key)
 
+    def read_epochs(self) -> dict[str, int]:
+        """The store's key epochs recorded in this tier's index (``kvtier.epochs``)."""
+        assert self._index is not None
+        return self._index.read_epochs()
+
+    def write_epoch(self, scope: str, epoch: int) -> None:
+        """Record a key epoch in this tier's index, durably."""
+        with self._lock:
+            self._check_open()
+        assert self._index is not None
+        self._index.write_epoch(scope, epoch)
+
     def stats(self) -> DiskStats:
         with self._lock:
             return DiskStats(capacity_blocks=self.capacity_blocks, used_blocks=len(self._entries),

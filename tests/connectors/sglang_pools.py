@@ -55,17 +55,25 @@ def _pointers(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 def mha_pool(layout: str, *, v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, layers: int = LAYERS,
              heads: int = HEADS, head_dim: int = HEAD_DIM, page_tokens: int = PAGE_TOKENS,
-             device_tokens: int = DEVICE_TOKENS) -> MHATokenToKVPoolHost:
-    """A host pool of ``2 * device_tokens`` tokens (SGLang's default ratio), over stand-in device buffers."""
+             device_tokens: int = DEVICE_TOKENS, packed_draft_layers: int = 0) -> MHATokenToKVPoolHost:
+    """A host pool of ``2 * device_tokens`` tokens (SGLang's default ratio), over stand-in device buffers.
+
+    ``packed_draft_layers`` one-layer draft buffers of the target's geometry are packed into the pool, as
+    SGLang packs an EAGLE draft layer into the target's host pool.
+    """
     v_head_dim = v_head_dim or head_dim
-    k = tuple(torch.zeros(device_tokens, heads, head_dim, dtype=dtype) for _ in range(layers))
-    v = tuple(torch.zeros(device_tokens, heads, v_head_dim, dtype=dtype) for _ in range(layers))
-    info = MHABufferInfo(
-        buffers=KVBuffers(k=k, v=v, k_data_ptrs=_pointers(k), v_data_ptrs=_pointers(v), layout=KVBufferLayout.NHD),
-        page_size=page_tokens, head_num=heads, head_dim=head_dim, v_head_dim=v_head_dim, dtype=dtype,
-        device=torch.device("cpu"))
-    return MHATokenToKVPoolHost(info, 2.0, 0, page_tokens, layout, pin_memory=False, device="cpu",
-                                device_capacity_tokens=device_tokens, start_layer=0, end_layer=layers)
+
+    def info(num_layers: int) -> MHABufferInfo:
+        k = tuple(torch.zeros(device_tokens, heads, head_dim, dtype=dtype) for _ in range(num_layers))
+        v = tuple(torch.zeros(device_tokens, heads, v_head_dim, dtype=dtype) for _ in range(num_layers))
+        return MHABufferInfo(
+            buffers=KVBuffers(k=k, v=v, k_data_ptrs=_pointers(k), v_data_ptrs=_pointers(v), layout=KVBufferLayout.NHD),
+            page_size=page_tokens, head_num=heads, head_dim=head_dim, v_head_dim=v_head_dim, dtype=dtype,
+            device=torch.device("cpu"))
+
+    return MHATokenToKVPoolHost(info(layers), 2.0, 0, page_tokens, layout, pin_memory=False, device="cpu",
+                                device_capacity_tokens=device_tokens, start_layer=0, end_layer=layers,
+                                draft_buffer_infos=tuple(info(1) for _ in range(packed_draft_layers)))
 
 
 def mla_pool(layout: str) -> MLATokenToKVPoolHost:
@@ -114,16 +122,16 @@ def extra_config(**kvtier: Any) -> dict[str, Any]:
 
 
 def storage_config(extra: dict[str, Any] | None, *, mla: bool = False, tp_rank: int = 0,
-                   tp_size: int = 1) -> HiCacheStorageConfig:
+                   tp_size: int = 1, metrics: bool = False) -> HiCacheStorageConfig:
     return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
-                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
+                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=metrics,
                                 is_page_first_layout=False, model_name="org/model", extra_config=extra)
 
 
-def open_backend(pool: Any, *, tp_rank: int = 0, tp_size: int = 1, **kvtier: Any) -> Any:
+def open_backend(pool: Any, *, tp_rank: int = 0, tp_size: int = 1, metrics: bool = False, **kvtier: Any) -> Any:
     """The backend, created and registered as SGLang's cache controller does it."""
     config = storage_config(extra_config(**kvtier), mla=isinstance(pool, MLATokenToKVPoolHost), tp_rank=tp_rank,
-                            tp_size=tp_size)
+                            tp_size=tp_size, metrics=metrics)
     backend = StorageBackendFactory.create_backend("dynamic", config, pool)
     backend.register_mem_pool_host(pool)
     return backend

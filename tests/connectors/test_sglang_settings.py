@@ -9,7 +9,7 @@ import pytest
 
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier.layout import KVLayout
-from kvtier_connectors.sglang.settings import PageKeys, Shard, StorageSettings
+from kvtier_connectors.sglang.settings import PageKeys, Shard, StorageSettings, kv_format, rank_directory
 
 pytestmark = pytest.mark.sglang
 
@@ -71,6 +71,8 @@ def test_a_daemon_is_reached_over_its_unix_socket() -> None:
     assert settings.store_config().daemon.connect == "unix:/run/k.sock"
     from_config = extra(store="daemon", config={"daemon": {"connect": "unix:/run/c.sock"}})
     assert StorageSettings.from_extra_config(from_config, "m").store_config().daemon.connect == "unix:/run/c.sock"
+    per_stage = StorageSettings.from_extra_config(extra(store="daemon", address="unix:/run/k{pp_rank}.sock"), "m")
+    assert per_stage.store_config(pp_rank=1).daemon.connect == "unix:/run/k1.sock"
     with pytest.raises(ConfigError, match="Unix socket"):
         StorageSettings.from_extra_config(extra(store="daemon", address="tcp://h:1"), "m").store_config()
 
@@ -88,6 +90,7 @@ def test_keys_are_deterministic_and_distinct_per_namespace() -> None:
         PageKeys(settings, LAYOUT, Shard(pp_rank=1, pp_size=2)),
         PageKeys(settings, LAYOUT, Shard(cp_rank=1, cp_size=2)),
         PageKeys(StorageSettings(model_id="org/model", tenant_salt="t"), LAYOUT, Shard()),
+        PageKeys(settings, LAYOUT, Shard(), "float8_e5m2"),
     ]
     for other in others:
         assert not set(other.keys(HASHES)) & set(keys)
@@ -104,3 +107,41 @@ def test_a_replicated_shard_drops_the_tensor_parallel_rank() -> None:
 def test_a_hash_that_is_not_a_string_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="strings"):
         PageKeys(StorageSettings(model_id="m"), LAYOUT, Shard()).keys([b"\x00" * 32])  # type: ignore[list-item]
+
+
+def test_fp8_formats_of_uint8_pools_are_named_and_never_share_keys() -> None:
+    def fmt(name: str, rocm: bool = False) -> str:
+        return kv_format(StorageSettings(model_id="m", kv_cache_dtype=name), "uint8", rocm=rocm)
+
+    assert (fmt("fp8_e4m3"), fmt("auto"), fmt("fp8_e5m2")) == ("float8_e4m3fn", "float8_e4m3fn", "float8_e5m2")
+    assert fmt("fp8_e5m2", rocm=True) == fmt("fp8_e4m3", rocm=True) == "float8_e4m3fnuz"  # SGLang's ROCm fp8
+    assert kv_format(StorageSettings(model_id="m"), "bfloat16") == "bfloat16"
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="uint8", block_tokens=4)
+    settings = StorageSettings(model_id="m")
+    e4m3, e5m2 = (PageKeys(settings, layout, Shard(), fmt(name)) for name in ("fp8_e4m3", "fp8_e5m2"))
+    assert not set(e4m3.keys(HASHES)) & set(e5m2.keys(HASHES))
+    assert e4m3.scope != e5m2.scope
+
+
+def test_an_epoch_changes_every_key_and_the_scope_spans_the_shards() -> None:
+    settings = StorageSettings(model_id="m")
+    keys = PageKeys(settings, LAYOUT, Shard())
+    before = keys.keys(HASHES)
+    keys.at(3)
+    assert keys.epoch == 3 and not set(keys.keys(HASHES)) & set(before)
+    keys.at(0)
+    assert keys.keys(HASHES) == before
+    assert PageKeys(settings, LAYOUT, Shard(tp_rank=1, tp_size=2)).scope == keys.scope
+
+
+def test_ranks_of_a_parallel_server_get_their_own_disk_directory(tmp_path: Path) -> None:
+    class Config:
+        tp_rank, tp_size, pp_rank, pp_size, attn_cp_rank, attn_cp_size, dp_rank = 1, 2, 0, 1, 0, 1, 0
+
+    settings = StorageSettings(model_id="m", config={"disk": {"paths": [str(tmp_path)]}})
+    assert settings.store_config().disk.paths == (str(tmp_path),)
+    paths = settings.store_config(rank_directory(Config())).disk.paths
+    assert paths == (str(tmp_path / "rank-tp1of2-pp0of1-cp0of1-dp0"),)
+    single = Config()
+    single.tp_rank, single.tp_size = 0, 1
+    assert rank_directory(single) == ""

@@ -8,17 +8,35 @@ threads.
 Promises:
 - The store opens when the host pool is registered, for the layout of that pool (``HostPages``): a pool
   kvtier cannot serve, or a daemon that serves another layout, raises ``LayoutMismatchError`` there, and
-  SGLang fails the attach. A second pool (the sidecar pools of hybrid models) is refused the same way.
-- ``batch_exists`` is one ``lookup`` (one daemon round trip): the length of the leading run of pages present
-  in any tier; disk pages of the run start their promotion into host memory at once.
-- ``batch_get_v1`` pins the leading run of readable pages in one call and copies each straight from its
-  arena slot into the host pool (one copy a page, no staging); it returns ``True`` for that run and
-  ``False`` from the first page that is missing, evicted or failed its checksum, which SGLang recomputes.
-  Pages are never half-read: a page is ``True`` only once all its bytes are in the host pool.
-- ``batch_set_v1`` reserves arena slots for the pages kvtier lacks, copies each straight from the host pool
-  and commits them; pages already present count as written. With no room (every slot pinned or being
-  written) every page of the call is ``False`` and nothing is stored. On a daemon, MLA ranks other than
-  SGLang's storage writer skip the copy: the latent is the same on every rank and the writer stores it.
+  SGLang fails the attach. A second pool is refused the same way: the sidecar pools of hybrid models, and
+  the draft pool of speculative decoding (EAGLE / EAGLE3), with a message that names it.
+- Keys cover the KV format (``kv_format``) and the key epoch of the model's scope: ``clear()`` advances that
+  epoch in the store (``Store.advance_epoch``), so every page saved before it is unreachable for every rank
+  and instance on that store (the bytes age out by eviction); a closed backend raises, so SGLang reports the
+  failed clear. ``batch_exists`` learns of an epoch another process advanced from the reply of its own
+  lookup (no extra request) and re-derives its keys before it answers; ``batch_get_v1`` and
+  ``batch_set_v1`` ask the store for the epoch first (one small request on a daemon, next to the copies of
+  up to 128 pages), so no read after another process's clear serves a page saved before it.
+- ``batch_exists`` is one ``lookup`` (one daemon round trip, two after another process's clear): the length
+  of the leading run of pages present in any tier; disk pages of the run start their promotion at once.
+- ``batch_get_v1`` pins the leading run of readable pages and copies each straight from its arena slot into
+  the host pool (one copy a page, no staging); it returns ``True`` for that run and ``False`` from the first
+  page that is missing, evicted or failed its checksum, which SGLang recomputes. It pins at most half the
+  host tier at a time (the rest of a long prefix is read chunk after chunk), so a prefix whose head is on
+  disk and whose tail fills the host tier is still read whole. A page is ``True`` only once all its bytes
+  are in the host pool.
+- ``batch_set_v1`` stores the leading run of pages that fits: pages kvtier lacks are written into reserved
+  arena slots and committed, pages already present count as written; when the whole call does not fit it
+  stores as long a leading run as it can (halving the part it asks for), and without a tier below the host
+  never more than the host tier holds (more would evict the call's own head). It returns ``True`` for the
+  stored run and ``False`` after it.
+- With an embedded store every rank has a store of its own: with several ranks the disk tier of each lives
+  in a per-rank subdirectory (``rank_directory``), and for MLA models every rank stores the latent pages
+  itself (SGLang's controller backs up replicated pages only on its storage writer, so the backend marks
+  every rank a writer in SGLang's storage config); otherwise ranks other than rank 0 would never hit. With a
+  daemon the ranks share one store and MLA pages are written by SGLang's storage writer only.
+- ``get_stats`` returns SGLang's ``StorageMetrics`` (pages and GB/s of each read and write since the last
+  call) when SGLang enables storage metrics, else ``None``.
 - Argument errors (host indices that do not match the pages, hashes that are not strings) raise
   ``InvalidInputError`` before anything moves; calls before ``register_mem_pool_host`` or after ``close``
   raise ``ClosedError``.
@@ -26,6 +44,8 @@ Promises:
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import torch
@@ -33,8 +53,19 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, PoolName
 
 from kvtier.daemon import Client
 from kvtier.errors import CapacityError, ClosedError, ConfigError, LayoutMismatchError
+from kvtier.store import Reservation
 from kvtier_connectors.sglang.pages import HostPages
-from kvtier_connectors.sglang.settings import BlockStore, PageKeys, Shard, StorageSettings, open_store
+from kvtier_connectors.sglang.settings import (
+    BlockStore,
+    PageKeys,
+    Shard,
+    StorageSettings,
+    kv_format,
+    open_store,
+    rank_directory,
+)
+
+_DRAFT_POOLS = {PoolName.DRAFT, PoolName.DRAFT_INDEXER, PoolName.DRAFT_SWA}
 
 
 class KvtierStorage(HiCacheStorage):
@@ -48,6 +79,12 @@ class KvtierStorage(HiCacheStorage):
         self.pages: HostPages | None = None
         self.page_keys: PageKeys | None = None
         self.writes = True
+        # Without a tier below the host, a write never asks for more than the host holds.
+        self.spills = False
+        self.host_blocks = 0
+        self._metrics_lock = threading.Lock()
+        self._metrics: dict[str, list[float]] = {"prefetch_pgs": [], "backup_pgs": [], "prefetch_bandwidth": [],
+                                                 "backup_bandwidth": []}
 
     # -- registration ---------------------------------------------------------------------------------
 
@@ -55,14 +92,35 @@ class KvtierStorage(HiCacheStorage):
         if self.store is not None:
             raise ConfigError("a host pool is already registered with this kvtier backend")
         pages = HostPages.of(mem_pool_host)
-        page_keys = PageKeys(self.settings, pages.layout, Shard.of(self.storage_config, replicated=pages.latent))
-        store = open_store(self.settings, pages.layout)
+        if any(getattr(info, "scales", None) is not None for info in getattr(mem_pool_host, "_buffer_infos", ())):
+            raise LayoutMismatchError("kvtier does not store block-scaled KV caches (mxfp8): their scales live "
+                                      "outside the host pool's pages")
+        fmt = kv_format(self.settings, pages.layout.dtype)
+        page_keys = PageKeys(self.settings, pages.layout, Shard.of(self.storage_config, replicated=pages.latent), fmt)
+        embedded = self.settings.store == "embedded"
+        store = open_store(self.settings, pages.layout, rank_directory(self.storage_config) if embedded else "",
+                           self.storage_config.pp_rank)
+        try:
+            page_keys.at(store.epoch(page_keys.scope))
+            stats = store.stats()
+        except BaseException:
+            store.close()
+            raise
         super().register_mem_pool_host(mem_pool_host)
         self.pages, self.page_keys = pages, page_keys
+        self.spills = any(name != "host" for name in stats.tiers)
+        self.host_blocks = stats.tiers["host"].capacity_blocks
         self.writes = not (pages.latent and isinstance(store, Client) and not self.storage_config.is_storage_writer)
+        if pages.latent and embedded and self.storage_config.tp_size > 1:
+            # Each rank's embedded store holds only what that rank writes: make SGLang back up on every rank.
+            self.storage_config.is_mla_model = False
         self.store = store
 
     def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        if host_pool_name in _DRAFT_POOLS:
+            raise LayoutMismatchError(f"kvtier does not store the {host_pool_name} KV pool of speculative decoding "
+                                      "(EAGLE / EAGLE3 draft model): run SGLang without --speculative-algorithm, or "
+                                      "without kvtier as its HiCache storage backend")
         if host_pool_name != PoolName.KV or host_pool is not getattr(self, "mem_pool_host", None):
             raise LayoutMismatchError(f"kvtier stores the full-attention KV pool only, not the {host_pool_name} "
                                       f"pool of {type(host_pool).__name__} (models with Mamba, SWA or indexer "
@@ -80,23 +138,36 @@ class KvtierStorage(HiCacheStorage):
         store, _, page_keys = self._ready()
         if not keys:
             return 0
-        return store.lookup(page_keys.keys(keys)).num_blocks
+        epoch = page_keys.epoch
+        found = store.lookup(page_keys.keys(keys), scope=page_keys.scope)
+        if found.epoch is not None and found.epoch != epoch:
+            # Another rank or process cleared this model's pages: count under the current epoch.
+            page_keys.at(found.epoch)
+            found = store.lookup(page_keys.keys(keys), scope=page_keys.scope)
+        return found.num_blocks
 
     def exists(self, key: str) -> bool:
-        store, _, page_keys = self._ready()
-        return store.contains(page_keys.keys([key])[0]) is not None
+        return self.batch_exists([key]) == 1
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
         store, pages, page_keys = self._ready()
         starts = pages.page_starts(host_indices, len(keys))
-        lease = store.acquire(page_keys.keys(keys))
-        found = len(lease.keys)
-        if found:
+        block_keys = self._current_keys(store, page_keys, keys)
+        chunk = max(1, self.host_blocks // 2)
+        started = time.perf_counter()
+        found = 0
+        while found < len(keys):
+            wanted = block_keys[found : found + chunk]
+            lease = store.acquire(wanted)
             try:
-                for slot, start in zip(lease.slots, starts, strict=False):
+                for slot, start in zip(lease.slots, starts[found:], strict=False):
                     pages.view(start).copy_(pages.block(store.slot_view(slot)))
             finally:
                 store.release(lease)
+            found += len(lease.keys)
+            if len(lease.keys) < len(wanted):
+                break
+        self._record("prefetch", found, started)
         return [True] * found + [False] * (len(keys) - found)
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
@@ -104,20 +175,44 @@ class KvtierStorage(HiCacheStorage):
         starts = pages.page_starts(host_indices, len(keys))
         if not self.writes:
             return [True] * len(keys)
-        block_keys = page_keys.keys(keys)
-        try:
-            reservation = store.reserve(block_keys)
-        except CapacityError:
-            return [False] * len(keys)
-        start_of = dict(zip(block_keys, starts, strict=True))
-        try:
-            for key, slot in zip(reservation.keys, reservation.slots, strict=True):
-                pages.block(store.slot_view(slot)).copy_(pages.view(start_of[key]))
-        except BaseException:
-            store.abort(reservation)
-            raise
-        store.commit(reservation)
-        return [True] * len(keys)
+        block_keys = self._current_keys(store, page_keys, keys)
+        limit = len(keys) if self.spills else min(len(keys), self.host_blocks)
+        started = time.perf_counter()
+        stored = 0
+        while stored < limit:
+            reservation, count = self._reserve_leading(store, block_keys[stored:limit])
+            if reservation is None:
+                break
+            start_of = dict(zip(block_keys[stored : stored + count], starts[stored : stored + count], strict=True))
+            try:
+                for key, slot in zip(reservation.keys, reservation.slots, strict=True):
+                    pages.block(store.slot_view(slot)).copy_(pages.view(start_of[key]))
+            except BaseException:
+                store.abort(reservation)
+                raise
+            store.commit(reservation)
+            stored += count
+        self._record("backup", stored, started)
+        return [True] * stored + [False] * (len(keys) - stored)
+
+    @staticmethod
+    def _current_keys(store: BlockStore, page_keys: PageKeys, hashes: list[str]) -> list[bytes]:
+        """Keys under the store's current epoch: a read never serves, a write never hides, pages of before a clear."""
+        epoch = store.epoch(page_keys.scope)
+        if epoch != page_keys.epoch:
+            page_keys.at(epoch)
+        return page_keys.keys(hashes)
+
+    @staticmethod
+    def _reserve_leading(store: BlockStore, keys: list[bytes]) -> tuple[Reservation | None, int]:
+        """A reservation of the longest leading part of ``keys`` tried (all, then halves) and its length."""
+        count = len(keys)
+        while count:
+            try:
+                return store.reserve(keys[:count]), count
+            except CapacityError:
+                count //= 2
+        return None, 0
 
     # -- the flat-page interface, which interface_v1 replaces ---------------------------------------------
 
@@ -138,6 +233,32 @@ class KvtierStorage(HiCacheStorage):
         raise self._flat_pages()
 
     # -- housekeeping -------------------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Drop every page of this model (its epoch scope) for every rank and instance on this store."""
+        store, _, page_keys = self._ready()
+        page_keys.at(store.advance_epoch(page_keys.scope))
+
+    def _record(self, kind: str, num_pages: int, started: float) -> None:
+        if not self.storage_config.enable_storage_metrics or not num_pages or self.pages is None:
+            return
+        seconds = max(time.perf_counter() - started, 1e-9)
+        with self._metrics_lock:
+            self._metrics[f"{kind}_pgs"].append(num_pages)
+            self._metrics[f"{kind}_bandwidth"].append(num_pages * self.pages.layout.block_bytes / seconds / 1e9)
+
+    def get_stats(self) -> Any:
+        """SGLang's ``StorageMetrics`` since the last call (``None`` when SGLang did not enable them)."""
+        if not self.storage_config.enable_storage_metrics:
+            return None
+        from sglang.srt.observability.metrics_collector import StorageMetrics
+
+        metrics = StorageMetrics()
+        with self._metrics_lock:
+            for name, values in self._metrics.items():
+                getattr(metrics, name).extend(values)
+                values.clear()
+        return metrics
 
     def close(self) -> None:
         """Close the store (an embedded store flushes its disk tier; a client disconnects). Idempotent."""
