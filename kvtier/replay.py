@@ -17,7 +17,8 @@ least ``reinsert_hits`` times since written is appended again (a write) instead 
 With a ``DriveModel`` the replay has a clock: request ``i`` arrives at its trace timestamp (times
 ``time_scale``), its evictions happen at that instant (the engine puts at memory speed), and an admitted
 block goes through what the store's disk tier does with a demotion (``kvtier.disk.tier``): it is charged to
-the write budget (a token bucket of one second of budget; over it: dropped, ``dropped_over_budget``), then
+the write budget (a token bucket that accrues the budget over time and holds ``budget_burst_s`` seconds of
+it, full at the start; over it: dropped, ``dropped_over_budget``), then
 queued in the write-back buffer, which the drive drains at ``write_bytes_per_s`` (no room: dropped,
 ``dropped_buffer_full``). A dropped block is not on disk. Reinsertions are writes too: charged and queued,
 never refused. The buffer is modelled as a fluid (it drains continuously); the tier drains it a region at
@@ -193,21 +194,24 @@ class RegionLog:
 @dataclass(frozen=True)
 class DriveModel:
     """The drive under a clocked replay (module docstring): the bytes of a block, the drive's write
-    bandwidth, the write-back buffer, the write budget (0: none) and the factor applied to trace time."""
+    bandwidth, the write-back buffer, the write budget (0: none), the factor applied to trace time and the
+    seconds of budget the bucket holds (``DiskConfig.write_budget_burst_s``)."""
 
     block_bytes: int
     write_bytes_per_s: float
     writeback_buffer_bytes: int
     budget_bytes_per_s: float = 0.0
     time_scale: float = 1.0
+    budget_burst_s: float = DiskConfig.write_budget_burst_s
 
     def __post_init__(self) -> None:
         finite = all(math.isfinite(value) for value in (self.write_bytes_per_s, self.budget_bytes_per_s,
-                                                         self.time_scale))
+                                                         self.time_scale, self.budget_burst_s))
         if (not finite or self.block_bytes < 1 or self.write_bytes_per_s <= 0 or self.writeback_buffer_bytes < 0
-                or self.budget_bytes_per_s < 0 or self.time_scale <= 0):
+                or self.budget_bytes_per_s < 0 or self.time_scale <= 0 or self.budget_burst_s < 0):
             raise ConfigError(f"a drive model needs block_bytes >= 1, write_bytes_per_s > 0, "
-                              f"writeback_buffer_bytes >= 0, budget_bytes_per_s >= 0 and time_scale > 0, got {self}")
+                              f"writeback_buffer_bytes >= 0, budget_bytes_per_s >= 0, time_scale > 0 and "
+                              f"budget_burst_s >= 0, got {self}")
 
 
 class _Drive:
@@ -217,8 +221,8 @@ class _Drive:
         self.model = model
         self.now_s = 0.0
         self.backlog_bytes = 0.0
-        # The tier's bucket (kvtier.disk.tier._TokenBucket): one second of budget, at least one block.
-        self.burst_bytes = max(model.budget_bytes_per_s, float(model.block_bytes))
+        # The tier's bucket (kvtier.disk.tier._TokenBucket): budget_burst_s of budget, at least one block.
+        self.burst_bytes = max(model.budget_bytes_per_s * model.budget_burst_s, float(model.block_bytes))
         self.tokens = self.burst_bytes
         self.dropped_buffer_full = 0
         self.dropped_over_budget = 0

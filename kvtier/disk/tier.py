@@ -197,7 +197,8 @@ class DiskTier:
         self._zstd = ZstdCodec(layout.torch_dtype.itemsize)
         self._compress = config.codec == "zstd"
         rate = config.budget_bytes_per_s
-        self._budget = _TokenBucket(rate, max(rate, self._max_entry)) if rate else None
+        burst = max(int(rate * config.write_budget_burst_s), self._max_entry)
+        self._budget = _TokenBucket(rate, burst) if rate else None
         # Guards the tables; never held across disk I/O or an index commit. Index changes are enqueued
         # while holding it, so the index applies them in the order the tables changed.
         self._lock = threading.Lock()

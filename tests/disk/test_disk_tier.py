@@ -120,6 +120,19 @@ def test_tier_counts_budget_rejections(disk_config: Config, kit: DiskKit) -> Non
         assert tier.stats().budget_rejected == 1
 
 
+def test_write_budget_saves_up_for_a_burst_against_the_named_drive(disk_config: Config, kit: DiskKit) -> None:
+    # 0.5 DWPD of a 2,304,000-byte drive is 13.33 B/s; an hour of it (48,000 bytes) pays for two 20 KiB
+    # entries at once. Before, the bucket held one second: one entry, then refusals.
+    config = disk_config(write_budget_dwpd=0.5, drive_bytes=2_304_000)
+    assert config.budget_bytes_per_s == 13
+    with DiskTier(config, kit.layout) as tier:
+        assert all(tier.offer(kit.key(i), kit.payload(i)) for i in range(2))
+        assert not tier.offer(kit.key(2), kit.payload(2))
+        assert tier.stats().budget_rejected == 1
+    # Without drive_bytes the DWPD counts the tier's own files (4 regions of 256 KiB).
+    assert disk_config(write_budget_dwpd=1.0).budget_bytes_per_s == 4 * kit.region // 86_400
+
+
 def test_drop_forgets_a_block_in_memory_and_on_disk(disk_config: Config, kit: DiskKit) -> None:
     with DiskTier(disk_config(), kit.layout) as tier:
         kit.fill(tier, range(14))
