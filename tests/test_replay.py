@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -234,8 +235,9 @@ def test_clocked_replay_spends_the_budget_accrued_between_bursts() -> None:
 def test_clocked_replay_refuses_a_trace_without_times_and_bad_drives() -> None:
     with pytest.raises(ConfigError, match="timestamp"):
         replay_tiered(SMALL, 1, 4, drive=DriveModel(100, 100, 100))
-    for bad in ({"block_bytes": 0}, {"write_bytes_per_s": 0}, {"time_scale": float("inf")},
-                {"budget_bytes_per_s": -1}, {"budget_burst_s": -1}):
+    bad_fields: list[dict[str, Any]] = [{"block_bytes": 0}, {"write_bytes_per_s": 0}, {"time_scale": float("inf")},
+                                        {"budget_bytes_per_s": -1}, {"budget_burst_s": -1}]
+    for bad in bad_fields:
         with pytest.raises(ConfigError):
             DriveModel(**{"block_bytes": 1, "write_bytes_per_s": 1, "writeback_buffer_bytes": 1, **bad})
 
