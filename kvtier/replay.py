@@ -12,7 +12,10 @@ blocks, so an id names a block and its whole prefix). Each request is replayed a
 
 The disk is a region log: blocks are appended to an open region of ``blocks_per_region`` blocks; when
 every region is used, the oldest sealed region is evicted whole, and each of its blocks read from disk at
-least ``reinsert_hits`` times since written is appended again (a write) instead of dropped (0: never).
+least ``reinsert_hits`` times since written is appended again (a write) instead of dropped (0: never),
+unless host RAM holds it then (``left_to_host``): host and disk mostly hold different blocks, and the
+host's eviction offers the block again when it leaves RAM (adaptively exclusive caching; dropping the
+disk copy at the hit instead leaves a dead slot until its region goes, which measured worse).
 
 With a ``DriveModel`` the replay has a clock: request ``i`` arrives at its trace timestamp (times
 ``time_scale``), its evictions happen at that instant (the engine puts at memory speed), and an admitted
@@ -131,7 +134,7 @@ class RegionLog:
     """The disk tier's index and space: a FIFO of regions with hits-based reinsertion (module docstring)."""
 
     def __init__(self, capacity_blocks: int, blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION,
-                 reinsert_hits: int = DiskConfig.reinsert_hits) -> None:
+                 reinsert_hits: int = DiskConfig.reinsert_hits, held_above: Container[int] = ()) -> None:
         if capacity_blocks < 1 or blocks_per_region < 1 or reinsert_hits < 0:
             raise ConfigError(f"a region log needs capacity_blocks >= 1, blocks_per_region >= 1 and "
                               f"reinsert_hits >= 0, got {capacity_blocks}, {blocks_per_region}, {reinsert_hits}")
@@ -139,6 +142,7 @@ class RegionLog:
         self.blocks_per_region = min(blocks_per_region, capacity_blocks)
         self.num_regions = capacity_blocks // self.blocks_per_region
         self.reinsert_hits = reinsert_hits
+        self.held_above = held_above
         self._where: dict[int, int] = {}
         self._reads: dict[int, int] = {}
         self._sealed: deque[tuple[int, list[int]]] = deque()
@@ -146,6 +150,7 @@ class RegionLog:
         self._open_id = 0
         self.blocks_written = 0
         self.blocks_reinserted = 0
+        self.left_to_host = 0
 
     def __contains__(self, key: int) -> bool:
         return key in self._where
@@ -182,7 +187,11 @@ class RegionLog:
         for key in keys:
             if self._where.get(key) != region_id:
                 continue  # reinserted since: this slot is stale
-            if self.reinsert_hits and self._reads[key] >= self.reinsert_hits:
+            hot = self.reinsert_hits and self._reads[key] >= self.reinsert_hits
+            if hot and key in self.held_above:
+                self.left_to_host += 1
+                hot = False
+            if hot:
                 # Reinsertion fits: the open region is empty and a region's keys fill at most one.
                 self.blocks_reinserted += 1
                 self._append(key)
@@ -261,6 +270,8 @@ class TieredResult:
     disk_blocks_reinserted: int
     disk_offers: int
     disk_admitted: int
+    # Read blocks a region eviction did not reinsert because host RAM held them then.
+    disk_left_to_host: int = 0
     # Admitted blocks a clocked replay could not write (zero without a clock).
     dropped_buffer_full: int = 0
     dropped_over_budget: int = 0
@@ -290,7 +301,7 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
         raise ConfigError("a clocked replay needs a trace with a timestamp on every request")
     clock = _Drive(drive) if drive is not None and disk_blocks else None
     host = make_policy(policy, host_blocks)
-    disk = RegionLog(disk_blocks, blocks_per_region, reinsert_hits) if disk_blocks else None
+    disk = RegionLog(disk_blocks, blocks_per_region, reinsert_hits, host) if disk_blocks else None
     admit: AdmissionPolicy | None = None
     if disk_blocks:
         admit = make_admission(admission, disk_blocks) if isinstance(admission, str) else admission
@@ -331,7 +342,8 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
             host.insert(key)
     return TieredResult(len(trace.requests), trace.referenced_blocks, host_hits, disk_hits,
                         disk.blocks_written if disk else 0, disk.blocks_reinserted if disk else 0, offers, admitted,
-                        clock.dropped_buffer_full if clock else 0, clock.dropped_over_budget if clock else 0)
+                        disk.left_to_host if disk else 0, clock.dropped_buffer_full if clock else 0,
+                        clock.dropped_over_budget if clock else 0)
 
 
 def _leading_run(request: Sequence[int], present: Container[int]) -> int:

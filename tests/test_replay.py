@@ -78,6 +78,18 @@ def test_region_log_evicts_the_oldest_region_whole_and_reinserts_blocks_read_eno
     assert (log.blocks_written, log.blocks_reinserted) == (8, 1)
 
 
+def test_region_log_leaves_blocks_host_ram_holds_to_host_ram() -> None:
+    # Blocks 1 and 2 were read; host RAM holds 1 when their region is evicted: only 2 is reinserted, and 1
+    # is written again only if the host's eviction offers it and admission takes it.
+    log = RegionLog(4, blocks_per_region=2, reinsert_hits=1, held_above={1})
+    for key in (1, 2, 3, 4):
+        log.write(key)
+    log.read(1)
+    log.read(2)
+    log.write(5)
+    assert (1 not in log, 2 in log, log.blocks_reinserted, log.left_to_host) == (True, True, 1, 1)
+
+
 def test_region_log_without_reinsertion_and_smaller_than_a_region() -> None:
     log = RegionLog(3, blocks_per_region=16, reinsert_hits=0)
     for key in range(4):

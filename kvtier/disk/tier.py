@@ -184,6 +184,9 @@ class DiskTier:
         if not config.paths:
             raise ConfigError("disk.paths is empty: the disk tier needs at least one directory")
         self.config, self.layout, self._admission = config, layout, admission
+        # Set by the owner: whether a tier above (host RAM) holds a key. Called under the tier's lock, so it
+        # must not take a lock of its own (``HostTier.holds``).
+        self.held_above: Callable[[bytes], bool] | None = None
         self.block_bytes = layout.block_bytes
         self._max_entry = entry_bytes(self.block_bytes)
         if self._max_entry > config.region_bytes:
@@ -514,7 +517,10 @@ class DiskTier:
             self._cond.wait()
         self._counters["regions_evicted"] += 1
         threshold = self.config.reinsert_hits
-        hot = [(key, entry) for key, entry in victims if threshold and entry.hits >= threshold]
+        held = self.held_above
+        # A block a tier above holds is not reinserted: its eviction there offers it again (exclusive caching).
+        hot = [(key, entry) for key, entry in victims
+               if threshold and entry.hits >= threshold and not (held is not None and held(key))]
         return region, hot, [key for key, _ in victims]
 
     def _live_entries_locked(self, region: _Region) -> list[tuple[bytes, _Entry]]:

@@ -84,6 +84,16 @@ def test_fifo_eviction_reinserts_blocks_read_often_enough(disk_config: Config, k
         assert not tier.contains(kit.key(0))
 
 
+def test_fifo_eviction_leaves_blocks_held_above_to_the_tier_above(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(reinsert_hits=1), kit.layout) as tier:
+        tier.held_above = lambda key: key == kit.key(3)  # host RAM holds block 3 (promoted on its read)
+        kit.fill(tier, range(4 * kit.per_region))
+        assert kit.read(tier, 3) is not None and kit.read(tier, 5) is not None
+        kit.fill(tier, range(100, 101))  # the oldest region is evicted
+        assert tier.stats().blocks_reinserted == 1
+        assert tier.contains(kit.key(5)) and not tier.contains(kit.key(3))
+
+
 def test_a_single_region_tier_still_cycles(disk_config: Config, kit: DiskKit) -> None:
     with DiskTier(disk_config(capacity_bytes=kit.region, reinsert_hits=0), kit.layout) as tier:
         kit.fill(tier, range(3 * kit.per_region))
