@@ -319,6 +319,11 @@ def test_replay_table_reports_each_trace_and_size_against_the_baselines(
     assert script.main(["--table", "--trace", str(path), "--trace", str(path), "--host-frac", "0.2",
                         "--disk-fracs", "0.4", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
+    saved = tmp_path / "traces"
+    assert script.main(["--table", "--shape", "agent", "--seed", "2", "--disk-fracs", "0.01", "--save-traces",
+                        str(saved)]) == 0
+    assert "| agent (seed 2) | 1% |" in capsys.readouterr().out
+    assert load_trace(saved / "agent-seed2.jsonl") == generate("agent", 2)[0]
     for bad in (["--table", "--trace", str(path), "--disk-blocks", "2"], ["--table"],
                 ["--table", "--trace", str(path), "--disk-fracs", "1%"],
                 ["--trace", str(path), "--trace", str(path), "--host-blocks", "1", "--disk-blocks", "1"]):

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.traces import SHAPES, generate
+from kvtier.bench.traces import SHAPES, generate, write_trace
 from kvtier.config import DiskConfig, HostConfig, StoreConfig, parse_bytes
 from kvtier.errors import ConfigError
 from kvtier.replay import (
@@ -215,6 +215,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     table.add_argument("--shape", action="append", default=[], choices=[*SHAPES, "all"],
                        help="a generated trace of this shape (kvtier.bench.traces); 'all': every shape")
     table.add_argument("--seed", type=int, default=0, help="seed of the generated traces")
+    table.add_argument("--save-traces", default=None, metavar="DIR",
+                       help="also write each generated trace to DIR/SHAPE-seedSEED.jsonl (Mooncake format)")
     table.add_argument("--disk-fracs", default=",".join(f"{frac:g}" for frac in DISK_FRACS),
                        help="comma-separated disk sizes as shares of each trace's unique blocks")
     parser.add_argument("--block-tokens", type=int, default=TRACE_BLOCK_TOKENS,
@@ -294,7 +296,12 @@ def _run_table(args: argparse.Namespace, config: StoreConfig) -> int:
         raise ConfigError(f"--disk-fracs must be comma-separated numbers, got {args.disk_fracs!r}") from None
     shapes = list(SHAPES) if "all" in args.shape else list(dict.fromkeys(args.shape))
     traces = [(str(path), load_trace(path, args.block_tokens)) for path in args.trace]
-    traces += [(f"{shape} (seed {args.seed})", generate(shape, args.seed)[0]) for shape in shapes]
+    for shape in shapes:
+        trace, outputs = generate(shape, args.seed)
+        if args.save_traces:
+            Path(args.save_traces).mkdir(parents=True, exist_ok=True)
+            write_trace(Path(args.save_traces) / f"{shape}-seed{args.seed}.jsonl", trace, outputs)
+        traces.append((f"{shape} (seed {args.seed})", trace))
     if not traces:
         raise ConfigError("--table needs at least one --trace or --shape")
     rows = run_table(traces, host_frac=0.005 if args.host_frac is None else args.host_frac, disk_fracs=fracs,
