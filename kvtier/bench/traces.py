@@ -27,6 +27,7 @@ Promises:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import random
@@ -81,23 +82,13 @@ def _working_day(hour: float) -> float:
 
 
 def _zipf(rng: random.Random, n: int, s: float) -> Callable[[], int]:
+    """Draws ranks ``0..n-1`` with probability proportional to ``1 / (rank + 1) ** s``."""
     weights = [1 / (rank + 1) ** s for rank in range(n)]
     cumulative, total = [], 0.0
     for weight in weights:
         total += weight
         cumulative.append(total)
-    return lambda: min(n - 1, _bisect(cumulative, rng.random() * total))
-
-
-def _bisect(values: list[float], x: float) -> int:
-    lo, hi = 0, len(values)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if values[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    return lambda: min(n - 1, bisect.bisect_left(cumulative, rng.random() * total))
 
 
 def _chats(rng: random.Random, labels: _Labels, per_hour: float, hours: float,
