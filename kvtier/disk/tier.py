@@ -7,7 +7,8 @@ and, on the I/O pool, marked OPEN in the index, written as ONE sequential write,
 then are its entries committed together with its SEALED mark (index changes are group-committed: about one
 synced LMDB transaction per region). Space comes back by evicting whole regions, oldest sealed first
 (FIFO); a block read at least ``reinsert_hits`` times since it was written is read back synchronously and
-copied into the new open region instead of dropped.
+copied into the new open region instead of dropped, unless ``held_above(key)`` says host RAM holds it
+(the host's eviction offers it again: host and disk mostly hold different blocks).
 
 The region buffers are the write-back buffer (``disk.writeback_buffer_bytes``, at least 3 regions; 3 are
 faulted in at open, the others allocated by the first burst that needs them and kept). One fills while the
