@@ -100,9 +100,15 @@ class DiskConfig:
     admission: str = "adaptive"
     # Bytes per second the tier may write on average (0: no budget).
     write_budget_bytes_per_s: int = 0
-    # The same budget in drive writes per day: this many times capacity_bytes x len(paths) a day (0: none).
-    # At most one of the two budgets may be set.
+    # The same budget in drive writes per day: this many times drive_bytes a day (0: none). At most one of
+    # the two budgets may be set.
     write_budget_dwpd: float = 0.0
+    # Bytes of the drive(s) the DWPD budget is stated against, as the drive's rating counts them (0: the
+    # tier's own files, capacity_bytes x len(paths); a tier on part of a drive wears the whole drive).
+    drive_bytes: int = 0
+    # Seconds of budget the tier may save up and spend at once: the budget accrues over time, so a quiet
+    # hour pays for a burst, and the average over a day is still the budget.
+    write_budget_burst_s: float = 3600.0
     # Bytes of region buffers that hold demoted blocks until the drive has written them (at least three
     # regions): a burst of demotions up to this size is written, not dropped, while the drive catches up.
     # Only three regions are allocated at open; the rest on the first burst that needs them.
@@ -119,7 +125,8 @@ class DiskConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
-        for name in ("capacity_bytes", "region_bytes", "write_budget_bytes_per_s", "writeback_buffer_bytes"):
+        for name in ("capacity_bytes", "region_bytes", "write_budget_bytes_per_s", "writeback_buffer_bytes",
+                     "drive_bytes"):
             object.__setattr__(self, name, parse_bytes(getattr(self, name), f"disk.{name}"))
         _check_positive(self.capacity_bytes, "disk.capacity_bytes")
         _check_positive(self.region_bytes, "disk.region_bytes")
@@ -146,7 +153,7 @@ class DiskConfig:
     def budget_bytes_per_s(self) -> int:
         """The write budget in bytes per second, from whichever budget is set (0: none)."""
         if self.write_budget_dwpd:
-            drive_bytes = self.capacity_bytes * len(self.paths)
+            drive_bytes = self.drive_bytes or self.capacity_bytes * len(self.paths)
             return max(1, int(self.write_budget_dwpd * drive_bytes / 86_400))
         return self.write_budget_bytes_per_s
 

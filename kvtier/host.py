@@ -11,7 +11,7 @@ Promises:
 - A slot being written or read is never evicted and never handed to another key.
 - ``on_evict(key, payload)`` is called for every victim before its slot is reused, with the victim's
   bytes still in place (this is where write-back demotes to disk).
-- Every method takes the tier's lock: the tier is safe to share between threads.
+- Every method but ``holds`` takes the tier's lock: the tier is safe to share between threads.
 """
 
 from __future__ import annotations
@@ -80,6 +80,11 @@ class HostTier:
         with self._lock:
             entry = self._entries.get(key)
             return None if entry is None else entry.state
+
+    def holds(self, key: bytes) -> bool:
+        """Whether ``key`` has a slot, without the lock (one dict lookup, atomic): for callers under another
+        tier's lock, where taking this one could deadlock with an eviction that demotes; may be stale."""
+        return key in self._entries
 
     def is_ready(self, key: bytes) -> bool:
         with self._lock:

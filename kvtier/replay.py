@@ -12,12 +12,16 @@ blocks, so an id names a block and its whole prefix). Each request is replayed a
 
 The disk is a region log: blocks are appended to an open region of ``blocks_per_region`` blocks; when
 every region is used, the oldest sealed region is evicted whole, and each of its blocks read from disk at
-least ``reinsert_hits`` times since written is appended again (a write) instead of dropped (0: never).
+least ``reinsert_hits`` times since written is appended again (a write) instead of dropped (0: never),
+unless host RAM holds it then (``left_to_host``): host and disk mostly hold different blocks, and the
+host's eviction offers the block again when it leaves RAM (adaptively exclusive caching; dropping the
+disk copy at the hit instead leaves a dead slot until its region goes, which measured worse).
 
 With a ``DriveModel`` the replay has a clock: request ``i`` arrives at its trace timestamp (times
 ``time_scale``), its evictions happen at that instant (the engine puts at memory speed), and an admitted
 block goes through what the store's disk tier does with a demotion (``kvtier.disk.tier``): it is charged to
-the write budget (a token bucket of one second of budget; over it: dropped, ``dropped_over_budget``), then
+the write budget (a token bucket that accrues the budget over time and holds ``budget_burst_s`` seconds of
+it, full at the start; over it: dropped, ``dropped_over_budget``), then
 queued in the write-back buffer, which the drive drains at ``write_bytes_per_s`` (no room: dropped,
 ``dropped_buffer_full``). A dropped block is not on disk. Reinsertions are writes too: charged and queued,
 never refused. The buffer is modelled as a fluid (it drains continuously); the tier drains it a region at
@@ -130,7 +134,7 @@ class RegionLog:
     """The disk tier's index and space: a FIFO of regions with hits-based reinsertion (module docstring)."""
 
     def __init__(self, capacity_blocks: int, blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION,
-                 reinsert_hits: int = DiskConfig.reinsert_hits) -> None:
+                 reinsert_hits: int = DiskConfig.reinsert_hits, held_above: Container[int] = ()) -> None:
         if capacity_blocks < 1 or blocks_per_region < 1 or reinsert_hits < 0:
             raise ConfigError(f"a region log needs capacity_blocks >= 1, blocks_per_region >= 1 and "
                               f"reinsert_hits >= 0, got {capacity_blocks}, {blocks_per_region}, {reinsert_hits}")
@@ -138,6 +142,7 @@ class RegionLog:
         self.blocks_per_region = min(blocks_per_region, capacity_blocks)
         self.num_regions = capacity_blocks // self.blocks_per_region
         self.reinsert_hits = reinsert_hits
+        self.held_above = held_above
         self._where: dict[int, int] = {}
         self._reads: dict[int, int] = {}
         self._sealed: deque[tuple[int, list[int]]] = deque()
@@ -145,6 +150,7 @@ class RegionLog:
         self._open_id = 0
         self.blocks_written = 0
         self.blocks_reinserted = 0
+        self.left_to_host = 0
 
     def __contains__(self, key: int) -> bool:
         return key in self._where
@@ -181,7 +187,11 @@ class RegionLog:
         for key in keys:
             if self._where.get(key) != region_id:
                 continue  # reinserted since: this slot is stale
-            if self.reinsert_hits and self._reads[key] >= self.reinsert_hits:
+            hot = self.reinsert_hits and self._reads[key] >= self.reinsert_hits
+            if hot and key in self.held_above:
+                self.left_to_host += 1
+                hot = False
+            if hot:
                 # Reinsertion fits: the open region is empty and a region's keys fill at most one.
                 self.blocks_reinserted += 1
                 self._append(key)
@@ -193,21 +203,24 @@ class RegionLog:
 @dataclass(frozen=True)
 class DriveModel:
     """The drive under a clocked replay (module docstring): the bytes of a block, the drive's write
-    bandwidth, the write-back buffer, the write budget (0: none) and the factor applied to trace time."""
+    bandwidth, the write-back buffer, the write budget (0: none), the factor applied to trace time and the
+    seconds of budget the bucket holds (``DiskConfig.write_budget_burst_s``)."""
 
     block_bytes: int
     write_bytes_per_s: float
     writeback_buffer_bytes: int
     budget_bytes_per_s: float = 0.0
     time_scale: float = 1.0
+    budget_burst_s: float = DiskConfig.write_budget_burst_s
 
     def __post_init__(self) -> None:
         finite = all(math.isfinite(value) for value in (self.write_bytes_per_s, self.budget_bytes_per_s,
-                                                         self.time_scale))
+                                                         self.time_scale, self.budget_burst_s))
         if (not finite or self.block_bytes < 1 or self.write_bytes_per_s <= 0 or self.writeback_buffer_bytes < 0
-                or self.budget_bytes_per_s < 0 or self.time_scale <= 0):
+                or self.budget_bytes_per_s < 0 or self.time_scale <= 0 or self.budget_burst_s < 0):
             raise ConfigError(f"a drive model needs block_bytes >= 1, write_bytes_per_s > 0, "
-                              f"writeback_buffer_bytes >= 0, budget_bytes_per_s >= 0 and time_scale > 0, got {self}")
+                              f"writeback_buffer_bytes >= 0, budget_bytes_per_s >= 0, time_scale > 0 and "
+                              f"budget_burst_s >= 0, got {self}")
 
 
 class _Drive:
@@ -217,8 +230,8 @@ class _Drive:
         self.model = model
         self.now_s = 0.0
         self.backlog_bytes = 0.0
-        # The tier's bucket (kvtier.disk.tier._TokenBucket): one second of budget, at least one block.
-        self.burst_bytes = max(model.budget_bytes_per_s, float(model.block_bytes))
+        # The tier's bucket (kvtier.disk.tier._TokenBucket): budget_burst_s of budget, at least one block.
+        self.burst_bytes = max(model.budget_bytes_per_s * model.budget_burst_s, float(model.block_bytes))
         self.tokens = self.burst_bytes
         self.dropped_buffer_full = 0
         self.dropped_over_budget = 0
@@ -257,6 +270,8 @@ class TieredResult:
     disk_blocks_reinserted: int
     disk_offers: int
     disk_admitted: int
+    # Read blocks a region eviction did not reinsert because host RAM held them then.
+    disk_left_to_host: int = 0
     # Admitted blocks a clocked replay could not write (zero without a clock).
     dropped_buffer_full: int = 0
     dropped_over_budget: int = 0
@@ -286,7 +301,7 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
         raise ConfigError("a clocked replay needs a trace with a timestamp on every request")
     clock = _Drive(drive) if drive is not None and disk_blocks else None
     host = make_policy(policy, host_blocks)
-    disk = RegionLog(disk_blocks, blocks_per_region, reinsert_hits) if disk_blocks else None
+    disk = RegionLog(disk_blocks, blocks_per_region, reinsert_hits, host) if disk_blocks else None
     admit: AdmissionPolicy | None = None
     if disk_blocks:
         admit = make_admission(admission, disk_blocks) if isinstance(admission, str) else admission
@@ -327,7 +342,8 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
             host.insert(key)
     return TieredResult(len(trace.requests), trace.referenced_blocks, host_hits, disk_hits,
                         disk.blocks_written if disk else 0, disk.blocks_reinserted if disk else 0, offers, admitted,
-                        clock.dropped_buffer_full if clock else 0, clock.dropped_over_budget if clock else 0)
+                        disk.left_to_host if disk else 0, clock.dropped_buffer_full if clock else 0,
+                        clock.dropped_over_budget if clock else 0)
 
 
 def _leading_run(request: Sequence[int], present: Container[int]) -> int:

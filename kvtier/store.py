@@ -155,6 +155,8 @@ class Store:
             raise
         self.host = HostTier(self.arena, make_policy(self.config.host.policy, num_slots), layout.block_bytes,
                              on_evict=self._demote if self.lower else None)
+        if (disk := self.disk) is not None:
+            disk.held_above = self.host.holds  # host and disk hold mostly different blocks (docs/policy.md)
         self.transfer = transfer or make_transfer_engine(self.config.transfer)
         self._poll = self.transfer.poll if self.transfer.completes_on_poll else None
         self._epochs = KeyEpochs(self.disk)

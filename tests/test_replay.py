@@ -6,10 +6,12 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kvtier.bench.replay import run_replay
+from kvtier.bench.replay import format_table, run_replay, run_table
+from kvtier.bench.traces import SHAPES, generate, write_trace
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier.replay import DriveModel, RegionLog, Trace, load_trace, replay_belady, replay_single, replay_tiered
 
@@ -74,6 +76,18 @@ def test_region_log_evicts_the_oldest_region_whole_and_reinserts_blocks_read_eno
     log.write(7)  # region [3, 4] goes: 3 was read twice and comes back, 4 once and is dropped
     assert sorted(k for k in range(1, 8) if k in log) == [3, 5, 6, 7]
     assert (log.blocks_written, log.blocks_reinserted) == (8, 1)
+
+
+def test_region_log_leaves_blocks_host_ram_holds_to_host_ram() -> None:
+    # Blocks 1 and 2 were read; host RAM holds 1 when their region is evicted: only 2 is reinserted, and 1
+    # is written again only if the host's eviction offers it and admission takes it.
+    log = RegionLog(4, blocks_per_region=2, reinsert_hits=1, held_above={1})
+    for key in (1, 2, 3, 4):
+        log.write(key)
+    log.read(1)
+    log.read(2)
+    log.write(5)
+    assert (1 not in log, 2 in log, log.blocks_reinserted, log.left_to_host) == (True, True, 1, 1)
 
 
 def test_region_log_without_reinsertion_and_smaller_than_a_region() -> None:
@@ -206,18 +220,36 @@ def test_clocked_replay_drops_what_the_buffer_cannot_hold_by_hand() -> None:
 
 
 def test_clocked_replay_drops_blocks_over_the_write_budget_by_hand() -> None:
-    # A budget of 100 B/s is a bucket of one 100-byte block: r2's eviction takes it, r3's (1 s later) finds
-    # it refilled, r4's (same instant) finds it empty.
-    drive = DriveModel(100, 1e9, 1 << 20, budget_bytes_per_s=100)
+    # A budget of 100 B/s saved up for one second is a bucket of one 100-byte block: r2's eviction takes it,
+    # r3's (1 s later) finds it refilled, r4's (same instant) finds it empty.
+    drive = DriveModel(100, 1e9, 1 << 20, budget_bytes_per_s=100, budget_burst_s=1)
     result = replay_tiered(CHAIN, 1, 4, policy="lru", admission="admit_all", drive=drive)
     assert (result.disk_blocks_written, result.dropped_over_budget, result.dropped_buffer_full) == (2, 1, 0)
+
+
+def test_clocked_replay_spends_the_budget_accrued_between_bursts() -> None:
+    # Every 10 s a request of 5 new blocks evicts 5 blocks at once; the budget is one block a second. The
+    # budget accrues while no request comes: 50 blocks offered over 90 s fit in 90 s of budget plus the
+    # 20 s saved at the start. A bucket of one second (before) wrote one block a request.
+    trace = Trace([[10 * r + b for b in range(5)] for r in range(10)], [10_000.0 * r for r in range(10)])
+    accrued = DriveModel(100, 1e9, 1 << 20, budget_bytes_per_s=100, budget_burst_s=20)
+    result = replay_tiered(trace, 1, 100, policy="lru", admission="admit_all", drive=accrued)
+    assert (result.disk_admitted, result.dropped_over_budget) == (49, 0)
+    one_second = replay_tiered(trace, 1, 100, policy="lru", admission="admit_all",
+                               drive=DriveModel(100, 1e9, 1 << 20, budget_bytes_per_s=100, budget_burst_s=1))
+    assert one_second.disk_blocks_written == 10
+    # Spending never runs ahead of the budget: 5 s saved up, then the accrual.
+    tight = replay_tiered(trace, 1, 100, policy="lru", admission="admit_all",
+                          drive=DriveModel(100, 1e9, 1 << 20, budget_bytes_per_s=20, budget_burst_s=5))
+    assert tight.disk_blocks_written <= 1 + (90 * 20) // 100
 
 
 def test_clocked_replay_refuses_a_trace_without_times_and_bad_drives() -> None:
     with pytest.raises(ConfigError, match="timestamp"):
         replay_tiered(SMALL, 1, 4, drive=DriveModel(100, 100, 100))
-    for bad in ({"block_bytes": 0}, {"write_bytes_per_s": 0}, {"time_scale": float("inf")},
-                {"budget_bytes_per_s": -1}):
+    bad_fields: list[dict[str, Any]] = [{"block_bytes": 0}, {"write_bytes_per_s": 0}, {"time_scale": float("inf")},
+                                        {"budget_bytes_per_s": -1}, {"budget_burst_s": -1}]
+    for bad in bad_fields:
         with pytest.raises(ConfigError):
             DriveModel(**{"block_bytes": 1, "write_bytes_per_s": 1, "writeback_buffer_bytes": 1, **bad})
 
@@ -231,6 +263,11 @@ def test_run_replay_on_the_clock_reports_drops(tmp_path: Path, capsys: pytest.Ca
                       drive_write_bytes_per_s=1e12, block_bytes=21_600, write_budget_dwpd=1.0)
     assert dwpd["write_budget_bytes_per_s"] == 1  # 4 blocks of 21,600 bytes once a day
     assert dwpd["dropped_over_budget"] == 3
+    # The DWPD of a named drive, 10x the replay's disk, and 9,000 s of it saved up (4 blocks): all are written.
+    drive = run_replay(path, host_blocks=1, disk_blocks=4, policy="lru", admission="admit_all", baselines=False,
+                       drive_write_bytes_per_s=1e12, block_bytes=21_600, write_budget_dwpd=1.0,
+                       drive_bytes=864_000, write_budget_burst_s=9000)
+    assert (drive["write_budget_bytes_per_s"], drive["dropped_over_budget"]) == (10, 0)
     with pytest.raises(ConfigError, match="at most one"):
         run_replay(path, host_blocks=1, disk_blocks=4, drive_write_bytes_per_s=1, write_budget_bytes_per_s=1,
                    write_budget_dwpd=1)
@@ -245,3 +282,50 @@ def test_run_replay_on_the_clock_reports_drops(tmp_path: Path, capsys: pytest.Ca
     assert json.loads(capsys.readouterr().out)["dropped_buffer_full"] == 2
     assert script.main(argv) == 0
     assert "2 blocks dropped with the buffer full" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_generated_traces_are_seeded_chained_and_in_the_replay_format(tmp_path: Path, shape: str) -> None:
+    trace, outputs = generate(shape, seed=3)
+    again, _ = generate(shape, seed=3)
+    assert again == trace and generate(shape, seed=4)[0] != trace
+    assert trace.timestamps_ms == sorted(trace.timestamps_ms) and len(outputs) == len(trace.requests)
+    # Chained prefix ids: an id always comes after the same id (its whole prefix is the same).
+    parent: dict[int, int] = {}
+    for request in trace.requests:
+        for before, block in zip([-1, *request], request, strict=False):
+            assert parent.setdefault(block, before) == before
+    write_trace(tmp_path / "t.jsonl", trace, outputs)
+    assert load_trace(tmp_path / "t.jsonl") == trace
+    assert 5_000 < trace.unique_blocks < 100_000  # small enough for a replay table in minutes
+
+
+def test_replay_table_reports_each_trace_and_size_against_the_baselines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write_trace(tmp_path / "t.jsonl", [[1, 2], [1, 2], [3], [1, 2], [4, 5], [1, 2]] * 5)
+    rows = run_table([("t", load_trace(path))], host_frac=0.2, disk_fracs=(0.2, 0.4), policy="lru")
+    assert [(row["trace"], row["disk_frac"], row["disk_blocks"]) for row in rows] == [("t", 0.2, 1), ("t", 0.4, 2)]
+    for row in rows:
+        assert row["kvtier_minus_best"] == pytest.approx(row["kvtier"] - max(row["lru"], row["s3fifo"], row["arc"]),
+                                                         abs=1e-4)
+        assert row["kvtier"] <= row["belady"] + 1e-9
+        assert row["writes_of_admit_all"] == pytest.approx(
+            row["disk_blocks_written"] / row["admit_all_disk_blocks_written"], abs=1e-3)
+    assert format_table(rows).count("\n| t | ") == 2
+    spec = importlib.util.spec_from_file_location("replay_script", REPO / "bench" / "replay.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--table", "--trace", str(path), "--trace", str(path), "--host-frac", "0.2",
+                        "--disk-fracs", "0.4", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    saved = tmp_path / "traces"
+    assert script.main(["--table", "--shape", "agent", "--seed", "2", "--disk-fracs", "0.01", "--save-traces",
+                        str(saved)]) == 0
+    assert "| agent (seed 2) | 1% |" in capsys.readouterr().out
+    assert load_trace(saved / "agent-seed2.jsonl") == generate("agent", 2)[0]
+    for bad in (["--table", "--trace", str(path), "--disk-blocks", "2"], ["--table"],
+                ["--table", "--trace", str(path), "--disk-fracs", "1%"],
+                ["--trace", str(path), "--trace", str(path), "--host-blocks", "1", "--disk-blocks", "1"]):
+        assert script.main(bad) == 2
+        assert "replay: error:" in capsys.readouterr().err

@@ -55,6 +55,11 @@ def test_host_evictions_are_demoted_and_promoted_back(layout: KVLayout, tmp_path
         assert stats.tiers["host"].detail["demoted_blocks"] >= 6
         assert stats.tiers["host"].detail["promoted_blocks"] >= 1
         assert stats.tiers["disk"].used_blocks >= 6
+        # The disk tier asks host RAM what it holds before reinserting (host and disk mostly exclusive).
+        disk = store.disk
+        assert disk is not None and disk.held_above is not None
+        assert [disk.held_above(key) for key in keys] == [store.host.holds(key) for key in keys]
+        assert any(disk.held_above(key) for key in keys) and not all(disk.held_above(key) for key in keys)
 
 
 def test_write_through_survives_a_restart(layout: KVLayout, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ Promises:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -126,6 +127,8 @@ class _Shadow:
         self.keys: OrderedDict[Hashable, list[int]] = OrderedDict()
         self.hits = 0.0
         self.writes = 0.0
+        # Hits this shadow scored and the other did not: the only hits that tell the choices apart.
+        self.wins = 0.0
         self.alive = False
 
     def write(self, key: Hashable, now: int) -> None:
@@ -153,6 +156,7 @@ class _Shadow:
     def halve(self) -> None:
         self.hits /= 2
         self.writes /= 2
+        self.wins /= 2
 
 
 _REJECT_FIRST, _ADMIT_ALL = 0, 1
@@ -179,16 +183,18 @@ class AdaptiveAdmission(AdmissionPolicy):
     after a restart pays that once, one disk's worth of writes.
 
     Scores decay by half every ``window_factor`` shadow capacities of sampled lookups. The policy starts
-    with reject-first (the cheaper one in writes) and switches to admit-all only when admit-all scores
-    ``margin`` more hits *and* each extra block written buys at least ``min_gain_per_write`` hits (flash
-    endurance is the budget being spent); it switches back when reject-first wins by ``margin`` or the
-    extra writes stop paying half that.
+    with reject-first (the cheaper one in writes) and switches to admit-all only when admit-all leads on
+    the hits that differ (sampled lookups that hit in one shadow and not the other) by more than ``z``
+    standard deviations of a sign test *and* each extra block written buys at least
+    ``min_gain_per_write`` hits (flash endurance is the budget being spent); it switches back when
+    reject-first leads by that test or the extra writes stop paying half that. Why not a margin on all
+    hits: blocks both choices hit (shared prompts) are most hits, and they hide a real difference.
     """
 
     name = "adaptive"
 
     def __init__(self, disk_capacity_blocks: int, *, ghost_factor: int = GHOST_FACTOR,
-                 shadow_blocks: int = SHADOW_BLOCKS, margin: float = 0.15, min_gain_per_write: float = 0.1,
+                 shadow_blocks: int = SHADOW_BLOCKS, z: float = 2.0, min_gain_per_write: float = 0.1,
                  window_factor: int = 16) -> None:
         _check_capacity(disk_capacity_blocks)
         self.ghost_capacity = min(ghost_factor * disk_capacity_blocks, MAX_TRACKED_KEYS)
@@ -199,7 +205,7 @@ class AdaptiveAdmission(AdmissionPolicy):
         shadow_capacity = max(1, round(disk_capacity_blocks * rate))
         self._shadows = (_Shadow(shadow_capacity), _Shadow(shadow_capacity))
         self._window = window_factor * shadow_capacity
-        self._margin = margin
+        self._z = z
         self._min_gain_per_write = min_gain_per_write
         self._ghost: OrderedDict[Hashable, _Sighting] = OrderedDict()
         self._now = 0
@@ -269,6 +275,9 @@ class AdaptiveAdmission(AdmissionPolicy):
                 shadow.hits += 1
                 if on_disk:
                     shadow.read(key)
+        rf, aa = self._shadows
+        if rf.alive != aa.alive:
+            (aa if aa.alive else rf).wins += 1
         self._sampled_since_halving += 1
         if self._sampled_since_halving >= self._window:
             self._sampled_since_halving = 0
@@ -278,13 +287,16 @@ class AdaptiveAdmission(AdmissionPolicy):
 
     def _decide(self) -> None:
         rf, aa = self._shadows
-        gain = aa.hits - rf.hits
+        # A sign test on the hits that differ: if neither choice were better, each differing hit would be
+        # either shadow's with even odds, and the lead would stay within z standard deviations.
+        lead = aa.wins - rf.wins
+        noise = self._z * math.sqrt(aa.wins + rf.wins + 1)
         extra_writes = max(1.0, aa.writes - rf.writes)
         if self._mode == _REJECT_FIRST:
-            if gain > self._margin * rf.hits and gain >= self._min_gain_per_write * extra_writes:
+            if lead > noise and lead >= self._min_gain_per_write * extra_writes:
                 self._mode = _ADMIT_ALL
                 self.switches += 1
-        elif gain < -self._margin * aa.hits or gain < self._min_gain_per_write / 2 * extra_writes:
+        elif -lead > noise or lead < self._min_gain_per_write / 2 * extra_writes:
             self._mode = _REJECT_FIRST
             self.switches += 1
 

@@ -9,7 +9,8 @@ works during the fill instead of after it (with the first region written only on
 then are its entries committed together with its SEALED mark (index changes are group-committed: about one
 synced LMDB transaction per region). Space comes back by evicting whole regions, oldest sealed first
 (FIFO); a block read at least ``reinsert_hits`` times since it was written is read back synchronously and
-copied into the new open region instead of dropped.
+copied into the new open region instead of dropped, unless ``held_above(key)`` says host RAM holds it
+(the host's eviction offers it again: host and disk mostly hold different blocks).
 
 The region buffers are the write-back buffer (``disk.writeback_buffer_bytes``, at least 3 regions; 3 are
 faulted in at open, the others allocated by the first burst that needs them and kept). One fills while the
@@ -190,6 +191,9 @@ class DiskTier:
         if not config.paths:
             raise ConfigError("disk.paths is empty: the disk tier needs at least one directory")
         self.config, self.layout, self._admission = config, layout, admission
+        # Set by the owner: whether a tier above (host RAM) holds a key. Called under the tier's lock, so it
+        # must not take a lock of its own (``HostTier.holds``).
+        self.held_above: Callable[[bytes], bool] | None = None
         self.block_bytes = layout.block_bytes
         self._max_entry = entry_bytes(self.block_bytes)
         if self._max_entry > config.region_bytes:
@@ -203,7 +207,8 @@ class DiskTier:
         self._zstd = ZstdCodec(layout.torch_dtype.itemsize)
         self._compress = config.codec == "zstd"
         rate = config.budget_bytes_per_s
-        self._budget = _TokenBucket(rate, max(rate, self._max_entry)) if rate else None
+        burst = max(int(rate * config.write_budget_burst_s), self._max_entry)
+        self._budget = _TokenBucket(rate, burst) if rate else None
         # Guards the tables; never held across disk I/O or an index commit. Index changes are enqueued
         # while holding it, so the index applies them in the order the tables changed.
         self._lock = threading.Lock()
@@ -542,7 +547,10 @@ class DiskTier:
             self._cond.wait()
         self._counters["regions_evicted"] += 1
         threshold = self.config.reinsert_hits
-        hot = [(key, entry) for key, entry in victims if threshold and entry.hits >= threshold]
+        held = self.held_above
+        # A block a tier above holds is not reinserted: its eviction there offers it again (exclusive caching).
+        hot = [(key, entry) for key, entry in victims
+               if threshold and entry.hits >= threshold and not (held is not None and held(key))]
         return region, hot, [key for key, _ in victims]
 
     def _live_entries_locked(self, region: _Region) -> list[tuple[bytes, _Entry]]:

@@ -119,6 +119,19 @@ def test_adaptive_follows_admit_all_where_reuse_comes_only_once() -> None:
     assert adaptive.block_hit_ratio >= 0.97 * admit_all.block_hit_ratio
 
 
+def test_adaptive_decides_on_the_hits_that_differ_not_on_shared_prefix_hits() -> None:
+    # Every request starts with the same 30-block prompt, which both choices hit: most hits are those. The
+    # documents behind it are read twice, and only admit-all turns that reuse into hits: a rule on all hits
+    # (admit-all ahead by a share of them) never switches, a test on the hits that differ does.
+    prompt = list(range(10**7, 10**7 + 30))
+    trace = Trace([prompt + doc for doc in _used_twice(3000)])
+    policy = AdaptiveAdmission(300)
+    adaptive = replay_tiered(trace, 8, 300, admission=policy)
+    reject_first = replay_tiered(trace, 8, 300, admission="reject_first")
+    assert policy.mode == "admit_all"
+    assert adaptive.block_hit_ratio > reject_first.block_hit_ratio + 0.02
+
+
 def test_adaptive_stays_reject_first_when_one_off_blocks_would_flood_the_disk() -> None:
     trace = Trace(_hot_set_and_one_offs(6000))
     policy = AdaptiveAdmission(200)

@@ -84,6 +84,16 @@ def test_fifo_eviction_reinserts_blocks_read_often_enough(disk_config: Config, k
         assert not tier.contains(kit.key(0))
 
 
+def test_fifo_eviction_leaves_blocks_held_above_to_the_tier_above(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(reinsert_hits=1), kit.layout) as tier:
+        tier.held_above = lambda key: key == kit.key(3)  # host RAM holds block 3 (promoted on its read)
+        kit.fill(tier, range(4 * kit.per_region))
+        assert kit.read(tier, 3) is not None and kit.read(tier, 5) is not None
+        kit.fill(tier, range(100, 101))  # the oldest region is evicted
+        assert tier.stats().blocks_reinserted == 1
+        assert tier.contains(kit.key(5)) and not tier.contains(kit.key(3))
+
+
 def test_a_single_region_tier_still_cycles(disk_config: Config, kit: DiskKit) -> None:
     with DiskTier(disk_config(capacity_bytes=kit.region, reinsert_hits=0), kit.layout) as tier:
         kit.fill(tier, range(3 * kit.per_region))
@@ -118,6 +128,19 @@ def test_tier_counts_budget_rejections(disk_config: Config, kit: DiskKit) -> Non
     with DiskTier(disk_config(write_budget_bytes_per_s=1), kit.layout) as tier:  # a burst of one entry, then ~nothing
         assert tier.offer(kit.key(0), kit.payload(0)) and not tier.offer(kit.key(1), kit.payload(1))
         assert tier.stats().budget_rejected == 1
+
+
+def test_write_budget_saves_up_for_a_burst_against_the_named_drive(disk_config: Config, kit: DiskKit) -> None:
+    # 0.5 DWPD of a 2,304,000-byte drive is 13.33 B/s; an hour of it (48,000 bytes) pays for two 20 KiB
+    # entries at once. Before, the bucket held one second: one entry, then refusals.
+    config = disk_config(write_budget_dwpd=0.5, drive_bytes=2_304_000)
+    assert config.budget_bytes_per_s == 13
+    with DiskTier(config, kit.layout) as tier:
+        assert all(tier.offer(kit.key(i), kit.payload(i)) for i in range(2))
+        assert not tier.offer(kit.key(2), kit.payload(2))
+        assert tier.stats().budget_rejected == 1
+    # Without drive_bytes the DWPD counts the tier's own files (4 regions of 256 KiB).
+    assert disk_config(write_budget_dwpd=1.0).budget_bytes_per_s == 4 * kit.region // 86_400
 
 
 def test_drop_forgets_a_block_in_memory_and_on_disk(disk_config: Config, kit: DiskKit) -> None:
