@@ -206,7 +206,9 @@ class RemoteConfig:
         object.__setattr__(self, "urls", tuple(str(url) for url in urls))
         for url in self.urls:
             if not url.startswith(("redis://", "rediss://", "valkey://", "valkeys://", "unix://")):
-                raise ConfigError(f"remote.urls: {url!r} is not a redis://, rediss:// or unix:// URL")
+                # Only the scheme is echoed: the URL may hold a password.
+                raise ConfigError(f"remote.urls: a URL starting {url.split('://')[0][:16]!r} is not a redis://, "
+                                  "rediss://, valkey:// or unix:// URL")
         for name in ("queue_bytes", "batch_bytes"):
             object.__setattr__(self, name, parse_bytes(getattr(self, name), f"remote.{name}"))
             _check_positive(getattr(self, name), f"remote.{name}")

@@ -272,6 +272,7 @@ class RemoteTier:
     def stats(self, hit_blocks: int) -> TierStats:
         nodes = self._nodes.counts()
         with self._lock:
+            self._sync_known_locked()
             c = dict(self._counters)
             detail: dict[str, int | float | bool | str] = {
                 **c, **nodes, "up": self._nodes.up, "mode": self.config.mode,
@@ -446,10 +447,11 @@ class RemoteTier:
                     self._counters[_BAD[outcome]] += 1
                 elif outcome == "error":
                     self._counters["read_errors"] += 1
-        _resolve(batch, [outcome == "ok" for outcome in outcomes])
         if bad:
-            # Lookups would count a bad value as a hit and every read fail on it again: delete it (a good copy
-            # written meanwhile by another host is lost with it: a miss, never wrong bytes).
+            # Lookups would count a bad value as a hit and every read fail on it again: delete it before the
+            # miss is reported (a good copy written meanwhile by another host goes with it: a miss, never
+            # wrong bytes).
             deleted = self._nodes.execute([("DEL", self.server_key(key)) for key in bad], "delete")
             with self._lock:
                 self._counters["bad_values_deleted"] += sum(reply == 1 for reply in deleted)
+        _resolve(batch, [outcome == "ok" for outcome in outcomes])
