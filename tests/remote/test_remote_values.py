@@ -8,7 +8,7 @@ import hashlib
 import struct
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -146,7 +146,8 @@ def test_keyed_key_names_list_no_block_key(redis_single: LocalServers, config_fo
         client.close()
 
 
-def test_a_host_sends_again_what_a_restarted_server_lost(fresh_single, config_for: RemoteConfigFor) -> None:  # type: ignore[no-untyped-def]
+def test_a_host_sends_again_what_a_restarted_server_lost(fresh_single: Callable[..., LocalServers],
+                                                         config_for: RemoteConfigFor) -> None:
     servers = fresh_single()
     tier = RemoteTier(config_for(servers), LAYOUT)
     try:
@@ -166,7 +167,8 @@ def test_a_host_sends_again_what_a_restarted_server_lost(fresh_single, config_fo
         tier.close()
 
 
-def test_a_host_sends_again_what_the_server_evicted(fresh_single, config_for: RemoteConfigFor) -> None:  # type: ignore[no-untyped-def]
+def test_a_host_sends_again_what_the_server_evicted(fresh_single: Callable[..., LocalServers],
+                                                    config_for: RemoteConfigFor) -> None:
     servers = fresh_single(maxmemory="4mb", policy="allkeys-lru")
     tier = RemoteTier(config_for(servers), LAYOUT)
     try:
@@ -190,12 +192,13 @@ def test_a_host_sends_again_what_the_server_evicted(fresh_single, config_for: Re
 
 
 def test_acquire_waits_for_a_hung_promotion_at_most_its_timeout(
-        fresh_single, config_for: RemoteConfigFor, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+        fresh_single: Callable[..., LocalServers], config_for: RemoteConfigFor,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     servers = fresh_single()
     remote = config_for(servers, timeout_ms=5000)
     layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)  # 1 KiB
-    config = StoreConfig(host=HostConfig(capacity_bytes=16 * 4096, policy="lru"), transfer=TransferConfig(backend="cpu"),
-                         remote=remote)
+    config = StoreConfig(host=HostConfig(capacity_bytes=16 * 4096, policy="lru"),
+                         transfer=TransferConfig(backend="cpu"), remote=remote)
     first, second = Store(layout, config), Store(layout, config)
     try:
         keys = first.hasher("m").keys(list(range(3 * 4)))
