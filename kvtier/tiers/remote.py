@@ -382,7 +382,8 @@ class RemoteTier:
                 sealed = seal_borrowed(write.key, write.borrowed, self._codec, self._mac_key)
             else:
                 assert write.value is not None
-                sealed = seal(write.key, write.value, self._codec, self._mac_key)
+                # Framed as a split value too: the packer would otherwise copy the whole value once more.
+                sealed = SplitValue(b"", memoryview(seal(write.key, write.value, self._codec, self._mac_key)))
             sizes.append(len(sealed))
             commands.append(("SET", self.server_key(write.key), sealed, *ttl))
         replies = self._nodes.execute(commands, "write")
