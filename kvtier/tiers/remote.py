@@ -19,8 +19,9 @@ Promises:
 - ``submit_read`` resolves ``True`` only with a verified value of that key and block size in ``dst``; a
   missing, corrupt, truncated, forged or foreign value, an error reply or a fault resolves ``False`` and is
   counted. Every future resolves: a reader never dies of a value, and a fault fails what waits.
-- A bad value read (corrupt, forged, foreign) is deleted from the server, so that lookups stop counting it
-  and a good copy can be sent again.
+- A read receives at most one value's bytes, whatever the server holds. A bad value read (corrupt,
+  forged, foreign, or not a string) is deleted from the server, so that lookups stop counting it and a good
+  copy can be sent again.
 - A node's fault (refused or dropped connection, timeout, hung server) stops only that node's keys: they
   are misses and refused offers at once while the other nodes serve on (``kvtier.tiers.nodes``). Error
   replies (OOM of a full server, a refused command) are counted per value and stop nothing.
@@ -428,13 +429,19 @@ class RemoteTier:
                 _resolve(batch)
 
     def _read(self, batch: list[_Read]) -> None:
-        replies = self._nodes.execute([("GET", self.server_key(read.key)) for read in batch], "read")
+        # GETRANGE, not GET: a planted value of any size costs at most one value's bytes to receive (and one
+        # more: a longer value cannot pass as a whole one). A missing key reads as empty.
+        replies = self._nodes.execute([("GETRANGE", self.server_key(read.key), 0, self._value_bytes)
+                                       for read in batch], "read")
         outcomes: list[str] = []
         for read, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, bytes):
+            if isinstance(reply, bytes) and reply:
+                # A cut value fails its checks like any other (a length, the tag or the checksum).
                 outcomes.append(read_value(reply, read.key, read.dst, self._zstd, self._mac_key))
+            elif isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE"):
+                outcomes.append("foreign")  # a list, a hash...: not a value, and in the way of one
             else:
-                outcomes.append("missing" if reply is None else "error")
+                outcomes.append("missing" if isinstance(reply, bytes) else "error")
         bad = [read.key for read, outcome in zip(batch, outcomes, strict=True) if outcome in _BAD]
         with self._lock:
             for read, outcome in zip(batch, outcomes, strict=True):

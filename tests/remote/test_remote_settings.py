@@ -81,7 +81,7 @@ def test_an_acl_user_with_only_the_tiers_commands_is_enough(fresh_single: Callab
     config = config_for(servers, username="kvtier", password=PASSWORD)
     with servers.client() as admin:
         admin.execute_command("ACL", "SETUSER", "kvtier", "on", f">{PASSWORD}", f"~{config.key_prefix}:*",
-                              "+get", "+set", "+exists", "+del", "+ping")  # no INFO: the tier does without
+                              "+getrange", "+set", "+exists", "+del", "+ping")  # no INFO: the tier does without
     tier = RemoteTier(config, LAYOUT)
     try:
         round_trip(tier, 2)

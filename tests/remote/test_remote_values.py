@@ -218,3 +218,24 @@ def test_acquire_waits_for_a_hung_promotion_at_most_its_timeout(
         servers.resume(0)
         first.close()
         second.close()
+
+
+def test_an_oversized_value_or_another_type_is_a_miss_received_bounded_and_deleted(
+        redis_single: LocalServers, tier: RemoteTier) -> None:
+    huge, listed, empty = key(0, "huge"), key(1, "huge"), key(2, "huge")
+    client = redis_single.client()
+    client.set(tier.server_key(huge), planted(huge, bytes(64 << 20), codec=CODEC_NONE))
+    client.rpush(tier.server_key(listed), b"not a string")
+    before = tier.stats(0).detail["bytes_read"]
+    tracemalloc.start()
+    try:
+        assert read(tier, huge) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * LAYOUT.block_bytes  # not the 64 MiB stored
+    assert read(tier, listed) is None and read(tier, empty) is None
+    detail = tier.stats(0).detail
+    assert detail["checksum_failures"] == 1 and detail["foreign_values"] == 1 and detail["bytes_read"] == before
+    assert tier.locate([huge, listed, empty]) == [False] * 3 and detail["bad_values_deleted"] == 2
+    client.close()
