@@ -141,3 +141,14 @@ def test_settings_that_cannot_work_are_configuration_errors(tmp_path: Path) -> N
         with pytest.raises(ConfigError, match="cannot be loaded"):
             RemoteTier(config, LAYOUT)
         assert time.monotonic() - started < 1  # refused, not dialed and retried
+
+
+def test_a_unix_socket_url_with_its_password_in_the_config(fresh_single: Callable[..., LocalServers],
+                                                          config_for: RemoteConfigFor, tmp_path: Path) -> None:
+    path = str(tmp_path / "redis.sock")
+    servers = fresh_single(args=("--unixsocket", path, "--unixsocketperm", "700", "--requirepass", PASSWORD))
+    tier = RemoteTier(config_for(servers, urls=(f"unix://{path}",), password=PASSWORD), LAYOUT)
+    try:
+        round_trip(tier, 3)
+    finally:
+        tier.close()
