@@ -10,7 +10,7 @@ Promises:
 - The client never retries on its own: one failed attempt is reported at once, and the tier decides when
   to try again (so no call waits longer than its timeout).
 - ``redact`` hides a URL's password: only redacted URLs are logged.
-- A ``SplitValue`` argument (header + borrowed payload) is sent as one value without joining its pieces.
+- A ``SplitValue`` argument (header, borrowed payload, trailer) is sent as one value without joining its pieces.
 - ``RequestCounter.sent`` counts the pipelines and commands written to any server (one per node a pipeline
   touches): the tier's round trips.
 """
@@ -97,7 +97,7 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def normalized(url: str, tls: bool) -> str:
+def _normalized(url: str, tls: bool) -> str:
     """``url`` with ``valkey(s)://`` read as ``redis(s)://`` and ``redis://`` as ``rediss://`` under ``tls``."""
     for prefix, replacement in (("valkeys://", "rediss://"), ("valkey://", "redis://")):
         if url.startswith(prefix):
@@ -139,7 +139,7 @@ def _options(config: RemoteConfig, tls: bool) -> dict[str, Any]:
 def server_options(config: RemoteConfig, url: str) -> dict[str, Any]:
     """The connection settings of the server at ``url``: address from the URL, then credentials (the
     config's over the URL's), timeouts and TLS from ``config``. ``connection_class`` is the socket kind."""
-    url = normalized(url, config.tls)
+    url = _normalized(url, config.tls)
     tls = url.startswith("rediss://")
     if url.startswith("unix://") and config.tls:
         raise ConfigError("remote.tls is set but a unix:// socket cannot carry TLS")
@@ -171,8 +171,8 @@ def make_client(config: RemoteConfig, counter: RequestCounter) -> Client:
     first = server_options(config, config.urls[0])
     if config.mode == "single":
         return server_client(first, counter)
-    seeds = [ClusterNode(server_options(config, url)["host"], server_options(config, url).get("port", 6379))  # type: ignore[no-untyped-call]
-             for url in config.urls]
+    addresses = [server_options(config, url) for url in config.urls]
+    seeds = [ClusterNode(options["host"], options.get("port", 6379)) for options in addresses]  # type: ignore[no-untyped-call]
     base = first.pop("connection_class")
     first.pop("host", None)
     first.pop("port", None)
