@@ -207,8 +207,9 @@ class RemoteConfig:
         for url in self.urls:
             if not url.startswith(("redis://", "rediss://", "valkey://", "valkeys://", "unix://")):
                 # Only the scheme is echoed: the URL may hold a password.
-                raise ConfigError(f"remote.urls: a URL starting {url.split('://')[0][:16]!r} is not a redis://, "
-                                  "rediss://, valkey:// or unix:// URL")
+                scheme = url.split("://")[0][:16] + "://" if "://" in url else "no scheme"
+                raise ConfigError(f"remote.urls: a URL with {scheme!r} is not a redis://, rediss://, valkey:// or "
+                                  "unix:// URL")
         for name in ("queue_bytes", "batch_bytes"):
             object.__setattr__(self, name, parse_bytes(getattr(self, name), f"remote.{name}"))
             _check_positive(getattr(self, name), f"remote.{name}")

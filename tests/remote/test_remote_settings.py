@@ -128,9 +128,10 @@ def test_settings_that_cannot_work_are_configuration_errors(tmp_path: Path) -> N
                 {"urls": ("redis://x",), "hash_key_names": True}):
         with pytest.raises(ConfigError):
             RemoteConfig(**bad)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError) as raised:
-        RemoteConfig(urls=(f"http://user:{PASSWORD}@host",))
-    assert PASSWORD not in str(raised.value)
+    for url in (f"http://user:{PASSWORD}@host", f"user:{PASSWORD}@host:6379"):
+        with pytest.raises(ConfigError) as raised:
+            RemoteConfig(urls=(url,))
+        assert PASSWORD not in str(raised.value)
     missing = str(tmp_path / "no-such-ca.pem")
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")
