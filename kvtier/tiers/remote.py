@@ -8,7 +8,7 @@ with ``auth_secret``. Capacity and eviction belong to the server (``maxmemory`` 
 ``kvtier.tiers.nodes``'s.
 
 Threads: one writer (it also revives down nodes) and ``read_threads`` readers, each draining its queue in
-batches of at most ``batch_bytes``, one pipeline per node a batch touches, every node at once.
+batches of at most ``batch_bytes`` (reads: 8 MiB), one pipeline per node a batch touches, every node at once.
 
 Promises:
 - ``locate`` is one pipeline of EXISTS per node, all nodes at once, bounded by ``timeout_ms``.
@@ -65,6 +65,10 @@ _COUNTERS = ("lookups", "lookup_keys", "lookup_found", "hits", "misses", "checks
              "offers_deduplicated", "queue_full_dropped", "down_dropped", "dropped_blocks", "write_errors",
              "oom_errors")
 _BAD = {"corrupt": "checksum_failures", "foreign": "foreign_values", "forged": "forged_values"}
+# Bytes of values in one read pipeline (at most batch_bytes): a reader verifies and copies its batch while the
+# other receives theirs, and small batches keep both busy. 2 MiB blocks, one server, against raw pipelined GETs
+# of 15 values: 4 a pipeline 1.05-1.7x, 8 0.9x, 15 0.8-0.88x (measured here, like phases back to back).
+_READ_BATCH_BYTES = 8 << 20
 
 
 class _Write:
@@ -117,6 +121,7 @@ class RemoteTier:
         self._codec = self._zstd if config.codec == "zstd" else None
         self._value_bytes = HEADER_BYTES + self.block_bytes + self._tag_bytes
         self._batch_values = max(1, config.batch_bytes // self._value_bytes)
+        self._read_batch = max(1, min(config.batch_bytes, _READ_BATCH_BYTES) // self._value_bytes)
         self._wait_s = (config.timeout_ms + config.connect_timeout_ms) / 1000
         self.requests = RequestCounter()
         self._nodes = Nodes(config, self.requests)  # a ConfigError here (TLS files, URLs) dials nothing
@@ -418,7 +423,7 @@ class RemoteTier:
                     self._cond.wait()
                 if self._closed and not self._reads:
                     return
-                batch = [self._reads.popleft() for _ in range(min(len(self._reads), self._batch_values))]
+                batch = [self._reads.popleft() for _ in range(min(len(self._reads), self._read_batch))]
             try:
                 self._read(batch)
             except Exception:  # never let a reader die: its futures would never resolve
