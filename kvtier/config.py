@@ -172,7 +172,7 @@ class RemoteConfig:
     mode: RemoteMode = "single"
     # ACL user and password; they override those in the URLs. Empty: none (or the URL's).
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
     # TLS (also implied by a "rediss://" URL): CA bundle, client certificate and key (mutual TLS), checking.
     tls: bool = False
     tls_ca_file: str = ""
@@ -201,13 +201,22 @@ class RemoteConfig:
     codec: Codec = "none"
     # Threads reading values into host slots (each with its own connection).
     read_threads: int = 2
+    # Shared secret (at least 16 characters) of the hosts that trust each other: every value then carries a
+    # keyed BLAKE3 tag over header and payload, and a value without a valid tag is a miss. Empty: no tags
+    # (anyone who can write to the servers can plant a value; see docs/remote.md, "Trust").
+    auth_secret: str = field(default="", repr=False)
+    # With auth_secret: server keys name the block by a keyed hash of its key (no block key listed).
+    hash_key_names: bool = False
 
     def __post_init__(self) -> None:
         urls = (self.urls,) if isinstance(self.urls, str) else self.urls
         object.__setattr__(self, "urls", tuple(str(url) for url in urls))
         for url in self.urls:
             if not url.startswith(("redis://", "rediss://", "valkey://", "valkeys://", "unix://")):
-                raise ConfigError(f"remote.urls: {url!r} is not a redis://, rediss:// or unix:// URL")
+                # Only the scheme is echoed: the URL may hold a password.
+                scheme = url.split("://")[0][:16] + "://" if "://" in url else "no scheme"
+                raise ConfigError(f"remote.urls: a URL with {scheme!r} is not a redis://, rediss://, valkey:// or "
+                                  "unix:// URL")
         for name in ("queue_bytes", "batch_bytes"):
             object.__setattr__(self, name, parse_bytes(getattr(self, name), f"remote.{name}"))
             _check_positive(getattr(self, name), f"remote.{name}")
@@ -221,9 +230,18 @@ class RemoteConfig:
         _check_choice(self.codec, Codec, "remote.codec")
         if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
             raise ConfigError(f"remote.key_prefix must be a non-empty word, got {self.key_prefix!r}")
-        for name in ("tls", "tls_verify"):
+        for name in ("tls", "tls_verify", "hash_key_names"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"remote.{name} must be true or false, got {getattr(self, name)!r}")
+        unix = [url for url in self.urls if url.startswith("unix://")]
+        if unix and self.mode == "cluster":
+            raise ConfigError("remote.mode = 'cluster' needs TCP URLs of cluster nodes, not unix:// sockets")
+        if unix and self.tls:
+            raise ConfigError("remote.tls is set but a unix:// socket cannot carry TLS")
+        if self.auth_secret and len(self.auth_secret) < 16:
+            raise ConfigError("remote.auth_secret must be at least 16 characters (or empty: no value tags)")
+        if self.hash_key_names and not self.auth_secret:
+            raise ConfigError("remote.hash_key_names needs remote.auth_secret (the key names are keyed by it)")
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,17 @@ Promises:
 - Blocks move down on host eviction (to every lower tier lacking them) and on commit (to the tiers in
   write-through mode), and up from the nearest tier holding them (promotion); the lower copy stays valid.
 - A lookup waits on the network at most once per lower tier, bounded by that tier's timeout; nothing else
-  the store does on the caller's thread waits on the network.
+  the store does on the caller's thread waits on the network, but ``acquire``, for promotions, at most its
+  ``timeout`` (``PROMOTION_WAIT_S`` without one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -53,6 +56,10 @@ from kvtier.policies import make_policy
 from kvtier.stats import StoreStats, TierStats
 from kvtier.tiers import LowerTier, build_chain
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
+
+# The longest an ``acquire`` without a timeout waits for its promotions: a tier that never answers must not
+# hang the caller (nor a daemon's session and its shutdown).
+PROMOTION_WAIT_S = 30.0
 
 if TYPE_CHECKING:
     from kvtier.disk import DiskTier
@@ -450,17 +457,24 @@ class Store:
             self.host.abort(reservation.keys)
 
     def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease:
-        """Pin the longest leading run of ``keys`` that is readable, promoting lower-tier blocks first (blocking)."""
+        """Pin the longest leading run of ``keys`` that is readable, promoting lower-tier blocks first (blocking).
+
+        The promotions are waited for at most ``timeout`` seconds (``None``: ``PROMOTION_WAIT_S``); a block
+        still in flight then ends the run (it lands in the host pool later).
+        """
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
             wanted = frozenset(keys)
             pending = {key: self._promotions.get(key) or self._start_promotion(key, protected=wanted)
                        for key in keys if not self.host.is_ready(key)}
+        deadline = time.monotonic() + (PROMOTION_WAIT_S if timeout is None else timeout)
         for key, future in pending.items():
             if future is not None:
-                future.exception(timeout)
-                self._settle_promotion(key, future)
+                with contextlib.suppress(TimeoutError):
+                    future.exception(max(0.0, deadline - time.monotonic()))
+                if future.done():
+                    self._settle_promotion(key, future)
         with self._lock:
             self._check_open()
             run: list[bytes] = []

@@ -27,6 +27,7 @@ from kvtier.config import DiskConfig, StoreConfig, parse_bytes
 from kvtier.daemon.server import Daemon
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.layout import KVLayout
+from kvtier.tiers.redis_client import redact
 
 HELP = "run the kvtier daemon: one host pool and disk tier shared by every engine process on this host"
 log = logging.getLogger("kvtier.daemon")
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
     log.info("starting: host pool %.1f MiB, disk %s (direct I/O %s, %s each, write-%s), remote %s, transfer %s",
              config.host.capacity_bytes / 2**20, list(config.disk.paths) or "off", config.disk.direct_io,
              f"{config.disk.capacity_bytes / 2**20:.0f} MiB", config.disk.write_mode,
-             f"{list(config.remote.urls)} ({config.remote.mode}, write-{config.remote.write_mode})"
+             f"{[redact(url) for url in config.remote.urls]} ({config.remote.mode}, write-{config.remote.write_mode})"
              if config.remote.urls else "off", config.transfer.backend)
     try:
         daemon.start()

@@ -8,7 +8,8 @@ Promises:
 - ``encode`` returns the compressed bytes, or ``None`` when compression would not save at least one page
   on disk (the caller then stores the raw bytes with ``CODEC_NONE``).
 - ``decode_into(stored, planes, dst)`` fills ``dst`` exactly, or returns ``False`` (never raises) when the
-  bytes do not decode to ``len(dst)`` bytes.
+  bytes do not decode to ``len(dst)`` bytes. It never allocates more than ``len(dst)`` bytes for the output,
+  whatever the frame declares: a frame whose header names another size is refused before decompressing.
 - Safe to call from several threads at once (one zstd context per thread).
 """
 
@@ -51,8 +52,13 @@ class ZstdCodec:
     def decode_into(self, stored: memoryview, planes: int, dst: memoryview) -> bool:
         self._compressor()
         try:
+            # A frame's header may declare any size (64 GiB in 65 bytes) and the decompressor allocates what it
+            # declares: refuse another size first; a frame without one is capped at len(dst) by max_output_size.
+            declared = zstandard.frame_content_size(stored)
+            if declared != len(dst) and declared != -1:  # -1: the frame does not say
+                return False
             raw = self._local.decompressor.decompress(stored, max_output_size=len(dst))
-        except zstandard.ZstdError:
+        except Exception:  # any failure to decode (ZstdError, MemoryError...) is a bad value, never an error
             return False
         if len(raw) != len(dst) or planes < 1 or len(raw) % planes:
             return False

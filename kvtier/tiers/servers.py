@@ -65,7 +65,9 @@ class _Node:
                                      start_new_session=True)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=1)
+        password = self.args[self.args.index("--requirepass") + 1] if "--requirepass" in self.args else None
+        return redis.Redis(host="127.0.0.1", port=self.port, password=password, socket_timeout=5,
+                           socket_connect_timeout=1)
 
     def wait_ready(self, deadline: float) -> None:
         while True:
@@ -198,8 +200,10 @@ def _spawn_node(mode: str, binary: str, directory: str, extra: list[str], port: 
         args = [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
                 "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no", "--logfile", log_path]
         if mode == "cluster":
+            # As docs/remote.md recommends for a cache: the live masters serve their slots while one is down.
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-port", str(_free_port()), "--cluster-node-timeout", "3000"]
+                     "--cluster-port", str(_free_port()), "--cluster-node-timeout", "3000",
+                     "--cluster-require-full-coverage", "no"]
         node = _Node(chosen, args + extra, log_path)
         node.spawn()
         try:
@@ -226,11 +230,11 @@ def _form_cluster(servers: LocalServers) -> None:
 
 
 def start_single(*, maxmemory: str = "", policy: str = "allkeys-lru", binary: str | None = None,
-                 port: int = 0) -> LocalServers:
+                 port: int = 0, args: tuple[str, ...] = ()) -> LocalServers:
     """One server (on ``port``, default any free one); with ``maxmemory`` (e.g. ``"64mb"``) it evicts by
-    ``policy`` (``noeviction``: OOM replies instead)."""
+    ``policy`` (``noeviction``: OOM replies instead); ``args``: more server options (``--requirepass``)."""
     extra = ["--maxmemory", maxmemory, "--maxmemory-policy", policy] if maxmemory else []
-    return _start("single", 1, extra, binary, port)
+    return _start("single", 1, extra + list(args), binary, port)
 
 
 def start_cluster(masters: int = 3, *, binary: str | None = None) -> LocalServers:

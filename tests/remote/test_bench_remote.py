@@ -15,15 +15,17 @@ from kvtier.tiers.servers import LocalServers
 if TYPE_CHECKING:
     from conftest import RemoteConfigFor
 
-FIELDS = {"mode", "remote_put_gbps", "remote_get_gbps", "raw_put_gbps", "raw_get_gbps", "lookup_p50_us",
-          "lookup_p99_us", "put_vs_raw", "get_vs_raw", "lookup_requests", "wrong_blocks", "meets_targets"}
+FIELDS = {"mode", "remote_put_gbps", "remote_put_copied_gbps", "remote_get_gbps", "raw_put_gbps", "raw_get_gbps",
+          "lookup_p50_us", "lookup_p99_us", "put_vs_raw", "put_copied_vs_raw", "get_vs_raw", "lookup_requests",
+          "wrong_blocks", "meets_targets"}
 
 
 def test_a_record_per_mode_with_its_fields(servers: LocalServers, config_for: RemoteConfigFor) -> None:
     record = bench_mode(config_for(servers), len(servers.nodes), 64 * 1024, 4 * 1024 * 1024, 2, 20)
     assert set(record) >= FIELDS and record["mode"] == servers.mode and record["wrong_blocks"] == 0
     assert record["lookup_requests"] <= len(servers.nodes) and record["blocks"] == 64
-    assert all(record[name] > 0 for name in ("remote_put_gbps", "remote_get_gbps", "raw_put_gbps", "raw_get_gbps"))
+    assert all(record[name] > 0 for name in ("remote_put_gbps", "remote_put_copied_gbps", "remote_get_gbps",
+                                             "raw_put_gbps", "raw_get_gbps"))
 
 
 def test_the_command_starts_its_own_servers_and_prints_json(capsys: pytest.CaptureFixture[str],

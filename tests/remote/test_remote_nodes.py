@@ -1,0 +1,149 @@
+"""A cluster with one master killed or stopped (SIGSTOP): the live masters keep taking writes and serving
+reads, no call waits past the timeout, the dead node is logged once and retried with its own backoff."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+from redis.crc import key_slot
+
+from kvtier.layout import KVLayout
+from kvtier.tiers.remote import RemoteTier
+from kvtier.tiers.servers import LocalServers
+
+if TYPE_CHECKING:
+    from conftest import RemoteConfigFor
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=4)  # 512 B
+TIMEOUT_MS = 500
+# timeout_ms + connect_timeout_ms (0.8 s) is the bound; allow for a loaded machine, far below the 4 s of
+# nodes asked one after another with every seed retried.
+BOUND_S = 2.0
+
+
+def key(i: int, space: str) -> bytes:
+    return hashlib.blake2b(f"{space}-{i}".encode(), digest_size=16).digest()
+
+
+def payload(i: int) -> torch.Tensor:
+    return torch.randint(0, 256, (LAYOUT.block_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+
+
+def read(tier: RemoteTier, k: bytes) -> torch.Tensor | None:
+    dst = torch.zeros(tier.block_bytes, dtype=torch.uint8)
+    return dst if tier.submit_read(k, dst).result(10) else None
+
+
+def owner(servers: LocalServers, tier: RemoteTier, k: bytes) -> int:
+    """The index of the node serving ``k``'s server key (slots split evenly, in node order)."""
+    return key_slot(tier.server_key(k)) * len(servers.nodes) // 16384
+
+
+def timed(call):  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def test_a_killed_master_stops_only_its_slots_and_is_logged_once(
+        fresh_cluster: LocalServers, config_for: RemoteConfigFor, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kvtier.tiers.remote")
+    tier = RemoteTier(config_for(fresh_cluster, timeout_ms=TIMEOUT_MS), LAYOUT)
+    try:
+        before = [key(i, "before") for i in range(30)]
+        assert all(tier.offer(k, payload(i)) for i, k in enumerate(before))
+        tier.flush()
+        fresh_cluster.kill(0)
+        caplog.clear()
+        found, took_s = timed(lambda: tier.locate(before))
+        assert took_s < BOUND_S
+        live = [owner(fresh_cluster, tier, k) != 0 for k in before]
+        assert found == live and 0 < sum(live) < 30
+        # Keep the tier busy for a while: a dead node must not make it flap.
+        new = [key(i, "new") for i in range(30)]
+        ends = time.monotonic() + 3
+        rounds = 0
+        while time.monotonic() < ends:
+            for i, k in enumerate(new):
+                tier.offer(k, payload(i))
+            tier.flush()
+            tier.locate(new)
+            rounds += 1
+        new_live = [owner(fresh_cluster, tier, k) != 0 for k in new]
+        assert tier.up and tier.locate(new) == new_live and sum(new_live) > 0
+        for i, k in enumerate(new):
+            got = read(tier, k)
+            assert (got is not None) == new_live[i]
+            assert got is None or torch.equal(got, payload(i))
+        down_lines = [r for r in caplog.records if "down" in r.getMessage() and r.levelno >= logging.WARNING]
+        assert len(down_lines) == 1, [r.getMessage() for r in down_lines]
+        assert "remote node" in down_lines[0].getMessage() and "back up" not in caplog.text
+        detail = tier.stats(0).detail
+        assert detail["nodes_up"] == 2 and detail["blocks_written"] == 30 + sum(new_live)
+        assert detail["down_dropped"] >= sum(not x for x in new_live) and rounds >= 1
+        fresh_cluster.restart(0)
+        deadline = time.monotonic() + 30
+        while tier.stats(0).detail["nodes_up"] != 3:
+            assert time.monotonic() < deadline, "the node never came back"
+            time.sleep(0.05)
+        assert "back up" in caplog.text
+        # The restarted node is empty: its blocks are sent again (the host forgot what it held there).
+        for i, k in enumerate(new):
+            tier.offer(k, payload(i))
+        tier.flush()
+        assert tier.locate(new) == [True] * 30
+    finally:
+        tier.close()
+
+
+def test_a_stopped_master_costs_one_timeout_and_never_more(fresh_cluster: LocalServers,
+                                                           config_for: RemoteConfigFor) -> None:
+    tier = RemoteTier(config_for(fresh_cluster, timeout_ms=TIMEOUT_MS), LAYOUT)
+    try:
+        keys = [key(i, "stop") for i in range(64)]
+        for i, k in enumerate(keys):
+            tier.offer(k, payload(i))
+        tier.flush()
+        assert tier.locate(keys) == [True] * 64
+        fresh_cluster.pause(1)
+        try:
+            live = [owner(fresh_cluster, tier, k) != 1 for k in keys]
+            found, took_s = timed(lambda: tier.locate(keys))
+            assert took_s < BOUND_S and found == live
+            for _ in range(3):
+                found, took_s = timed(lambda: tier.locate(keys))
+                assert took_s < BOUND_S / 2 and found == live  # the stopped node is known down: no wait
+            futures = []
+            dsts = [torch.zeros(LAYOUT.block_bytes, dtype=torch.uint8) for _ in keys]
+            started = time.monotonic()
+            futures = [tier.submit_read(k, dst) for k, dst in zip(keys, dsts, strict=True)]
+            hits = [future.result(BOUND_S * 2) for future in futures]
+            assert time.monotonic() - started < BOUND_S and hits == live
+            assert all(torch.equal(dst, payload(i)) for i, dst in enumerate(dsts) if hits[i])
+        finally:
+            fresh_cluster.resume(1)
+    finally:
+        tier.close()
+
+
+def test_a_whole_cluster_stopped_answers_within_the_timeout(fresh_cluster: LocalServers,
+                                                            config_for: RemoteConfigFor) -> None:
+    tier = RemoteTier(config_for(fresh_cluster, timeout_ms=TIMEOUT_MS), LAYOUT)
+    try:
+        keys = [key(i, "all") for i in range(64)]
+        assert tier.locate(keys) == [False] * 64
+        for index in range(3):
+            fresh_cluster.pause(index)
+        try:
+            found, took_s = timed(lambda: tier.locate(keys))
+            assert found == [False] * 64 and took_s < BOUND_S and not tier.up
+        finally:
+            for index in range(3):
+                fresh_cluster.resume(index)
+    finally:
+        tier.close()
