@@ -34,9 +34,9 @@ class RecordingEngine(TransferEngine):
         return self.inner.submit(pairs, direction, on_done)
 
     def submit_blocks(self, rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor],
-                      direction: Direction, on_done: DoneCallback) -> Transfer:
+                      direction: Direction, on_done: DoneCallback, *, after: object | None = None) -> Transfer:
         self.block_submits.append(len(blocks))
-        return self.inner.submit_blocks(rows, slots, blocks, direction, on_done)
+        return self.inner.submit_blocks(rows, slots, blocks, direction, on_done, after=after)
 
     def poll(self) -> int:
         return 0
@@ -117,7 +117,7 @@ def test_arena_prefault_keeps_bytes_written_meanwhile() -> None:
     arena = HostArena(8, 4096)
     try:
         arena.slot(0).fill_(7)
-        arena.prepare(4096, prefault=True, pin=False)
+        arena.prepare(prefault=True)
         arena.slot(7).fill_(9)
         # A kernel before 5.14 has no MADV_POPULATE_WRITE: nothing is prefaulted, nothing else changes.
         assert arena.wait_prepared(30) or arena.prefaulted_bytes == 0

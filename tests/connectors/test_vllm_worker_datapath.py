@@ -35,10 +35,10 @@ class Rig:
         self.kv = torch.randn(NUM_BLOCKS, LAYERS, HEADS, BLOCK, 2 * HEAD_DIM, device=device)
         self.store = Store(self.layout, StoreConfig(host=HostConfig(capacity_bytes=256 * self.layout.block_bytes),
                                                     transfer=TransferConfig(backend="cpu")))
-        self.store.arena.wait_pinned()
         self.keys = ChunkKeys(ConnectorSettings(model_id="m"), self.layout, geometry)
         self.worker = WorkerSide(self.layout, geometry, self.store, self.keys)
         self.worker.register_kv_caches({name: self.kv[:, i] for i, name in enumerate(names)})
+        self.store.arena.wait_pinned()  # registered by register_kv_caches on the caches' device
         self.names = names
 
     def hashes(self, count: int, seed: int) -> tuple[bytes, ...]:

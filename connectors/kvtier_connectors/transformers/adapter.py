@@ -110,6 +110,8 @@ class BlockStore(Protocol):
 
     def slot_rows(self) -> torch.Tensor: ...
 
+    def pin_for(self, device: torch.device) -> None: ...
+
 
 @dataclass(frozen=True)
 class Restored:

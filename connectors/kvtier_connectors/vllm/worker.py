@@ -129,6 +129,8 @@ class WorkerSide:
                 f"{self.layout.block_bytes} B: vLLM pads or packs its pages in a way kvtier does not store"
             )
         self.paged = paged
+        # The arena is registered with CUDA on vLLM's device, so the gathers and scatters read it in place.
+        self.store.pin_for(paged.device)
 
     def _require_paged(self) -> PagedKV:
         if self.paged is None:
