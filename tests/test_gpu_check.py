@@ -32,7 +32,8 @@ class FakeRunner:
 
 WORKER = {"benchmark": "vllm_worker", "load_gbps": 40.0, "save_gbps": 41.0}
 SMALL_DECODE = ["--decode-hidden", "64", "--decode-layers", "2", "--decode-steps", "3", "--save-blocks", "2"]
-TINY_MODEL = "--hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128 --vocab 256 --block-tokens 16 --repeats 1"
+TINY_MODEL = ("--hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128 --vocab 256 --block-tokens 16 "
+              "--repeats 1")
 
 
 def _summary(tmp_path: Path, runner: FakeRunner, *extra: str) -> tuple[int, dict[str, Any]]:
