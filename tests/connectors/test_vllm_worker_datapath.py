@@ -6,6 +6,7 @@ pinned allocation per step. Also runs on CUDA (``gpu``) where one is present; ``
 from __future__ import annotations
 
 import hashlib
+import threading
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -229,3 +230,30 @@ def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: 
     FakeEvent.done = True
     rig.worker.get_finished(set())
     assert rig.store.host.stats().pinned_blocks == 0
+
+
+def test_micro_batches_on_two_threads_save_each_page_as_finally_written(rig: Rig) -> None:
+    """Two threads hand the same layers over in one step (vLLM micro-batches): no layer is saved stale."""
+    hashes = rig.hashes(8, 7)
+    plan = StepPlan(saves=[SaveSpec("a", hashes[:4], tuple(range(4))), SaveSpec("b", hashes[4:], tuple(range(4, 8)))])
+    final_b = torch.randn_like(rig.kv[4:8])
+    rig.kv[4:8] = 0  # micro-batch 2 has not written its pages when micro-batch 1 hands the layers over
+
+    def hand_over() -> None:
+        for name in rig.names:
+            rig.worker.save_kv_layer(name, plan)
+
+    first = threading.Thread(target=hand_over)
+    first.start()
+    first.join(60)
+    rig.kv[4:8] = final_b  # micro-batch 2's forward
+    second = threading.Thread(target=hand_over)
+    second.start()
+    second.join(60)
+    rig.worker.wait_for_save(plan)
+    rig.worker.poll()
+    target = tuple(range(64, 72))
+    rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("c", hashes, target, 0, False)]))
+    rig.worker.poll()
+    assert rig.worker.get_block_ids_with_load_errors() == set()
+    assert torch.equal(rig.kv[list(target)], rig.kv[:8])
