@@ -146,6 +146,8 @@ def test_transformers_on_cuda_restores_the_saved_bits(pin: bool) -> None:
         second = connector.prefill(prompt)
         connector.wait_saves()
         assert second.restored_tokens == 8 * 12
+        # Timed to the copy's completion with CUDA events on the forward's stream.
+        assert second.restore_span is not None and second.restore_device_s() > 0
         for saved, restored in zip(first.cache.layers, second.cache.layers, strict=True):
             assert torch.equal(restored.keys[:, :, : 8 * 12], saved.keys[:, :, : 8 * 12])
             assert torch.equal(restored.values[:, :, : 8 * 12], saved.values[:, :, : 8 * 12])

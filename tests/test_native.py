@@ -301,3 +301,22 @@ def test_cuda_slots_match_the_cpu_bytes(memory: str) -> None:
         del rows
         if arena is not None:
             arena.close()
+
+
+@pytest.mark.parametrize("pages_per_chunk", [1, 2])
+def test_evenly_spaced_segments_copy_a_chunk_at_a_time_with_the_same_bytes(pages_per_chunk: int) -> None:
+    """Segments that are planes of one tensor take the per-chunk NumPy path; bytes equal the torch path's."""
+    planes = torch.randn(3, 2, NUM_BLOCKS, 4, 8, generator=torch.Generator().manual_seed(5))
+    segments = [planes[i, j].view(torch.uint8).view(NUM_BLOCKS, -1) for i in range(3) for j in range(2)]
+    fast, reference = PagedKV(segments), PagedKV([s.clone() for s in segments], use_numpy=False)
+    assert fast._pages is not None and reference._pages is None
+    ids, slots = [7, 8, 3, 1], [5, 0, 2, 6][: 4 // pages_per_chunk]
+    width = fast.chunk_bytes(pages_per_chunk)
+    got, expected = _rows(8, width), _rows(8, width)
+    fast.gather_to_slots(ids, got, slots, pages_per_chunk)
+    reference.gather_to_slots(ids, expected, slots, pages_per_chunk)
+    assert torch.equal(got, expected)
+    targets = [11, 10, 0, 2]
+    fast.scatter_from_slots(targets, got, slots, pages_per_chunk, segments=range(1, 5))
+    reference.scatter_from_slots(targets, expected, slots, pages_per_chunk, segments=range(1, 5))
+    assert all(torch.equal(a, b) for a, b in zip(segments, reference.segments, strict=True))

@@ -6,8 +6,8 @@ pinned allocation per step. Also runs on CUDA (``gpu``) where one is present; ``
 from __future__ import annotations
 
 import hashlib
-import threading
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
