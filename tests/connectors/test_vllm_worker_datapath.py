@@ -200,8 +200,8 @@ class FakeEvent:
 
     done = False
 
-    def record(self) -> None:
-        pass
+    def record(self, stream: object = None) -> None:
+        assert stream == "stream of cuda:0", "recorded on the stream of the pages' device"
 
     def query(self) -> bool:
         return FakeEvent.done
@@ -211,8 +211,9 @@ def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: 
     """As on CUDA: a save is committed, a lease released, only once the copy's event completed; a finished
     request is never waited for (there is nothing to report: saves hold no request)."""
     assert rig.worker.paged is not None
-    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda"))
+    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
     monkeypatch.setattr(FakeEvent, "done", False)
     hashes = rig.hashes(4, 13)
     rig.worker.wait_for_save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1, 2, 3))]))
@@ -239,16 +240,24 @@ def test_micro_batches_on_two_threads_save_each_page_as_finally_written(rig: Rig
     final_b = torch.randn_like(rig.kv[4:8])
     rig.kv[4:8] = 0  # micro-batch 2 has not written its pages when micro-batch 1 hands the layers over
 
-    def hand_over() -> None:
+    handed, finish = threading.Event(), threading.Event()
+
+    def micro_batch() -> None:  # both threads live through the step, as vLLM's micro-batch threads do
         for name in rig.names:
             rig.worker.save_kv_layer(name, plan)
+        handed.set()
+        finish.wait(60)
 
-    first = threading.Thread(target=hand_over)
+    first = threading.Thread(target=micro_batch)
     first.start()
-    first.join(60)
+    assert handed.wait(60)
+    handed.clear()
     rig.kv[4:8] = final_b  # micro-batch 2's forward
-    second = threading.Thread(target=hand_over)
+    second = threading.Thread(target=micro_batch)
     second.start()
+    assert handed.wait(60)
+    finish.set()
+    first.join(60)
     second.join(60)
     rig.worker.wait_for_save(plan)
     rig.worker.poll()

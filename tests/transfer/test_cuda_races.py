@@ -91,3 +91,22 @@ def test_a_put_source_freed_and_reused_before_its_copy_keeps_its_bytes(store: St
     torch.cuda.synchronize()
     assert all(bool((block == 5.0).all()) for block in out)
     del reused
+
+
+def test_closing_an_arena_waits_for_the_kernel_reading_it() -> None:
+    from kvtier.arena import HostArena
+    from kvtier.native import PagedKV, load_kernels
+
+    if load_kernels() is None:
+        pytest.skip("needs CuPy")
+    arena = HostArena(4, 64 * 1024)
+    arena.rows().fill_(3)
+    arena.start_pinning(64 * 1024, torch.device("cuda", torch.cuda.current_device()))
+    assert arena.wait_pinned(60)
+    pages = torch.zeros(4, 64 * 1024, dtype=torch.uint8, device="cuda")
+    paged = PagedKV([pages])
+    torch.cuda._sleep(SLEEP_CYCLES)  # the scatter below reads the arena long after close is called
+    paged.scatter_from_slots([0, 1, 2, 3], arena.rows(), [3, 2, 1, 0])
+    arena.close()
+    torch.cuda.synchronize()
+    assert bool((pages == 3).all())

@@ -24,6 +24,9 @@ Promises:
   committed only once the gathers ran (their CUDA event completed), aborted if they failed. Gathers are
   queued on the forward's stream, so vLLM may free and reuse the blocks at once: saves never hold a
   request (``get_finished`` reports no sends). A full arena or a gone daemon makes a save a later miss.
+- Thread-safe: vLLM may hand a step's layers over from two micro-batch threads; the step then gathers
+  every layer once in ``wait_for_save``, after the per-layer gathers already queued, so no page is
+  saved before its micro-batch wrote it. CUDA events are recorded on the cache's device's stream.
 - No staging buffer, no pinned allocation and no host copy on the way; nothing waits for the device,
   except ``shutdown``, which waits for every queued copy, commits or aborts, and releases every lease.
 """
@@ -151,11 +154,12 @@ class WorkerSide:
 
     def _after_device(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the copies queued so far on the current stream ran (at once on the CPU)."""
-        if self._require_paged().device.type != "cuda":
+        device = self._require_paged().device
+        if device.type != "cuda":
             action()
             return
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record()
+        event.record(torch.cuda.current_stream(device))
         with self._lock:
             self._pending.append((event, action))
 
@@ -282,9 +286,10 @@ class WorkerSide:
             except BaseException:
                 self._abandon(save)
                 raise
-            if self._require_paged().device.type == "cuda":
+            device = self._require_paged().device
+            if device.type == "cuda":
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                event.record()
+                event.record(torch.cuda.current_stream(device))
                 save.gathered.append(event)
 
     def wait_for_save(self, plan: StepPlan) -> None:
