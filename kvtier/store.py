@@ -336,7 +336,10 @@ class Store:
                     self._counters["get_failed_blocks"] += len(keys)
             job.part_done(indices if error is not None else ())
 
-        self.transfer.submit_blocks(self.arena.rows(), acquired, dsts, Direction.LOAD, on_done, after=after)
+        if after is None:
+            self.transfer.submit_blocks(self.arena.rows(), acquired, dsts, Direction.LOAD, on_done)
+        else:
+            self.transfer.submit_blocks(self.arena.rows(), acquired, dsts, Direction.LOAD, on_done, after=after)
 
     def _after_promotion(self, job: Job, index: int, key: bytes, block: torch.Tensor,
                          after: object | None) -> Callable[[Future[bool]], None]:
