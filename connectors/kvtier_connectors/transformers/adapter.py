@@ -113,8 +113,6 @@ class BlockStore(Protocol):
 
     def slot_rows(self) -> torch.Tensor: ...
 
-    def pin_for(self, device: torch.device) -> None: ...
-
 
 @dataclass(frozen=True)
 class Restored:
@@ -269,7 +267,11 @@ class TransformersConnector:
         self.hasher = store.hasher(self.model_id)
         self.windows = self._check_cache_layers()
         self.cache_kwarg = cache_kwarg(model)
-        store.pin_for(model.device)
+        # The arena is registered with CUDA on the model's device (a store that cannot pin, such as a
+        # test double, is copied through the same kernels' correct fallback).
+        pin_for = getattr(store, "pin_for", None)
+        if pin_for is not None:
+            pin_for(model.device)
         # CUDA work in flight on the arena: (event, what to do once it completed): release leases, commit.
         self._pending: list[tuple[torch.cuda.Event, Any]] = []
         self._save_stream: torch.cuda.Stream | None = None
