@@ -7,15 +7,21 @@ Promises:
   I/O can read and write them in place.
 - An arena created without a name is unlinked at once: its memory lives exactly as long as the mapping,
   and a crash leaks nothing. A named arena is unlinked by ``close(unlink=True)`` of its creator.
-- ``prepare`` starts one background thread that readies the arena in slot-aligned chunks. Where CUDA is
-  present and pinning is asked for, it registers the chunks as page-locked memory in ascending order
-  (registration faults the pages in too); no slot straddles two registrations. Otherwise it prefaults the
-  chunks (``madvise(MADV_POPULATE_WRITE)``: pages allocated and mapped without a byte changed, so a fill
-  racing it is never overwritten) from the last chunk down, away from the low slots a fresh host tier
-  hands out first. Opening stays fast, and a pool filled after its prefault finished does not pay a page
-  fault per 4 KiB (on a VM where a fault is a hypervisor exit, that is 5-10x). ``prefaulted_bytes`` and
-  ``pinned_bytes`` say how far it got; a kernel without ``MADV_POPULATE_WRITE`` (before Linux 5.14) only
-  skips the prefault. Without CUDA nothing is pinned and everything else works the same.
+- ``prepare`` starts one background thread that prefaults the arena (``madvise(MADV_POPULATE_WRITE)``:
+  pages allocated and mapped without a byte changed, so a fill racing it is never overwritten) in
+  slot-aligned steps from the last chunk down, away from the low slots a fresh host tier hands out first.
+  Opening stays fast, and a pool filled after its prefault finished does not pay a page fault per 4 KiB
+  (on a VM where a fault is a hypervisor exit, that is 5-10x). A kernel without ``MADV_POPULATE_WRITE``
+  (before Linux 5.14) only skips the prefault.
+- ``start_pinning(chunk_bytes, device)`` registers the arena with CUDA as page-locked, mapped, portable
+  memory in ascending slot-aligned chunks, from a background thread **with ``device`` current** (default:
+  the caller's current device): the only CUDA context it touches is the one of the GPU that copies, never
+  GPU 0 by default. Only processes that copy to a GPU call it (a daemon that never does never makes a
+  CUDA context). The first call registers; one registration serves every device of the process (it is
+  portable), and each later device is recorded. ``pinned_bytes`` and ``prefaulted_bytes`` say how far
+  each thread got. Without CUDA nothing is pinned and everything else works the same.
+- ``close`` stops both threads and, before unregistering and unmapping, synchronises every device the
+  arena was pinned for: a kernel still reading or writing mapped slots finishes first.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ _SHM_DIR = Path("/dev/shm")
 # linux/mman.h: populate page tables as write faults would, without writing (Linux 5.14+).
 _MADV_POPULATE_WRITE = 23
 _PREFAULT_STEP_BYTES = 16 * 1024 * 1024
+# cudaHostRegisterPortable | cudaHostRegisterMapped: pinned for every CUDA context of the process, and
+# mapped at the same address on every device (UVA), whichever device registered it.
+_HOST_REGISTER_FLAGS = 0x01 | 0x02
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +72,10 @@ class HostArena:
         self._prefaulted_bytes = 0
         self._registered: list[int] = []
         self._stop_pinning = threading.Event()
+        self._pin_lock = threading.Lock()
+        self._pin_devices: set[int] = set()
         self._pin_thread: threading.Thread | None = None
+        self._prefault_thread: threading.Thread | None = None
         path = _SHM_DIR / self.name
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
@@ -94,50 +106,57 @@ class HostArena:
             raise ClosedError("the host arena is closed")
         return self.tensor.view(self.num_slots, self.slot_bytes)
 
-    def start_pinning(self, chunk_bytes: int) -> None:
-        """Register the arena with CUDA as page-locked memory, chunk by chunk, in the background."""
-        self.prepare(chunk_bytes, prefault=False, pin=True)
+    def start_pinning(self, chunk_bytes: int, device: torch.device | None = None) -> None:
+        """Register the arena with CUDA, chunk by chunk, in the background, with ``device`` current (see above).
 
-    def prepare(self, chunk_bytes: int, *, prefault: bool = True, pin: bool = True) -> None:
-        """Prefault and/or pin (where CUDA is present) the arena chunk by chunk in one background thread.
-
-        Called once per arena; a second call does nothing.
+        ``device`` defaults to the caller's current CUDA device. Idempotent per device; no-op without CUDA.
         """
-        pin = pin and torch.cuda.is_available()
-        if not (prefault or pin) or self._pin_thread is not None:
+        if not torch.cuda.is_available() or self._closed:
             return
-        chunk_bytes = max(self.slot_bytes, chunk_bytes // self.slot_bytes * self.slot_bytes)
-        self._pin_thread = threading.Thread(target=self._prepare_chunks, args=(chunk_bytes, prefault, pin),
-                                            daemon=True, name="kvtier-pin")
-        self._pin_thread.start()
+        index = torch.cuda.current_device() if device is None or device.index is None else device.index
+        with self._pin_lock:
+            self._pin_devices.add(index)
+            if self._pin_thread is not None:
+                return
+            chunk_bytes = max(self.slot_bytes, chunk_bytes // self.slot_bytes * self.slot_bytes)
+            self._pin_thread = threading.Thread(target=self._pin_chunks, args=(chunk_bytes, index), daemon=True,
+                                                name="kvtier-pin")
+            self._pin_thread.start()
 
-    def _prepare_chunks(self, chunk_bytes: int, prefault: bool, pin: bool) -> None:
+    def prepare(self, *, prefault: bool = True) -> None:
+        """Prefault the arena in one background thread (see above). Called once per arena; later calls do nothing."""
+        if not prefault or self._prefault_thread is not None:
+            return
+        self._prefault_thread = threading.Thread(target=self._prefault_chunks, daemon=True, name="kvtier-prefault")
+        self._prefault_thread.start()
+
+    def _prefault_chunks(self) -> None:
         base = self.tensor.data_ptr()
-        if not pin:
-            # Small prefault steps: ``close`` waits for the step under way (a fault can cost a microsecond
-            # per 4 KiB page on a VM).
-            chunk_bytes = max(self.slot_bytes, _PREFAULT_STEP_BYTES // self.slot_bytes * self.slot_bytes)
-        offsets = list(range(0, self.total_bytes, chunk_bytes))
-        madvise = None if pin or not prefault else _libc_madvise()
-        for offset in offsets if pin else reversed(offsets):
-            if self._stop_pinning.is_set():
+        # Small steps: ``close`` waits for the step under way (a fault can cost a microsecond per 4 KiB
+        # page on a VM).
+        step = max(self.slot_bytes, _PREFAULT_STEP_BYTES // self.slot_bytes * self.slot_bytes)
+        madvise = _libc_madvise()
+        for offset in reversed(range(0, self.total_bytes, step)):
+            if self._stop_pinning.is_set() or madvise is None:
                 return
-            length = min(chunk_bytes, self.total_bytes - offset)
-            if pin:
-                if not self._register(base + offset, length):
-                    return
-                self._prefaulted_bytes += length
-            elif madvise is None:
-                return
+            length = min(step, self.total_bytes - offset)
             # ctypes drops the GIL for the call: fills on other threads go on meanwhile.
-            elif madvise(base + offset, length, _MADV_POPULATE_WRITE) != 0:
+            if madvise(base + offset, length, _MADV_POPULATE_WRITE) != 0:
                 log.info("prefault unavailable (errno %s): pages fault in on first touch", ctypes.get_errno())
                 return
-            else:
-                self._prefaulted_bytes += length
+            self._prefaulted_bytes += length
+
+    def _pin_chunks(self, chunk_bytes: int, index: int) -> None:
+        # The CUDA runtime's current device is per thread: without this a new thread registers on GPU 0.
+        torch.cuda.set_device(index)
+        base = self.tensor.data_ptr()
+        for offset in range(0, self.total_bytes, chunk_bytes):
+            if self._stop_pinning.is_set() or not self._register(base + offset, min(chunk_bytes,
+                                                                                      self.total_bytes - offset)):
+                return
 
     def _register(self, pointer: int, length: int) -> bool:
-        status = torch.cuda.cudart().cudaHostRegister(pointer, length, 0)
+        status = torch.cuda.cudart().cudaHostRegister(pointer, length, _HOST_REGISTER_FLAGS)
         if int(status) != 0:
             log.warning("cudaHostRegister failed (%s) at offset %d: the rest stays pageable", status,
                         pointer - self.tensor.data_ptr())
@@ -154,15 +173,22 @@ class HostArena:
     def pinned_bytes(self) -> int:
         return self._pinned_bytes
 
+    @property
+    def pinned_devices(self) -> frozenset[int]:
+        """The CUDA device indices the arena was pinned for (``close`` synchronises them)."""
+        with self._pin_lock:
+            return frozenset(self._pin_devices)
+
     def wait_prepared(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds for ``prepare``'s thread; True if it prefaulted or pinned everything."""
-        if self._pin_thread is not None:
-            self._pin_thread.join(timeout)
+        """Wait up to ``timeout`` seconds for ``prepare``'s thread; True if it prefaulted everything."""
+        if self._prefault_thread is not None:
+            self._prefault_thread.join(timeout)
         return self._prefaulted_bytes == self.total_bytes
 
     def wait_pinned(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds for ``prepare``'s thread; True if the whole arena is pinned."""
-        self.wait_prepared(timeout)
+        """Wait up to ``timeout`` seconds for the pinning thread; True if the whole arena is pinned."""
+        if self._pin_thread is not None:
+            self._pin_thread.join(timeout)
         return self._pinned_bytes == self.total_bytes
 
     def close(self, unlink: bool = False) -> None:
@@ -171,9 +197,15 @@ class HostArena:
             return
         self._closed = True
         self._stop_pinning.set()
-        if self._pin_thread is not None:
-            self._pin_thread.join()
-            if self._registered:
+        for thread in (self._prefault_thread, self._pin_thread):
+            if thread is not None:
+                thread.join()
+        if self._registered:
+            devices = sorted(self.pinned_devices)
+            # Kernels and copies queued on any stream of these devices may still use mapped slots.
+            for index in devices:
+                torch.cuda.synchronize(index)
+            with torch.cuda.device(devices[0]):
                 cudart = torch.cuda.cudart()
                 for pointer in self._registered:
                     cudart.cudaHostUnregister(pointer)

@@ -68,7 +68,7 @@ class HostConfig:
     policy: str = "s3fifo"
     # Pinned (page-locked) registration is done in chunks of this many bytes, in the background.
     pin_chunk_bytes: int = 256 * MiB
-    # Register the arena with CUDA when CUDA is present (no effect without it).
+    # Register the arena with CUDA, on the device of the first copy to or from a GPU (none without one).
     pin: bool = True
     # Fault the arena's pages in the background at open, so the first fill runs at memory speed.
     prefault: bool = True

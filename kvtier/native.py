@@ -13,7 +13,11 @@ i.e. one kvtier block when the chunk covers its tokens.
 
 Promises:
 - On CUDA with CuPy importable and ``native/gather_scatter.cu`` present, one kernel launch on torch's
-  current stream moves everything (asynchronous, like any kernel). The chunks may be device memory or
+  current stream moves everything (asynchronous, like any kernel), after one upload of its address and
+  index tables from a page-locked buffer (``upload_table``: no pageable upload, so no hidden wait for the
+  stream). A launch that touches host memory runs on ``LINK_GRID`` CUDA blocks (enough to saturate the
+  host link from a few SMs, leaving the rest to the model); one between device buffers on up to
+  ``DEVICE_GRID``. The chunks may be device memory or
   page-locked host memory that the device can address (``torch.empty(..., pin_memory=True)`` or a
   ``HostArena`` registered by its background pinning): the kernel reads and writes it over the bus, zero
   copy. Host memory that is not (yet) registered is never handed to the kernel: the call then takes a
@@ -35,6 +39,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,10 +52,17 @@ from kvtier.errors import InvalidInputError
 Backend = Literal["cuda", "numpy", "torch"]
 KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "native" / "gather_scatter.cu"
 _THREADS = 256
-# Enough CUDA blocks to fill any current GPU; each one loops over (block id, segment) pairs.
-_MAX_GRID = 8192
+# A copy that reads or writes host memory waits on the bus, not on the SMs: this many CUDA blocks (each
+# thread keeps four 16-byte loads in flight: 256 KiB in all, several times what PCIe Gen5 x16 holds in
+# flight at ~2 us latency) saturate the link from a few SMs and leave the others to the model, so a
+# decode step on another stream does not queue behind a save. ``make gpu-check`` measures both.
+LINK_GRID = 16
+# A copy between two device buffers is bound by HBM and needs every SM; each block loops over its work.
+DEVICE_GRID = 8192
 # Whole-block copies are cut into pieces of this size, one CUDA block each at a time.
 _PIECE_BYTES = 64 * 1024
+# Pinned upload buffers per device, reused in turn (see ``upload_table``).
+_UPLOAD_LANES = 8
 
 
 @functools.cache
@@ -84,26 +96,91 @@ def load_copy_kernel() -> Any | None:
     return None if module is None else module.get_function("kvtier_copy_blocks")
 
 
+def grid_size(work_items: int, touches_host: bool) -> int:
+    """CUDA blocks for a copy of ``work_items`` pieces: a few SMs across the host link, every SM on the device."""
+    return max(1, min(work_items, LINK_GRID if touches_host else DEVICE_GRID))
+
+
 def launch_copy_blocks(kernel: Any, pointers: torch.Tensor, num_blocks: int, nbytes: int, vector: bool,
                        stream: torch.cuda.Stream) -> None:
     """Copy ``num_blocks`` blocks of ``nbytes`` from ``pointers[1]`` to ``pointers[0]`` (device int64 ``[2, n]``).
 
-    One launch on ``stream``; every pointer must be device memory or host memory the device addresses.
+    One launch on ``stream``, ``grid_size`` blocks (one side is host memory the device addresses).
+    ``pointers`` must have been allocated on ``stream`` (``upload_table`` does), so that its memory is not
+    reused before the kernel read it.
     """
     cupy = importlib.import_module("cupy")
     num_pieces = num_blocks * -(-nbytes // _PIECE_BYTES)
     with cupy.cuda.Device(pointers.device.index or 0), cupy.cuda.ExternalStream(stream.cuda_stream):
-        kernel((min(num_pieces, _MAX_GRID),), (_THREADS,),
+        kernel((grid_size(num_pieces, touches_host=True),), (_THREADS,),
                (np.uint64(pointers[0].data_ptr()), np.uint64(pointers[1].data_ptr()), np.int64(num_blocks),
                 np.int64(nbytes), np.int64(_PIECE_BYTES), np.int32(1 if vector else 0)))
-    pointers.record_stream(stream)
 
 
-def host_mapped(pointer: int) -> bool:
-    """Whether host address ``pointer`` is page-locked and mapped at the same address on the device (UVA)."""
+class _UploadLane:
+    def __init__(self) -> None:
+        self.host: torch.Tensor | None = None
+        self.event: torch.cuda.Event | None = None
+
+
+class PinnedUploads:
+    """Small host-to-device uploads (address and index tables) from page-locked buffers kvtier keeps.
+
+    An upload from pageable memory makes CUDA stage it and wait for the stream (a hidden host sync, and
+    impossible under graph capture); a pinned buffer allocated per launch costs a ``cudaHostAlloc``. So
+    each device has ``_UPLOAD_LANES`` pinned buffers used in turn: a buffer is written again only after the
+    event behind its last copy completed (by then long done, ``_UPLOAD_LANES`` uploads later), and grows
+    (doubling) only when a table does not fit. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lanes: dict[torch.device, list[_UploadLane]] = {}
+        self._turn: dict[torch.device, int] = {}
+
+    def upload(self, table: np.ndarray, device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
+        """``table`` (int64, any shape) as a device tensor, copied on ``stream``; allocated on ``stream``."""
+        values = np.ascontiguousarray(table, dtype=np.int64)
+        with self._lock:
+            lanes = self._lanes.setdefault(device, [_UploadLane() for _ in range(_UPLOAD_LANES)])
+            turn = self._turn.get(device, 0)
+            self._turn[device] = (turn + 1) % _UPLOAD_LANES
+            lane = lanes[turn]
+            if lane.event is not None:
+                lane.event.synchronize()
+            if lane.host is None or lane.host.numel() < values.size:
+                size = max(values.size, 2 * (0 if lane.host is None else lane.host.numel()), 1024)
+                lane.host = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            host = lane.host[: values.size]
+            host.numpy()[...] = values.reshape(-1)
+            with torch.cuda.stream(stream):
+                out = torch.empty(values.shape, dtype=torch.int64, device=device)
+                out.view(-1).copy_(host, non_blocking=True)
+                if lane.event is None:
+                    lane.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                lane.event.record(stream)
+        return out
+
+
+_uploads = PinnedUploads()
+
+
+def upload_table(table: np.ndarray, device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
+    """``PinnedUploads.upload`` with the process's buffers."""
+    return _uploads.upload(table, device, stream)
+
+
+def host_mapped(pointer: int, device: torch.device | None = None) -> bool:
+    """Whether host address ``pointer`` is page-locked and mapped at the same address on ``device`` (UVA).
+
+    Asked with ``device`` current (default: torch's current device), so that the question never makes a
+    CUDA context on another GPU.
+    """
     try:
         cupy = importlib.import_module("cupy")
-        attributes = cupy.cuda.runtime.pointerGetAttributes(pointer)
+        index = torch.cuda.current_device() if device is None or device.index is None else device.index
+        with cupy.cuda.Device(index):
+            attributes = cupy.cuda.runtime.pointerGetAttributes(pointer)
     except Exception:
         # Unknown to the driver (a CUDA error for plain pageable memory on old drivers): not addressable.
         return False
@@ -112,15 +189,16 @@ def host_mapped(pointer: int) -> bool:
     return int(memory_type) == int(host_type) and int(attributes.devicePointer) == pointer
 
 
-def rows_addressable(rows: torch.Tensor, first_row: int, last_row: int, nbytes: int) -> bool:
-    """Whether the device addresses rows ``first_row..last_row`` (``nbytes`` of the last) of host ``rows``.
+def rows_addressable(rows: torch.Tensor, first_row: int, last_row: int, nbytes: int,
+                     device: torch.device | None = None) -> bool:
+    """Whether ``device`` addresses rows ``first_row..last_row`` (``nbytes`` of the last) of host ``rows``.
 
     Asks the driver about the first and last byte: enough for one pinned allocation and for an arena,
     which is registered in ascending chunks.
     """
     begin = rows.data_ptr() + first_row * rows.stride(0)
     end = rows.data_ptr() + last_row * rows.stride(0) + nbytes
-    return host_mapped(begin) and host_mapped(end - 1)
+    return host_mapped(begin, device) and host_mapped(end - 1, device)
 
 
 def byte_rows(tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -181,15 +259,31 @@ class PagedKV:
         self.backend: Backend = (
             "cuda" if kernels is not None else "numpy" if use_numpy and self.device.type == "cpu" else "torch"
         )
-        # The kernel reads each segment's base address and row stride (bytes) from device memory.
-        self._tables = (
-            torch.tensor([[s.data_ptr() for s in self.segments], [s.stride(0) for s in self.segments]],
-                         dtype=torch.int64, device=self.device)
-            if kernels is not None else None
-        )
+        # Each segment's base address and row stride (bytes), uploaded with the indices at every launch.
+        self._tables = np.array([[s.data_ptr() for s in self.segments], [s.stride(0) for s in self.segments]],
+                                dtype=np.int64)
         self._vector = self.page_bytes % 16 == 0 and all(
             s.data_ptr() % 16 == 0 and s.stride(0) % 16 == 0 for s in self.segments
         )
+        self._pages = self._regular_pages() if self.backend == "numpy" else None
+
+    def _regular_pages(self) -> np.ndarray | None:
+        """Every page as one ``(segment, block, byte)`` NumPy view, where the segments are evenly spaced.
+
+        Segments at ``base + i * step`` with one row stride (the planes of one tensor, such as a cache
+        laid out ``[layer, plane, head, tokens, dim]``) make a chunk one strided array: a chunk is then
+        copied in one NumPy call, whatever the number of segments.
+        """
+        bases = self._tables[0]
+        strides = self._tables[1]
+        if self.num_segments < 2 or not (strides == strides[0]).all():
+            return None
+        steps = np.diff(bases)
+        if not (steps == steps[0]).all() or steps[0] == 0:
+            return None
+        first = self.segments[0].numpy()
+        return np.lib.stride_tricks.as_strided(first, (self.num_segments, self.num_blocks, self.page_bytes),
+                                               (int(steps[0]), int(strides[0]), 1), writeable=True)
 
     @property
     def num_segments(self) -> int:
@@ -302,6 +396,11 @@ class PagedKV:
                 self._copy_via_device(gather, ids, rows, slots, pages_per_chunk, chosen)
             return
         grid = self._grid(rows, pages_per_chunk)
+        if self._pages is not None and rows.device.type == "cpu" and (
+                slots is not None or ids.numel() // pages_per_chunk < len(chosen)):
+            self._copy_chunks(gather, ids.numpy(), grid.numpy(), None if slots is None else slots.numpy(),
+                              pages_per_chunk, chosen)
+            return
         if self.backend == "numpy" and rows.device.type == "cpu":
             # torch fans each small row copy out to its thread pool: on a few cores that costs 10x the copy
             # (0.07-0.6 GB/s against 5-7 GB/s for NumPy on 64 KiB pages, 2 cores).
@@ -320,8 +419,8 @@ class PagedKV:
                     elif slots is None:
                         dense[...] = grid_np[:, index]
                     else:
-                        # The slot ids were checked: "clip" never clips, it only spares numpy a buffered copy.
-                        np.take(grid_np[:, index], slots.numpy(), axis=0, out=dense, mode="clip")
+                        # Only the chosen rows (np.take would first copy the whole strided column).
+                        dense[...] = grid_np[slots.numpy(), index]
                 elif gather:
                     grid_np[where, index] = segment[ids_np].reshape(-1, width)
                 else:
@@ -339,6 +438,27 @@ class PagedKV:
             else:
                 chunks = grid[:, index] if grid_slots is None else grid[:, index].index_select(0, grid_slots)
                 self.segments[index].index_copy_(0, device_ids, chunks.reshape(-1, self.page_bytes).to(self.device))
+
+    def _copy_chunks(self, gather: bool, ids: np.ndarray, grid: np.ndarray, slots: np.ndarray | None,
+                     pages_per_chunk: int, chosen: range) -> None:
+        """One NumPy copy per chunk between the evenly spaced pages and its row: one pass over the bytes."""
+        assert self._pages is not None
+        pages = self._pages[chosen.start:chosen.stop]
+        for chunk in range(ids.size // pages_per_chunk):
+            chunk_ids = ids[chunk * pages_per_chunk:(chunk + 1) * pages_per_chunk]
+            row = grid[chunk if slots is None else slots[chunk], chosen.start:chosen.stop].reshape(
+                len(chosen), pages_per_chunk, self.page_bytes)
+            first = int(chunk_ids[0])
+            if (chunk_ids == np.arange(first, first + pages_per_chunk)).all():
+                where = pages[:, first:first + pages_per_chunk]
+                if gather:
+                    np.copyto(row, where)
+                else:
+                    np.copyto(where, row)
+            elif gather:
+                row[...] = pages[:, chunk_ids]
+            else:
+                pages[:, chunk_ids] = row
 
     def _grid(self, rows: torch.Tensor, pages_per_chunk: int) -> torch.Tensor:
         """``rows`` seen as ``(rows, segment, pages of the chunk)``: the first ``chunk_bytes`` of each row."""
@@ -373,29 +493,32 @@ class PagedKV:
 
     def _launch(self, gather: bool, ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None,
                 pages_per_chunk: int, segments: range) -> None:
-        assert self._kernels is not None and self._tables is not None
+        assert self._kernels is not None
         kernel = self._kernels[0 if gather else 1]
-        num_ids = ids.numel()
-        # One host-to-device copy carries the block ids and the slot ids.
-        indices = (ids if slots is None else torch.cat((ids, slots))).to(self.device, non_blocking=True)
-        slot_pointer = 0 if slots is None else indices.data_ptr() + num_ids * indices.element_size()
+        num_ids, num_segments = ids.numel(), self.num_segments
+        stream = torch.cuda.current_stream(self.device)
+        # One upload from a pinned buffer carries the segment tables, the block ids and the slot ids.
+        parts = [self._tables.reshape(-1), ids.numpy()] + ([] if slots is None else [slots.numpy()])
+        table = upload_table(np.concatenate(parts), self.device, stream)
+        base, item = table.data_ptr(), table.element_size()
+        ids_pointer = base + 2 * num_segments * item
+        slot_pointer = 0 if slots is None else ids_pointer + num_ids * item
         num_pairs = num_ids * len(segments)
         vector = self._vector and rows.data_ptr() % 16 == 0 and rows.stride(0) % 16 == 0
         cupy = importlib.import_module("cupy")
-        stream = torch.cuda.current_stream(self.device)
         with cupy.cuda.Device(self.device.index or 0), cupy.cuda.ExternalStream(stream.cuda_stream):
             kernel(
-                (min(num_pairs, _MAX_GRID),),
+                (grid_size(num_pairs, touches_host=rows.device.type == "cpu"),),
                 (_THREADS,),
                 (
-                    np.uint64(self._tables[0].data_ptr()),
-                    np.uint64(self._tables[1].data_ptr()),
-                    np.uint64(indices.data_ptr()),
+                    np.uint64(base),
+                    np.uint64(base + num_segments * item),
+                    np.uint64(ids_pointer),
                     np.uint64(slot_pointer),
                     np.uint64(rows.data_ptr()),
                     np.int64(rows.stride(0)),
                     np.int64(num_ids),
-                    np.int32(self.num_segments),
+                    np.int32(num_segments),
                     np.int32(segments.start),
                     np.int32(segments.stop),
                     np.int64(self.page_bytes),
@@ -403,6 +526,3 @@ class PagedKV:
                     np.int32(1 if vector else 0),
                 ),
             )
-        # The caching allocator may reuse ``indices`` once Python drops it; tie it to the launch's stream.
-        indices.record_stream(stream)
-

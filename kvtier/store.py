@@ -150,8 +150,9 @@ class Store:
              "get_blocks", "get_failed_blocks", "bytes_put", "bytes_got", "host_hit_blocks", "promoted_blocks",
              "promotion_failed_blocks", "demoted_blocks"), 0)
         self.arena = HostArena(num_slots, self.slot_bytes, name=arena_name)
-        self.arena.prepare(self.config.host.pin_chunk_bytes, prefault=self.config.host.prefault,
-                           pin=self.config.host.pin)
+        # Prefault only: the arena is registered with CUDA by the first copy from a GPU, on that GPU
+        # (``pin_for``), so a store that never copies to a GPU (the daemon's) never makes a CUDA context.
+        self.arena.prepare(prefault=self.config.host.prefault)
         self._rows = self.arena.rows()  # one view for every copy (a fresh view per call costs 5-10 us)
         self._promotions: dict[bytes, Future[bool]] = {}
         self._promotion_tiers: dict[bytes, Tier] = {}
@@ -261,6 +262,7 @@ class Store:
         worth more than its tail. The caller must not change ``blocks`` until the job is done.
         """
         keys = check_keys_and_blocks(self.layout, keys, blocks)
+        self._pin_for_blocks(blocks)
         job = Job("put", len(keys), self._poll)
         with self._lock:
             self._check_open()
@@ -333,7 +335,9 @@ class Store:
         already under way if ``lookup`` prefetched them). Absent or corrupt blocks are failed indices of the job.
         """
         keys = check_keys_and_blocks(self.layout, keys, blocks)
+        self._pin_for_blocks(blocks)
         job = Job("get", len(keys), self._poll)
+        after: object | None = None
         with self._lock:
             self._check_open()
             slots = self.host.acquire(keys)
@@ -341,20 +345,24 @@ class Store:
             for i, slot in enumerate(slots):
                 if slot is not None:
                     continue
+                if after is None:
+                    # The copy after a promotion is submitted from an I/O thread: order it after this
+                    # thread's queued work on the blocks, marked now.
+                    after = self.transfer.fence(blocks)
                 promotion = self._promotions.get(keys[i]) or self._start_promotion(keys[i])
                 if promotion is None:
                     job.fail([i])
                     self._counters["get_failed_blocks"] += 1
                     continue
                 job.add_parts()
-                promotion.add_done_callback(self._after_promotion(job, i, keys[i], blocks[i]))
+                promotion.add_done_callback(self._after_promotion(job, i, keys[i], blocks[i], after))
         # Acquired slots stay put until released: copy them outside the lock, as in put.
         if ready:
             self._load(job, ready, [keys[i] for i in ready], [slots[i] for i in ready], [blocks[i] for i in ready])
         return job.seal()
 
     def _load(self, job: Job, indices: list[int], keys: list[bytes], slots: Sequence[int | None],
-              dsts: Sequence[torch.Tensor]) -> None:
+              dsts: Sequence[torch.Tensor], after: object | None = None) -> None:
         """Copy acquired host slots into ``dsts`` (aligned with ``indices``) as one submission.
 
         The pins are released when the copy completed (the engine's event on CUDA), never before.
@@ -372,9 +380,14 @@ class Store:
                     self._counters["get_failed_blocks"] += len(keys)
             job.part_done(indices if error is not None else ())
 
-        job.add_helper(self.transfer.submit_blocks(self._rows, acquired, dsts, Direction.LOAD, on_done).help)
+        if after is None:
+            copy = self.transfer.submit_blocks(self._rows, acquired, dsts, Direction.LOAD, on_done)
+        else:
+            copy = self.transfer.submit_blocks(self._rows, acquired, dsts, Direction.LOAD, on_done, after=after)
+        job.add_helper(copy.help)
 
-    def _after_promotion(self, job: Job, index: int, key: bytes, block: torch.Tensor) -> Callable[[Future[bool]], None]:
+    def _after_promotion(self, job: Job, index: int, key: bytes, block: torch.Tensor,
+                         after: object | None) -> Callable[[Future[bool]], None]:
         def on_promoted(future: Future[bool]) -> None:
             # This callback can run before the I/O thread settled the promotion: settle it here first.
             self._settle_promotion(key, future)
@@ -384,7 +397,7 @@ class Store:
                     self._counters["get_failed_blocks"] += 1
                     job.part_done([index])
                     return
-                self._load(job, [index], [key], [slot], [block])
+                self._load(job, [index], [key], [slot], [block], after)
             job.part_done()
 
         return on_promoted
@@ -492,6 +505,19 @@ class Store:
     def release(self, lease: Lease) -> None:
         with self._lock:
             self.host.release(lease.keys)
+
+    def pin_for(self, device: torch.device) -> None:
+        """Register the host arena with CUDA for copies on ``device`` (in the background; no-op off CUDA).
+
+        Puts and gets of CUDA tensors call it; a caller that copies slots itself (``slot_rows`` with
+        ``PagedKV``) calls it once with its device. Off by ``host.pin = false``.
+        """
+        if self.config.host.pin and device.type == "cuda":
+            self.arena.start_pinning(self.config.host.pin_chunk_bytes, device)
+
+    def _pin_for_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
+        for device in {block.device for block in blocks if block.device.type == "cuda"}:
+            self.pin_for(device)
 
     def slot_rows(self) -> torch.Tensor:
         """The host arena as a ``(num_slots, slot_bytes)`` uint8 view: row ``slot`` holds that slot's block.

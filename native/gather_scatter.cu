@@ -12,11 +12,17 @@
 //   saves and restores); offsets inside a chunk always count all num_segments segments.
 // - kvtier_gather copies pages into the chunks, kvtier_scatter copies them back; the chunks may be
 //   device memory or page-locked host memory mapped into the device's address space (zero copy).
-// - One CUDA block per (block id, segment) pair; 16-byte loads and stores when every address and
-//   page_bytes allow it, bytes otherwise. Nothing is allocated, nothing synchronises.
+// - Each CUDA block loops over (block id, segment) pairs, as many blocks as the host code launches (a few
+//   when the chunks are host memory); 16-byte loads and stores when every address and page_bytes allow
+//   it, bytes otherwise. Nothing is allocated, nothing synchronises.
 // - No #include: NVRTC (CuPy's RawModule) compiles this file without the C library's headers.
 
 namespace {
+
+// Each thread keeps KVTIER_UNROLL loads in flight before it stores: reads of mapped host memory wait about 2 us
+// on the bus, so the link is saturated by the bytes in flight, not by the number of SMs (the host code
+// launches a few CUDA blocks for such copies).
+#define KVTIER_UNROLL 4
 
 __device__ __forceinline__ void copy_page(unsigned char* dst, const unsigned char* src, long long nbytes,
                                           bool vector) {
@@ -25,8 +31,23 @@ __device__ __forceinline__ void copy_page(unsigned char* dst, const unsigned cha
         const uint4* src16 = reinterpret_cast<const uint4*>(src);
         uint4* dst16 = reinterpret_cast<uint4*>(dst);
         const long long nwords = nbytes / 16;
-        for (long long w = threadIdx.x; w < nwords; w += blockDim.x) {
-            dst16[w] = src16[w];
+        const long long step = static_cast<long long>(blockDim.x) * KVTIER_UNROLL;
+        for (long long w = threadIdx.x; w < nwords; w += step) {
+            uint4 words[KVTIER_UNROLL];
+#pragma unroll
+            for (int u = 0; u < KVTIER_UNROLL; ++u) {
+                const long long i = w + static_cast<long long>(u) * blockDim.x;
+                if (i < nwords) {
+                    words[u] = src16[i];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < KVTIER_UNROLL; ++u) {
+                const long long i = w + static_cast<long long>(u) * blockDim.x;
+                if (i < nwords) {
+                    dst16[i] = words[u];
+                }
+            }
         }
     } else {
         for (long long i = threadIdx.x; i < nbytes; i += blockDim.x) {
@@ -92,7 +113,7 @@ extern "C" __global__ void kvtier_scatter(const unsigned long long* __restrict__
 
 // Whole-block copies for Store.put / Store.get: block i moves from src_ptrs[i] to dst_ptrs[i], nbytes each
 // (arena slots in mapped host memory on one side, the caller's device tensors on the other). Each block
-// is cut into pieces of piece_bytes so that a few large blocks still spread over every SM.
+// is cut into pieces of piece_bytes so that a few large blocks still spread over every CUDA block launched.
 extern "C" __global__ void kvtier_copy_blocks(const unsigned long long* __restrict__ dst_ptrs,
                                               const unsigned long long* __restrict__ src_ptrs,
                                               long long num_blocks, long long nbytes, long long piece_bytes,

@@ -1,4 +1,5 @@
-"""``make gpu-check``'s script on the CPU: arguments, sections, failures recorded, one JSON file always."""
+"""``make gpu-check``'s script on the CPU: the real commands of every section that runs there, and failures
+recorded (through a fake runner, which only the failure cases use), one JSON file always."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from kvtier.bench import gpu_check
-from kvtier.bench.gpu_check import Completed, gpu_test_files, last_json_object, main, parse_args
+from kvtier.bench.gpu_check import Completed, gpu_test_files, json_document, junit_counts, main, parse_args
 
 
 class FakeRunner:
@@ -30,45 +31,26 @@ class FakeRunner:
 
 
 WORKER = {"benchmark": "vllm_worker", "load_gbps": 40.0, "save_gbps": 41.0}
+SMALL_DECODE = ["--decode-hidden", "64", "--decode-layers", "2", "--decode-steps", "3", "--save-blocks", "2"]
+TINY_MODEL = ("--hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128 --vocab 256 --block-tokens 16 "
+              "--repeats 1")
 
 
 def _summary(tmp_path: Path, runner: FakeRunner, *extra: str) -> tuple[int, dict[str, Any]]:
     status = main(["--out", str(tmp_path), "--device", "cpu", "--store-mib", "8", "--cache-blocks", "32",
-                   "--repeats", "1", *extra], runner=runner)
+                   "--repeats", "1", *SMALL_DECODE, *extra], runner=runner)
     return status, json.loads((tmp_path / "gpu-check.json").read_text())
-
-
-def test_every_section_lands_in_one_summary(tmp_path: Path) -> None:
-    runner = FakeRunner({
-        "pytest": Completed(0, "....\n4 passed, 2 skipped in 3.1s\n", ""),
-        "kvtier_connectors.vllm.bench_worker": Completed(0, "warming up\n" + json.dumps(WORKER) + "\n", ""),
-        "ttft": Completed(2, "", "kvtier bench ttft: error: unrecognized arguments: --device cuda"),
-    })
-    status, summary = _summary(tmp_path, runner)
-    assert status == 0 and summary["ok"] is True
-    assert summary["pytest_gpu"]["passed"] == 4 and summary["pytest_gpu"]["skipped"] == 2
-    assert "tests/test_native.py" in summary["pytest_gpu"]["files"]
-    assert summary["vllm_worker"] == WORKER
-    assert summary["ttft"]["error"] == "exit status 2" and "unrecognized" in summary["ttft"]["stderr_tail"]
-    store = summary["store"]
-    assert store["get_identical"] is True and {"put_vs_raw", "get_vs_raw", "restore8_vs_link"} <= set(store)
-    gather = summary["gather"]
-    assert {"gather_vs_contiguous", "slots_gather_vs_contiguous", "slots_scatter_vs_contiguous"} <= set(gather)
-    assert summary["targets"]["store_put_vs_raw"]["value"] == store["put_vs_raw"]
-    assert summary["environment"]["torch"] == torch.__version__
-    ttft = next(command for command in runner.commands if "ttft" in command)
-    assert ttft[ttft.index("--prompt-tokens") + 1] == "2048,8192,32768" and "bfloat16" in ttft
 
 
 def test_failures_are_recorded_and_fail_the_check(tmp_path: Path) -> None:
     runner = FakeRunner({
-        "pytest": Completed(1, "F.\n1 failed, 1 passed in 2.0s\n", "trace"),
+        "pytest": Completed(1, "F.\n", "trace"),
         "kvtier_connectors.vllm.bench_worker": Completed(None, "partial", ""),
         "ttft": Completed(0, "no json here\n", ""),
     })
-    status, summary = _summary(tmp_path, runner, "--skip", "store", "gather")
+    status, summary = _summary(tmp_path, runner, "--skip", "store", "gather", "decode_during_save")
     assert status == 1 and summary["ok"] is False
-    assert summary["pytest_gpu"]["ok"] is False and summary["pytest_gpu"]["failed"] == 1
+    assert summary["pytest_gpu"]["ok"] is False and summary["pytest_gpu"]["returncode"] == 1
     assert summary["vllm_worker"]["error"] == "timed out" and summary["vllm_worker"]["returncode"] is None
     assert summary["ttft"]["error"] == "no JSON object in its output"
     assert summary["store"] == {"skipped": True} and summary["targets"]["store_get_vs_raw"]["met"] is None
@@ -82,7 +64,7 @@ def test_a_benchmark_that_raises_is_an_error_not_a_crash(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(device, "run_device_store_bench", broken)
     runner = FakeRunner({"pytest": Completed(0, "1 passed in 1s\n", "")})
-    status, summary = _summary(tmp_path, runner, "--skip", "gather", "vllm_worker", "ttft")
+    status, summary = _summary(tmp_path, runner, "--skip", "gather", "decode_during_save", "vllm_worker", "ttft")
     assert status == 1 and summary["store"] == {"error": "RuntimeError: no memory"}
 
 
@@ -95,11 +77,59 @@ def test_without_cuda_the_device_sections_say_so(tmp_path: Path) -> None:
     assert summary["vllm_worker"] == {"error": "no CUDA device"} and summary["pytest_gpu"]["ok"] is False
 
 
-def test_arguments_and_helpers() -> None:
+def test_arguments_and_helpers(tmp_path: Path) -> None:
     args = parse_args([])
     assert args.out == Path("out") and args.device == "cuda" and args.skip == []
     with pytest.raises(SystemExit):
         parse_args(["--skip", "nonsense"])
-    assert last_json_object('x\n{"a": 1}\n{broken\n') == {"a": 1}
-    assert last_json_object("[1, 2]\n") is None
+    assert json_document('x\n{"a": 1}\n{broken\n') == {"a": 1}
+    assert json_document("[1, 2]\n") is None
+    indented = json.dumps({"benchmark": "ttft", "records": [{"speedup": 3.0}]}, indent=2)
+    assert json_document("warming up\n" + indented + "\n") == json.loads(indented)
     assert all(path.startswith("tests/") for path in gpu_test_files(gpu_check.REPO_ROOT / "tests"))
+    assert junit_counts(tmp_path / "absent.xml") == {}
+
+
+def _gpu_tests(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "test_marked.py").write_text(
+        "import pytest\n\n\n@pytest.mark.gpu\ndef test_runs() -> None:\n    assert True\n\n\n"
+        "@pytest.mark.gpu\ndef test_skips() -> None:\n    pytest.skip('not here')\n\n\n"
+        "def test_unmarked() -> None:\n    raise AssertionError('deselected by -m gpu')\n")
+    return folder
+
+
+def test_the_real_pytest_counts_passed_tests_under_pyprojects_quiet_flag(tmp_path: Path) -> None:
+    """The real ``pytest -m gpu`` (pyproject's ``-q`` included): its passed tests count, the check passes."""
+    status, summary = _summary(tmp_path, gpu_check.run_subprocess, "--tests", str(_gpu_tests(tmp_path / "t")),
+                               "--skip", "store", "gather", "decode_during_save", "vllm_worker", "ttft")
+    section = summary["pytest_gpu"]
+    assert section["passed"] == 1 and section["skipped"] == 1 and section["failed"] == 0, section
+    assert section["ok"] is True and status == 0 and summary["ok"] is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the repository's gpu tests skipping without CUDA")
+def test_the_repositorys_gpu_tests_collect_and_skip_without_cuda(tmp_path: Path) -> None:
+    status, summary = _summary(tmp_path, gpu_check.run_subprocess,
+                               "--skip", "store", "gather", "decode_during_save", "vllm_worker", "ttft")
+    section = summary["pytest_gpu"]
+    assert section["returncode"] == 0 and section["errors"] == 0 and section["failed"] == 0, section
+    assert section["skipped"] >= 10 and section["passed"] == 0 and section["ok"] is False and status == 1
+
+
+def test_the_real_benchmark_commands_run_on_the_cpu(tmp_path: Path) -> None:
+    """Every section but pytest, for real: in-process benchmarks and both subprocesses' JSON documents."""
+    status, summary = _summary(tmp_path, gpu_check.run_subprocess, "--skip", "pytest_gpu",
+                               "--prompt-tokens", "96", "--ttft-args", TINY_MODEL,
+                               "--worker-args", "--chunks 2 --repeats 1", "--timeout-s", "600")
+    assert status == 0 and summary["ok"] is True
+    assert summary["store"]["get_identical"] is True and "slots_gather_vs_contiguous" in summary["gather"]
+    decode = summary["decode_during_save"]
+    assert decode["slowdown"] is not None and decode["save_gbps"] > 0, decode
+    assert summary["vllm_worker"].get("bench") == "vllm_worker", summary["vllm_worker"]
+    ttft = summary["ttft"]
+    assert ttft.get("benchmark") == "ttft" and {r["source"] for r in ttft["records"]} == {"host", "disk"}, ttft
+    targets = summary["targets"]
+    assert targets["ttft_speedup_8k"]["value"] is None  # 96 tokens is no 8k figure
+    assert targets["decode_slowdown_during_save"]["value"] == decode["slowdown"]
+    assert targets["store_put_vs_raw"]["value"] == summary["store"]["put_vs_raw"]

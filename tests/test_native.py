@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -301,3 +303,74 @@ def test_cuda_slots_match_the_cpu_bytes(memory: str) -> None:
         del rows
         if arena is not None:
             arena.close()
+
+
+@pytest.mark.parametrize("pages_per_chunk", [1, 2])
+def test_evenly_spaced_segments_copy_a_chunk_at_a_time_with_the_same_bytes(pages_per_chunk: int) -> None:
+    """Segments that are planes of one tensor take the per-chunk NumPy path; bytes equal the torch path's."""
+    planes = torch.randn(3, 2, NUM_BLOCKS, 4, 8, generator=torch.Generator().manual_seed(5))
+    segments = [planes[i, j].view(torch.uint8).view(NUM_BLOCKS, -1) for i in range(3) for j in range(2)]
+    fast, reference = PagedKV(segments), PagedKV([s.clone() for s in segments], use_numpy=False)
+    assert fast._pages is not None and reference._pages is None
+    ids, slots = [7, 8, 3, 1], [5, 0, 2, 6][: 4 // pages_per_chunk]
+    width = fast.chunk_bytes(pages_per_chunk)
+    got, expected = _rows(8, width), _rows(8, width)
+    fast.gather_to_slots(ids, got, slots, pages_per_chunk)
+    reference.gather_to_slots(ids, expected, slots, pages_per_chunk)
+    assert torch.equal(got, expected)
+    targets = [11, 10, 0, 2]
+    fast.scatter_from_slots(targets, got, slots, pages_per_chunk, segments=range(1, 5))
+    reference.scatter_from_slots(targets, expected, slots, pages_per_chunk, segments=range(1, 5))
+    assert all(torch.equal(a, b) for a, b in zip(segments, reference.segments, strict=True))
+
+
+def test_a_launch_uploads_its_tables_once_from_host_arrays_and_sizes_its_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel path on a CPU, through stand-ins for CuPy and the stream: one upload of the segment tables
+    and the ids per launch (from a host array, never a per-call device tensor), a few CUDA blocks when the
+    chunks are host memory, the full grid between device buffers."""
+    import contextlib
+    import types
+
+    import numpy as np
+
+    from kvtier import native
+
+    caller = types.SimpleNamespace(cuda_stream=1)
+    launches: list[tuple[tuple[int, ...], tuple[int, ...], tuple[Any, ...]]] = []
+    uploads: list[np.ndarray] = []
+
+    def kernel(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        launches.append((grid, block, args))
+
+    def upload(table: np.ndarray, device: torch.device, stream: object) -> torch.Tensor:
+        assert isinstance(table, np.ndarray) and stream is caller
+        uploads.append(table.copy())
+        return torch.from_numpy(table.copy())
+
+    real_tensor = torch.tensor
+
+    def no_device_tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
+        assert kwargs.get("device") is None, "a per-call device tensor (a pageable upload)"
+        return real_tensor(*args, **kwargs)
+
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda index: contextlib.nullcontext(), ExternalStream=lambda pointer: contextlib.nullcontext()))
+    monkeypatch.setattr(native, "upload_table", upload)
+    monkeypatch.setattr(native, "rows_addressable", lambda *args: True)
+    monkeypatch.setattr(native.importlib, "import_module", lambda name: fake_cupy)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch, "tensor", no_device_tensor)
+    layers = _layers(3)
+    paged = _paged(layers, use_kernel=False)
+    paged._kernels = (kernel, kernel)
+    paged.device = torch.device("cuda", 0)
+    monkeypatch.setattr(PagedKV, "_check_device", lambda self, chunks, what: None)
+    ids = list(range(NUM_BLOCKS))
+    paged.gather_to_slots(ids, _rows(NUM_BLOCKS, paged.chunk_bytes()), list(reversed(ids)))
+    assert len(uploads) == 1 and len(launches) == 1
+    table = uploads[0]
+    assert table.size == 2 * 3 + 2 * NUM_BLOCKS and list(table[6:6 + NUM_BLOCKS]) == ids
+    assert launches[0][0] == (native.grid_size(NUM_BLOCKS * 3, touches_host=True),)
+    assert native.grid_size(10**6, touches_host=True) == native.LINK_GRID < 64
+    assert native.grid_size(10**6, touches_host=False) == native.DEVICE_GRID
+    assert native.grid_size(3, touches_host=True) == 3

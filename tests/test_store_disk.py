@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,3 +121,38 @@ def test_lookup_prefetch_never_evicts_the_prefix_it_looks_up(layout: KVLayout, t
         finally:
             store.release(lease)
         assert store.stats().tiers["host"].detail["promoted_blocks"] == 2
+
+
+def test_a_get_after_a_promotion_is_ordered_after_the_requesting_threads_work(layout: KVLayout,
+                                                                             tmp_path: Path) -> None:
+    """The copy after a promotion is submitted from an I/O thread: it carries the fence the get took."""
+    from kvtier.transfer import CpuTransferEngine
+
+    class Fencing(CpuTransferEngine):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self.fences: list[tuple[int, object]] = []
+            self.afters: list[object | None] = []
+
+        def fence(self, tensors: Any) -> object | None:
+            mark = object()
+            self.fences.append((threading.get_ident(), mark))
+            return mark
+
+        def submit_blocks(self, rows: Any, slots: Any, blocks: Any, direction: Any, on_done: Any, *,
+                          after: object | None = None) -> Any:
+            self.afters.append(after)
+            return super().submit_blocks(rows, slots, blocks, direction, on_done)
+
+    with disk_store(layout, tmp_path) as store:
+        keys = keys_for(store, 8)
+        blocks = random_blocks(layout, 8)
+        for start in range(0, 8, 2):
+            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
+        engine = Fencing()
+        store.transfer, plain = engine, store.transfer
+        plain.close()
+        out, failed = read_all(store, keys[:2])  # evicted to disk long ago: promoted first
+        assert failed == () and all(torch.equal(o, b) for o, b in zip(out, blocks[:2], strict=True))
+        assert [ident for ident, _ in engine.fences] == [threading.get_ident()]
+        assert engine.afters and all(after is engine.fences[0][1] for after in engine.afters)

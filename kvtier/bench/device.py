@@ -67,6 +67,9 @@ def run_device_store_bench(device: str = "cuda", block_bytes: int = 2 * _MiB, to
     dests = list(outputs.unbind())
     with Store(layout, config) as store:
         store.arena.wait_prepared()
+        if on_cuda:
+            store.pin_for(blocks.device)
+            store.arena.wait_pinned()
         hasher = store.hasher("bench-device")
         rounds = iter(range(10**9))
         keys: list[bytes] = []

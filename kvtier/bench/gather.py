@@ -71,7 +71,7 @@ def run_gather_bench(num_layers: int = 32, num_kv_heads: int = 8, head_dim: int 
     num_chunks = gather_blocks // pages_per_chunk
     arena = HostArena(2 * num_chunks, round_up(paged.chunk_bytes(pages_per_chunk), PAGE_BYTES))
     if pinned:
-        arena.start_pinning(256 * 1024 * 1024)
+        arena.start_pinning(256 * 1024 * 1024, dev)
         arena.wait_pinned()
     rows = arena.rows()
     slot_ids = torch.randperm(2 * num_chunks, generator=generator)[:num_chunks].tolist()

@@ -2,11 +2,15 @@
 
 Sections (each a key of the summary; docs/gpu-check.md lists their fields):
 
-- ``pytest_gpu``: ``pytest -m gpu`` over the test files that hold ``gpu`` tests (a subprocess);
+- ``pytest_gpu``: ``pytest -m gpu`` over the test files that hold ``gpu`` tests (a subprocess; its counts
+  read from the JUnit XML report it writes, not from its console output);
 - ``store``: ``Store.put`` / ``Store.get`` with device tensors vs raw pinned copies (``kvtier.bench.device``);
 - ``gather``: paged gather/scatter, contiguous and in place into arena slots, vs a contiguous copy;
+- ``decode_during_save``: a decode-shaped step alone and during a save loop (``kvtier.bench.decode``);
 - ``vllm_worker``: ``python -m kvtier_connectors.vllm.bench_worker --device cuda --json`` (a subprocess);
 - ``ttft``: ``kvtier bench ttft`` at 2k, 8k and 32k prompt tokens, bf16, on the device (a subprocess).
+A subprocess's JSON is its whole standard output parsed as one document (an indented document is fine);
+failing that, the last line that parses as a JSON object.
 
 Promises:
 - One file, ``<out>/gpu-check.json``, is always written, whatever fails: a section that raised, exited
@@ -22,19 +26,21 @@ import argparse
 import importlib.util
 import json
 import platform
-import re
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("pytest_gpu", "store", "gather", "vllm_worker", "ttft")
+SECTIONS = ("pytest_gpu", "store", "gather", "decode_during_save", "vllm_worker", "ttft")
 _OPTIONAL_MODULES = ("blake3", "xxhash", "msgpack", "lmdb", "zstandard", "platformdirs", "cupy", "transformers",
                      "vllm")
 _TAIL_CHARS = 4000
@@ -64,17 +70,22 @@ def run_subprocess(command: Sequence[str], timeout_s: float) -> Completed:
     return Completed(done.returncode, done.stdout, done.stderr)
 
 
-def last_json_object(text: str) -> dict[str, Any] | None:
-    """The last line of ``text`` that parses as a JSON object, or ``None``."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
+def json_document(text: str) -> dict[str, Any] | None:
+    """The last JSON object of ``text`` that starts at the start of a line, parsed whole (indented or not).
+
+    ``json.dumps(indent=...)`` starts only the outermost object at column 0, so a document printed after
+    warnings or progress lines is found whole; a broken tail is skipped.
+    """
+    decoder = json.JSONDecoder()
+    starts = [0] + [index + 1 for index, char in enumerate(text) if char == "\n"]
+    for start in reversed(starts):
+        if text.startswith("{", start):
             try:
-                parsed = json.loads(line)
+                found, _ = decoder.raw_decode(text, start)
             except json.JSONDecodeError:
                 continue
-            if isinstance(parsed, dict):
-                return parsed
+            if isinstance(found, dict):
+                return found
     return None
 
 
@@ -89,7 +100,7 @@ def json_section(runner: Runner, command: Sequence[str], timeout_s: float) -> di
     completed = runner(command, timeout_s)
     if completed.returncode != 0:
         return failure(completed, command)
-    parsed = last_json_object(completed.stdout)
+    parsed = json_document(completed.stdout)
     if parsed is None:
         return {**failure(completed, command), "error": "no JSON object in its output"}
     return parsed
@@ -97,17 +108,37 @@ def json_section(runner: Runner, command: Sequence[str], timeout_s: float) -> di
 
 def gpu_test_files(tests_dir: Path) -> list[str]:
     """The test files that mark a test ``gpu`` (collecting only those needs none of the disk tier's modules)."""
-    return sorted(str(path.relative_to(REPO_ROOT)) for path in tests_dir.rglob("test_*.py")
+    def shown(path: Path) -> str:
+        return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+    return sorted(shown(path) for path in tests_dir.resolve().rglob("test_*.py")
                   if "mark.gpu" in path.read_text(errors="replace"))
 
 
-def pytest_section(runner: Runner, timeout_s: float) -> dict[str, Any]:
-    files = gpu_test_files(REPO_ROOT / "tests")
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs", *files]
-    started = time.perf_counter()
-    completed = runner(command, timeout_s)
-    counts = {word: int(number) for number, word in
-              re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", completed.stdout)}
+def junit_counts(path: Path) -> dict[str, int]:
+    """``passed``, ``failed``, ``errors``, ``skipped`` of a pytest JUnit XML report (``{}`` if unreadable)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return {}
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = {name: sum(int(suite.get(name, 0)) for suite in suites) for name in ("tests", "failures", "errors",
+                                                                                 "skipped")}
+    return {"passed": total["tests"] - total["failures"] - total["errors"] - total["skipped"],
+            "failed": total["failures"], "errors": total["errors"], "skipped": total["skipped"]}
+
+
+def pytest_section(runner: Runner, timeout_s: float, tests_dir: Path) -> dict[str, Any]:
+    """``pytest -m gpu`` over ``tests_dir``'s gpu test files; ``ok`` when it exited 0 and some test passed."""
+    files = gpu_test_files(tests_dir)
+    with tempfile.TemporaryDirectory(prefix="kvtier-gpu-check-") as scratch:
+        report = Path(scratch) / "junit.xml"
+        # pyproject's addopts already say -q: the counts come from the report, whatever the verbosity.
+        command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs",
+                   f"--junitxml={report}", *files]
+        started = time.perf_counter()
+        completed = runner(command, timeout_s)
+        counts = junit_counts(report)
     result: dict[str, Any] = {"files": files, "returncode": completed.returncode,
                               "seconds": round(time.perf_counter() - started, 1), **counts}
     result["ok"] = completed.returncode == 0 and counts.get("passed", 0) > 0
@@ -153,15 +184,37 @@ def _ratio(section: dict[str, Any], name: str) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _worst(values: list[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    return min(numbers) if numbers else None
+
+
+def _ttft(summary: dict[str, Any], tokens: int, field: str, source: str = "host") -> float | None:
+    """``field`` of the ``ttft`` record of ``source`` whose prompt is the closest to ``tokens`` (within 2x)."""
+    records = [r for r in summary.get("ttft", {}).get("records", []) if isinstance(r, dict)
+               and r.get("source") == source and isinstance(r.get("prompt_tokens"), int)
+               and tokens / 2 <= r["prompt_tokens"] <= tokens * 2]
+    if not records:
+        return None
+    return _ratio(min(records, key=lambda r: abs(r["prompt_tokens"] - tokens)), field)
+
+
 def targets(summary: dict[str, Any]) -> dict[str, Any]:
-    """Each target of issue 10 the summary has a figure for: the figure, the bound and whether it is met."""
+    """Each target of issue 20 the summary has a figure for: the figure, the bound and whether it is met."""
     store, gather = summary.get("store", {}), summary.get("gather", {})
+    worker = [r for r in summary.get("vllm_worker", {}).get("results", []) if isinstance(r, dict)]
     checks = {
         "store_put_vs_raw": (_ratio(store, "put_vs_raw"), ">=", 0.9),
         "store_get_vs_raw": (_ratio(store, "get_vs_raw"), ">=", 0.9),
         "restore8_vs_link": (_ratio(store, "restore8_vs_link"), "<=", 1.5),
         "slots_gather_vs_contiguous": (_ratio(gather, "slots_gather_vs_contiguous"), ">=", 0.9),
         "slots_scatter_vs_contiguous": (_ratio(gather, "slots_scatter_vs_contiguous"), ">=", 0.9),
+        "vllm_worker_save_vs_raw": (_worst([r.get("save_ratio") for r in worker]), ">=", 0.8),
+        "vllm_worker_load_vs_raw": (_worst([r.get("load_ratio") for r in worker]), ">=", 0.8),
+        "transformers_restore_vs_h2d": (_ttft(summary, 8192, "restore_vs_raw"), ">=", 0.8),
+        "ttft_speedup_8k": (_ttft(summary, 8192, "speedup"), ">=", 2.0),
+        "ttft_speedup_32k": (_ttft(summary, 32768, "speedup"), ">=", 5.0),
+        "decode_slowdown_during_save": (_ratio(summary.get("decode_during_save", {}), "slowdown"), "<=", 1.1),
     }
     result: dict[str, Any] = {}
     for name, (value, op, bound) in checks.items():
@@ -182,7 +235,7 @@ def run_check(args: argparse.Namespace, runner: Runner = run_subprocess) -> dict
         elif not device_ok and name != "pytest_gpu":
             summary[name] = {"error": "no CUDA device"}
         elif name == "pytest_gpu":
-            summary[name] = pytest_section(runner, 2 * args.timeout_s)
+            summary[name] = pytest_section(runner, 2 * args.timeout_s, args.tests)
         elif name == "store":
             from kvtier.bench.device import run_device_store_bench
 
@@ -194,15 +247,23 @@ def run_check(args: argparse.Namespace, runner: Runner = run_subprocess) -> dict
             summary[name] = in_process(lambda: run_gather_bench(
                 device=args.device, cache_blocks=args.cache_blocks, gather_blocks=args.cache_blocks // 4,
                 repeats=args.repeats))
+        elif name == "decode_during_save":
+            from kvtier.bench.decode import run_decode_during_save
+
+            summary[name] = in_process(lambda: run_decode_during_save(
+                args.device, hidden=args.decode_hidden, layers=args.decode_layers, steps=args.decode_steps,
+                save_blocks=args.save_blocks))
         elif name == "vllm_worker":
             summary[name] = json_section(runner, [sys.executable, "-m", "kvtier_connectors.vllm.bench_worker",
-                                                  "--device", args.device, "--json"], args.timeout_s)
+                                                  "--device", args.device, "--json",
+                                                  *shlex.split(args.worker_args)], args.timeout_s)
         else:
             summary[name] = json_section(runner, [
                 sys.executable, "-m", "kvtier.cli", "bench", "ttft", "--device", args.device, "--dtype", "bfloat16",
-                "--prompt-tokens", args.prompt_tokens, "--json"], args.timeout_s)
+                "--prompt-tokens", args.prompt_tokens, "--json", *shlex.split(args.ttft_args)], args.timeout_s)
     summary["targets"] = targets(summary)
-    in_process_ok = all("error" not in summary[name] for name in ("store", "gather") if name in chosen)
+    in_process_ok = all("error" not in summary[name] for name in ("store", "gather", "decode_during_save")
+                        if name in chosen)
     tests_ok = "pytest_gpu" not in chosen or bool(summary["pytest_gpu"].get("ok"))
     summary["ok"] = device_ok and in_process_ok and tests_ok
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -226,6 +287,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-blocks", type=int, default=512, help="paged cache blocks of the gather bench")
     parser.add_argument("--prompt-tokens", default="2048,8192,32768", help="TTFT prompt sizes")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="limit of each subprocess (pytest: twice)")
+    parser.add_argument("--tests", type=Path, default=REPO_ROOT / "tests", help="folder of the gpu test files")
+    parser.add_argument("--decode-hidden", type=int, default=2048, help="hidden size of the decode stand-in")
+    parser.add_argument("--decode-layers", type=int, default=16, help="layers of the decode stand-in")
+    parser.add_argument("--decode-steps", type=int, default=50, help="timed decode steps, alone and during saves")
+    parser.add_argument("--save-blocks", type=int, default=64, help="2 MiB blocks per put of the save loop")
+    parser.add_argument("--ttft-args", default="", help="more arguments of kvtier bench ttft (one string)")
+    parser.add_argument("--worker-args", default="", help="more arguments of the vLLM worker bench (one string)")
     return parser.parse_args(argv)
 
 

@@ -189,7 +189,45 @@ def _ttft(results: Results) -> Iterator[Target]:
                              _status(value))
     if not found:
         yield Target("ttft", "restore + tail within 1.25x of KV bytes / bandwidth + tail", "", NOT_MEASURED)
+    yield from _cpu_restore(results)
     yield from _gpu_speedups(results)
+    yield from _gpu_check(results)
+
+
+def _cpu_restore(results: Results) -> Iterator[Target]:
+    """Issue 20: on the CPU a restore from the host tier runs at >= 0.5x a raw copy of the same bytes."""
+    target = "on the CPU, restore from the host tier >= 0.5x a raw copy of the same bytes"
+    ratios = [(record.get("prompt_tokens"), number(record, "restore_vs_raw")) for record in results.records("ttft")
+              if record.get("source") == "host" and record.get("device") == "cpu"]
+    measured = [(tokens, ratio) for tokens, ratio in ratios if ratio is not None]
+    if measured:
+        yield Target("ttft", target, ", ".join(f"{tokens} tokens: {ratio:.2f}x" for tokens, ratio in measured),
+                     _status(min(ratio for _, ratio in measured) >= 0.5))
+    else:
+        yield Target("ttft", target, "", NOT_MEASURED)
+
+
+# Issue 20's GPU targets as ``make gpu-check`` names them in its ``targets`` section (TTFT speedups above).
+_GPU_TARGETS = (
+    ("store (GPU)", "store_put_vs_raw", "Store.put from the device >= 0.9x raw pinned copies"),
+    ("store (GPU)", "store_get_vs_raw", "Store.get into the device >= 0.9x raw pinned copies"),
+    ("store (GPU)", "restore8_vs_link", "an 8-block restore within 1.5x of link time"),
+    ("vllm (GPU)", "vllm_worker_save_vs_raw", "vLLM worker save >= 0.8x raw"),
+    ("vllm (GPU)", "vllm_worker_load_vs_raw", "vLLM worker load >= 0.8x raw"),
+    ("transformers (GPU)", "transformers_restore_vs_h2d", "transformers restore >= 0.8x host-to-device"),
+    ("decode (GPU)", "decode_slowdown_during_save", "a decode step during a concurrent save <= 1.1x as long"),
+)
+
+
+def _gpu_check(results: Results) -> Iterator[Target]:
+    found = (results.gpu_check or {}).get("targets", {})
+    for area, name, target in _GPU_TARGETS:
+        entry = found.get(name) if isinstance(found, dict) else None
+        value = number(entry, "value") if isinstance(entry, dict) else None
+        if value is None or not isinstance(entry, dict) or not isinstance(entry.get("met"), bool):
+            yield Target(area, target, "no gpu-check.json with this figure", NOT_MEASURED)
+        else:
+            yield Target(area, target, f"{value:.3g} ({entry.get('target')})", _status(entry["met"]))
 
 
 def _gpu_records(value: Any) -> Iterator[dict[str, Any]]:

@@ -18,8 +18,9 @@ Promises:
   (``RECONNECT_MIN_S`` doubling up to ``RECONNECT_MAX_S``; a call inside the wait raises ``ProtocolError``
   at once, without touching the socket). A restarted daemon's new arena is mapped (and pinned) anew; the
   old mapping stays mapped until ``close``, so copies still queued on it never touch unmapped memory.
-- ``slot_rows()`` is the mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (Unix only): where CUDA is
-  present and ``host.pin`` is set the mapping is registered with CUDA in this process too.
+- ``slot_rows()`` is the mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (Unix only). With
+  ``host.pin`` set, the mapping is registered with CUDA in this process, on the device of its first copy
+  to or from a GPU (``pin_for``; the daemon itself never registers it nor makes a CUDA context).
 - A block is committed only after its bytes were fully copied into its slot; a failed copy is aborted.
 - Every method is safe to call from several threads (requests are serialized on the one connection).
 """
@@ -169,6 +170,7 @@ class Client:
         self.remote = self._conn.transport == "tcp"
         self.arena: HostArena | None = None
         self._retired: list[HostArena] = []
+        self._pin_devices: set[torch.device] = set()
         self._reconnect_lock = threading.Lock()
         self._backoff_s = RECONNECT_MIN_S
         self._retry_at = 0.0
@@ -190,8 +192,9 @@ class Client:
         if self.arena is not None and self.arena.name == hello["arena"]:
             return
         arena = HostArena(hello["num_slots"], hello["slot_bytes"], name=hello["arena"], create=False)
-        if self.config.host.pin:
-            arena.start_pinning(self.config.host.pin_chunk_bytes)
+        # A new arena (a restarted daemon) is registered on the devices this client already copied with.
+        for device in self._pin_devices:
+            arena.start_pinning(self.config.host.pin_chunk_bytes, device)
         if self.arena is not None:
             self._retired.append(self.arena)
         self.arena = arena
@@ -275,6 +278,7 @@ class Client:
         reserved: list[bytes] = reply["keys"]
         if reserved:
             indices = [index[key] for key in reserved]
+            self._pin_for_blocks(blocks)
             job.add_parts()
             # One submission for every block, as the embedded store does (one kernel launch on CUDA).
             self.transfer.submit_blocks(self.slot_rows(), reply["slots"], [blocks[i] for i in indices],
@@ -305,6 +309,7 @@ class Client:
         leased = [(i, slot) for i, slot in enumerate(slots) if slot is not None]
         if leased:
             indices = [i for i, _ in leased]
+            self._pin_for_blocks(blocks)
             job.add_parts()
             self.transfer.submit_blocks(self.slot_rows(), [slot for _, slot in leased], [blocks[i] for i in indices],
                                         Direction.LOAD, self._finish_get(job, indices, [keys[i] for i in indices]))
@@ -383,6 +388,16 @@ class Client:
 
     def release(self, lease: Lease) -> None:
         self._call("release", keys=list(lease.keys))
+
+    def pin_for(self, device: torch.device) -> None:
+        """Register the mapped arena with CUDA for copies on ``device``, in this process; see ``Store.pin_for``."""
+        if self.config.host.pin and device.type == "cuda" and self.arena is not None:
+            self._pin_devices.add(device)
+            self.arena.start_pinning(self.config.host.pin_chunk_bytes, device)
+
+    def _pin_for_blocks(self, blocks: Sequence[torch.Tensor]) -> None:
+        for device in {block.device for block in blocks if block.device.type == "cuda"}:
+            self.pin_for(device)
 
     def slot_rows(self) -> torch.Tensor:
         """The mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (remapped after a daemon restart)."""

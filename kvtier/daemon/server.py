@@ -37,6 +37,7 @@ from kvtier.daemon.session import Session
 from kvtier.errors import ConfigError, KvtierError, ProtocolError
 from kvtier.layout import KVLayout
 from kvtier.store import Store
+from kvtier.transfer import CpuTransferEngine
 
 log = logging.getLogger(__name__)
 _SHM_DIR = Path("/dev/shm")
@@ -82,7 +83,10 @@ class Daemon:
                 if self._stopping.is_set():
                     raise ProtocolError("the daemon is stopping")
                 name = f"kvtier-daemon-{os.getpid()}-{os.urandom(4).hex()}"
-                self._store = Store(layout, self.config, arena_name=name)
+                # The daemon copies between sockets and the arena only: CPU copies, no CUDA context, and
+                # the arena is registered with CUDA by the clients that copy to a GPU, not here.
+                self._store = Store(layout, self.config, arena_name=name,
+                                    transfer=CpuTransferEngine(self.config.transfer.num_workers))
                 shm = _SHM_DIR / name
                 if self._gid is not None:
                     os.chown(shm, -1, self._gid)

@@ -12,6 +12,8 @@ launches one kernel where the arena is registered).
 
 Promises:
 - ``submit`` never waits for a copy: it queues the job and returns a ``Transfer`` handle.
+- A job copies what the submitting thread's queued device work left in its tensors, and writes them
+  only after that work (on CUDA: after the caller's current stream; see ``fence`` for another thread).
 - Each job's ``on_done(error)`` is called exactly once, with ``None`` after every pair was copied or with
   the exception that stopped it. It is called from a worker thread (CPU backend) or from whichever thread
   polls (CUDA backend, in ``poll``/``Transfer.done``/``Transfer.wait``).
@@ -74,12 +76,22 @@ class TransferEngine(ABC):
     def submit(self, pairs: Sequence[CopyPair], direction: Direction, on_done: DoneCallback) -> Transfer:
         """Queue the copies ``dst.copy_(src)`` of every pair; see the module promises."""
 
+    def fence(self, tensors: Sequence[torch.Tensor]) -> object | None:
+        """A mark of the work the calling thread has queued so far on ``tensors``' device, for ``after=``.
+
+        A job is ordered after its submitter's queued work; one submitted later from another thread (a
+        get finished after a promotion) passes the fence its requester took. ``None`` where there is no
+        device queue to order after (the CPU backend).
+        """
+        return None
+
     def submit_blocks(self, rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor],
-                      direction: Direction, on_done: DoneCallback) -> Transfer:
+                      direction: Direction, on_done: DoneCallback, *, after: object | None = None) -> Transfer:
         """Copy ``blocks[i]`` into the start of ``rows[slots[i]]`` (``STORE``) or back (``LOAD``), as one job.
 
         ``rows`` is a ``(num_slots, slot_bytes)`` uint8 view; every block is a contiguous tensor of the same
-        byte size, at most ``slot_bytes``.
+        byte size, at most ``slot_bytes``. ``after`` is a ``fence`` to order the job after instead of the
+        calling thread's queued work.
         """
         nbytes = check_blocks(rows, slots, blocks)
         slot_views = [rows[slot, :nbytes] for slot in slots]

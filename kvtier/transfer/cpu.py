@@ -163,7 +163,7 @@ class CpuTransferEngine(TransferEngine):
                                    for start, stop in itertools.pairwise(bounds)], direction, on_done)
 
     def submit_blocks(self, rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor],
-                      direction: Direction, on_done: DoneCallback) -> Transfer:
+                      direction: Direction, on_done: DoneCallback, *, after: object | None = None) -> Transfer:
         nbytes = check_blocks(rows, slots, blocks)
         if rows.device.type != "cpu" or any(block.device.type != "cpu" for block in blocks):
             return super().submit_blocks(rows, slots, blocks, direction, on_done)

@@ -310,3 +310,24 @@ def test_a_disk_directory_of_another_dtype_is_never_restored(tmp_path: Path) -> 
     other = random_model("llama", dtype=torch.bfloat16)
     with pytest.raises(LayoutMismatchError):
         disk_store(other, tmp_path)
+
+
+def test_a_device_restore_is_timed_to_its_copys_completion_not_its_queueing() -> None:
+    """On CUDA ``restore_device_s`` reads the span of CUDA events on the forward's stream (after waiting)."""
+    from kvtier_connectors.transformers.adapter import Prefill
+
+    class Event:
+        synchronized = False
+
+        def synchronize(self) -> None:
+            self.synchronized = True
+
+        def elapsed_time(self, other: Event) -> float:
+            assert other.synchronized, "read before the copy completed"
+            return 42.0  # milliseconds, as CUDA reports them
+
+    start, done = Event(), Event()
+    timed = Prefill(None, DynamicCache(), 80, 64, (), 0, 0.001, 0.05, 0.0, (start, done))  # type: ignore[arg-type]
+    assert timed.restore_device_s() == pytest.approx(0.042) and done.synchronized
+    untimed = Prefill(None, DynamicCache(), 80, 64, (), 0, 0.001, 0.05, 0.0)
+    assert untimed.restore_device_s() == 0.001

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,10 +36,10 @@ class Rig:
         self.kv = torch.randn(NUM_BLOCKS, LAYERS, HEADS, BLOCK, 2 * HEAD_DIM, device=device)
         self.store = Store(self.layout, StoreConfig(host=HostConfig(capacity_bytes=256 * self.layout.block_bytes),
                                                     transfer=TransferConfig(backend="cpu")))
-        self.store.arena.wait_pinned()
         self.keys = ChunkKeys(ConnectorSettings(model_id="m"), self.layout, geometry)
         self.worker = WorkerSide(self.layout, geometry, self.store, self.keys)
         self.worker.register_kv_caches({name: self.kv[:, i] for i, name in enumerate(names)})
+        self.store.arena.wait_pinned()  # registered by register_kv_caches on the caches' device
         self.names = names
 
     def hashes(self, count: int, seed: int) -> tuple[bytes, ...]:
@@ -199,8 +200,8 @@ class FakeEvent:
 
     done = False
 
-    def record(self) -> None:
-        pass
+    def record(self, stream: object = None) -> None:
+        assert stream == "stream of cuda:0", "recorded on the stream of the pages' device"
 
     def query(self) -> bool:
         return FakeEvent.done
@@ -210,8 +211,9 @@ def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: 
     """As on CUDA: a save is committed, a lease released, only once the copy's event completed; a finished
     request is never waited for (there is nothing to report: saves hold no request)."""
     assert rig.worker.paged is not None
-    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda"))
+    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
     monkeypatch.setattr(FakeEvent, "done", False)
     hashes = rig.hashes(4, 13)
     rig.worker.wait_for_save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1, 2, 3))]))
@@ -229,3 +231,38 @@ def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: 
     FakeEvent.done = True
     rig.worker.get_finished(set())
     assert rig.store.host.stats().pinned_blocks == 0
+
+
+def test_micro_batches_on_two_threads_save_each_page_as_finally_written(rig: Rig) -> None:
+    """Two threads hand the same layers over in one step (vLLM micro-batches): no layer is saved stale."""
+    hashes = rig.hashes(8, 7)
+    plan = StepPlan(saves=[SaveSpec("a", hashes[:4], tuple(range(4))), SaveSpec("b", hashes[4:], tuple(range(4, 8)))])
+    final_b = torch.randn_like(rig.kv[4:8])
+    rig.kv[4:8] = 0  # micro-batch 2 has not written its pages when micro-batch 1 hands the layers over
+
+    handed, finish = threading.Event(), threading.Event()
+
+    def micro_batch() -> None:  # both threads live through the step, as vLLM's micro-batch threads do
+        for name in rig.names:
+            rig.worker.save_kv_layer(name, plan)
+        handed.set()
+        finish.wait(60)
+
+    first = threading.Thread(target=micro_batch)
+    first.start()
+    assert handed.wait(60)
+    handed.clear()
+    rig.kv[4:8] = final_b  # micro-batch 2's forward
+    second = threading.Thread(target=micro_batch)
+    second.start()
+    assert handed.wait(60)
+    finish.set()
+    first.join(60)
+    second.join(60)
+    rig.worker.wait_for_save(plan)
+    rig.worker.poll()
+    target = tuple(range(64, 72))
+    rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("c", hashes, target, 0, False)]))
+    rig.worker.poll()
+    assert rig.worker.get_block_ids_with_load_errors() == set()
+    assert torch.equal(rig.kv[list(target)], rig.kv[:8])

@@ -30,15 +30,17 @@ Promises:
   compressed or quantized layers); per request, a prompt longer than a sliding-window layer's window
   minus one (that layer no longer holds the whole prefix); on saving, a cache whose K and V are not
   ``[batch, kv_heads, tokens, head_dim]`` of the layout.
-- Data path: a restore moves every leased slot into a device buffer with ``PagedKV.scatter_from_slots``
-  (one kernel launch on CUDA, reading the registered arena in place; on the CPU one NumPy call per layer
-  into a one-layer buffer), then lays each layer's K and V out as the cache wants them with one device
-  copy each: the number of copies grows with layers, never with blocks. The leases are released once the
-  launch completed (a CUDA event; the forward is queued meanwhile). A save builds the blocks in a device
-  buffer (one indexed copy per layer, K/V and row) and gathers it straight into the reserved slots with
-  one ``gather_to_slots``; on CUDA all of it runs on a side stream after the forward, and the slots are
-  committed once its event completed (checked on the next restore or save, or by ``wait_saves``), so the
-  forward never waits for a save.
+- Data path: each block is copied once, between its arena slot and the cache's own layout, by one shared
+  code path (``PagedKV`` with one segment per layer, K/V plane and head, a page being one block's
+  ``[block tokens, head dim]`` of one head). A restore is one ``scatter_from_slots`` into one
+  ``[layer, plane, head, row, tokens, dim]`` tensor whose slices are the cache's K and V (one kernel launch
+  on CUDA, reading the registered arena in place; one NumPy copy per block on the CPU); the leases are
+  released once the launch completed (a CUDA event; the forward is queued meanwhile). A save is one
+  ``gather_to_slots`` per batch row straight from the cache tensors; on CUDA it runs on a side stream after
+  the forward, and the slots are committed once its event completed (checked on the next restore or
+  save, or by ``wait_saves``). No step waits for the device: the kernels' address and index tables go up
+  from pinned buffers (``kvtier.native.upload_table``), never as per-call pageable tensors, and the arena
+  is registered on the model's device at construction (``pin_for``).
 - Batch size: rows of equal length without padding are supported; each row is keyed by its own tokens
   and every row restores the shortest prefix that all rows have stored. A padded batch (an attention
   mask with zeros) is refused with ``InvalidInputError``: pass its rows one at a time.
@@ -49,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,6 +123,8 @@ class Restored:
     num_blocks: int
     tiers: tuple[Tier, ...]
     restore_s: float
+    # On CUDA: events on the forward's stream at the restore's start and after its copy (timing enabled).
+    span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,18 @@ class Prefill:
     restore_s: float
     forward_s: float
     save_s: float
+    restore_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+
+    def restore_device_s(self) -> float:
+        """The restore's time to its copy's completion: CUDA events on the forward's stream, else ``restore_s``.
+
+        ``restore_s`` is host time, which on CUDA ends when the copy is queued, not done.
+        """
+        if self.restore_span is None:
+            return self.restore_s
+        start, done = self.restore_span
+        done.synchronize()
+        return float(start.elapsed_time(done)) / 1e3
 
     @property
     def logits(self) -> torch.Tensor:
@@ -250,6 +267,11 @@ class TransformersConnector:
         self.hasher = store.hasher(self.model_id)
         self.windows = self._check_cache_layers()
         self.cache_kwarg = cache_kwarg(model)
+        # The arena is registered with CUDA on the model's device (a store that cannot pin, such as a
+        # test double, is copied through the same kernels' correct fallback).
+        pin_for = getattr(store, "pin_for", None)
+        if pin_for is not None:
+            pin_for(model.device)
         # CUDA work in flight on the arena: (event, what to do once it completed): release leases, commit.
         self._pending: list[tuple[torch.cuda.Event, Any]] = []
         self._save_stream: torch.cuda.Stream | None = None
@@ -308,6 +330,10 @@ class TransformersConnector:
         started = time.perf_counter()
         # Saves of earlier requests become readable here (their copies finished long ago in practice).
         self._settle(wait=True)
+        start = None
+        if self.model.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(self.model.device))
         cache = self.new_cache()
         max_tokens = input_ids.shape[1] - self.min_tail_tokens
         if max_tokens <= 0:
@@ -333,7 +359,8 @@ class TransformersConnector:
                 self._release(leases)
             else:
                 self._pending.append((event, lambda: self._release(leases)))
-        return Restored(cache, num_tokens, num_blocks, lookups[0].tiers[:num_blocks], time.perf_counter() - started)
+        return Restored(cache, num_tokens, num_blocks, lookups[0].tiers[:num_blocks], time.perf_counter() - started,
+                        None if start is None or event is None else (start, event))
 
     def _release(self, leases: list[Lease]) -> None:
         for lease in leases:
@@ -354,44 +381,41 @@ class TransformersConnector:
         """Wait for every save and restore copy in flight, then commit and release what they held."""
         self._settle(wait=True)
 
-    def _block_buffer(self, num_blocks: int, num_layers: int) -> tuple[torch.Tensor, PagedKV]:
-        """A ``[num_layers, num_blocks, 2, heads, block tokens, dim]`` device buffer and a ``PagedKV`` over it.
+    def _planes(self, kv: torch.Tensor, num_rows: int) -> PagedKV:
+        """``kv`` (``[layer, plane, head, row, tokens, dim]``) seen as one segment per (layer, plane, head).
 
-        The ``PagedKV`` has one segment per layer of the layout; with fewer buffer layers than that (one,
-        on the CPU), layer ``i`` is buffer layer ``i % num_layers``, to be copied one layer range at a time.
+        A page is one block's tokens of one head (``[block tokens, dim]``), block id ``row * blocks + b``:
+        a chunk (block ``b`` of row ``row``) in segment order is exactly a stored block, so a block moves
+        between its slot and the cache in one copy. The segments are evenly spaced (one tensor).
         """
         layout = self.layout
-        shape = (num_layers, num_blocks, 2, layout.num_kv_heads, layout.block_tokens, layout.head_dim)
-        buffer = torch.empty(shape, dtype=layout.torch_dtype, device=self.model.device)
-        rows = [buffer[i].view(num_blocks, -1).view(torch.uint8) for i in range(num_layers)]
-        return buffer, PagedKV([rows[i % num_layers] for i in range(layout.num_layers)])
+        pages = num_rows * (kv.shape[4] // layout.block_tokens)
+        segments = [kv[layer, plane, head].view(torch.uint8).view(pages, -1)
+                    for layer in range(layout.num_layers) for plane in range(2) for head in range(layout.num_kv_heads)]
+        return PagedKV(segments)
 
     def _fill(self, cache: DynamicCache, leases: list[Lease], num_blocks: int,
               num_tokens: int) -> torch.cuda.Event | None:
         """Restore the leased blocks into ``cache``; on CUDA, the event after which the leases may go.
 
-        On CUDA one launch moves every layer into a device buffer; on the CPU one layer at a time goes
-        through a buffer of one layer (a fresh buffer of the whole prefix costs a page fault per 4 KiB).
+        One copy of each block from its slot into the cache's layout, shared by every device: one kernel
+        launch on CUDA (reading the registered arena in place), one NumPy copy per block on the CPU. Each
+        layer's K and V are views of one ``[layer, plane, head, row, tokens, dim]`` tensor.
         """
         layout = self.layout
         slots = [slot for lease in leases for slot in lease.slots[:num_blocks]]
-        rows = self.store.slot_rows()
-        on_cuda = self.model.device.type == "cuda"
-        buffer_layers = layout.num_layers if on_cuda else 1
-        buffer, paged = self._block_buffer(len(slots), buffer_layers)
+        tokens = num_blocks * layout.block_tokens
+        kv = _empty((layout.num_layers, 2, layout.num_kv_heads, len(leases), tokens, layout.head_dim),
+                    layout.torch_dtype, self.model.device)
+        self._planes(kv, len(leases)).scatter_from_slots(range(len(slots)), self.store.slot_rows(), slots)
         event = None
-        if on_cuda:
-            paged.scatter_from_slots(range(len(slots)), rows, slots)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(buffer.device))
-        # [row, block, plane, heads, block tokens, dim] of a layer -> per plane [row, heads, tokens, dim].
-        shape = (len(leases), layout.num_kv_heads, num_blocks * layout.block_tokens, layout.head_dim)
+        if kv.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(kv.device))
         layers: list[Any] = list(cache.layers)
         for layer_index, layer in enumerate(layers):
-            if not on_cuda:
-                paged.scatter_from_slots(range(len(slots)), rows, slots, segments=range(layer_index, layer_index + 1))
-            blocks = buffer[layer_index % buffer_layers].view(len(leases), num_blocks, 2, *layout.block_shape[2:])
-            keys, values = (_tokens_major(blocks[:, :, plane], shape)[:, :, :num_tokens] for plane in range(2))
+            # [head, row, tokens, dim] -> [row, head, tokens, dim]: a view (contiguous for one row).
+            keys, values = (kv[layer_index, plane].transpose(0, 1)[:, :, :num_tokens] for plane in range(2))
             if type(layer) is DynamicLayer:
                 # Set directly: ``update`` would concatenate onto an empty tensor, a second full copy.
                 layer.lazy_initialization(keys, values)
@@ -483,17 +507,18 @@ class TransformersConnector:
 
         On CUDA everything runs on a side stream that first waits for the forward's stream; the cache's
         tensors are tied to it (``record_stream``) so that their memory is not reused before it read them.
+        Nothing here waits for the device: the kernels' tables go up from pinned buffers.
         """
         device = planes[0][0].device
         if device.type != "cuda":
-            self._build_and_gather(planes, where, slots)
+            self._gather_rows(planes, where, slots)
             return None
         if self._save_stream is None:
             self._save_stream = torch.cuda.Stream(device)
         stream = self._save_stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self._build_and_gather(planes, where, slots)
+            self._gather_rows(planes, where, slots)
             event = torch.cuda.Event()
             event.record(stream)
         for k, v in planes:
@@ -501,29 +526,21 @@ class TransformersConnector:
             v.record_stream(stream)
         return event
 
-    def _build_and_gather(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
-                          slots: list[int]) -> None:
+    def _gather_rows(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
+                     slots: list[int]) -> None:
+        """Per batch row, one ``gather_to_slots`` straight from the cache tensors: one copy of each block.
+
+        Segments are (layer, plane, head) of that row, a page one block's ``[block tokens, dim]``.
+        """
         layout = self.layout
-        buffer, paged = self._block_buffer(len(slots), layout.num_layers)
-        device = buffer.device
+        num_whole = planes[0][0].shape[2] // layout.block_tokens
+        rows = self.store.slot_rows()
         for row in sorted({row for row, _ in where}):
             positions = [i for i, (r, _) in enumerate(where) if r == row]
-            block_index = torch.tensor([where[i][1] for i in positions], dtype=torch.int64).to(device)
-            position_index = torch.tensor(positions, dtype=torch.int64).to(device)
-            num_whole = planes[0][0].shape[2] // layout.block_tokens
-            for layer_index, pair in enumerate(planes):
-                for plane, tensor in enumerate(pair):
-                    # [heads, tokens, dim] -> [block, heads, block tokens, dim]: a view, then one indexed copy.
-                    by_block = tensor[row, :, : num_whole * layout.block_tokens].reshape(
-                        layout.num_kv_heads, num_whole, layout.block_tokens, layout.head_dim).transpose(0, 1)
-                    target = buffer[layer_index, :, plane]
-                    if device.type == "cpu":
-                        # NumPy over the bytes (any dtype), as in ``_tokens_major``.
-                        target.view(torch.uint8).numpy()[position_index.numpy()] = (
-                            by_block.view(torch.uint8).numpy()[block_index.numpy()])
-                    else:
-                        target.index_copy_(0, position_index, by_block.index_select(0, block_index))
-        paged.gather_to_slots(range(len(slots)), self.store.slot_rows(), slots)
+            segments = [tensor[row, head, : num_whole * layout.block_tokens].contiguous().view(torch.uint8)
+                        .view(num_whole, -1) for pair in planes for tensor in pair
+                        for head in range(layout.num_kv_heads)]
+            PagedKV(segments).gather_to_slots([where[i][1] for i in positions], rows, [slots[i] for i in positions])
 
     @staticmethod
     def _check_no_cache(kwargs: dict[str, Any]) -> None:
@@ -552,7 +569,7 @@ class TransformersConnector:
         started = time.perf_counter()
         saved = self._save_after_forward(keys, restored, input_ids.shape[1])
         return Prefill(output, restored.cache, input_ids.shape[1], tail, restored.tiers, saved,
-                       restored.restore_s, forward_s, time.perf_counter() - started)
+                       restored.restore_s, forward_s, time.perf_counter() - started, restored.span)
 
     def generate(self, input_ids: torch.Tensor, **generate_kwargs: Any) -> Any:
         """``model.generate`` with the prompt's stored prefix restored first and its new blocks saved.
@@ -575,16 +592,13 @@ class TransformersConnector:
         return self.model.generate(input_ids, logits_processor=processors, **generate_kwargs)
 
 
-def _tokens_major(blocks: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """``[row, block, heads, block tokens, dim]`` as a new ``[row, heads, tokens, dim]`` tensor (a copy).
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor; on the CPU allocated by NumPy, which advises transparent huge pages.
 
-    On the CPU through NumPy (over the bytes, so any dtype): torch's strided copy ran at a third of its
-    speed here, fanned out to a thread pool on a few busy cores.
+    A restore writes a fresh buffer as large as the prefix: with 4 KiB pages its first touch costs a page
+    fault per page (about 8x the copy itself on a VM here), with 2 MiB pages 512x fewer.
     """
-    if blocks.device.type != "cpu":
-        return blocks.transpose(1, 2).reshape(shape)
-    out = torch.empty(shape, dtype=blocks.dtype)
-    rows, num_blocks, heads, block_tokens, _ = blocks.shape
-    target = out.view(torch.uint8).numpy().reshape(rows, heads, num_blocks, block_tokens, -1)
-    np.copyto(target, blocks.view(torch.uint8).numpy().transpose(0, 2, 1, 3, 4))
-    return out
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)

@@ -9,8 +9,9 @@ Promises:
   save after a prefill, not part of TTFT) to a host tier that writes through to a disk tier. Then, per
   source, a prefill through the connector restores all of it but the connector's minimum tail: ``host``
   from the same store, ``disk`` from a store reopened on the same files (host tier empty). Each part of
-  TTFT is reported: ``restore_s`` (lookup, disk reads, copies into the cache), ``tail_forward_s`` (the
-  forward of the unrestored tail), ``ttft_kvtier_s`` (their sum), with ``restore_gbps`` and its raw
+  TTFT is reported: ``restore_s`` (lookup, disk reads, copies into the cache; on CUDA until the copy
+  completed, timed with CUDA events on the forward's stream, not when it was queued), ``tail_forward_s``
+  (the forward of the unrestored tail), ``ttft_kvtier_s`` (their sum), with ``restore_gbps`` and its raw
   baseline measured in the same run: a copy of ``kv_bytes`` from host memory to the device (a memcpy on
   the CPU, a pinned host-to-device copy on CUDA) for ``host``, an O_DIRECT read of a file of ``kv_bytes``
   in the disk tier's directory with the tier's I/O threads for ``disk``. Every time is the median of
@@ -188,8 +189,12 @@ def _recompute(model: Any, prompt: torch.Tensor) -> tuple[torch.Tensor, DynamicC
 
 def _record(source: str, prefills: list[Prefill], reference: tuple[torch.Tensor, DynamicCache], common: dict[str, Any],
             raw_gbps: float) -> dict[str, Any]:
-    restore_s = _median([p.restore_s for p in prefills])
-    tail_s = _median([p.forward_s for p in prefills])
+    # On CUDA a restore's copy runs after its host part returned: timed with CUDA events on the forward's
+    # stream, and the tail forward is the rest of the (complete, synchronised) TTFT.
+    restores = [p.restore_device_s() for p in prefills]
+    restore_s = _median(restores)
+    tail_s = _median([p.ttft_s - restore if p.restore_span is not None else p.forward_s
+                      for p, restore in zip(prefills, restores, strict=True)])
     ttft_s = _median([p.ttft_s for p in prefills])
     last = prefills[-1]
     kv_bytes = common["kv_bytes_per_token"] * last.restored_tokens

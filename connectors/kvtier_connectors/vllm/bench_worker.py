@@ -89,6 +89,7 @@ def run(device: torch.device, chunk_counts: list[int], repeats: int) -> dict[str
     caches = {name: kv[:, i] for i, name in enumerate(layer_names)}
     store = Store(layout, StoreConfig(host=HostConfig(capacity_bytes=2 * most * layout.block_bytes,
                                                       policy="lru")))
+    store.pin_for(torch.device(device))
     store.arena.wait_pinned()
     # Steady state: the arena's pages are touched (a fresh arena's first fill is the store's own benchmark).
     store.slot_rows().zero_()

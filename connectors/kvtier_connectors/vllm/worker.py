@@ -24,6 +24,9 @@ Promises:
   committed only once the gathers ran (their CUDA event completed), aborted if they failed. Gathers are
   queued on the forward's stream, so vLLM may free and reuse the blocks at once: saves never hold a
   request (``get_finished`` reports no sends). A full arena or a gone daemon makes a save a later miss.
+- Thread-safe: vLLM may hand a step's layers over from two micro-batch threads; the step then gathers
+  every layer once in ``wait_for_save``, after the per-layer gathers already queued, so no page is
+  saved before its micro-batch wrote it. CUDA events are recorded on the cache's device's stream.
 - No staging buffer, no pinned allocation and no host copy on the way; nothing waits for the device,
   except ``shutdown``, which waits for every queued copy, commits or aborts, and releases every lease.
 """
@@ -31,6 +34,7 @@ Promises:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +59,11 @@ class _StepSave:
     reservation: Reservation | None
     block_ids: list[int] = field(default_factory=list)
     layers_done: set[str] = field(default_factory=set)
+    # Threads that handed layers over in this step; a second one means micro-batches (see save_kv_layer).
+    threads: set[int] = field(default_factory=set)
+    deferred: bool = False
+    # CUDA events after each per-layer gather: a deferred step's final gathers are queued after them.
+    gathered: list[torch.cuda.Event] = field(default_factory=list)
 
 
 def copy_page_from_slot(paged: PagedKV, block_id: int, rows: torch.Tensor, slot_id: int, page: int,
@@ -98,6 +107,8 @@ class WorkerSide:
         self.saved_chunks = 0
         self.loaded_chunks = 0
         self.failed_chunks = 0
+        # vLLM may run a step's micro-batches on two threads: the step's save state is shared between them.
+        self._lock = threading.RLock()
 
     # -- registration -------------------------------------------------------------------------------
 
@@ -129,6 +140,8 @@ class WorkerSide:
                 f"{self.layout.block_bytes} B: vLLM pads or packs its pages in a way kvtier does not store"
             )
         self.paged = paged
+        # The arena is registered with CUDA on vLLM's device, so the gathers and scatters read it in place.
+        self.store.pin_for(paged.device)
 
     def _require_paged(self) -> PagedKV:
         if self.paged is None:
@@ -141,22 +154,25 @@ class WorkerSide:
 
     def _after_device(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the copies queued so far on the current stream ran (at once on the CPU)."""
-        if self._require_paged().device.type != "cuda":
+        device = self._require_paged().device
+        if device.type != "cuda":
             action()
             return
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record()
-        self._pending.append((event, action))
+        event.record(torch.cuda.current_stream(device))
+        with self._lock:
+            self._pending.append((event, action))
 
     def poll(self) -> None:
-        """Run the actions of the queued copies that completed, in queue order."""
-        done = 0
-        for event, action in self._pending:
-            if event is not None and not event.query():  # type: ignore[no-untyped-call]
-                break
-            action()
-            done += 1
-        del self._pending[:done]
+        """Run the actions of the queued copies that completed, in queue order (thread-safe)."""
+        with self._lock:
+            done = 0
+            for event, action in self._pending:
+                if event is not None and not event.query():  # type: ignore[no-untyped-call]
+                    break
+                action()
+                done += 1
+            del self._pending[:done]
 
     # -- loads --------------------------------------------------------------------------------------
 
@@ -245,29 +261,51 @@ class WorkerSide:
                                               self.pages_per_chunk, segments)
 
     def save_kv_layer(self, layer_name: str, plan: StepPlan) -> None:
+        """Gather ``layer_name``'s pages of the step's saves, queued behind the forward that wrote them.
+
+        Thread-safe. When a second thread hands layers over in one step (micro-batches, each writing only
+        its own requests' pages), a per-layer gather could copy a layer before the other micro-batch wrote
+        it: the step then gathers every layer in ``wait_for_save`` instead, queued after the gathers
+        already made, so the slots end with the whole step's pages.
+        """
         segments = self._layer_segments.get(layer_name)
         if not plan.saves or segments is None:
             return
-        self._follow(plan)
-        save = self._begin_save(plan)
-        if layer_name in save.layers_done:
-            return
-        save.layers_done.add(layer_name)
-        try:
-            self._gather(save, segments)
-        except BaseException:
-            self._abandon(save)
-            raise
+        with self._lock:
+            self._follow(plan)
+            save = self._begin_save(plan)
+            save.threads.add(threading.get_ident())
+            if len(save.threads) > 1 and not save.deferred:
+                save.deferred = True
+                save.layers_done.clear()
+            if save.deferred or layer_name in save.layers_done:
+                return
+            save.layers_done.add(layer_name)
+            try:
+                self._gather(save, segments)
+            except BaseException:
+                self._abandon(save)
+                raise
+            device = self._require_paged().device
+            if device.type == "cuda":
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(torch.cuda.current_stream(device))
+                save.gathered.append(event)
 
     def wait_for_save(self, plan: StepPlan) -> None:
-        try:
-            if plan.saves:
-                self._follow(plan)
-                save = self._begin_save(plan)
-                self._finish_save(save)
-        finally:
-            self._step_save = None
-            self._step_failed_reqs, self._step_failed_blocks = set(), set()
+        with self._lock:
+            try:
+                if plan.saves:
+                    self._follow(plan)
+                    save = self._begin_save(plan)
+                    if save.gathered and save.deferred:
+                        stream = torch.cuda.current_stream(self._require_paged().device)
+                        for event in save.gathered:
+                            stream.wait_event(event)
+                    self._finish_save(save)
+            finally:
+                self._step_save = None
+                self._step_failed_reqs, self._step_failed_blocks = set(), set()
 
     def _finish_save(self, save: _StepSave) -> None:
         if save.reservation is None or not save.reservation.keys:
