@@ -73,11 +73,11 @@ def test_stop_waits_for_a_request_in_flight_before_closing_the_store(socket_dir:
     entered, store_errors = threading.Event(), []
     original = Store.lookup
 
-    def slow_lookup(self: Store, keys: Any, *, prefetch: bool = True) -> Any:
+    def slow_lookup(self: Store, keys: Any, *, prefetch: bool = True, scope: str | None = None) -> Any:
         entered.set()
         time.sleep(1.0)
         try:
-            return original(self, keys, prefetch=prefetch)
+            return original(self, keys, prefetch=prefetch, scope=scope)
         except KvtierError as exc:  # the store was closed under the request
             store_errors.append(exc)
             raise
