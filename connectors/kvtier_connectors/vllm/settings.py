@@ -11,8 +11,10 @@ Promises:
   (``kv_cache_layout``), the rank and the tenant salt, so every process of a deployment that hashes
   prompts alike agrees on the keys, and blocks of another model, layout, page format or rank never match.
 - ``open_store`` hands every connector of one process and ``instance`` the same store: an embedded
-  ``Store`` (vLLM's scheduler and a single-process worker share it) or a ``Client`` of the daemon (every
-  process of the host shares it); ``release_store`` closes it after its last user.
+  ``Store`` (vLLM's scheduler and a single-process worker share it), a ``Client`` of the engine's private
+  daemon (an embedded store for an engine whose workers are processes of their own: ``engine_store``), or a
+  ``Client`` of the daemon (every process of the host shares it); ``release_store`` closes it after its last
+  user, and stops a private daemon this process started.
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ BlockStore = Store | Client
 class _Shared:
     store: BlockStore
     users: int
+    engine_id: str = ""
 
 
 _stores: dict[str, _Shared] = {}
@@ -202,18 +205,29 @@ def _store_config(settings: ConnectorSettings) -> StoreConfig:
     return config
 
 
-def open_store(settings: ConnectorSettings, layout: KVLayout) -> BlockStore:
+def open_store(settings: ConnectorSettings, layout: KVLayout, engine_id: str = "") -> BlockStore:
     """The process's store named ``settings.instance``, created on first use; pair with ``release_store``.
 
-    ``store='embedded'``: a ``Store`` in this process. ``store='daemon'``: a ``Client`` of the local
-    ``kvtier serve`` (``config.daemon.connect``, default its Unix socket), shared by every process.
+    ``store='embedded'``: a ``Store`` in this process, or, with ``engine_id`` (an engine whose scheduler and
+    workers are separate processes), a ``Client`` of that engine's private daemon (``engine_store``).
+    ``store='daemon'``: a ``Client`` of the local ``kvtier serve`` (``config.daemon.connect``, default its Unix
+    socket), shared by every process.
     """
     with _stores_lock:
         shared = _stores.get(settings.instance)
         if shared is None:
             config = _store_config(settings)
-            store: BlockStore = Client(layout, config) if settings.store == "daemon" else Store(layout, config)
-            shared = _stores[settings.instance] = _Shared(store, 0)
+            store: BlockStore
+            if settings.store == "daemon":
+                store = Client(layout, config)
+            elif engine_id:
+                from kvtier_connectors.vllm.engine_store import open_engine_store
+
+                source = {"config_path": settings.config_path, "config": dict(settings.config)}
+                store = open_engine_store(source, layout, engine_id, settings.instance)
+            else:
+                store = Store(layout, config)
+            shared = _stores[settings.instance] = _Shared(store, 0, engine_id)
         elif shared.store.layout != layout:
             raise LayoutMismatchError(
                 f"store instance {settings.instance!r} holds {shared.store.layout}, this connector needs {layout}"
@@ -244,3 +258,7 @@ def release_store(instance: str) -> None:
             return
         del _stores[instance]
     shared.store.close()
+    if shared.engine_id:
+        from kvtier_connectors.vllm.engine_store import engine_socket_path, stop_engine_store
+
+        stop_engine_store(engine_socket_path(shared.engine_id, instance))
