@@ -10,7 +10,8 @@ statistics where the spec says where to read them (``stats``: ``"embedded"`` for
 ``drop_after_lookup`` (in-process engines only): the connector's store is a ``Store`` that deletes the chosen
 chunk of the first lookup that finds at least that many chunks, right after answering it, so the load that
 follows misses a block the scheduler was promised. ``async_scheduling`` turns vLLM's async scheduling on,
-which its CPU platform otherwise turns off.
+which its CPU platform otherwise turns off. ``switch_interval`` sets the interpreter's switch interval once the
+engine is built (for measurements).
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
               compilation_config={"mode": 0}, max_model_len=4096,
               max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), **kwargs)
     result: dict[str, Any] = {"init_s": time.perf_counter() - started, "phases": []}
+    if spec.get("switch_interval"):
+        # For measurements: the interpreter's switch interval the requests run under (in-process engines).
+        sys.setswitchinterval(float(spec["switch_interval"]))
     engine_id = str(llm.llm_engine.vllm_config.instance_id)
     result["engine_id"] = engine_id
     for phase in spec["phases"]:

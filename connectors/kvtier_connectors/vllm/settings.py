@@ -14,12 +14,15 @@ Promises:
   ``Store`` (vLLM's scheduler and a single-process worker share it), a ``Client`` of the engine's private
   daemon (an embedded store for an engine whose workers are processes of their own: ``engine_store``), or a
   ``Client`` of the daemon (every process of the host shares it); ``release_store`` closes it after its last
-  user, and stops a private daemon this process started.
+  user, and stops a private daemon this process started. An embedded store in the engine's process lowers
+  the interpreter's switch interval to ``ENGINE_SWITCH_INTERVAL_S`` (never raises it), so kvtier's threads
+  do not wait 5 ms for the GIL behind vLLM's busy loop at every hand-off.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,6 +40,8 @@ _KEY_DOMAIN = b"kvtier-vllm-chunk-v1"
 _KNOWN_KEYS = {"store", "instance", "model_id", "block_tokens", "config_path", "config", "tenant_salt",
                "sync_load_bytes"}
 DEFAULT_SYNC_LOAD_BYTES = 256 << 20
+# The interpreter's switch interval in an engine process that holds an embedded store (as ``kvtier serve``).
+ENGINE_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,9 @@ def open_store(settings: ConnectorSettings, layout: KVLayout, engine_id: str = "
                 store = open_engine_store(source, layout, engine_id, settings.instance)
             else:
                 store = Store(layout, config)
+                # vLLM's busy loop holds the GIL; kvtier's load, copy and disk threads each wait for it at
+                # every hand-off, up to the switch interval (5 ms by default) each time (docs/connectors/vllm.md).
+                sys.setswitchinterval(min(sys.getswitchinterval(), ENGINE_SWITCH_INTERVAL_S))
             shared = _stores[settings.instance] = _Shared(store, 0, engine_id)
         elif shared.store.layout != layout:
             raise LayoutMismatchError(
