@@ -129,3 +129,39 @@ def test_clients_name_the_engine_socket(tmp_path: Path) -> None:
     finally:
         client.close()
         stop_engine_store(engine_socket_path(engine, "default"))
+
+
+CHILD_EXITS_WITHOUT_CLOSING = """
+    import json, sys, torch
+    from kvtier.layout import KVLayout
+    from kvtier_connectors.vllm.settings import ConnectorSettings, open_store
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)
+    settings = ConnectorSettings(model_id="m", instance="exit", config=json.loads(sys.argv[1])["config"])
+    store = open_store(settings, layout)
+    data = torch.randn(layout.block_shape, generator=torch.Generator().manual_seed(7))
+    store.put([b"k" * 16], [data]).wait(30)
+    print(sys.getswitchinterval(), flush=True)
+"""
+
+
+def test_an_in_process_store_left_open_at_exit_keeps_its_disk_tier(tmp_path: Path) -> None:
+    """vLLM's in-process engine never shuts its connectors down: the store is closed at interpreter exit, so
+    what it wrote through to disk is there for the next start. The engine process's switch interval is low."""
+    import json
+
+    from kvtier.config import config_from_mapping
+    from kvtier.store import Store
+
+    proc = child(CHILD_EXITS_WITHOUT_CLOSING, json.dumps(source(tmp_path)))
+    out, err = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == 0, err
+    assert float(out.strip()) <= 0.0005
+    config = source(tmp_path)["config"]
+    assert isinstance(config, dict)
+    store = Store(LAYOUT, config_from_mapping(config))
+    try:
+        got = torch.empty(LAYOUT.block_shape)
+        store.get([b"k" * 16], [got]).wait(30)
+        assert torch.equal(got, block(7))
+    finally:
+        store.close()

@@ -52,7 +52,8 @@ def _prompts() -> dict[str, list[int]]:
     prefix = tokens(PREFIX)
     prompts = {name: prefix + tokens(40) for name in ("a", "b", "c", "d", "e")}
     # Longer than the hit plus the token budget (BUDGET below): chunks computed in the steps after the load.
-    prompts["long"] = prefix + tokens(700)
+    # The failure must be found while prompt chunks are still to come (no output token in flight).
+    prompts["long"] = prefix + tokens(1200)
     # Time to first token: three more questions on the shared prefix (t*), and three prefixes of their own,
     # each asked twice (p*: saved by one engine, q*: asked by the next one, from the disk tier).
     prompts.update({f"t{i}": prefix + tokens(40) for i in range(3)})
@@ -63,7 +64,7 @@ def _prompts() -> dict[str, list[int]]:
 
 
 PROMPTS = _prompts()
-BUDGET = 512
+BUDGET = 256
 TTFT_HOST = ("t0", "t1", "t2")
 TTFT_DISK = ("q0", "q1", "q2")
 FIGURES: dict[str, float] = {}

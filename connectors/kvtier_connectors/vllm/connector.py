@@ -97,8 +97,12 @@ class KvtierConnector(KVConnectorBase_V1):
                 # Ray or an external launcher may place ranks on other hosts or give each its own scheduler.
                 raise ConfigError(f"the embedded store serves one engine on one host; with distributed_executor_"
                                   f"backend {executor!r} run `kvtier serve` on every host and set store='daemon'")
-            # Workers in processes of their own share the engine's private daemon (engine_store.py).
-            engine_id = str(vllm_config.instance_id)
+            # Workers in processes of their own share the engine's private daemon (engine_store.py), named by
+            # the id vLLM gives the engine's config (its workers receive the same config).
+            engine_id = str(getattr(vllm_config, "instance_id", "") or "")
+            if not engine_id:
+                raise ConfigError("vLLM names no instance_id for this engine, so its processes cannot find one "
+                                  "embedded store; run `kvtier serve` and set store='daemon'")
         self.layout, self.geometry = layout_from_kv_cache_config(kv_cache_config, self.settings.block_tokens)
         self.store = open_store(self.settings, self.layout, engine_id)
         self._released = False

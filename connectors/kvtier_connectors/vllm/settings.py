@@ -16,7 +16,9 @@ Promises:
   ``Client`` of the daemon (every process of the host shares it); ``release_store`` closes it after its last
   user, and stops a private daemon this process started. An embedded store in the engine's process lowers
   the interpreter's switch interval to ``ENGINE_SWITCH_INTERVAL_S`` (never raises it), so kvtier's threads
-  do not wait 5 ms for the GIL behind vLLM's busy loop at every hand-off.
+  do not wait 5 ms for the GIL behind vLLM's busy loop at every hand-off. Stores still open when the
+  interpreter exits are closed then (their disk tier flushed), as vLLM's in-process engine never shuts its
+  connectors down.
 """
 
 from __future__ import annotations
@@ -242,6 +244,28 @@ def open_store(settings: ConnectorSettings, layout: KVLayout, engine_id: str = "
             )
         shared.users += 1
         return shared.store
+
+
+def _close_at_exit() -> None:
+    """Close the stores still open when the interpreter exits: vLLM's in-process engine never shuts its
+    connectors down, and closing is what writes the disk tier's pending blocks and index for the next start.
+
+    Registered with ``threading._register_atexit``: those hooks run at interpreter exit before the thread
+    pools stop taking work (their own hook is registered earlier and runs later), which the disk tier's
+    writer needs; a plain ``atexit`` hook runs after that and its writes are refused.
+    """
+    with _stores_lock:
+        left = list(_stores.items())
+        _stores.clear()
+    for instance, shared in left:
+        shared.store.close()
+        if shared.engine_id:
+            from kvtier_connectors.vllm.engine_store import engine_socket_path, stop_engine_store
+
+            stop_engine_store(engine_socket_path(shared.engine_id, instance))
+
+
+threading._register_atexit(_close_at_exit)  # type: ignore[attr-defined]
 
 
 def adopt_store(instance: str, store: BlockStore) -> None:
