@@ -14,7 +14,8 @@ Promises:
   no metrics port, on a socket of mode 0600.
 - The daemon stops when the process that started it exits or calls ``stop_engine_store`` (its stdin closes):
   it ends its sessions and closes the store, which flushes the disk tier. ``stop_engine_store`` waits for
-  that, so an engine that shuts down cleanly leaves its disk tier complete for the next start.
+  that, so an engine that shuts down cleanly leaves its disk tier complete for the next start, and removes
+  the daemon's log file (kept when it failed).
 - Every wait has a deadline (``START_TIMEOUT_S``): a daemon that does not come up is a ``ConfigError`` with
   its log's last lines, never a hang.
 - Running the I/O in its own process also keeps kvtier's copy and disk threads off the engine process's GIL.
@@ -45,7 +46,8 @@ from kvtier.layout import KVLayout
 
 START_TIMEOUT_S = 120.0
 _POLL_S = 0.05
-_started: dict[str, subprocess.Popen[bytes]] = {}
+# The daemons this process started, by socket path, with their log files.
+_started: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
 
 
 def engine_socket_path(engine_id: str, instance: str) -> str:
@@ -99,7 +101,7 @@ def _start(spec: dict[str, Any], config: StoreConfig, path: str, deadline: float
     process = subprocess.Popen([sys.executable, "-m", "kvtier_connectors.vllm.engine_store", json.dumps(spec)],
                                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    _started[path] = process
+    _started[path] = (process, log.name)
     while True:
         if process.poll() is not None:
             _started.pop(path, None)
@@ -129,9 +131,10 @@ def _tail(path: str, lines: int = 5) -> str:
 
 def stop_engine_store(path: str, timeout: float = START_TIMEOUT_S) -> None:
     """Stop the private daemon this process started on ``path`` (if any) and wait for it to close its store."""
-    process = _started.pop(path, None)
-    if process is None:
+    started = _started.pop(path, None)
+    if started is None:
         return
+    process, log = started
     if process.stdin is not None:
         process.stdin.close()
     try:
@@ -139,6 +142,8 @@ def stop_engine_store(path: str, timeout: float = START_TIMEOUT_S) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
+    if process.returncode == 0:
+        Path(log).unlink(missing_ok=True)
 
 
 def _serve(spec: dict[str, Any]) -> int:
