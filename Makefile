@@ -41,9 +41,10 @@ bench: $(STAMP)
 	$(BIN)/kvtier bench host --json
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_ENGINE_VENV) $(SGLANG_VENV) .pytest_cache .mypy_cache .ruff_cache
 
 include mk/vllm.mk
+include mk/vllm-engine.mk
 include mk/gpu.mk
 include mk/remote.mk
 include mk/sglang.mk

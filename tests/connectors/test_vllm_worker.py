@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -34,10 +35,13 @@ from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
 from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
 from kvtier.config import HostConfig, StoreConfig, TransferConfig  # noqa: E402
+from kvtier.daemon import Client  # noqa: E402
+from kvtier.daemon.stats_cmd import fetch  # noqa: E402
 from kvtier.errors import ConfigError, LayoutMismatchError  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.store import Store  # noqa: E402
 from kvtier_connectors.vllm import KvtierConnector  # noqa: E402
+from kvtier_connectors.vllm.engine_store import engine_socket_path  # noqa: E402
 from kvtier_connectors.vllm.metadata import KvtierMetadata  # noqa: E402
 from kvtier_connectors.vllm.settings import (  # noqa: E402
     ChunkKeys,
@@ -240,11 +244,27 @@ def test_older_releases_k_and_v_planes_on_a_leading_dim_of_two() -> None:
         worker.connector.shutdown()
 
 
-@pytest.mark.parametrize(("tp_size", "executor"), [(2, "mp"), (1, "mp"), (1, "ray")])
-def test_the_embedded_store_refuses_a_worker_in_another_process(tp_size: int, executor: str) -> None:
-    with pytest.raises(ConfigError, match="embedded store serves one process"):
+@pytest.mark.parametrize(("tp_size", "executor"), [(1, "ray"), (2, "ray"), (2, "external_launcher")])
+def test_the_embedded_store_refuses_ranks_that_may_share_nothing(tp_size: int, executor: str) -> None:
+    with pytest.raises(ConfigError, match="run `kvtier serve` on every host and set store='daemon'"):
         KvtierConnector(vllm_config_for({}, tp_size, executor), KVConnectorRole.WORKER,
                         make_kv_cache_config(KVCacheLayout.LBNHC))
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_the_embedded_store_under_the_mp_executor_is_the_engines_private_daemon(tp_size: int) -> None:
+    """vLLM's default engine on the CPU (and any tensor-parallel one) runs workers in processes of their own:
+    the scheduler's connector and the workers' share the engine's private daemon, named by vLLM's instance id."""
+    config = vllm_config_for({"instance": "mp-engine", "config": {"host": {"capacity_bytes": "4MiB"}}}, tp_size, "mp")
+    config.instance_id = f"test-{os.getpid()}-{tp_size}"
+    socket_path = engine_socket_path(config.instance_id, "mp-engine")
+    connector = KvtierConnector(config, KVConnectorRole.SCHEDULER, make_kv_cache_config(KVCacheLayout.LBNHC))
+    try:
+        assert isinstance(connector.store, Client)
+        assert fetch(f"unix:{socket_path}", StoreConfig())["stats"] is not None
+    finally:
+        connector.shutdown()
+    assert not os.path.exists(socket_path), "the private daemon outlived the connector that started it"
 
 
 @pytest.mark.parametrize("store", ["embedded", "daemon"])

@@ -5,10 +5,12 @@ Load it with ``--kv-transfer-config '{"kv_connector": "KvtierConnector", "kv_con
 
 Promises:
 - The scheduler-side methods delegate to ``SchedulerSide``, the worker-side ones to ``WorkerSide``; each
-  instance builds only its own role's side, and both sides of one process share one embedded store.
+  instance builds only its own role's side, and both sides of one engine share one embedded store: in the
+  process when vLLM's scheduler and worker share it (``uni``), else a private daemon of the engine (``mp``,
+  vLLM's default on the CPU and with tensor parallelism).
 - A configuration kvtier cannot serve (several KV cache groups, a layout it cannot store, a
-  pipeline-parallel deployment, decode or prefill context parallelism, a tensor-parallel deployment on the
-  embedded store) fails at construction or at ``register_kv_caches``
+  pipeline-parallel deployment, decode or prefill context parallelism, the embedded store under an executor
+  that may place ranks on other hosts) fails at construction or at ``register_kv_caches``
   with a ``ConfigError`` or ``LayoutMismatchError`` that says what to change; it never stores garbage.
 - It does not declare ``SupportsHMA``: vLLM then turns its hybrid KV cache manager off by itself, so
   sliding-window models (Gemma 2/3, gpt-oss) run with every layer keeping all its tokens, which kvtier stores.
@@ -16,6 +18,8 @@ Promises:
   holds a finished request's blocks, and is a best-effort cache (``requires_kv_delivery`` is False).
 - ``reset_cache`` (vLLM's ``reset_prefix_cache(reset_connector=True)``) puts everything stored before out of
   reach; ``take_events`` reports the chunks it saves; ``get_kv_connector_stats`` counts loads and saves.
+- The default ``model_id`` names the weights, not the ``--model`` string (``model_identity``); a vLLM outside
+  the supported range (``versions.SUPPORTED``) logs a warning once and still starts.
 - Safe ``prefix_caching_hash_algo`` settings: ``sha256`` (vLLM's default) and ``sha256_cbor`` give the same
   hashes in every process that shares ``PYTHONHASHSEED`` (unset everywhere, or one value everywhere);
   ``sha256_cbor`` also across Python versions. ``xxhash`` and ``xxhash_cbor`` draw a random seed per process
@@ -28,6 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm import __version__ as vllm_version
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -37,6 +42,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier_connectors.vllm.metadata import KvtierMetadata
+from kvtier_connectors.vllm.model_identity import model_identity
 from kvtier_connectors.vllm.scheduler import SchedulerSide
 from kvtier_connectors.vllm.settings import (
     ChunkKeys,
@@ -46,6 +52,7 @@ from kvtier_connectors.vllm.settings import (
     release_store,
 )
 from kvtier_connectors.vllm.stats import KvtierStats, chunk_stored_event
+from kvtier_connectors.vllm.versions import check_vllm_version
 from kvtier_connectors.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -68,7 +75,11 @@ class KvtierConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self.settings = ConnectorSettings.from_extra_config(extra, str(vllm_config.model_config.model))
+        check_vllm_version(vllm_version)
+        model_config = vllm_config.model_config
+        default_model_id = "" if extra.get("model_id") else model_identity(
+            str(model_config.model), getattr(model_config, "revision", None))
+        self.settings = ConnectorSettings.from_extra_config(extra, default_model_id)
         parallel = vllm_config.parallel_config
         tp_size, pp_size = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
         executor = getattr(parallel, "distributed_executor_backend", None)
@@ -80,13 +91,20 @@ class KvtierConnector(KVConnectorBase_V1):
         if pp_size > 1:
             # Each pipeline stage holds other layers: a store serves one layout, so stages cannot share one.
             raise ConfigError(f"pipeline_parallel_size must be 1 with kvtier (got {pp_size})")
-        if self.settings.store == "embedded" and (tp_size > 1 or executor not in (None, "uni")):
-            # vLLM's scheduler and worker must share the process, or the scheduler's store never sees a save.
-            raise ConfigError("the embedded store serves one process: tensor_parallel_size must be 1 and "
-                              f"distributed_executor_backend 'uni' (got {tp_size}, {executor!r}); "
-                              "use store='daemon' for more")
+        engine_id = ""
+        if self.settings.store == "embedded" and executor not in (None, "uni"):
+            if executor != "mp":
+                # Ray or an external launcher may place ranks on other hosts or give each its own scheduler.
+                raise ConfigError(f"the embedded store serves one engine on one host; with distributed_executor_"
+                                  f"backend {executor!r} run `kvtier serve` on every host and set store='daemon'")
+            # Workers in processes of their own share the engine's private daemon (engine_store.py), named by
+            # the id vLLM gives the engine's config (its workers receive the same config).
+            engine_id = str(getattr(vllm_config, "instance_id", "") or "")
+            if not engine_id:
+                raise ConfigError("vLLM names no instance_id for this engine, so its processes cannot find one "
+                                  "embedded store; run `kvtier serve` and set store='daemon'")
         self.layout, self.geometry = layout_from_kv_cache_config(kv_cache_config, self.settings.block_tokens)
-        self.store = open_store(self.settings, self.layout)
+        self.store = open_store(self.settings, self.layout, engine_id)
         self._released = False
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None

@@ -11,13 +11,20 @@ Promises:
   (``kv_cache_layout``), the rank and the tenant salt, so every process of a deployment that hashes
   prompts alike agrees on the keys, and blocks of another model, layout, page format or rank never match.
 - ``open_store`` hands every connector of one process and ``instance`` the same store: an embedded
-  ``Store`` (vLLM's scheduler and a single-process worker share it) or a ``Client`` of the daemon (every
-  process of the host shares it); ``release_store`` closes it after its last user.
+  ``Store`` (vLLM's scheduler and a single-process worker share it), a ``Client`` of the engine's private
+  daemon (an embedded store for an engine whose workers are processes of their own: ``engine_store``), or a
+  ``Client`` of the daemon (every process of the host shares it); ``release_store`` closes it after its last
+  user, and stops a private daemon this process started. An embedded store in the engine's process lowers
+  the interpreter's switch interval to ``ENGINE_SWITCH_INTERVAL_S`` (never raises it), so kvtier's threads
+  do not wait 5 ms for the GIL behind vLLM's busy loop at every hand-off. Stores still open when the
+  interpreter exits are closed then (their disk tier flushed), as vLLM's in-process engine never shuts its
+  connectors down.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +42,8 @@ _KEY_DOMAIN = b"kvtier-vllm-chunk-v1"
 _KNOWN_KEYS = {"store", "instance", "model_id", "block_tokens", "config_path", "config", "tenant_salt",
                "sync_load_bytes"}
 DEFAULT_SYNC_LOAD_BYTES = 256 << 20
+# The interpreter's switch interval in an engine process that holds an embedded store (as ``kvtier serve``).
+ENGINE_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,7 @@ BlockStore = Store | Client
 class _Shared:
     store: BlockStore
     users: int
+    engine_id: str = ""
 
 
 _stores: dict[str, _Shared] = {}
@@ -202,24 +212,60 @@ def _store_config(settings: ConnectorSettings) -> StoreConfig:
     return config
 
 
-def open_store(settings: ConnectorSettings, layout: KVLayout) -> BlockStore:
+def open_store(settings: ConnectorSettings, layout: KVLayout, engine_id: str = "") -> BlockStore:
     """The process's store named ``settings.instance``, created on first use; pair with ``release_store``.
 
-    ``store='embedded'``: a ``Store`` in this process. ``store='daemon'``: a ``Client`` of the local
-    ``kvtier serve`` (``config.daemon.connect``, default its Unix socket), shared by every process.
+    ``store='embedded'``: a ``Store`` in this process, or, with ``engine_id`` (an engine whose scheduler and
+    workers are separate processes), a ``Client`` of that engine's private daemon (``engine_store``).
+    ``store='daemon'``: a ``Client`` of the local ``kvtier serve`` (``config.daemon.connect``, default its Unix
+    socket), shared by every process.
     """
     with _stores_lock:
         shared = _stores.get(settings.instance)
         if shared is None:
             config = _store_config(settings)
-            store: BlockStore = Client(layout, config) if settings.store == "daemon" else Store(layout, config)
-            shared = _stores[settings.instance] = _Shared(store, 0)
+            store: BlockStore
+            if settings.store == "daemon":
+                store = Client(layout, config)
+            elif engine_id:
+                from kvtier_connectors.vllm.engine_store import open_engine_store
+
+                source = {"config_path": settings.config_path, "config": dict(settings.config)}
+                store = open_engine_store(source, layout, engine_id, settings.instance)
+            else:
+                store = Store(layout, config)
+                # vLLM's busy loop holds the GIL; kvtier's load, copy and disk threads each wait for it at
+                # every hand-off, up to the switch interval (5 ms by default) each time (docs/connectors/vllm.md).
+                sys.setswitchinterval(min(sys.getswitchinterval(), ENGINE_SWITCH_INTERVAL_S))
+            shared = _stores[settings.instance] = _Shared(store, 0, engine_id)
         elif shared.store.layout != layout:
             raise LayoutMismatchError(
                 f"store instance {settings.instance!r} holds {shared.store.layout}, this connector needs {layout}"
             )
         shared.users += 1
         return shared.store
+
+
+def _close_at_exit() -> None:
+    """Close the stores still open when the interpreter exits: vLLM's in-process engine never shuts its
+    connectors down, and closing is what writes the disk tier's pending blocks and index for the next start.
+
+    Registered with ``threading._register_atexit``: those hooks run at interpreter exit before the thread
+    pools stop taking work (their own hook is registered earlier and runs later), which the disk tier's
+    writer needs; a plain ``atexit`` hook runs after that and its writes are refused.
+    """
+    with _stores_lock:
+        left = list(_stores.items())
+        _stores.clear()
+    for instance, shared in left:
+        shared.store.close()
+        if shared.engine_id:
+            from kvtier_connectors.vllm.engine_store import engine_socket_path, stop_engine_store
+
+            stop_engine_store(engine_socket_path(shared.engine_id, instance))
+
+
+threading._register_atexit(_close_at_exit)  # type: ignore[attr-defined]
 
 
 def adopt_store(instance: str, store: BlockStore) -> None:
@@ -244,3 +290,7 @@ def release_store(instance: str) -> None:
             return
         del _stores[instance]
     shared.store.close()
+    if shared.engine_id:
+        from kvtier_connectors.vllm.engine_store import engine_socket_path, stop_engine_store
+
+        stop_engine_store(engine_socket_path(shared.engine_id, instance))

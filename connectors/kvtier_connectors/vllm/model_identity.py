@@ -1,0 +1,66 @@
+"""The default ``model_id``: a name for the weights vLLM serves, not for the string that named them.
+
+Promises:
+- ``model_identity(model, revision)`` is the same for every spelling of one model directory (relative or
+  absolute path, through a symlink, a copy elsewhere) and for a hub id whose snapshot is in the local
+  Hugging Face cache and that snapshot's directory: it hashes what identifies the weights, the directory's
+  ``config.json`` and each weight file's name, size and first and last ``SAMPLE_BYTES`` (not whole files:
+  a start-up must not read every weight; a fine-tune changes every tensor, so those bytes too).
+- Different weights or configs in the same directory give different ids.
+- A hub id without a local snapshot is named by its revision (``id@revision``, ``id@main`` by default); any
+  other string is used as given.
+- A directory's id is ``weights:`` and 16 hex digits of that hash (no path in it, so copies share).
+- ``kv_connector_extra_config.model_id`` overrides all of this (docs/connectors/vllm.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+SAMPLE_BYTES = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_DOMAIN = b"kvtier-model-identity-v1"
+
+
+def _hash_directory(directory: Path) -> str:
+    digest = hashlib.sha256(_DOMAIN)
+    config = directory / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    weights = sorted(path for path in directory.iterdir() if path.name.endswith(_WEIGHT_SUFFIXES) and path.is_file())
+    for path in weights:
+        size = path.stat().st_size
+        digest.update(f"\0{path.name}\0{size}\0".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(SAMPLE_BYTES))
+            if size > SAMPLE_BYTES:
+                handle.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def _cached_snapshot(model: str, revision: str | None) -> Path | None:
+    """The local Hugging Face cache's snapshot of hub id ``model``, if it holds its config."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(model, "config.json", revision=revision)
+    except (ValueError, OSError):
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def model_identity(model: str, revision: str | None = None) -> str:
+    """The default ``model_id`` of the model vLLM was started with (``--model`` and ``--revision``)."""
+    path = Path(model).expanduser()
+    directory = path.resolve() if path.is_dir() else None
+    if directory is None and not os.path.isabs(model) and model.count("/") == 1:
+        directory = _cached_snapshot(model, revision)
+        if directory is None:
+            return f"{model}@{revision or 'main'}"
+    if directory is None:
+        return model
+    return f"weights:{_hash_directory(directory)}"

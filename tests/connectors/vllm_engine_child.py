@@ -1,0 +1,133 @@
+"""One real vLLM engine (offline ``LLM``) for the engine suite, run as its own process.
+
+``python vllm_engine_child.py SPEC.json`` builds an ``LLM`` over the spec's model, with kvtier's connector when
+the spec has ``extra`` (``kv_connector_extra_config``), runs the spec's phases one request at a time (greedy),
+and prints one JSON line ``RESULT {...}``: per request the generated token ids, vLLM's ``num_cached_tokens``
+(the connector's hits: prefix caching is off) and the request's wall time; the engine's id; kvtier's store
+statistics where the spec says where to read them (``stats``: ``"embedded"`` for the store of this process,
+``"engine"`` for the engine's private daemon, or a daemon socket path).
+
+``drop_after_lookup`` (in-process engines only): the connector's store is a ``Store`` that deletes the chosen
+chunk of the first lookup that finds at least that many chunks, right after answering it, so the load that
+follows misses a block the scheduler was promised. ``async_scheduling`` turns vLLM's async scheduling on,
+which its CPU platform otherwise turns off. ``switch_interval`` sets the interpreter's switch interval once the
+engine is built (for measurements).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, ClassVar
+
+
+def _dropping_store(spec: dict[str, Any], layout: Any) -> Any:
+    from kvtier.config import config_from_mapping
+    from kvtier.store import Store
+
+    chunk = int(spec["drop_after_lookup"])
+
+    class DroppingStore(Store):
+        dropped: ClassVar[list[str]] = []
+
+        def lookup(self, keys: Any, *, prefetch: bool = True) -> Any:
+            found = super().lookup(keys, prefetch=prefetch)
+            if not self.dropped and found.num_blocks > chunk:
+                key = list(keys)[chunk]
+                with self._lock:
+                    if self.host.drop(key):
+                        self.dropped.append(key.hex())
+            return found
+
+    return DroppingStore(layout, config_from_mapping(spec["extra"].get("config", {})))
+
+
+def _install_hooks(spec: dict[str, Any]) -> list[Any]:
+    """Patches for an in-process engine; returns the stores it adopted."""
+    adopted: list[Any] = []
+    if spec.get("async_scheduling"):
+        from vllm.platforms.cpu import CpuPlatform
+
+        original = CpuPlatform.check_and_update_config.__func__  # type: ignore[attr-defined]
+
+        def keep_async(cls: Any, vllm_config: Any) -> None:
+            original(cls, vllm_config)
+            vllm_config.scheduler_config.async_scheduling = True
+
+        CpuPlatform.check_and_update_config = classmethod(keep_async)  # type: ignore[method-assign,assignment]
+    if spec.get("drop_after_lookup") is not None:
+        from kvtier_connectors.vllm import settings
+
+        original_open = settings.open_store
+
+        def open_dropping(connector_settings: Any, layout: Any, engine_id: str = "") -> Any:
+            if connector_settings.instance not in settings._stores:
+                store = _dropping_store(spec, layout)
+                settings.adopt_store(connector_settings.instance, store)
+                adopted.append(store)
+            return original_open(connector_settings, layout, engine_id)
+
+        settings.open_store = open_dropping  # type: ignore[assignment]
+        import kvtier_connectors.vllm.connector as connector_module
+
+        connector_module.open_store = open_dropping  # type: ignore[assignment]
+    return adopted
+
+
+def _stats(spec: dict[str, Any], engine_id: str) -> dict[str, Any] | None:
+    where = spec.get("stats")
+    if not where:
+        return None
+    if where == "embedded":
+        from kvtier_connectors.vllm.settings import _stores
+
+        instance = spec["extra"].get("instance", "default")
+        return _stores[instance].store.stats().to_dict()
+    from kvtier.config import StoreConfig
+    from kvtier.daemon.stats_cmd import fetch
+    from kvtier_connectors.vllm.engine_store import engine_socket_path
+
+    path = engine_socket_path(engine_id, spec["extra"].get("instance", "default")) if where == "engine" else where
+    stats: dict[str, Any] | None = fetch(f"unix:{path}", StoreConfig())["stats"]
+    return stats
+
+
+def main(spec: dict[str, Any]) -> dict[str, Any]:
+    adopted = _install_hooks(spec)
+    from vllm import LLM, SamplingParams
+
+    kwargs: dict[str, Any] = {}
+    if spec.get("extra") is not None:
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier_connectors.vllm",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": spec["extra"],
+        }
+    started = time.perf_counter()
+    llm = LLM(model=spec["model"], dtype="bfloat16", seed=0, enable_prefix_caching=False, enforce_eager=True,
+              compilation_config={"mode": 0}, max_model_len=4096,
+              max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), **kwargs)
+    result: dict[str, Any] = {"init_s": time.perf_counter() - started, "phases": []}
+    if spec.get("switch_interval"):
+        # For measurements: the interpreter's switch interval the requests run under (in-process engines).
+        sys.setswitchinterval(float(spec["switch_interval"]))
+    engine_id = str(llm.llm_engine.vllm_config.instance_id)
+    result["engine_id"] = engine_id
+    for phase in spec["phases"]:
+        params = SamplingParams(max_tokens=phase.get("max_tokens", 8), temperature=0.0)
+        outputs = []
+        for prompt in phase["prompts"]:
+            begin = time.perf_counter()
+            output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+            outputs.append({"tokens": list(output.outputs[0].token_ids), "cached": int(output.num_cached_tokens or 0),
+                            "seconds": time.perf_counter() - begin})
+        result["phases"].append(outputs)
+    result["stats"] = _stats(spec, engine_id)
+    result["dropped"] = [key for store in adopted for key in store.dropped]
+    return result
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as handle:
+        print("RESULT " + json.dumps(main(json.load(handle))), flush=True)
