@@ -46,7 +46,7 @@ from kvtier_connectors.vllm.settings import (  # noqa: E402
     adopt_store,
     layout_from_kv_cache_config,
 )
-from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec  # noqa: E402
+from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, Verdict  # noqa: E402
 
 BLOCK = 16
 NUM_BLOCKS = 32
@@ -109,6 +109,9 @@ class Worker:
         self.connector.clear_connector_metadata()
         sent, _ = self.connector.get_finished({spec.req_id})
         assert sent is None  # saves never hold a request
+        # The scheduler side's verdict on the step (no load failed under it): its chunks are committed.
+        assert self.connector.worker_side is not None
+        self.connector.worker_side.settle([Verdict(0)])
 
     def wait_received(self, req_ids: set[str], timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s

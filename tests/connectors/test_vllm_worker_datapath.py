@@ -19,7 +19,7 @@ from kvtier.native import PagedKV
 from kvtier.store import Store
 from kvtier_connectors.vllm import bench_worker
 from kvtier_connectors.vllm.settings import ChunkKeys, ConnectorSettings, VllmGeometry
-from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan
+from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan, Verdict
 from kvtier_connectors.vllm.worker import WorkerSide
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
@@ -49,6 +49,7 @@ class Rig:
             for name in self.names:
                 self.worker.save_kv_layer(name, plan)
         self.worker.wait_for_save(plan)
+        self.worker.settle([Verdict(plan.step)])
         if self.kv.device.type == "cuda":
             torch.cuda.synchronize()
         self.worker.poll()
@@ -155,17 +156,27 @@ def test_saves_commit_and_leases_release_only_after_their_copies(rig: Rig) -> No
     assert torch.equal(rig.kv[[50, 51, 52]], rig.kv[[5, 6, 7]])
 
 
-def test_a_failed_load_drops_the_steps_saves_of_that_request(rig: Rig) -> None:
+def test_a_verdict_commits_what_it_keeps_and_a_dropped_chunk_is_saved_again(rig: Rig) -> None:
     hashes = rig.hashes(3, 9)
     rig.save(StepPlan(saves=[SaveSpec("a", hashes[:1], (1,))]), per_layer=False)
-    later = rig.hashes(2, 10)
+    later, other = rig.hashes(2, 10), rig.hashes(1, 11)
     plan = StepPlan(loads=[LoadSpec("b", hashes, (20, 21, 22), 0, False)],
-                    saves=[SaveSpec("b", later, (23, 24)), SaveSpec("c", rig.hashes(1, 11), (30,))])
+                    saves=[SaveSpec("b", later, (23, 24)), SaveSpec("c", other, (30,))], step=5)
     rig.worker.start_load_kv(plan)
-    rig.save(plan, per_layer=True)
+    rig.worker.wait_for_save(plan)
     assert rig.worker.get_block_ids_with_load_errors() == {21, 22}
+    # Nothing is readable before the verdict; the recomputed chunk, staged again by a later step, takes the
+    # dropped copy's slot and is decided by that step's verdict.
+    assert rig.store.lookup(rig.keys.keys(other), prefetch=False).num_blocks == 0
+    again = StepPlan(saves=[SaveSpec("b", later[:1], (40,))], step=6)
+    rig.worker.wait_for_save(again)
+    rig.worker.start_load_kv(StepPlan(step=7, verdicts=[Verdict(5, frozenset(later))]))
     assert rig.store.lookup(rig.keys.keys(later), prefetch=False).num_blocks == 0
-    assert rig.store.lookup(rig.keys.keys(rig.hashes(1, 11)), prefetch=False).num_blocks == 1
+    assert rig.store.lookup(rig.keys.keys(other), prefetch=False).num_blocks == 1
+    rig.worker.start_load_kv(StepPlan(step=8, verdicts=[Verdict(6)]))
+    assert rig.store.lookup(rig.keys.keys(later), prefetch=False).num_blocks == 1
+    rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("d", later[:1], (50,), 0, False)], step=9))
+    assert torch.equal(rig.kv[50], rig.kv[40])
 
 
 def test_bench_worker_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,6 +226,7 @@ def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: 
     monkeypatch.setattr(FakeEvent, "done", False)
     hashes = rig.hashes(4, 13)
     rig.worker.wait_for_save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1, 2, 3))]))
+    rig.worker.settle([Verdict(0)])
     assert rig.worker.get_finished({"a"}) == (None, None)
     assert rig.worker.pending_copies() == 1
     assert rig.store.lookup(rig.keys.keys(hashes), prefetch=False).num_blocks == 0

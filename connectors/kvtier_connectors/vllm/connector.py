@@ -15,7 +15,10 @@ Promises:
 - It never needs piecewise CUDA graphs (synchronous loads are in place before the forward starts), never
   holds a finished request's blocks, and is a best-effort cache (``requires_kv_delivery`` is False).
 - ``reset_cache`` (vLLM's ``reset_prefix_cache(reset_connector=True)``) puts everything stored before out of
-  reach; ``take_events`` reports the chunks it saves; ``get_kv_connector_stats`` counts loads and saves.
+  reach; ``take_events`` reports the chunks it commits; ``get_kv_connector_stats`` counts loads and saves.
+- The commit rule (scheduler.py, worker.py): each step's output carries ``KvtierWorkerMeta`` (the step it
+  ran); ``update_connector_output`` reads it with vLLM's merged load errors, and the verdict travels to the
+  workers in a later step's plan. ``has_pending_push_work`` keeps vLLM stepping until every verdict went out.
 - Safe ``prefix_caching_hash_algo`` settings: ``sha256`` (vLLM's default) and ``sha256_cbor`` give the same
   hashes in every process that shares ``PYTHONHASHSEED`` (unset everywhere, or one value everywhere);
   ``sha256_cbor`` also across Python versions. ``xxhash`` and ``xxhash_cbor`` draw a random seed per process
@@ -36,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.errors import ConfigError, InvalidInputError
-from kvtier_connectors.vllm.metadata import KvtierMetadata
+from kvtier_connectors.vllm.metadata import KvtierMetadata, KvtierWorkerMeta
 from kvtier_connectors.vllm.scheduler import SchedulerSide
 from kvtier_connectors.vllm.settings import (
     ChunkKeys,
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 
     from vllm.config import VllmConfig
     from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -143,7 +147,13 @@ class KvtierConnector(KVConnectorBase_V1):
         return self._scheduler().request_finished(request), None
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        self._scheduler().rewind_failed_loads(set(connector_output.invalid_block_ids or ()))
+        meta = connector_output.kv_connector_worker_meta
+        step = meta.step if isinstance(meta, KvtierWorkerMeta) else None
+        self._scheduler().settle(step, set(connector_output.invalid_block_ids or ()))
+
+    def has_pending_push_work(self) -> bool:
+        # Saves wait for a later step's verdict: an idle engine steps on until it is sent.
+        return self.scheduler_side is not None and self.scheduler_side.has_unsettled_saves()
 
     def reset_cache(self) -> bool:
         return self._scheduler().reset_cache()
@@ -194,6 +204,9 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker().get_block_ids_with_load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return KvtierWorkerMeta(self._worker().step)
 
     def shutdown(self) -> None:
         if self.worker_side is not None:
