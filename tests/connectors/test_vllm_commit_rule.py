@@ -47,13 +47,16 @@ SPARE_BLOCK = NUM_BLOCKS - 1  # read-back target: the tests never use this many 
 
 
 class FailingStore(Store):
-    """A store whose chosen keys fail their read, as a block evicted since the lookup or a bad checksum does."""
+    """A store whose chosen keys are deleted between the scheduler's lookup and the worker's load."""
 
     failing: set[bytes]
 
     def acquire(self, keys: Any, timeout: float | None = None) -> Lease:
         keys = list(keys)
         cut = next((i for i, key in enumerate(keys) if key in self.failing), len(keys))
+        if cut < len(keys):
+            self.host.drop(keys[cut])
+            self.failing.discard(keys[cut])
         return super().acquire(keys[:cut], timeout)
 
     def get(self, keys: Any, blocks: Any) -> Job:

@@ -47,6 +47,7 @@ from kvtier_connectors.vllm.settings import (
     layout_from_kv_cache_config,
     open_store,
     release_store,
+    store_name,
 )
 from kvtier_connectors.vllm.stats import KvtierStats, chunk_stored_event
 from kvtier_connectors.vllm.worker import WorkerSide
@@ -90,7 +91,11 @@ class KvtierConnector(KVConnectorBase_V1):
                               f"distributed_executor_backend 'uni' (got {tp_size}, {executor!r}); "
                               "use store='daemon' for more")
         self.layout, self.geometry = layout_from_kv_cache_config(kv_cache_config, self.settings.block_tokens)
-        self.store = open_store(self.settings, self.layout)
+        # Each role its own daemon connection (one store for all when embedded): see settings.open_store.
+        roles = ("scheduler",) if role == KVConnectorRole.SCHEDULER else ("worker", "load")
+        self._store_names = [store_name(self.settings, name) for name in roles]
+        stores = [open_store(self.settings, self.layout, name) for name in roles]
+        self.store = stores[0]
         self._released = False
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
@@ -104,7 +109,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
                 rank = get_tensor_model_parallel_rank()
             keys = ChunkKeys(self.settings, self.layout, self.geometry, rank, tp_size)
-            self.worker_side = WorkerSide(self.layout, self.geometry, self.store, keys)
+            self.worker_side = WorkerSide(self.layout, self.geometry, self.store, keys, stores[1])
         self._reported = (0, 0, 0)
 
     @property
@@ -213,4 +218,5 @@ class KvtierConnector(KVConnectorBase_V1):
             self.worker_side.shutdown()
         if not self._released:
             self._released = True
-            release_store(self.settings.instance)
+            for name in self._store_names:
+                release_store(name)

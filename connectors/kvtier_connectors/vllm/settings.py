@@ -12,7 +12,10 @@ Promises:
   prompts alike agrees on the keys, and blocks of another model, layout, page format or rank never match.
 - ``open_store`` hands every connector of one process and ``instance`` the same store: an embedded
   ``Store`` (vLLM's scheduler and a single-process worker share it) or a ``Client`` of the daemon (every
-  process of the host shares it); ``release_store`` closes it after its last user.
+  process of the host shares it); ``release_store`` closes it after its last user. A daemon client is opened
+  per ``role`` (``scheduler``, ``worker``, ``load``): each has its own connection, so a call blocked on one
+  (a disk promotion on the load thread) never holds the others; the scheduler's calls have a deadline of
+  ``scheduler_timeout_s`` per socket operation (a stalled daemon is then a miss inside ``schedule()``).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from kvtier.store import Store
 StoreKind = Literal["embedded", "daemon"]
 _KEY_DOMAIN = b"kvtier-vllm-chunk-v1"
 _KNOWN_KEYS = {"store", "instance", "model_id", "block_tokens", "config_path", "config", "tenant_salt",
-               "sync_load_bytes"}
+               "sync_load_bytes", "scheduler_timeout_s"}
 DEFAULT_SYNC_LOAD_BYTES = 256 << 20
+DEFAULT_SCHEDULER_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class ConnectorSettings:
     config: Mapping[str, Any] = field(default_factory=dict)
     tenant_salt: str = ""
     sync_load_bytes: int = DEFAULT_SYNC_LOAD_BYTES
+    scheduler_timeout_s: float = DEFAULT_SCHEDULER_TIMEOUT_S
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any], default_model_id: str) -> ConnectorSettings:
@@ -65,6 +70,7 @@ class ConnectorSettings:
             config=extra.get("config", {}),
             tenant_salt=str(extra.get("tenant_salt", "")),
             sync_load_bytes=extra.get("sync_load_bytes", DEFAULT_SYNC_LOAD_BYTES),
+            scheduler_timeout_s=extra.get("scheduler_timeout_s", DEFAULT_SCHEDULER_TIMEOUT_S),
         )
         if settings.store not in ("embedded", "daemon"):
             raise ConfigError(f"store must be 'embedded' or 'daemon', got {settings.store!r}")
@@ -74,6 +80,9 @@ class ConnectorSettings:
         if not isinstance(settings.sync_load_bytes, int) or settings.sync_load_bytes < 0:
             raise ConfigError(f"sync_load_bytes must be a non-negative int (bytes of synchronous loads per step), "
                               f"got {settings.sync_load_bytes!r}")
+        timeout = settings.scheduler_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"scheduler_timeout_s must be a positive number of seconds, got {timeout!r}")
         if not isinstance(settings.config, Mapping):
             raise ConfigError("config must be a mapping shaped like kvtier's TOML file")
         if not settings.model_id:
@@ -202,18 +211,30 @@ def _store_config(settings: ConnectorSettings) -> StoreConfig:
     return config
 
 
-def open_store(settings: ConnectorSettings, layout: KVLayout) -> BlockStore:
-    """The process's store named ``settings.instance``, created on first use; pair with ``release_store``.
+def store_name(settings: ConnectorSettings, role: str) -> str:
+    """The name ``open_store`` files the store of ``role`` under (``release_store`` takes it back)."""
+    if settings.store != "daemon" or not role or settings.instance in _stores:
+        return settings.instance  # one embedded store per instance (or one adopted store for every role)
+    return f"{settings.instance}/{role}"
 
-    ``store='embedded'``: a ``Store`` in this process. ``store='daemon'``: a ``Client`` of the local
-    ``kvtier serve`` (``config.daemon.connect``, default its Unix socket), shared by every process.
+
+def open_store(settings: ConnectorSettings, layout: KVLayout, role: str = "") -> BlockStore:
+    """The process's store named ``settings.instance`` for ``role``, created on first use; pair with
+    ``release_store(store_name(settings, role))``.
+
+    ``store='embedded'``: a ``Store`` in this process, for every role. ``store='daemon'``: a ``Client`` of the
+    local ``kvtier serve`` (``config.daemon.connect``, default its Unix socket), one per role, each on its own
+    connection; the ``scheduler`` one with ``scheduler_timeout_s`` as its deadline.
     """
     with _stores_lock:
-        shared = _stores.get(settings.instance)
+        name = store_name(settings, role)
+        shared = _stores.get(name)
         if shared is None:
             config = _store_config(settings)
-            store: BlockStore = Client(layout, config) if settings.store == "daemon" else Store(layout, config)
-            shared = _stores[settings.instance] = _Shared(store, 0)
+            timeout = settings.scheduler_timeout_s if role == "scheduler" else None
+            store: BlockStore = (Client(layout, config, timeout=timeout) if settings.store == "daemon"
+                                 else Store(layout, config))
+            shared = _stores[name] = _Shared(store, 0)
         elif shared.store.layout != layout:
             raise LayoutMismatchError(
                 f"store instance {settings.instance!r} holds {shared.store.layout}, this connector needs {layout}"

@@ -15,7 +15,9 @@ Promises:
 - A chunk the store cannot deliver (evicted since the lookup, failed checksum, daemon gone) is never
   scattered: its blocks are reported by ``get_block_ids_with_load_errors`` in the step that found them.
   Which saves that spoils is decided by the scheduler side, over every rank (the commit rule below).
-- Asynchronous loads (from disk, or over the synchronous budget) acquire in a background thread;
+- Asynchronous loads (from disk, or over the synchronous budget) acquire in a background thread, on
+  ``load_store`` (a daemon client of its own, so a disk promotion never holds the worker's saves), and are
+  scattered from that client's mapping and released through it;
   ``get_finished`` scatters a finished one (queued before the next step's forward) and reports its request
   as received, with its failed blocks reported in the same pass.
 - Saves reserve slots for the step's chunks and gather the paged cache straight into them: per layer in
@@ -94,10 +96,12 @@ def layer_segments(cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
 class WorkerSide:
     """The worker-side connector's state; see the module promises."""
 
-    def __init__(self, layout: KVLayout, geometry: VllmGeometry, store: BlockStore, keys: ChunkKeys) -> None:
+    def __init__(self, layout: KVLayout, geometry: VllmGeometry, store: BlockStore, keys: ChunkKeys,
+                 load_store: BlockStore | None = None) -> None:
         self.layout = layout
         self.geometry = geometry
         self.store = store
+        self.load_store = store if load_store is None else load_store
         self.keys = keys
         self.pages_per_chunk = layout.block_tokens // geometry.vllm_block_tokens
         self.paged: PagedKV | None = None
@@ -218,19 +222,20 @@ class WorkerSide:
         self.poll()
         for spec in plan.loads:
             if spec.is_async:
-                self._async_loads[spec.req_id] = (spec, self._pool.submit(self._acquire, self.keys, spec))
+                future = self._pool.submit(self._acquire, self.load_store, self.keys, spec)
+                self._async_loads[spec.req_id] = (spec, future)
             else:
-                self._load(spec, self._acquire(self.keys, spec))
+                self._load(spec, self._acquire(self.store, self.keys, spec), self.store)
 
-    def _acquire(self, keys: ChunkKeys, spec: LoadSpec) -> Lease:
+    def _acquire(self, store: BlockStore, keys: ChunkKeys, spec: LoadSpec) -> Lease:
         try:
-            return self.store.acquire(keys.keys(spec.chunk_hashes))
+            return store.acquire(keys.keys(spec.chunk_hashes))
         except KvtierError as exc:
             log.warning("kvtier load of %d chunk(s) for %s failed, vLLM recomputes them: %s",
                         len(spec.chunk_hashes), spec.req_id, exc)
             return _EMPTY_LEASE
 
-    def _load(self, spec: LoadSpec, lease: Lease) -> bool:
+    def _load(self, spec: LoadSpec, lease: Lease, store: BlockStore) -> bool:
         """Scatter the leased leading chunks of ``spec``; report the rest. True when every chunk loaded."""
         paged, m = self._require_paged(), self.pages_per_chunk
         num_leased = len(lease.slots)
@@ -241,7 +246,7 @@ class WorkerSide:
         self.loaded_chunks += num_leased
         if num_leased:
             try:
-                rows = self.store.slot_rows()
+                rows = store.slot_rows()
                 # The first chunk may be partial (vLLM holds its leading pages): page by page, at most m copies.
                 head = [(page, block_id) for page, block_id in pages if page < m] if spec.first_page else []
                 for page, block_id in head:
@@ -249,12 +254,12 @@ class WorkerSide:
                 whole = [block_id for page, block_id in pages[len(head):] if page // m < num_leased]
                 paged.scatter_from_slots(whole, rows, lease.slots[1 if head else 0 : num_leased], m)
             finally:
-                self._after_device(lambda: self._release(lease))
+                self._after_device(lambda: self._release(lease, store))
         return not failed
 
-    def _release(self, lease: Lease) -> None:
+    def _release(self, lease: Lease, store: BlockStore) -> None:
         try:
-            self.store.release(lease)
+            store.release(lease)
         except KvtierError as exc:
             log.debug("releasing a lease failed (the daemon drops a lost connection's leases itself): %s", exc)
 
@@ -360,7 +365,7 @@ class WorkerSide:
         for req_id, (spec, future) in list(self._async_loads.items()):
             if future.done():
                 del self._async_loads[req_id]
-                self._load(spec, future.result())
+                self._load(spec, future.result(), self.load_store)
                 received.add(req_id)
         return None, received or None
 
@@ -384,7 +389,7 @@ class WorkerSide:
             self._after_device(functools.partial(self._settle, chunks, [], list(chunks)))
         self._staged, self._owner = {}, {}
         for spec, future in self._async_loads.values():
-            self._release(future.result())
+            self._release(future.result(), self.load_store)
             self.failed_chunks += len(spec.chunk_hashes)
         self._async_loads = {}
         if self._pending and torch.cuda.is_available():
