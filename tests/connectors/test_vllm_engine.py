@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,6 +351,52 @@ def test_a_daemon_killed_and_restarted_mid_run(model_config: ModelConfig, engine
             assert engine.scheduler.reset_prefix_cache()
             assert time.monotonic() < deadline, "the client never reconnected"
             time.sleep(0.2)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+
+
+def wait_stopped(pid: int, timeout_s: float = 30.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (a SIGSTOP takes effect as each thread next runs)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = [Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for tid in os.listdir(f"/proc/{pid}/task")]
+        if all(state == "T" for state in states):
+            return
+        assert time.monotonic() < deadline, f"daemon threads not stopped: {states}"
+        time.sleep(0.05)
+
+
+def test_a_stalled_daemon_is_a_miss_inside_schedule(model_config: ModelConfig, engines: list[Engine],
+                                                     socket_path: str) -> None:
+    """Issue 18 item 4: with the daemon paused (SIGSTOP), ``schedule()`` returns once the scheduler's own
+    connection passes its deadline (``scheduler_timeout_s``), counting a miss; the engine carries on after."""
+    daemon = start_daemon(socket_path)
+    try:
+        engine = make_engine(model_config, extra={"store": "daemon", "instance": f"daemon-{next(_instances)}",
+                                                  "scheduler_timeout_s": 0.5,
+                                                  "config": {"daemon": {"connect": f"unix:{socket_path}"}}})
+        engines.append(engine)
+        tokens = prompt(9, 3 * BLOCK + 1)
+        store_prefix_then_forget(engine, tokens)
+        stalled = engine.add("stalled", tokens)
+        outputs: list[Any] = []
+        daemon.send_signal(signal.SIGSTOP)
+        try:
+            wait_stopped(daemon.pid)
+            thread = threading.Thread(target=lambda: outputs.append(engine.scheduler.schedule()), daemon=True)
+            thread.start()
+            thread.join(30)
+            waited = thread.is_alive()
+        finally:
+            daemon.send_signal(signal.SIGCONT)
+        thread.join(60)
+        assert not waited, "schedule() waited on the paused daemon"
+        assert outputs[0].num_scheduled_tokens["stalled"] == len(tokens)
+        engine.in_flight.append((outputs[0], engine._execute(outputs[0])))
+        engine.drain(time.monotonic() + 30)
+        engine.run_until_done(stalled, timeout_s=30)
     finally:
         daemon.terminate()
         daemon.wait(30)
