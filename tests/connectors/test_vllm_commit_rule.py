@@ -187,6 +187,8 @@ def test_a_failure_on_one_rank_drops_every_ranks_saves(model_config: ModelConfig
     tokens = prompt(2, 7 * BLOCK + 3)
     store_prefix_then_forget(engine, tokens[: 3 * BLOCK + 1])
     assert stored_chunks(engine, store, tokens) == ([0, 1, 2], [])
+    # Item 6: vLLM sums the ranks' stats; the chunks saved once per rank count once.
+    assert sum(data.get("saved_chunks", 0) for data in engine.stats) == 3
     store.failing.add(chunk_key(engine, tokens, 1, rank=1))
     victim = engine.add("victim", tokens)
     engine.run_until_done(victim, timeout_s=30)

@@ -15,7 +15,8 @@ Promises:
 - It never needs piecewise CUDA graphs (synchronous loads are in place before the forward starts), never
   holds a finished request's blocks, and is a best-effort cache (``requires_kv_delivery`` is False).
 - ``reset_cache`` (vLLM's ``reset_prefix_cache(reset_connector=True)``) puts everything stored before out of
-  reach; ``take_events`` reports the chunks it commits; ``get_kv_connector_stats`` counts loads and saves.
+  reach; ``take_events`` reports the chunks it commits; ``get_kv_connector_stats`` counts loads and saves
+  (rank 0's: vLLM sums the ranks' reports, and every rank runs the same plan).
 - The commit rule (scheduler.py, worker.py): each step's output carries ``KvtierWorkerMeta`` (the step it
   ran); ``update_connector_output`` reads it with vLLM's merged load errors, and the verdict travels to the
   workers in a later step's plan. ``has_pending_push_work`` keeps vLLM stepping until every verdict went out.
@@ -102,14 +103,16 @@ class KvtierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(self.settings, self.layout, self.geometry, self.store, tp_size,
                                                 chunk_stored_event)
-        else:
-            rank = 0
+        rank = 0
+        if role != KVConnectorRole.SCHEDULER:
             if tp_size > 1:
                 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
                 rank = get_tensor_model_parallel_rank()
             keys = ChunkKeys(self.settings, self.layout, self.geometry, rank, tp_size)
             self.worker_side = WorkerSide(self.layout, self.geometry, self.store, keys, stores[1])
+        # vLLM sums the workers' stats over ranks, which run the same plan: rank 0 alone reports them.
+        self._reports_stats = rank == 0
         self._reported = (0, 0, 0)
 
     @property
@@ -183,7 +186,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         worker = self.worker_side
-        if worker is None:
+        if worker is None or not self._reports_stats:
             return None
         now = (worker.loaded_chunks, worker.failed_chunks, worker.saved_chunks)
         loaded, failed, saved = (a - b for a, b in zip(now, self._reported, strict=True))
