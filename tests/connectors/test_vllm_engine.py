@@ -400,3 +400,18 @@ def test_a_stalled_daemon_is_a_miss_inside_schedule(model_config: ModelConfig, e
     finally:
         daemon.terminate()
         daemon.wait(30)
+
+
+def test_a_prompt_of_whole_chunks_loads_its_last_chunk(model_config: ModelConfig, engines: list[Engine]) -> None:
+    """Issue 18 item 9: the last chunk of a prompt that ends on a chunk boundary loads too; vLLM computes only
+    the prompt's last token, over it."""
+    engine = make_engine(model_config)
+    engines.append(engine)
+    tokens = prompt(11, 4 * BLOCK)
+    store_prefix_then_forget(engine, tokens)
+    reader = engine.add("reader", tokens)
+    output = engine.step()
+    assert output.num_scheduled_tokens["reader"] == 1
+    assert reader.num_computed_tokens == len(tokens)
+    assert_restored(engine, "reader", tokens, len(tokens))
+    engine.run_until_done(reader)

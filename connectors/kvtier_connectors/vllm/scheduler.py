@@ -2,7 +2,8 @@
 
 Promises:
 - ``get_num_new_matched_tokens`` counts the longest run of whole chunks present in the store right after
-  what vLLM already holds, never the prompt's last token (vLLM must compute at least one): one ``lookup``
+  what vLLM already holds, less the prompt's last token when the run reaches it (vLLM must compute at least
+  one; the whole last chunk is still loaded and that token's KV written again, the same): one ``lookup``
   (one key list, one round trip to a daemon) per rank. The load is asynchronous when any of those chunks is
   on disk (the lookup has already started reading it into host memory) or when the step's synchronous loads
   would pass ``sync_load_bytes``; synchronous otherwise. With tensor parallelism the hit is the shortest
@@ -128,7 +129,7 @@ class SchedulerSide:
         self._requests.setdefault(request.request_id, _Tracked(request))
         hashes = request.block_hashes
         keys0 = self.rank_keys[0]
-        usable_chunks = min(keys0.num_chunks(hashes), (request.num_tokens - 1) // self.block_tokens)
+        usable_chunks = min(keys0.num_chunks(hashes), request.num_tokens // self.block_tokens)
         first_chunk = num_computed_tokens // self.block_tokens
         if usable_chunks <= first_chunk:
             return 0, False
@@ -140,7 +141,8 @@ class SchedulerSide:
             found = self._lookup(keys, chunk_hashes[:num_hit], prefetch=True)
             num_hit = found.num_blocks
             is_async = is_async or any(tier is not Tier.HOST for tier in found.tiers[:num_hit])
-        end_tokens = (first_chunk + num_hit) * self.block_tokens
+        # A prompt of whole chunks: the last chunk loads too, and vLLM computes its last token over it.
+        end_tokens = min((first_chunk + num_hit) * self.block_tokens, request.num_tokens - 1)
         if end_tokens <= num_computed_tokens:
             self._hits.pop(request.request_id, None)
             return 0, False
