@@ -5,8 +5,10 @@ pinned allocation per step. Also runs on CUDA (``gpu``) where one is present; ``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -241,3 +243,52 @@ def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: 
     FakeEvent.done = True
     rig.worker.get_finished(set())
     assert rig.store.host.stats().pinned_blocks == 0
+
+
+class FakeStream:
+    """A CUDA stream that records the streams it was ordered after."""
+
+    def __init__(self, *args: object) -> None:
+        self.waited: list[object] = []
+
+    def wait_stream(self, other: object) -> None:
+        self.waited.append(other)
+
+
+def test_an_async_load_scatters_on_its_own_stream_and_is_reported_once_it_ran(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18 item 8: the scatter of a finished asynchronous load is queued on a load stream (ordered after
+    the forward's stream), not on the forward's, and its request is reported received only once it ran."""
+    assert rig.worker.paged is not None
+    hashes = rig.hashes(2, 21)
+    rig.save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1))]), per_layer=False)
+    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(FakeEvent, "done", False)
+    streams: list[FakeStream] = []
+    entered: list[object] = []
+
+    def make_stream(*args: object) -> FakeStream:
+        streams.append(FakeStream())
+        return streams[-1]
+
+    @contextlib.contextmanager
+    def use_stream(stream: object) -> Iterator[None]:
+        entered.append(stream)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", make_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: "forward")
+    monkeypatch.setattr(torch.cuda, "stream", use_stream)
+    rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("b", hashes, (60, 61), 0, True)]))
+    deadline = time.monotonic() + 30
+    while not entered:
+        assert rig.worker.get_finished(set()) == (None, None)
+        assert time.monotonic() < deadline, "the asynchronous load never finished"
+        time.sleep(0.01)
+    assert [stream.waited for stream in streams] == [["forward"]]
+    assert entered == streams
+    assert torch.equal(rig.kv[[60, 61]], rig.kv[[0, 1]])
+    assert rig.worker.get_finished(set()) == (None, None)
+    FakeEvent.done = True
+    assert rig.worker.get_finished(set()) == (None, {"b"})

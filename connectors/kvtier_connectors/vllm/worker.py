@@ -17,9 +17,10 @@ Promises:
   Which saves that spoils is decided by the scheduler side, over every rank (the commit rule below).
 - Asynchronous loads (from disk, or over the synchronous budget) acquire in a background thread, on
   ``load_store`` (a daemon client of its own, so a disk promotion never holds the worker's saves), and are
-  scattered from that client's mapping and released through it;
-  ``get_finished`` scatters a finished one (queued before the next step's forward) and reports its request
-  as received, with its failed blocks reported in the same pass.
+  scattered from that client's mapping and released through it. ``get_finished`` queues the scatter of a
+  finished one on a load stream of its own (after what the forward's stream queued so far, which may still
+  use the blocks), so the next forward never waits behind it, and reports the request as received only once
+  that scatter ran (its CUDA event completed; at once on the CPU). Its failed blocks are reported no later.
 - Saves reserve slots for the step's chunks and gather the paged cache straight into them: per layer in
   ``save_kv_layer`` as the forward writes it, the rest in one copy in ``wait_for_save``. The slots are then
   staged, not committed: a later plan's ``Verdict`` on the step commits its chunks (``saved_chunks`` counts
@@ -112,6 +113,9 @@ class WorkerSide:
         self._staged: dict[int, _Staged] = {}
         self._owner: dict[bytes, int] = {}
         self._async_loads: dict[str, tuple[LoadSpec, Future[Lease]]] = {}
+        # Asynchronous loads whose scatter is queued on the load stream, and its completion (None: done).
+        self._scattering: dict[str, torch.cuda.Event | None] = {}
+        self._load_stream: torch.cuda.Stream | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
         self._load_errors: set[int] = set()
         # Copies queued on the device and what to do once each ran (commit, abort, release), in order.
@@ -361,13 +365,32 @@ class WorkerSide:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self.poll()
-        received = set()
         for req_id, (spec, future) in list(self._async_loads.items()):
             if future.done():
                 del self._async_loads[req_id]
-                self._load(spec, future.result(), self.load_store)
+                self._scattering[req_id] = self._scatter_on_load_stream(spec, future.result())
+        received = set()
+        for req_id, event in list(self._scattering.items()):
+            if event is None or event.query():  # type: ignore[no-untyped-call]
+                del self._scattering[req_id]
                 received.add(req_id)
         return None, received or None
+
+    def _scatter_on_load_stream(self, spec: LoadSpec, lease: Lease) -> torch.cuda.Event | None:
+        """Queue an asynchronous load's scatter on the load stream; its completion event (None on the CPU)."""
+        paged = self._require_paged()
+        if paged.device.type != "cuda":
+            self._load(spec, lease, self.load_store)
+            return None
+        if self._load_stream is None:
+            self._load_stream = torch.cuda.Stream(paged.device)  # type: ignore[no-untyped-call]
+        # The blocks may have served another request whose forward work is still queued.
+        self._load_stream.wait_stream(torch.cuda.current_stream(paged.device))
+        with torch.cuda.stream(self._load_stream):
+            self._load(spec, lease, self.load_store)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+        return event
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -391,7 +414,7 @@ class WorkerSide:
         for spec, future in self._async_loads.values():
             self._release(future.result(), self.load_store)
             self.failed_chunks += len(spec.chunk_hashes)
-        self._async_loads = {}
+        self._async_loads, self._scattering = {}, {}
         if self._pending and torch.cuda.is_available():
             torch.cuda.synchronize()
         for _, action in self._pending:
