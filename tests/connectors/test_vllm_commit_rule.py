@@ -164,8 +164,11 @@ def test_async_scheduling_stores_nothing_computed_over_a_failed_load(model_confi
     """Item 1: vLLM plans step t+1 before it reads step t's load errors; t+1's chunks over the gap are dropped."""
     engine, store = make_engine(model_config, engines, async_scheduling=True, policy=policy,
                                 max_batched_tokens=4 * BLOCK)
+    published: list[Any] = []
+    engine.scheduler.kv_event_publisher.publish = published.append  # type: ignore[method-assign]
     tokens = prompt(1, 12 * BLOCK + 3)
     store_prefix_then_forget(engine, tokens[: 3 * BLOCK + 1])
+    published.clear()
     store.failing.add(chunk_key(engine, tokens, 1))
     victim = engine.add("victim", tokens)
     engine.run_until_done(victim, timeout_s=30)
@@ -173,10 +176,16 @@ def test_async_scheduling_stores_nothing_computed_over_a_failed_load(model_confi
     store.failing.clear()
     held, wrong = stored_chunks(engine, store, tokens)
     assert not wrong, f"chunks stored over a failed load: {wrong}"
+    # Item 6: BlockStored events follow commits: one per chunk committed, none for a dropped save.
+    stored = [event.block_hashes[0] for batch in published for event in batch.events
+              if getattr(event, "medium", None) == "CPU"]
+    assert len(stored) == len(set(stored))
     if policy == "recompute":
         # The recomputed chunks were saved again: the whole prompt is stored.
         assert victim.status != RequestStatus.FINISHED_ERROR
         assert held == list(range(12))
+        hashes = block_hashes(tokens)
+        assert {hashes[c] for c in range(3, 12)} <= set(stored) <= {hashes[c] for c in range(12)}
     else:
         assert victim.status == RequestStatus.FINISHED_ERROR
 

@@ -256,11 +256,19 @@ class SchedulerSide:
             dropped = self._dropped.pop(done, set())
             self._verdicts.append(Verdict(done, frozenset(dropped)))
             if self._make_event is not None:
-                keys0 = self.rank_keys[0]
-                self._events.extend(
-                    self._make_event(save.request, save.first_chunk + i, keys0.hashes_per_chunk,
-                                     self.hash_block_tokens)
-                    for save in planned for i, chunk_hash in enumerate(save.chunk_hashes) if chunk_hash not in dropped)
+                self._publish(planned, dropped)
+
+    def _publish(self, planned: list[_PlannedSave], dropped: set[bytes]) -> None:
+        """A ``BlockStored`` event per chunk a verdict commits, once per chunk (requests may share one)."""
+        assert self._make_event is not None
+        keys0 = self.rank_keys[0]
+        published = set(dropped)
+        for save in planned:
+            for index, chunk_hash in enumerate(save.chunk_hashes):
+                if chunk_hash not in published:
+                    published.add(chunk_hash)
+                    self._events.append(self._make_event(save.request, save.first_chunk + index,
+                                                         keys0.hashes_per_chunk, self.hash_block_tokens))
 
     def _drop(self, step: int, save: _PlannedSave, first: int) -> None:
         self._dropped.setdefault(step, set()).update(save.chunk_hashes[first:])
