@@ -294,3 +294,9 @@ def test_latent_kv_is_stored_once_for_every_rank() -> None:
 def test_a_bad_sync_load_budget_is_refused(value: Any) -> None:
     with pytest.raises(ConfigError, match="sync_load_bytes"):
         ConnectorSettings.from_extra_config({"sync_load_bytes": value}, "m")
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "1s", True])
+def test_a_bad_scheduler_deadline_is_refused(value: Any) -> None:
+    with pytest.raises(ConfigError, match="scheduler_timeout_s"):
+        ConnectorSettings.from_extra_config({"scheduler_timeout_s": value}, "m")
