@@ -266,3 +266,18 @@ def test_saves_wait_for_their_verdict(model_config: ModelConfig, engines: list[E
     assert side.staged_chunks() == 0
     assert not connector.has_pending_push_work()
     assert stored_chunks(engine, store, tokens) == ([0, 1, 2], [])
+
+
+def test_saves_of_steps_whose_output_names_no_step_are_dropped(model_config: ModelConfig,
+                                                               engines: list[Engine]) -> None:
+    """Without the step number in the output (a worker that sent no ``KvtierWorkerMeta``) nothing is
+    confirmed: the saves are dropped, a few steps later, and the engine stops stepping for them."""
+    engine, store = make_engine(model_config, engines)
+    engine.worker.build_connector_worker_meta = lambda: None  # type: ignore[method-assign]
+    tokens = prompt(8, 3 * BLOCK + 1)
+    engine.run_until_done(engine.add("one", tokens, max_tokens=1), timeout_s=30)
+    connector = engine.scheduler.connector
+    assert connector is not None and not connector.has_pending_push_work()
+    side = engine.worker.worker_side
+    assert side is not None and side.staged_chunks() == 0
+    assert stored_chunks(engine, store, tokens) == ([], [])

@@ -20,7 +20,8 @@ Promises:
   request's blocks up to the chunk's end hold a block whose load failed, as reported in the output of its
   own step or of any step read while it was in flight (asynchronous scheduling plans step t+1 before it
   reads step t's errors). Any request whose blocks include a failed block counts, so a request that took a
-  local prefix hit on another's failed load is covered. A step whose output never came drops everything.
+  local prefix hit on another's failed load is covered. A step whose output never came drops everything,
+  as does one still without a verdict ``MAX_UNSETTLED_STEPS`` steps later (outputs that name no step).
 - Blocks vLLM reports as failed loads rewind the save cursor of every request holding them (and of every
   request with a dropped save) to the first chunk affected, so the chunks vLLM recomputes are saved again.
 - ``has_pending_push_work`` keeps vLLM stepping while a step's saves wait for their verdict, so the last
@@ -48,6 +49,9 @@ from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, ConnectorSett
 from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, Verdict
 
 log = logging.getLogger(__name__)
+# Steps planned after one whose output has not come, before that one's saves are dropped as lost (vLLM keeps
+# at most one step in flight under async scheduling, a few with pipelining).
+MAX_UNSETTLED_STEPS = 8
 
 
 @dataclass
@@ -179,6 +183,9 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: Any) -> KvtierMetadata:
         self._step += 1
+        lost = max((s for s in self._unsettled if s <= self._step - MAX_UNSETTLED_STEPS), default=None)
+        if lost is not None:
+            self._give_verdicts(lost, confirmed=None)
         meta = KvtierMetadata(loads=self._loads, key_epoch=self.key_epoch, step=self._step,
                               verdicts=self._verdicts)
         self._loads, self._sync_bytes, self._verdicts = [], 0, []
@@ -245,11 +252,14 @@ class SchedulerSide:
                     first = save.first_dropped(invalid_block_ids, self.pages_per_chunk)
                     if first is not None:
                         self._drop(unsettled_step, save, first)
-        if step is None:
-            return
-        for done in sorted(s for s in self._unsettled if s <= step):
+        if step is not None:
+            self._give_verdicts(step, confirmed=step)
+
+    def _give_verdicts(self, through: int, confirmed: int | None) -> None:
+        """Verdicts on every step up to ``through``; only ``confirmed`` had its output read."""
+        for done in sorted(s for s in self._unsettled if s <= through):
             planned = self._unsettled.pop(done)
-            if done < step:
+            if done != confirmed:
                 # Its output never came: nothing it saved is confirmed.
                 for save in planned:
                     self._drop(done, save, 0)
