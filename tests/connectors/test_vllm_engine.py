@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,6 +194,8 @@ def test_a_finished_request_is_never_held(model_config: ModelConfig, engines: li
     engine.step()
     assert request.is_finished()
     assert "one" not in engine.scheduler.requests
+    # Committed by the verdict of the next (empty) step, which the connector keeps vLLM stepping for.
+    engine.drain(time.monotonic() + 10)
     assert engine.worker.store.stats().put_blocks == 5
 
 
@@ -350,3 +354,64 @@ def test_a_daemon_killed_and_restarted_mid_run(model_config: ModelConfig, engine
     finally:
         daemon.terminate()
         daemon.wait(30)
+
+
+def wait_stopped(pid: int, timeout_s: float = 30.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (a SIGSTOP takes effect as each thread next runs)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = [Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for tid in os.listdir(f"/proc/{pid}/task")]
+        if all(state == "T" for state in states):
+            return
+        assert time.monotonic() < deadline, f"daemon threads not stopped: {states}"
+        time.sleep(0.05)
+
+
+def test_a_stalled_daemon_is_a_miss_inside_schedule(model_config: ModelConfig, engines: list[Engine],
+                                                     socket_path: str) -> None:
+    """Issue 18 item 4: with the daemon paused (SIGSTOP), ``schedule()`` returns once the scheduler's own
+    connection passes its deadline (``scheduler_timeout_s``), counting a miss; the engine carries on after."""
+    daemon = start_daemon(socket_path)
+    try:
+        engine = make_engine(model_config, extra={"store": "daemon", "instance": f"daemon-{next(_instances)}",
+                                                  "scheduler_timeout_s": 0.5,
+                                                  "config": {"daemon": {"connect": f"unix:{socket_path}"}}})
+        engines.append(engine)
+        tokens = prompt(9, 3 * BLOCK + 1)
+        store_prefix_then_forget(engine, tokens)
+        stalled = engine.add("stalled", tokens)
+        outputs: list[Any] = []
+        daemon.send_signal(signal.SIGSTOP)
+        try:
+            wait_stopped(daemon.pid)
+            thread = threading.Thread(target=lambda: outputs.append(engine.scheduler.schedule()), daemon=True)
+            thread.start()
+            thread.join(30)
+            waited = thread.is_alive()
+        finally:
+            daemon.send_signal(signal.SIGCONT)
+        thread.join(60)
+        assert not waited, "schedule() waited on the paused daemon"
+        assert outputs[0].num_scheduled_tokens["stalled"] == len(tokens)
+        engine.in_flight.append((outputs[0], engine._execute(outputs[0])))
+        engine.drain(time.monotonic() + 30)
+        engine.run_until_done(stalled, timeout_s=30)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+
+
+def test_a_prompt_of_whole_chunks_loads_its_last_chunk(model_config: ModelConfig, engines: list[Engine]) -> None:
+    """Issue 18 item 9: the last chunk of a prompt that ends on a chunk boundary loads too; vLLM computes only
+    the prompt's last token, over it."""
+    engine = make_engine(model_config)
+    engines.append(engine)
+    tokens = prompt(11, 4 * BLOCK)
+    store_prefix_then_forget(engine, tokens)
+    reader = engine.add("reader", tokens)
+    output = engine.step()
+    assert output.num_scheduled_tokens["reader"] == 1
+    assert reader.num_computed_tokens == len(tokens)
+    assert_restored(engine, "reader", tokens, len(tokens))
+    engine.run_until_done(reader)

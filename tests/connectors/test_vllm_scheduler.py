@@ -164,6 +164,7 @@ class Engine:
         self.worker.wait_for_save()
         sending, recving = self.worker.get_finished(output.finished_req_ids)
         errors = self.worker.get_block_ids_with_load_errors()
+        worker_meta = self.worker.build_connector_worker_meta()
         self.worker.clear_connector_metadata()
         self.load_errors.append(errors)
         self.finished_sending |= sending or set()
@@ -172,7 +173,7 @@ class Engine:
             req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=[[7] for _ in req_ids],
             kv_connector_output=KVConnectorOutput(finished_sending=sending, finished_recving=recving,
-                                                  invalid_block_ids=errors),
+                                                  invalid_block_ids=errors, kv_connector_worker_meta=worker_meta),
         )
         self.scheduler.update_from_output(output, runner_output)
         return output
@@ -195,9 +196,10 @@ class Engine:
         return column.expand(HEADS, BLOCK, 2 * HEAD_DIM)
 
     def run_until_done(self, request: Request, timeout_s: float = 10.0) -> None:
-        """Step until vLLM let go of the request: finished, and its saves (copied by threads) reported done."""
+        """Step until vLLM let go of the request, then while the connector has saves to settle (as vLLM does)."""
         deadline = time.monotonic() + timeout_s
-        while request.request_id in self.scheduler.requests:
+        connector = self.scheduler.connector
+        while request.request_id in self.scheduler.requests or (connector and connector.has_pending_push_work()):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{request.request_id} still held after {timeout_s} s")
             self.step()

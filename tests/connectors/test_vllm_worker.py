@@ -50,7 +50,7 @@ from kvtier_connectors.vllm.settings import (  # noqa: E402
     adopt_store,
     layout_from_kv_cache_config,
 )
-from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec  # noqa: E402
+from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, Verdict  # noqa: E402
 
 BLOCK = 16
 NUM_BLOCKS = 32
@@ -113,6 +113,9 @@ class Worker:
         self.connector.clear_connector_metadata()
         sent, _ = self.connector.get_finished({spec.req_id})
         assert sent is None  # saves never hold a request
+        # The scheduler side's verdict on the step (no load failed under it): its chunks are committed.
+        assert self.connector.worker_side is not None
+        self.connector.worker_side.settle([Verdict(0)])
 
     def wait_received(self, req_ids: set[str], timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -311,3 +314,9 @@ def test_latent_kv_is_stored_once_for_every_rank() -> None:
 def test_a_bad_sync_load_budget_is_refused(value: Any) -> None:
     with pytest.raises(ConfigError, match="sync_load_bytes"):
         ConnectorSettings.from_extra_config({"sync_load_bytes": value}, "m")
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "1s", True])
+def test_a_bad_scheduler_deadline_is_refused(value: Any) -> None:
+    with pytest.raises(ConfigError, match="scheduler_timeout_s"):
+        ConnectorSettings.from_extra_config({"scheduler_timeout_s": value}, "m")

@@ -5,9 +5,11 @@ pinned allocation per step. Also runs on CUDA (``gpu``) where one is present; ``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +22,7 @@ from kvtier.native import PagedKV
 from kvtier.store import Store
 from kvtier_connectors.vllm import bench_worker
 from kvtier_connectors.vllm.settings import ChunkKeys, ConnectorSettings, VllmGeometry
-from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan
+from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan, Verdict
 from kvtier_connectors.vllm.worker import WorkerSide
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
@@ -50,6 +52,7 @@ class Rig:
             for name in self.names:
                 self.worker.save_kv_layer(name, plan)
         self.worker.wait_for_save(plan)
+        self.worker.settle([Verdict(plan.step)])
         if self.kv.device.type == "cuda":
             torch.cuda.synchronize()
         self.worker.poll()
@@ -156,17 +159,27 @@ def test_saves_commit_and_leases_release_only_after_their_copies(rig: Rig) -> No
     assert torch.equal(rig.kv[[50, 51, 52]], rig.kv[[5, 6, 7]])
 
 
-def test_a_failed_load_drops_the_steps_saves_of_that_request(rig: Rig) -> None:
+def test_a_verdict_commits_what_it_keeps_and_a_dropped_chunk_is_saved_again(rig: Rig) -> None:
     hashes = rig.hashes(3, 9)
     rig.save(StepPlan(saves=[SaveSpec("a", hashes[:1], (1,))]), per_layer=False)
-    later = rig.hashes(2, 10)
+    later, other = rig.hashes(2, 10), rig.hashes(1, 11)
     plan = StepPlan(loads=[LoadSpec("b", hashes, (20, 21, 22), 0, False)],
-                    saves=[SaveSpec("b", later, (23, 24)), SaveSpec("c", rig.hashes(1, 11), (30,))])
+                    saves=[SaveSpec("b", later, (23, 24)), SaveSpec("c", other, (30,))], step=5)
     rig.worker.start_load_kv(plan)
-    rig.save(plan, per_layer=True)
+    rig.worker.wait_for_save(plan)
     assert rig.worker.get_block_ids_with_load_errors() == {21, 22}
+    # Nothing is readable before the verdict; the recomputed chunk, staged again by a later step, takes the
+    # dropped copy's slot and is decided by that step's verdict.
+    assert rig.store.lookup(rig.keys.keys(other), prefetch=False).num_blocks == 0
+    again = StepPlan(saves=[SaveSpec("b", later[:1], (40,))], step=6)
+    rig.worker.wait_for_save(again)
+    rig.worker.start_load_kv(StepPlan(step=7, verdicts=[Verdict(5, frozenset(later))]))
     assert rig.store.lookup(rig.keys.keys(later), prefetch=False).num_blocks == 0
-    assert rig.store.lookup(rig.keys.keys(rig.hashes(1, 11)), prefetch=False).num_blocks == 1
+    assert rig.store.lookup(rig.keys.keys(other), prefetch=False).num_blocks == 1
+    rig.worker.start_load_kv(StepPlan(step=8, verdicts=[Verdict(6)]))
+    assert rig.store.lookup(rig.keys.keys(later), prefetch=False).num_blocks == 1
+    rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("d", later[:1], (50,), 0, False)], step=9))
+    assert torch.equal(rig.kv[50], rig.kv[40])
 
 
 def test_bench_worker_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,6 +230,7 @@ def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: 
     monkeypatch.setattr(FakeEvent, "done", False)
     hashes = rig.hashes(4, 13)
     rig.worker.wait_for_save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1, 2, 3))]))
+    rig.worker.settle([Verdict(0)])
     assert rig.worker.get_finished({"a"}) == (None, None)
     assert rig.worker.pending_copies() == 1
     assert rig.store.lookup(rig.keys.keys(hashes), prefetch=False).num_blocks == 0
@@ -266,3 +280,52 @@ def test_micro_batches_on_two_threads_save_each_page_as_finally_written(rig: Rig
     rig.worker.poll()
     assert rig.worker.get_block_ids_with_load_errors() == set()
     assert torch.equal(rig.kv[list(target)], rig.kv[:8])
+
+
+class FakeStream:
+    """A CUDA stream that records the streams it was ordered after."""
+
+    def __init__(self, *args: object) -> None:
+        self.waited: list[object] = []
+
+    def wait_stream(self, other: object) -> None:
+        self.waited.append(other)
+
+
+def test_an_async_load_scatters_on_its_own_stream_and_is_reported_once_it_ran(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18 item 8: the scatter of a finished asynchronous load is queued on a load stream (ordered after
+    the forward's stream), not on the forward's, and its request is reported received only once it ran."""
+    assert rig.worker.paged is not None
+    hashes = rig.hashes(2, 21)
+    rig.save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1))]), per_layer=False)
+    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(FakeEvent, "done", False)
+    streams: list[FakeStream] = []
+    entered: list[object] = []
+
+    def make_stream(*args: object) -> FakeStream:
+        streams.append(FakeStream())
+        return streams[-1]
+
+    @contextlib.contextmanager
+    def use_stream(stream: object) -> Iterator[None]:
+        entered.append(stream)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", make_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: "forward")
+    monkeypatch.setattr(torch.cuda, "stream", use_stream)
+    rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("b", hashes, (60, 61), 0, True)]))
+    deadline = time.monotonic() + 30
+    while not entered:
+        assert rig.worker.get_finished(set()) == (None, None)
+        assert time.monotonic() < deadline, "the asynchronous load never finished"
+        time.sleep(0.01)
+    assert [stream.waited for stream in streams] == [["forward"]]
+    assert entered == streams
+    assert torch.equal(rig.kv[[60, 61]], rig.kv[[0, 1]])
+    assert rig.worker.get_finished(set()) == (None, None)
+    FakeEvent.done = True
+    assert rig.worker.get_finished(set()) == (None, {"b"})

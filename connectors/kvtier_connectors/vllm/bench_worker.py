@@ -37,7 +37,7 @@ from kvtier.config import HostConfig, StoreConfig
 from kvtier.layout import KVLayout
 from kvtier.store import Store
 from kvtier_connectors.vllm.settings import ChunkKeys, ConnectorSettings, VllmGeometry
-from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan
+from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan, Verdict
 from kvtier_connectors.vllm.worker import WorkerSide
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_TOKENS = 32, 8, 128, 16
@@ -112,6 +112,7 @@ def run(device: torch.device, chunk_counts: list[int], repeats: int) -> dict[str
 
             def save(source: list[int] = source, specs: list[tuple[bytes, ...]] = specs) -> None:
                 worker.wait_for_save(StepPlan(saves=[SaveSpec("bench", specs[-1], tuple(source))]))
+                worker.settle([Verdict(0)])  # the scheduler side's verdict: nothing failed under the save
                 while worker.pending_copies():
                     worker.poll()
 

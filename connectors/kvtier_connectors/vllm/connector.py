@@ -17,7 +17,11 @@ Promises:
 - It never needs piecewise CUDA graphs (synchronous loads are in place before the forward starts), never
   holds a finished request's blocks, and is a best-effort cache (``requires_kv_delivery`` is False).
 - ``reset_cache`` (vLLM's ``reset_prefix_cache(reset_connector=True)``) puts everything stored before out of
-  reach; ``take_events`` reports the chunks it saves; ``get_kv_connector_stats`` counts loads and saves.
+  reach; ``take_events`` reports the chunks it commits; ``get_kv_connector_stats`` counts loads and saves
+  (rank 0's: vLLM sums the ranks' reports, and every rank runs the same plan).
+- The commit rule (scheduler.py, worker.py): each step's output carries ``KvtierWorkerMeta`` (the step it
+  ran); ``update_connector_output`` reads it with vLLM's merged load errors, and the verdict travels to the
+  workers in a later step's plan. ``has_pending_push_work`` keeps vLLM stepping until every verdict went out.
 - The default ``model_id`` names the weights, not the ``--model`` string (``model_identity``); a vLLM outside
   the supported range (``versions.SUPPORTED``) logs a warning once and still starts.
 - Safe ``prefix_caching_hash_algo`` settings: ``sha256`` (vLLM's default) and ``sha256_cbor`` give the same
@@ -41,7 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.errors import ConfigError, InvalidInputError
-from kvtier_connectors.vllm.metadata import KvtierMetadata
+from kvtier_connectors.vllm.metadata import KvtierMetadata, KvtierWorkerMeta
 from kvtier_connectors.vllm.model_identity import model_identity
 from kvtier_connectors.vllm.scheduler import SchedulerSide
 from kvtier_connectors.vllm.settings import (
@@ -50,6 +54,7 @@ from kvtier_connectors.vllm.settings import (
     layout_from_kv_cache_config,
     open_store,
     release_store,
+    store_name,
 )
 from kvtier_connectors.vllm.stats import KvtierStats, chunk_stored_event
 from kvtier_connectors.vllm.versions import check_vllm_version
@@ -60,6 +65,7 @@ if TYPE_CHECKING:
 
     from vllm.config import VllmConfig
     from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -104,21 +110,27 @@ class KvtierConnector(KVConnectorBase_V1):
                 raise ConfigError("vLLM names no instance_id for this engine, so its processes cannot find one "
                                   "embedded store; run `kvtier serve` and set store='daemon'")
         self.layout, self.geometry = layout_from_kv_cache_config(kv_cache_config, self.settings.block_tokens)
-        self.store = open_store(self.settings, self.layout, engine_id)
+        # Each role its own daemon connection (one store for all when embedded): see settings.open_store.
+        roles = ("scheduler",) if role == KVConnectorRole.SCHEDULER else ("worker", "load")
+        self._store_names = [store_name(self.settings, name, engine_id) for name in roles]
+        stores = [open_store(self.settings, self.layout, name, engine_id) for name in roles]
+        self.store = stores[0]
         self._released = False
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(self.settings, self.layout, self.geometry, self.store, tp_size,
                                                 chunk_stored_event)
-        else:
-            rank = 0
+        rank = 0
+        if role != KVConnectorRole.SCHEDULER:
             if tp_size > 1:
                 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
                 rank = get_tensor_model_parallel_rank()
             keys = ChunkKeys(self.settings, self.layout, self.geometry, rank, tp_size)
-            self.worker_side = WorkerSide(self.layout, self.geometry, self.store, keys)
+            self.worker_side = WorkerSide(self.layout, self.geometry, self.store, keys, stores[1])
+        # vLLM sums the workers' stats over ranks, which run the same plan: rank 0 alone reports them.
+        self._reports_stats = rank == 0
         self._reported = (0, 0, 0)
 
     @property
@@ -161,7 +173,13 @@ class KvtierConnector(KVConnectorBase_V1):
         return self._scheduler().request_finished(request), None
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        self._scheduler().rewind_failed_loads(set(connector_output.invalid_block_ids or ()))
+        meta = connector_output.kv_connector_worker_meta
+        step = meta.step if isinstance(meta, KvtierWorkerMeta) else None
+        self._scheduler().settle(step, set(connector_output.invalid_block_ids or ()))
+
+    def has_pending_push_work(self) -> bool:
+        # Saves wait for a later step's verdict: an idle engine steps on until it is sent.
+        return self.scheduler_side is not None and self.scheduler_side.has_unsettled_saves()
 
     def reset_cache(self) -> bool:
         return self._scheduler().reset_cache()
@@ -186,7 +204,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         worker = self.worker_side
-        if worker is None:
+        if worker is None or not self._reports_stats:
             return None
         now = (worker.loaded_chunks, worker.failed_chunks, worker.saved_chunks)
         loaded, failed, saved = (a - b for a, b in zip(now, self._reported, strict=True))
@@ -213,9 +231,13 @@ class KvtierConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker().get_block_ids_with_load_errors()
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return KvtierWorkerMeta(self._worker().step)
+
     def shutdown(self) -> None:
         if self.worker_side is not None:
             self.worker_side.shutdown()
         if not self._released:
             self._released = True
-            release_store(self.settings.instance)
+            for name in self._store_names:
+                release_store(name)

@@ -62,8 +62,10 @@ def _engine_config(config: StoreConfig, socket_path: str, layout: KVLayout) -> S
     return replace(config, daemon=daemon)
 
 
-def open_engine_store(source: dict[str, Any], layout: KVLayout, engine_id: str, instance: str) -> Client:
-    """A client of engine ``engine_id``'s private daemon for store ``instance``, started on first use.
+def open_engine_store(source: dict[str, Any], layout: KVLayout, engine_id: str, instance: str,
+                      timeout: float | None = None) -> Client:
+    """A client of engine ``engine_id``'s private daemon for store ``instance``, started on first use;
+    ``timeout`` is the client's deadline per socket operation (``Client``'s).
 
     ``source`` is where the embedded store's configuration comes from: ``{"config_path": ..., "config": ...}``
     of the connector's settings (the daemon process reads it again).
@@ -83,9 +85,9 @@ def open_engine_store(source: dict[str, Any], layout: KVLayout, engine_id: str, 
                 time.sleep(_POLL_S)
         try:
             with contextlib.suppress(KvtierError, OSError):
-                return Client(layout, config)
+                return Client(layout, config, timeout=timeout)
             _start({**source, "socket": path, "layout": layout.to_dict()}, config, path, deadline)
-            return Client(layout, config)
+            return Client(layout, config, timeout=timeout)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -2,7 +2,8 @@
 
 Promises:
 - ``get_num_new_matched_tokens`` counts the longest run of whole chunks present in the store right after
-  what vLLM already holds, never the prompt's last token (vLLM must compute at least one): one ``lookup``
+  what vLLM already holds, less the prompt's last token when the run reaches it (vLLM must compute at least
+  one; the whole last chunk is still loaded and that token's KV written again, the same): one ``lookup``
   (one key list, one round trip to a daemon) per rank. The load is asynchronous when any of those chunks is
   on disk (the lookup has already started reading it into host memory) or when the step's synchronous loads
   would pass ``sync_load_bytes``; synchronous otherwise. With tensor parallelism the hit is the shortest
@@ -10,16 +11,26 @@ Promises:
 - A store that fails (a daemon gone or restarting) is a miss, never an exception inside ``schedule()``.
 - ``update_state_after_alloc`` turns the hit into a ``LoadSpec`` over the blocks vLLM allocated; it is sent
   in the next ``build_connector_meta``.
-- ``build_connector_meta`` also asks for a save of every chunk that becomes whole (all its tokens computed
-  and hashed) in the step, after the leading run the store already holds for every rank (one ``lookup``).
-- Blocks vLLM reports as failed loads (``update_connector_output``) rewind the request's save cursor to
-  the first chunk they touch, so the chunks vLLM recomputes are saved again (the worker dropped the saves
-  computed over them).
+- ``build_connector_meta`` numbers the step and asks for a save of every chunk that becomes whole (all its
+  tokens computed and hashed) in the step, after the leading run the store already holds for every rank
+  (one ``lookup``).
+- The commit rule: workers stage a step's saves; they are committed only once the scheduler has read that
+  step's output (``update_connector_output``: vLLM's merge of every rank's load errors, with the step number
+  of ``KvtierWorkerMeta``) and sends its ``Verdict`` in a later step's plan. A chunk is dropped when the
+  request's blocks up to the chunk's end hold a block whose load failed, as reported in the output of its
+  own step or of any step read while it was in flight (asynchronous scheduling plans step t+1 before it
+  reads step t's errors). Any request whose blocks include a failed block counts, so a request that took a
+  local prefix hit on another's failed load is covered. A step whose output never came drops everything,
+  as does one still without a verdict ``MAX_UNSETTLED_STEPS`` steps later (outputs that name no step).
+- Blocks vLLM reports as failed loads rewind the save cursor of every request holding them (and of every
+  request with a dropped save) to the first chunk affected, so the chunks vLLM recomputes are saved again.
+- ``has_pending_push_work`` keeps vLLM stepping while a step's saves wait for their verdict, so the last
+  saves of an idle engine are committed without waiting for the next request.
 - ``request_finished`` never holds a request's blocks (saves are queued on the forward's stream); a
   planned synchronous load of a request that ends before its step is dropped, an asynchronous one is left
   to report (vLLM holds its blocks until then).
 - ``reset_cache`` starts a new key epoch: nothing saved before it is found after it.
-- ``take_events`` yields a ``BlockStored`` event (medium ``CPU``) per chunk the step asked to save.
+- ``take_events`` yields a ``BlockStored`` event (medium ``CPU``) per chunk a verdict commits.
 """
 
 from __future__ import annotations
@@ -35,9 +46,12 @@ from kvtier.layout import KVLayout
 from kvtier.store import LookupResult, Tier
 from kvtier_connectors.vllm.metadata import KvtierMetadata
 from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, ConnectorSettings, VllmGeometry
-from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec
+from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, Verdict
 
 log = logging.getLogger(__name__)
+# Steps planned after one whose output has not come, before that one's saves are dropped as lost (vLLM keeps
+# at most one step in flight under async scheduling, a few with pipelining).
+MAX_UNSETTLED_STEPS = 8
 
 
 @dataclass
@@ -52,6 +66,24 @@ class _Tracked:
     request: Any
     block_ids: list[int] = field(default_factory=list)
     next_chunk: int = 0
+
+
+@dataclass(frozen=True)
+class _PlannedSave:
+    """A save of chunks ``first_chunk, first_chunk + 1, ...`` of ``request``, waiting for its verdict."""
+
+    request: Any
+    first_chunk: int
+    chunk_hashes: tuple[bytes, ...]
+    # The request's blocks from its first up to the end of the last saved chunk: the KV the save depends on.
+    prefix_block_ids: tuple[int, ...]
+
+    def first_dropped(self, invalid_block_ids: set[int], pages_per_chunk: int) -> int | None:
+        """Index in ``chunk_hashes`` of the first chunk computed over a failed block, or None."""
+        for index, block_id in enumerate(self.prefix_block_ids):
+            if block_id in invalid_block_ids:
+                return max(0, index // pages_per_chunk - self.first_chunk)
+        return None
 
 
 class SchedulerSide:
@@ -78,6 +110,11 @@ class SchedulerSide:
         self._sync_bytes = 0
         self._from_disk: dict[str, bool] = {}
         self.failed_lookups = 0
+        self._step = 0
+        # Steps whose saves wait for their output, the chunks dropped from them so far, verdicts to send.
+        self._unsettled: dict[int, list[_PlannedSave]] = {}
+        self._dropped: dict[int, set[bytes]] = {}
+        self._verdicts: list[Verdict] = []
 
     def _lookup(self, keys: ChunkKeys, chunk_hashes: Sequence[bytes], prefetch: bool) -> LookupResult:
         try:
@@ -96,7 +133,7 @@ class SchedulerSide:
         self._requests.setdefault(request.request_id, _Tracked(request))
         hashes = request.block_hashes
         keys0 = self.rank_keys[0]
-        usable_chunks = min(keys0.num_chunks(hashes), (request.num_tokens - 1) // self.block_tokens)
+        usable_chunks = min(keys0.num_chunks(hashes), request.num_tokens // self.block_tokens)
         first_chunk = num_computed_tokens // self.block_tokens
         if usable_chunks <= first_chunk:
             return 0, False
@@ -108,7 +145,8 @@ class SchedulerSide:
             found = self._lookup(keys, chunk_hashes[:num_hit], prefetch=True)
             num_hit = found.num_blocks
             is_async = is_async or any(tier is not Tier.HOST for tier in found.tiers[:num_hit])
-        end_tokens = (first_chunk + num_hit) * self.block_tokens
+        # A prompt of whole chunks: the last chunk loads too, and vLLM computes its last token over it.
+        end_tokens = min((first_chunk + num_hit) * self.block_tokens, request.num_tokens - 1)
         if end_tokens <= num_computed_tokens:
             self._hits.pop(request.request_id, None)
             return 0, False
@@ -144,8 +182,13 @@ class SchedulerSide:
     # -- each step ----------------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: Any) -> KvtierMetadata:
-        meta = KvtierMetadata(loads=self._loads, key_epoch=self.key_epoch)
-        self._loads, self._sync_bytes = [], 0
+        self._step += 1
+        lost = max((s for s in self._unsettled if s <= self._step - MAX_UNSETTLED_STEPS), default=None)
+        if lost is not None:
+            self._give_verdicts(lost, confirmed=None)
+        meta = KvtierMetadata(loads=self._loads, key_epoch=self.key_epoch, step=self._step,
+                              verdicts=self._verdicts)
+        self._loads, self._sync_bytes, self._verdicts = [], 0, []
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._requests.get(new.req_id)
             if tracked is None:
@@ -165,6 +208,10 @@ class SchedulerSide:
             computed = cached.num_computed_tokens[index] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
             self._plan_saves(meta, tracked, computed)
         return meta
+
+    def has_unsettled_saves(self) -> bool:
+        """Whether a step's saves still wait for their verdict (or a verdict waits to be sent)."""
+        return bool(self._unsettled or self._verdicts)
 
     def _plan_saves(self, meta: KvtierMetadata, tracked: _Tracked, computed_tokens: int) -> None:
         keys0 = self.rank_keys[0]
@@ -186,15 +233,61 @@ class SchedulerSide:
         m = self.pages_per_chunk
         todo = chunks[held:]
         block_ids = tuple(b for c in todo for b in tracked.block_ids[c * m : (c + 1) * m])
-        meta.saves.append(SaveSpec(tracked.request.request_id, tuple(chunk_hashes[held:]), block_ids))
-        if self._make_event is not None:
-            self._events.extend(self._make_event(tracked.request, c, keys0.hashes_per_chunk, self.hash_block_tokens)
-                                for c in todo)
+        saved_hashes = tuple(chunk_hashes[held:])
+        meta.saves.append(SaveSpec(tracked.request.request_id, saved_hashes, block_ids))
+        self._unsettled.setdefault(meta.step, []).append(
+            _PlannedSave(tracked.request, todo.start, saved_hashes, tuple(tracked.block_ids[: todo.stop * m])))
+
+    def settle(self, step: int | None, invalid_block_ids: set[int]) -> None:
+        """Read one step's output: drop what its load errors spoiled, and give the verdicts of finished steps.
+
+        ``step`` is the step whose output this is (None: unknown, nothing is settled); ``invalid_block_ids``
+        are the blocks whose load failed on any rank.
+        """
+        if invalid_block_ids:
+            self.rewind_failed_loads(invalid_block_ids)
+            # Every step still in flight was computed over the same blocks: its saves over them are wrong too.
+            for unsettled_step, planned in self._unsettled.items():
+                for save in planned:
+                    first = save.first_dropped(invalid_block_ids, self.pages_per_chunk)
+                    if first is not None:
+                        self._drop(unsettled_step, save, first)
+        if step is not None:
+            self._give_verdicts(step, confirmed=step)
+
+    def _give_verdicts(self, through: int, confirmed: int | None) -> None:
+        """Verdicts on every step up to ``through``; only ``confirmed`` had its output read."""
+        for done in sorted(s for s in self._unsettled if s <= through):
+            planned = self._unsettled.pop(done)
+            if done != confirmed:
+                # Its output never came: nothing it saved is confirmed.
+                for save in planned:
+                    self._drop(done, save, 0)
+            dropped = self._dropped.pop(done, set())
+            self._verdicts.append(Verdict(done, frozenset(dropped)))
+            if self._make_event is not None:
+                self._publish(planned, dropped)
+
+    def _publish(self, planned: list[_PlannedSave], dropped: set[bytes]) -> None:
+        """A ``BlockStored`` event per chunk a verdict commits, once per chunk (requests may share one)."""
+        assert self._make_event is not None
+        keys0 = self.rank_keys[0]
+        published = set(dropped)
+        for save in planned:
+            for index, chunk_hash in enumerate(save.chunk_hashes):
+                if chunk_hash not in published:
+                    published.add(chunk_hash)
+                    self._events.append(self._make_event(save.request, save.first_chunk + index,
+                                                         keys0.hashes_per_chunk, self.hash_block_tokens))
+
+    def _drop(self, step: int, save: _PlannedSave, first: int) -> None:
+        self._dropped.setdefault(step, set()).update(save.chunk_hashes[first:])
+        tracked = self._requests.get(save.request.request_id)
+        if tracked is not None:
+            tracked.next_chunk = min(tracked.next_chunk, save.first_chunk + first)
 
     def rewind_failed_loads(self, invalid_block_ids: set[int]) -> None:
         """Save again, once vLLM recomputed them, the chunks over blocks whose load failed."""
-        if not invalid_block_ids:
-            return
         for tracked in self._requests.values():
             for index, block_id in enumerate(tracked.block_ids[: tracked.next_chunk * self.pages_per_chunk]):
                 if block_id in invalid_block_ids:

@@ -14,11 +14,14 @@ Promises:
   ``Store`` (vLLM's scheduler and a single-process worker share it), a ``Client`` of the engine's private
   daemon (an embedded store for an engine whose workers are processes of their own: ``engine_store``), or a
   ``Client`` of the daemon (every process of the host shares it); ``release_store`` closes it after its last
-  user, and stops a private daemon this process started. An embedded store in the engine's process lowers
-  the interpreter's switch interval to ``ENGINE_SWITCH_INTERVAL_S`` (never raises it), so kvtier's threads
-  do not wait 5 ms for the GIL behind vLLM's busy loop at every hand-off. Stores still open when the
-  interpreter exits are closed then (their disk tier flushed), as vLLM's in-process engine never shuts its
-  connectors down.
+  user, and stops a private daemon this process started once none of its clients is left. A daemon client
+  (private or shared) is opened per ``role`` (``scheduler``, ``worker``, ``load``): each has its own
+  connection, so a call blocked on one (a disk promotion on the load thread) never holds the others; the
+  scheduler's calls have a deadline of ``scheduler_timeout_s`` per socket operation (a stalled daemon is then
+  a miss inside ``schedule()``). An embedded store in the engine's process lowers the interpreter's switch
+  interval to ``ENGINE_SWITCH_INTERVAL_S`` (never raises it), so kvtier's threads do not wait 5 ms for the
+  GIL behind vLLM's busy loop at every hand-off. Stores still open when the interpreter exits are closed then
+  (their disk tier flushed), as vLLM's in-process engine never shuts its connectors down.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ from kvtier.store import Store
 StoreKind = Literal["embedded", "daemon"]
 _KEY_DOMAIN = b"kvtier-vllm-chunk-v1"
 _KNOWN_KEYS = {"store", "instance", "model_id", "block_tokens", "config_path", "config", "tenant_salt",
-               "sync_load_bytes"}
+               "sync_load_bytes", "scheduler_timeout_s"}
 DEFAULT_SYNC_LOAD_BYTES = 256 << 20
+DEFAULT_SCHEDULER_TIMEOUT_S = 1.0
 # The interpreter's switch interval in an engine process that holds an embedded store (as ``kvtier serve``).
 ENGINE_SWITCH_INTERVAL_S = 0.0005
 
@@ -58,6 +62,7 @@ class ConnectorSettings:
     config: Mapping[str, Any] = field(default_factory=dict)
     tenant_salt: str = ""
     sync_load_bytes: int = DEFAULT_SYNC_LOAD_BYTES
+    scheduler_timeout_s: float = DEFAULT_SCHEDULER_TIMEOUT_S
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any], default_model_id: str) -> ConnectorSettings:
@@ -74,6 +79,7 @@ class ConnectorSettings:
             config=extra.get("config", {}),
             tenant_salt=str(extra.get("tenant_salt", "")),
             sync_load_bytes=extra.get("sync_load_bytes", DEFAULT_SYNC_LOAD_BYTES),
+            scheduler_timeout_s=extra.get("scheduler_timeout_s", DEFAULT_SCHEDULER_TIMEOUT_S),
         )
         if settings.store not in ("embedded", "daemon"):
             raise ConfigError(f"store must be 'embedded' or 'daemon', got {settings.store!r}")
@@ -83,6 +89,9 @@ class ConnectorSettings:
         if not isinstance(settings.sync_load_bytes, int) or settings.sync_load_bytes < 0:
             raise ConfigError(f"sync_load_bytes must be a non-negative int (bytes of synchronous loads per step), "
                               f"got {settings.sync_load_bytes!r}")
+        timeout = settings.scheduler_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"scheduler_timeout_s must be a positive number of seconds, got {timeout!r}")
         if not isinstance(settings.config, Mapping):
             raise ConfigError("config must be a mapping shaped like kvtier's TOML file")
         if not settings.model_id:
@@ -195,7 +204,7 @@ BlockStore = Store | Client
 class _Shared:
     store: BlockStore
     users: int
-    engine_id: str = ""
+    engine_socket: str = ""  # the engine's private daemon this store is a client of (``engine_store``)
 
 
 _stores: dict[str, _Shared] = {}
@@ -212,32 +221,45 @@ def _store_config(settings: ConnectorSettings) -> StoreConfig:
     return config
 
 
-def open_store(settings: ConnectorSettings, layout: KVLayout, engine_id: str = "") -> BlockStore:
-    """The process's store named ``settings.instance``, created on first use; pair with ``release_store``.
+def store_name(settings: ConnectorSettings, role: str, engine_id: str = "") -> str:
+    """The name ``open_store`` files the store of ``role`` under (``release_store`` takes it back)."""
+    if (settings.store != "daemon" and not engine_id) or not role or settings.instance in _stores:
+        return settings.instance  # one embedded store per instance (or one adopted store for every role)
+    return f"{settings.instance}/{role}"
 
-    ``store='embedded'``: a ``Store`` in this process, or, with ``engine_id`` (an engine whose scheduler and
-    workers are separate processes), a ``Client`` of that engine's private daemon (``engine_store``).
-    ``store='daemon'``: a ``Client`` of the local ``kvtier serve`` (``config.daemon.connect``, default its Unix
-    socket), shared by every process.
+
+def open_store(settings: ConnectorSettings, layout: KVLayout, role: str = "", engine_id: str = "") -> BlockStore:
+    """The process's store named ``settings.instance`` for ``role``, created on first use; pair with
+    ``release_store(store_name(settings, role, engine_id))``.
+
+    ``store='embedded'``: a ``Store`` in this process, for every role, or, with ``engine_id`` (an engine whose
+    scheduler and workers are separate processes), a ``Client`` of that engine's private daemon
+    (``engine_store``), one per role. ``store='daemon'``: a ``Client`` of the local ``kvtier serve``
+    (``config.daemon.connect``, default its Unix socket), one per role. Each client has its own connection;
+    the ``scheduler`` one has ``scheduler_timeout_s`` as its deadline.
     """
     with _stores_lock:
-        shared = _stores.get(settings.instance)
+        name = store_name(settings, role, engine_id)
+        shared = _stores.get(name)
         if shared is None:
             config = _store_config(settings)
+            timeout = settings.scheduler_timeout_s if role == "scheduler" else None
             store: BlockStore
+            engine_socket = ""
             if settings.store == "daemon":
-                store = Client(layout, config)
+                store = Client(layout, config, timeout=timeout)
             elif engine_id:
-                from kvtier_connectors.vllm.engine_store import open_engine_store
+                from kvtier_connectors.vllm.engine_store import engine_socket_path, open_engine_store
 
                 source = {"config_path": settings.config_path, "config": dict(settings.config)}
-                store = open_engine_store(source, layout, engine_id, settings.instance)
+                store = open_engine_store(source, layout, engine_id, settings.instance, timeout=timeout)
+                engine_socket = engine_socket_path(engine_id, settings.instance)
             else:
                 store = Store(layout, config)
                 # vLLM's busy loop holds the GIL; kvtier's load, copy and disk threads each wait for it at
                 # every hand-off, up to the switch interval (5 ms by default) each time (docs/connectors/vllm.md).
                 sys.setswitchinterval(min(sys.getswitchinterval(), ENGINE_SWITCH_INTERVAL_S))
-            shared = _stores[settings.instance] = _Shared(store, 0, engine_id)
+            shared = _stores[name] = _Shared(store, 0, engine_socket)
         elif shared.store.layout != layout:
             raise LayoutMismatchError(
                 f"store instance {settings.instance!r} holds {shared.store.layout}, this connector needs {layout}"
@@ -257,12 +279,18 @@ def _close_at_exit() -> None:
     with _stores_lock:
         left = list(_stores.items())
         _stores.clear()
-    for instance, shared in left:
+    for _, shared in left:
         shared.store.close()
-        if shared.engine_id:
-            from kvtier_connectors.vllm.engine_store import engine_socket_path, stop_engine_store
+    _stop_engine_stores({shared.engine_socket for _, shared in left if shared.engine_socket})
 
-            stop_engine_store(engine_socket_path(shared.engine_id, instance))
+
+def _stop_engine_stores(sockets: set[str]) -> None:
+    """Stop the private daemons on ``sockets`` that this process started (``stop_engine_store`` ignores others)."""
+    if sockets:
+        from kvtier_connectors.vllm.engine_store import stop_engine_store
+
+        for path in sockets:
+            stop_engine_store(path)
 
 
 threading._register_atexit(_close_at_exit)  # type: ignore[attr-defined]
@@ -289,8 +317,8 @@ def release_store(instance: str) -> None:
         if shared.users > 0:
             return
         del _stores[instance]
+        # A private daemon serves every role's client of this process: stop it after the last one.
+        last = shared.engine_socket and all(other.engine_socket != shared.engine_socket for other in _stores.values())
     shared.store.close()
-    if shared.engine_id:
-        from kvtier_connectors.vllm.engine_store import engine_socket_path, stop_engine_store
-
-        stop_engine_store(engine_socket_path(shared.engine_id, instance))
+    if last:
+        _stop_engine_stores({shared.engine_socket})

@@ -9,6 +9,10 @@ Promises:
   (vLLM may already hold the leading pages of the first chunk; a load always ends on a chunk boundary).
 - ``StepPlan.key_epoch`` names the generation of the keys: ``reset_cache`` starts a new one, so that KV saved
   before a reset (e.g. under old weights) is never found after it.
+- ``StepPlan.step`` numbers the plans from 1; ``StepPlan.verdicts`` settle the saves of earlier steps (the
+  commit rule): a ``Verdict`` names a step whose output the scheduler has read (merged over every rank) and
+  the chunks of that step's saves that were computed over KV that failed to load; every other chunk the step
+  saved is committed.
 - Specs are plain data (picklable): vLLM sends the plan to worker processes.
 """
 
@@ -33,8 +37,16 @@ class SaveSpec:
     block_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Verdict:
+    step: int
+    dropped: frozenset[bytes] = frozenset()
+
+
 @dataclass
 class StepPlan:
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     key_epoch: str = ""
+    step: int = 0
+    verdicts: list[Verdict] = field(default_factory=list)

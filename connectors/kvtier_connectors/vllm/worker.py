@@ -13,26 +13,35 @@ Promises:
   place, whatever the CUDA graph mode (per-layer hooks, skipped by full-graph replays, have nothing to do).
   A lease is released only once its scatter ran (its CUDA event completed; on the CPU the copy is done).
 - A chunk the store cannot deliver (evicted since the lookup, failed checksum, daemon gone) is never
-  scattered: its blocks are reported by ``get_block_ids_with_load_errors`` in the step that found them,
-  and no save of that step for the same request, or over the same blocks, is made (that KV was computed
-  over a missing prefix).
-- Asynchronous loads (from disk, or over the synchronous budget) acquire in a background thread;
-  ``get_finished`` scatters a finished one (queued before the next step's forward) and reports its request
-  as received, with its failed blocks reported in the same pass.
+  scattered: its blocks are reported by ``get_block_ids_with_load_errors`` in the step that found them.
+  Which saves that spoils is decided by the scheduler side, over every rank (the commit rule below).
+- Asynchronous loads (from disk, or over the synchronous budget) acquire in a background thread, on
+  ``load_store`` (a daemon client of its own, so a disk promotion never holds the worker's saves), and are
+  scattered from that client's mapping and released through it. ``get_finished`` queues the scatter of a
+  finished one on a load stream of its own (after what the forward's stream queued so far, which may still
+  use the blocks), so the next forward never waits behind it, and reports the request as received only once
+  that scatter ran (its CUDA event completed; at once on the CPU). Its failed blocks are reported no later.
 - Saves reserve slots for the step's chunks and gather the paged cache straight into them: per layer in
-  ``save_kv_layer`` as the forward writes it, the rest in one copy in ``wait_for_save``. Slots are
-  committed only once the gathers ran (their CUDA event completed), aborted if they failed. Gathers are
-  queued on the forward's stream, so vLLM may free and reuse the blocks at once: saves never hold a
+  ``save_kv_layer`` as the forward writes it, the rest in one copy in ``wait_for_save``. The slots are then
+  staged, not committed: a later plan's ``Verdict`` on the step commits its chunks (``saved_chunks`` counts
+  them) and aborts the dropped ones, each once the gathers ran (their CUDA event completed); a failed gather
+  aborts at once. A chunk this worker still stages for an earlier step is gathered again into the same slot
+  (queued after the first gather) and the later step's verdict decides it: a dropped copy never blocks the
+  recomputed one, and ``reserve`` skipping a key never makes a chunk permanent without its verdict. Gathers
+  are queued on the forward's stream, so vLLM may free and reuse the blocks at once: saves never hold a
   request (``get_finished`` reports no sends). A full arena or a gone daemon makes a save a later miss.
 - Thread-safe: vLLM may hand a step's layers over from two micro-batch threads; the step then gathers
   every layer once in ``wait_for_save``, after the per-layer gathers already queued, so no page is
   saved before its micro-batch wrote it. CUDA events are recorded on the cache's device's stream.
+- ``step`` is the step of the last plan seen (``KvtierWorkerMeta`` reports it to the scheduler side).
 - No staging buffer, no pinned allocation and no host copy on the way; nothing waits for the device,
-  except ``shutdown``, which waits for every queued copy, commits or aborts, and releases every lease.
+  except ``shutdown``, which waits for every queued copy, aborts what has no verdict, and releases every
+  lease.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -46,7 +55,7 @@ from kvtier.layout import KVLayout
 from kvtier.native import PagedKV, byte_rows
 from kvtier.store import Lease, Reservation
 from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, VllmGeometry
-from kvtier_connectors.vllm.specs import LoadSpec, SaveSpec, StepPlan
+from kvtier_connectors.vllm.specs import LoadSpec, StepPlan, Verdict
 
 log = logging.getLogger(__name__)
 _EMPTY_LEASE = Lease((), ())
@@ -54,9 +63,11 @@ _EMPTY_LEASE = Lease((), ())
 
 @dataclass
 class _StepSave:
-    """The slots reserved for one step's saves and the blocks gathered into them, chunk by chunk."""
+    """The slots one step's saves gather into (``keys[i]`` into ``slots[i]``) and their blocks, chunk by chunk."""
 
-    reservation: Reservation | None
+    keys: list[bytes] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    chunk_hashes: list[bytes] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     layers_done: set[str] = field(default_factory=set)
     # Threads that handed layers over in this step; a second one means micro-batches (see save_kv_layer).
@@ -64,6 +75,13 @@ class _StepSave:
     deferred: bool = False
     # CUDA events after each per-layer gather: a deferred step's final gathers are queued after them.
     gathered: list[torch.cuda.Event] = field(default_factory=list)
+
+
+@dataclass
+class _Staged:
+    """A step's gathered chunks waiting for its verdict: key -> (slot, chunk hash)."""
+
+    chunks: dict[bytes, tuple[int, bytes]]
 
 
 def copy_page_from_slot(paged: PagedKV, block_id: int, rows: torch.Tensor, slot_id: int, page: int,
@@ -88,18 +106,25 @@ def layer_segments(cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
 class WorkerSide:
     """The worker-side connector's state; see the module promises."""
 
-    def __init__(self, layout: KVLayout, geometry: VllmGeometry, store: BlockStore, keys: ChunkKeys) -> None:
+    def __init__(self, layout: KVLayout, geometry: VllmGeometry, store: BlockStore, keys: ChunkKeys,
+                 load_store: BlockStore | None = None) -> None:
         self.layout = layout
         self.geometry = geometry
         self.store = store
+        self.load_store = store if load_store is None else load_store
         self.keys = keys
         self.pages_per_chunk = layout.block_tokens // geometry.vllm_block_tokens
         self.paged: PagedKV | None = None
         self._layer_segments: dict[str, range] = {}
         self._step_save: _StepSave | None = None
-        self._step_failed_reqs: set[str] = set()
-        self._step_failed_blocks: set[int] = set()
+        self.step = 0
+        # Staged saves by step, and the step whose verdict decides each staged key.
+        self._staged: dict[int, _Staged] = {}
+        self._owner: dict[bytes, int] = {}
         self._async_loads: dict[str, tuple[LoadSpec, Future[Lease]]] = {}
+        # Asynchronous loads whose scatter is queued on the load stream, and its completion (None: done).
+        self._scattering: dict[str, torch.cuda.Event | None] = {}
+        self._load_stream: torch.cuda.Stream | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
         self._load_errors: set[int] = set()
         # Copies queued on the device and what to do once each ran (commit, abort, release), in order.
@@ -149,8 +174,44 @@ class WorkerSide:
         return self.paged
 
     def _follow(self, plan: StepPlan) -> None:
+        """Take a step's plan, once: its key epoch and its verdicts on earlier steps."""
+        if plan.step and plan.step == self.step:
+            return
+        self.step = plan.step
         if plan.key_epoch != self.keys.epoch:
             self.keys = self.keys.with_epoch(plan.key_epoch)
+        self.settle(plan.verdicts)
+
+    def settle(self, verdicts: list[Verdict]) -> None:
+        """Commit the staged chunks each verdict keeps and abort the others (once their gathers ran).
+
+        A staged step older than the newest verdict that got none is aborted: its verdict was lost.
+        """
+        if not verdicts:
+            return
+        newest = max(verdict.step for verdict in verdicts)
+        dropped = {verdict.step: verdict.dropped for verdict in verdicts}
+        for step in sorted(s for s in self._staged if s <= newest):
+            staged = self._staged.pop(step)
+            for key in staged.chunks:
+                del self._owner[key]
+            spoiled = dropped.get(step)
+            keep = [] if spoiled is None else [k for k, (_, h) in staged.chunks.items() if h not in spoiled]
+            kept = set(keep)
+            gone = [k for k in staged.chunks if k not in kept]
+            self._after_device(functools.partial(self._settle, staged.chunks, keep, gone))
+
+    def _settle(self, chunks: dict[bytes, tuple[int, bytes]], commit: list[bytes], abort: list[bytes]) -> None:
+        for keys, action in ((commit, self.store.commit), (abort, self.store.abort)):
+            if not keys:
+                continue
+            try:
+                action(Reservation(tuple(keys), tuple(chunks[k][0] for k in keys), ()))
+            except KvtierError as exc:
+                log.debug("kvtier save of %d chunk(s) lost: %s", len(keys), exc)
+                continue
+            if keys is commit:
+                self.saved_chunks += len(keys)
 
     def _after_device(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the copies queued so far on the current stream ran (at once on the CPU)."""
@@ -181,31 +242,31 @@ class WorkerSide:
         self.poll()
         for spec in plan.loads:
             if spec.is_async:
-                self._async_loads[spec.req_id] = (spec, self._pool.submit(self._acquire, self.keys, spec))
-            elif not self._load(spec, self._acquire(self.keys, spec)):
-                self._step_failed_reqs.add(spec.req_id)
+                future = self._pool.submit(self._acquire, self.load_store, self.keys, spec)
+                self._async_loads[spec.req_id] = (spec, future)
+            else:
+                self._load(spec, self._acquire(self.store, self.keys, spec), self.store)
 
-    def _acquire(self, keys: ChunkKeys, spec: LoadSpec) -> Lease:
+    def _acquire(self, store: BlockStore, keys: ChunkKeys, spec: LoadSpec) -> Lease:
         try:
-            return self.store.acquire(keys.keys(spec.chunk_hashes))
+            return store.acquire(keys.keys(spec.chunk_hashes))
         except KvtierError as exc:
             log.warning("kvtier load of %d chunk(s) for %s failed, vLLM recomputes them: %s",
                         len(spec.chunk_hashes), spec.req_id, exc)
             return _EMPTY_LEASE
 
-    def _load(self, spec: LoadSpec, lease: Lease) -> bool:
+    def _load(self, spec: LoadSpec, lease: Lease, store: BlockStore) -> bool:
         """Scatter the leased leading chunks of ``spec``; report the rest. True when every chunk loaded."""
         paged, m = self._require_paged(), self.pages_per_chunk
         num_leased = len(lease.slots)
         pages = [(spec.first_page + i, block_id) for i, block_id in enumerate(spec.block_ids)]
         failed = [block_id for page, block_id in pages if page // m >= num_leased]
         self._load_errors.update(failed)
-        self._step_failed_blocks.update(failed)
         self.failed_chunks += len(spec.chunk_hashes) - num_leased
         self.loaded_chunks += num_leased
         if num_leased:
             try:
-                rows = self.store.slot_rows()
+                rows = store.slot_rows()
                 # The first chunk may be partial (vLLM holds its leading pages): page by page, at most m copies.
                 head = [(page, block_id) for page, block_id in pages if page < m] if spec.first_page else []
                 for page, block_id in head:
@@ -213,12 +274,12 @@ class WorkerSide:
                 whole = [block_id for page, block_id in pages[len(head):] if page // m < num_leased]
                 paged.scatter_from_slots(whole, rows, lease.slots[1 if head else 0 : num_leased], m)
             finally:
-                self._after_device(lambda: self._release(lease))
+                self._after_device(lambda: self._release(lease, store))
         return not failed
 
-    def _release(self, lease: Lease) -> None:
+    def _release(self, lease: Lease, store: BlockStore) -> None:
         try:
-            self.store.release(lease)
+            store.release(lease)
         except KvtierError as exc:
             log.debug("releasing a lease failed (the daemon drops a lost connection's leases itself): %s", exc)
 
@@ -230,34 +291,40 @@ class WorkerSide:
     def _begin_save(self, plan: StepPlan) -> _StepSave:
         if self._step_save is not None:
             return self._step_save
-        chunks: list[tuple[bytes, tuple[int, ...]]] = []
+        save = self._step_save = _StepSave()
+        if not self.keys.writer:
+            return save
         m = self.pages_per_chunk
-        for spec in self._kept_saves(plan.saves):
+        chunks: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
+        for spec in plan.saves:
             for c, chunk_hash in enumerate(spec.chunk_hashes):
-                chunks.append((self.keys.key(chunk_hash), spec.block_ids[c * m : (c + 1) * m]))
-        reservation = None
-        if chunks:
+                chunks.setdefault(self.keys.key(chunk_hash), (chunk_hash, spec.block_ids[c * m : (c + 1) * m]))
+        # A key this worker stages for an earlier step is written again into its slot; this step's verdict
+        # decides it (``reserve`` would skip it, and the earlier copy may be dropped).
+        restaged = [key for key in chunks if key in self._owner]
+        fresh = [key for key in chunks if key not in self._owner]
+        for key in restaged:
+            slot, _ = self._staged[self._owner.pop(key)].chunks.pop(key)
+            save.keys.append(key)
+            save.slots.append(slot)
+        if fresh:
             try:
-                reservation = self.store.reserve([key for key, _ in chunks])
+                reservation = self.store.reserve(fresh)
             except KvtierError as exc:
-                log.debug("kvtier save of %d chunk(s) skipped: %s", len(chunks), exc)
-        save = _StepSave(reservation)
-        if reservation is not None:
-            blocks_of = dict(chunks)
-            save.block_ids = [b for key in reservation.keys for b in blocks_of[key]]
-        self._step_save = save
+                log.debug("kvtier save of %d chunk(s) skipped: %s", len(fresh), exc)
+            else:
+                save.keys.extend(reservation.keys)
+                save.slots.extend(reservation.slots)
+        for key in save.keys:
+            chunk_hash, block_ids = chunks[key]
+            save.chunk_hashes.append(chunk_hash)
+            save.block_ids.extend(block_ids)
         return save
 
-    def _kept_saves(self, saves: list[SaveSpec]) -> list[SaveSpec]:
-        if not self.keys.writer:
-            return []
-        return [spec for spec in saves if spec.req_id not in self._step_failed_reqs
-                and self._step_failed_blocks.isdisjoint(spec.block_ids)]
-
     def _gather(self, save: _StepSave, segments: range) -> None:
-        if save.reservation is None or not save.reservation.keys or not len(segments):
+        if not save.keys or not len(segments):
             return
-        self._require_paged().gather_to_slots(save.block_ids, self.store.slot_rows(), save.reservation.slots,
+        self._require_paged().gather_to_slots(save.block_ids, self.store.slot_rows(), save.slots,
                                               self.pages_per_chunk, segments)
 
     def save_kv_layer(self, layer_name: str, plan: StepPlan) -> None:
@@ -269,10 +336,10 @@ class WorkerSide:
         already made, so the slots end with the whole step's pages.
         """
         segments = self._layer_segments.get(layer_name)
-        if not plan.saves or segments is None:
-            return
         with self._lock:
             self._follow(plan)
+            if not plan.saves or segments is None:
+                return
             save = self._begin_save(plan)
             save.threads.add(threading.get_ident())
             if len(save.threads) > 1 and not save.deferred:
@@ -295,20 +362,19 @@ class WorkerSide:
     def wait_for_save(self, plan: StepPlan) -> None:
         with self._lock:
             try:
+                self._follow(plan)
                 if plan.saves:
-                    self._follow(plan)
                     save = self._begin_save(plan)
                     if save.gathered and save.deferred:
                         stream = torch.cuda.current_stream(self._require_paged().device)
                         for event in save.gathered:
                             stream.wait_event(event)
-                    self._finish_save(save)
+                    self._finish_save(plan.step, save)
             finally:
                 self._step_save = None
-                self._step_failed_reqs, self._step_failed_blocks = set(), set()
 
-    def _finish_save(self, save: _StepSave) -> None:
-        if save.reservation is None or not save.reservation.keys:
+    def _finish_save(self, step: int, save: _StepSave) -> None:
+        if not save.keys:
             return
         # The layers the forward did not hand over (all of them after a full-graph replay), in runs of
         # adjacent segments: one copy per run.
@@ -323,32 +389,47 @@ class WorkerSide:
         except BaseException:
             self._abandon(save)
             raise
-        reservation = save.reservation
-        self.saved_chunks += len(reservation.keys)
-        self._after_device(lambda: self._settle(reservation, commit=True))
+        staged = self._staged.setdefault(step, _Staged({}))
+        for key, slot, chunk_hash in zip(save.keys, save.slots, save.chunk_hashes, strict=True):
+            staged.chunks[key] = (slot, chunk_hash)
+            self._owner[key] = step
 
     def _abandon(self, save: _StepSave) -> None:
-        reservation, save.reservation = save.reservation, None
-        if reservation is not None and reservation.keys:
-            self._after_device(lambda: self._settle(reservation, commit=False))
-
-    def _settle(self, reservation: Reservation, commit: bool) -> None:
-        try:
-            (self.store.commit if commit else self.store.abort)(reservation)
-        except KvtierError as exc:
-            log.debug("kvtier save of %d chunk(s) lost: %s", len(reservation.keys), exc)
+        chunks = {key: (slot, b"") for key, slot in zip(save.keys, save.slots, strict=True)}
+        save.keys, save.slots = [], []
+        if chunks:
+            self._after_device(lambda: self._settle(chunks, [], list(chunks)))
 
     # -- completions --------------------------------------------------------------------------------
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self.poll()
-        received = set()
         for req_id, (spec, future) in list(self._async_loads.items()):
             if future.done():
                 del self._async_loads[req_id]
-                self._load(spec, future.result())
+                self._scattering[req_id] = self._scatter_on_load_stream(spec, future.result())
+        received = set()
+        for req_id, event in list(self._scattering.items()):
+            if event is None or event.query():  # type: ignore[no-untyped-call]
+                del self._scattering[req_id]
                 received.add(req_id)
         return None, received or None
+
+    def _scatter_on_load_stream(self, spec: LoadSpec, lease: Lease) -> torch.cuda.Event | None:
+        """Queue an asynchronous load's scatter on the load stream; its completion event (None on the CPU)."""
+        paged = self._require_paged()
+        if paged.device.type != "cuda":
+            self._load(spec, lease, self.load_store)
+            return None
+        if self._load_stream is None:
+            self._load_stream = torch.cuda.Stream(paged.device)  # type: ignore[no-untyped-call]
+        # The blocks may have served another request whose forward work is still queued.
+        self._load_stream.wait_stream(torch.cuda.current_stream(paged.device))
+        with torch.cuda.stream(self._load_stream):
+            self._load(spec, lease, self.load_store)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+        return event
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -358,12 +439,21 @@ class WorkerSide:
         """Copies queued on the device whose commit, abort or release has not run yet."""
         return len(self._pending)
 
+    def staged_chunks(self) -> int:
+        """Chunks gathered and waiting for their step's verdict."""
+        return len(self._owner)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+        # No verdict will come: what is staged is never committed.
+        for staged in self._staged.values():
+            chunks = staged.chunks
+            self._after_device(functools.partial(self._settle, chunks, [], list(chunks)))
+        self._staged, self._owner = {}, {}
         for spec, future in self._async_loads.values():
-            self._release(future.result())
+            self._release(future.result(), self.load_store)
             self.failed_chunks += len(spec.chunk_hashes)
-        self._async_loads = {}
+        self._async_loads, self._scattering = {}, {}
         if self._pending and torch.cuda.is_available():
             torch.cuda.synchronize()
         for _, action in self._pending:

@@ -1,0 +1,283 @@
+"""The commit rule under vLLM's real Scheduler: no chunk computed over KV that failed to load is ever stored.
+
+A step's saves are staged and committed only once the scheduler read that step's output, merged over every
+rank, and found no failed block under them (connectors/kvtier_connectors/vllm/scheduler.py). Each test makes
+one stored chunk fail between the scheduler's lookup and the load, runs to the end, then reads back every
+chunk of the prompt the store holds, on every rank, and compares it with what a full recompute writes.
+Cases (issue 18): asynchronous scheduling (1), tensor parallelism with a failure on one rank (2), two
+requests sharing a prefix in one step (3), recomputed chunks after a failed asynchronous load (7).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.config import ModelConfig  # noqa: E402
+from vllm.utils.hashing import sha256  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm_harness import (  # noqa: E402
+    BLOCK,
+    LAYERS,
+    Engine,
+    expected_kv,
+    make_kv_cache_config,
+    make_vllm_config,
+    write_model_dir,
+)
+
+from kvtier.config import HostConfig, StoreConfig, TransferConfig  # noqa: E402
+from kvtier.job import Job  # noqa: E402
+from kvtier.store import Lease, Store  # noqa: E402
+from kvtier_connectors.vllm.settings import adopt_store, layout_from_kv_cache_config  # noqa: E402
+
+_instances = itertools.count()
+NUM_BLOCKS = 64
+SPARE_BLOCK = NUM_BLOCKS - 1  # read-back target: the tests never use this many blocks
+
+
+class FailingStore(Store):
+    """A store whose chosen keys are deleted between the scheduler's lookup and the worker's load."""
+
+    failing: set[bytes]
+
+    def acquire(self, keys: Any, timeout: float | None = None) -> Lease:
+        keys = list(keys)
+        cut = next((i for i, key in enumerate(keys) if key in self.failing), len(keys))
+        if cut < len(keys):
+            self.host.drop(keys[cut])
+            self.failing.discard(keys[cut])
+        return super().acquire(keys[:cut], timeout)
+
+    def get(self, keys: Any, blocks: Any) -> Job:
+        job = super().get(keys, blocks)
+        job.fail(i for i, key in enumerate(keys) if key in self.failing)
+        return job
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
+    path = write_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+    return ModelConfig(model=str(path), dtype="float32", seed=0, skip_tokenizer_init=True)
+
+
+@pytest.fixture
+def engines() -> Iterator[list[Engine]]:
+    made: list[Engine] = []
+    yield made
+    for engine in made:
+        engine.close()
+
+
+def make_engine(model_config: ModelConfig, engines: list[Engine], *, async_scheduling: bool = False,
+                tp_size: int = 1, policy: str = "recompute", max_batched_tokens: int = 512,
+                extra: dict[str, Any] | None = None) -> tuple[Engine, FailingStore]:
+    init_none_hash(sha256)
+    kv_cache_config = make_kv_cache_config(NUM_BLOCKS)
+    layout, _ = layout_from_kv_cache_config(kv_cache_config, 0)
+    store = FailingStore(layout, StoreConfig(host=HostConfig(capacity_bytes=8 << 20),
+                                             transfer=TransferConfig(backend="cpu")))
+    store.failing = set()
+    instance = f"commit-rule-{next(_instances)}"
+    adopt_store(instance, store)
+    # Every rank shares the one adopted store, as every process shares a daemon (store='daemon' allows TP).
+    extra = {"instance": instance, **({"store": "daemon"} if tp_size > 1 else {}), **(extra or {})}
+    config = make_vllm_config(model_config, extra, policy=policy, max_batched_tokens=max_batched_tokens,
+                              num_blocks=NUM_BLOCKS, async_scheduling=async_scheduling, tp_size=tp_size)
+    engine = Engine(config, kv_cache_config)
+    engines.append(engine)
+    return engine, store
+
+
+def prompt(seed: int, num_tokens: int) -> list[int]:
+    return [(seed * 37 + i * 11) % 900 + 1 for i in range(num_tokens)]
+
+
+def block_hashes(tokens: list[int]) -> list[Any]:
+    params = SamplingParams(max_tokens=1)
+    request = Request(request_id="hashes", prompt_token_ids=tokens, sampling_params=params, pooling_params=None,
+                      block_hasher=get_request_block_hasher(BLOCK, sha256))
+    if not request.block_hashes:
+        request.update_block_hashes()
+    return list(request.block_hashes)
+
+
+def chunk_key(engine: Engine, tokens: list[int], chunk: int, rank: int = 0) -> bytes:
+    worker = engine.workers[rank].worker_side
+    assert worker is not None
+    return worker.keys.key(worker.keys.chunk_hash(block_hashes(tokens), chunk))
+
+
+def store_prefix_then_forget(engine: Engine, tokens: list[int]) -> None:
+    engine.run_until_done(engine.add("writer", tokens))
+    assert engine.scheduler.reset_prefix_cache()
+
+
+def stored_chunks(engine: Engine, store: Store, tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The chunks of ``tokens`` rank 0 holds in the store, and every (rank, chunk) held that is wrong.
+
+    Each chunk held is read back through the worker's own scatter into a spare block and compared, value by
+    value on every layer, with what a full recompute of the prompt writes.
+    """
+    held: list[int] = []
+    wrong: list[tuple[int, int]] = []
+    for rank, worker in enumerate(engine.workers):
+        side = worker.worker_side
+        assert side is not None and side.paged is not None
+        for chunk in range(len(tokens) // BLOCK):
+            lease = store.acquire([chunk_key(engine, tokens, chunk, rank)])
+            if not lease.slots:
+                continue
+            try:
+                side.paged.scatter_from_slots([SPARE_BLOCK], store.slot_rows(), lease.slots, 1)
+            finally:
+                store.release(lease)
+            if rank == 0:
+                held.append(chunk)
+            for layer_index, name in enumerate(LAYERS):
+                cache = engine.rank_caches[rank][name]
+                actual = [int(cache[SPARE_BLOCK, 0, p, 0]) for p in range(BLOCK)]
+                expected = expected_kv(tokens, layer_index, rank, engine.tp_size)[chunk * BLOCK : (chunk + 1) * BLOCK]
+                if actual != expected:
+                    wrong.append((rank, chunk))
+                    break
+    return held, wrong
+
+
+def drain(engine: Engine) -> None:
+    engine.drain(time.monotonic() + 20)
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_async_scheduling_stores_nothing_computed_over_a_failed_load(model_config: ModelConfig,
+                                                                      engines: list[Engine], policy: str) -> None:
+    """Item 1: vLLM plans step t+1 before it reads step t's load errors; t+1's chunks over the gap are dropped."""
+    engine, store = make_engine(model_config, engines, async_scheduling=True, policy=policy,
+                                max_batched_tokens=4 * BLOCK)
+    published: list[Any] = []
+    engine.scheduler.kv_event_publisher.publish = published.append  # type: ignore[method-assign]
+    tokens = prompt(1, 12 * BLOCK + 3)
+    store_prefix_then_forget(engine, tokens[: 3 * BLOCK + 1])
+    published.clear()
+    store.failing.add(chunk_key(engine, tokens, 1))
+    victim = engine.add("victim", tokens)
+    engine.run_until_done(victim, timeout_s=30)
+    assert any(engine.load_errors), "the load never failed: the test lost its case"
+    store.failing.clear()
+    held, wrong = stored_chunks(engine, store, tokens)
+    assert not wrong, f"chunks stored over a failed load: {wrong}"
+    # Item 6: BlockStored events follow commits: one per chunk committed, none for a dropped save.
+    stored = [event.block_hashes[0] for batch in published for event in batch.events
+              if getattr(event, "medium", None) == "CPU"]
+    assert len(stored) == len(set(stored))
+    if policy == "recompute":
+        # The recomputed chunks were saved again: the whole prompt is stored.
+        assert victim.status != RequestStatus.FINISHED_ERROR
+        assert held == list(range(12))
+        hashes = block_hashes(tokens)
+        assert {hashes[c] for c in range(3, 12)} <= set(stored) <= {hashes[c] for c in range(12)}
+    else:
+        assert victim.status == RequestStatus.FINISHED_ERROR
+
+
+def test_a_failure_on_one_rank_drops_every_ranks_saves(model_config: ModelConfig, engines: list[Engine]) -> None:
+    """Item 2: rank 1 alone fails chunk 1; rank 0's KV after it depends on it (all-reduce), so no rank keeps it."""
+    engine, store = make_engine(model_config, engines, tp_size=2)
+    tokens = prompt(2, 7 * BLOCK + 3)
+    store_prefix_then_forget(engine, tokens[: 3 * BLOCK + 1])
+    assert stored_chunks(engine, store, tokens) == ([0, 1, 2], [])
+    # Item 6: vLLM sums the ranks' stats; the chunks saved once per rank count once.
+    assert sum(data.get("saved_chunks", 0) for data in engine.stats) == 3
+    store.failing.add(chunk_key(engine, tokens, 1, rank=1))
+    victim = engine.add("victim", tokens)
+    engine.run_until_done(victim, timeout_s=30)
+    assert any(engine.load_errors)
+    store.failing.clear()
+    held, wrong = stored_chunks(engine, store, tokens)
+    assert not wrong, f"chunks stored over a failed load: {wrong}"
+    assert held == list(range(7))
+
+
+def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: ModelConfig,
+                                                              engines: list[Engine]) -> None:
+    """Item 3: a second request takes the first one's synchronously loaded blocks as a local hit in the same
+    step; the load fails, and the second request's chunks computed over it are not stored."""
+    engine, store = make_engine(model_config, engines)
+    system = prompt(3, 3 * BLOCK)
+    first_tokens = [*system, *prompt(4, 3 * BLOCK + 2)]
+    second_tokens = [*system, *prompt(5, 3 * BLOCK + 2)]
+    store_prefix_then_forget(engine, [*system, 1])
+    store.failing.add(chunk_key(engine, system, 1))
+    first = engine.add("first", first_tokens)
+    second = engine.add("second", second_tokens)
+    output = engine.step()
+    assert engine.load_errors[-1], "the load never failed: the test lost its case"
+    assert set(output.num_scheduled_tokens) == {"first", "second"}
+    # The second request computed only its question: it took the prefix from the first's loaded blocks.
+    assert output.num_scheduled_tokens["second"] == len(second_tokens) - 3 * BLOCK
+    engine.run_until_done(first, second, timeout_s=30)
+    store.failing.clear()
+    for tokens in (first_tokens, second_tokens):
+        held, wrong = stored_chunks(engine, store, tokens)
+        assert not wrong, f"chunks stored over a failed load: {wrong}"
+        assert held == list(range(6))
+
+
+def test_chunks_recomputed_after_a_failed_async_load_are_saved(model_config: ModelConfig,
+                                                               engines: list[Engine]) -> None:
+    """Item 7: an asynchronous load fails chunk 1; vLLM recomputes it, and the recomputed chunks are stored."""
+    engine, store = make_engine(model_config, engines, extra={"sync_load_bytes": 0})
+    tokens = prompt(6, 5 * BLOCK + 3)
+    store_prefix_then_forget(engine, tokens[: 4 * BLOCK + 1])
+    store.failing.add(chunk_key(engine, tokens, 1))
+    victim = engine.add("victim", tokens)
+    engine.run_until_done(victim, timeout_s=30)
+    assert any(engine.load_errors)
+    store.failing.clear()
+    held, wrong = stored_chunks(engine, store, tokens)
+    assert not wrong
+    assert held == list(range(5))
+
+
+def test_saves_wait_for_their_verdict(model_config: ModelConfig, engines: list[Engine], tmp_path: Path) -> None:
+    """The rule itself: a step's chunks are staged, not readable, until a later step's plan confirms the step;
+    an idle engine keeps stepping (``has_pending_push_work``) until they are committed."""
+    engine, store = make_engine(model_config, engines)
+    tokens = prompt(7, 3 * BLOCK + 1)
+    request = engine.add("one", tokens, max_tokens=1)
+    engine.step()
+    assert request.is_finished()
+    side = engine.worker.worker_side
+    assert side is not None and side.staged_chunks() == 3
+    assert store.lookup([chunk_key(engine, tokens, c) for c in range(3)], prefetch=False).num_blocks == 0
+    connector = engine.scheduler.connector
+    assert connector is not None and connector.has_pending_push_work()
+    drain(engine)
+    assert side.staged_chunks() == 0
+    assert not connector.has_pending_push_work()
+    assert stored_chunks(engine, store, tokens) == ([0, 1, 2], [])
+
+
+def test_saves_of_steps_whose_output_names_no_step_are_dropped(model_config: ModelConfig,
+                                                               engines: list[Engine]) -> None:
+    """Without the step number in the output (a worker that sent no ``KvtierWorkerMeta``) nothing is
+    confirmed: the saves are dropped, a few steps later, and the engine stops stepping for them."""
+    engine, store = make_engine(model_config, engines)
+    engine.worker.build_connector_worker_meta = lambda: None  # type: ignore[method-assign]
+    tokens = prompt(8, 3 * BLOCK + 1)
+    engine.run_until_done(engine.add("one", tokens, max_tokens=1), timeout_s=30)
+    connector = engine.scheduler.connector
+    assert connector is not None and not connector.has_pending_push_work()
+    side = engine.worker.worker_side
+    assert side is not None and side.staged_chunks() == 0
+    assert stored_chunks(engine, store, tokens) == ([], [])
