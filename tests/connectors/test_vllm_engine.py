@@ -218,6 +218,57 @@ def test_reset_connector_forgets_what_was_stored(model_config: ModelConfig, engi
     assert_restored(engine, "again", tokens, 4 * BLOCK)
 
 
+def test_a_reset_is_shared_by_every_engine_of_the_model_and_survives_a_restart(
+        model_config: ModelConfig, engines: list[Engine]) -> None:
+    """Issue 18 item 5: one engine's reset puts the old KV out of reach for every engine on the store (they
+    keep sharing afterwards), and an engine started after the reset does not go back to the old KV."""
+    layout, _ = layout_from_kv_cache_config(make_kv_cache_config(64), 0)
+    shared = FailingStore(layout, StoreConfig(host=HostConfig(capacity_bytes=4 << 20),
+                                              transfer=TransferConfig(backend="cpu")))
+    shared.failing = set()
+    first, second = make_engine(model_config, store=shared), make_engine(model_config, store=shared)
+    engines += [first, second]
+    tokens = prompt(8, 4 * BLOCK + 1)
+    first.run_until_done(first.add("before", tokens))
+    assert first.scheduler.reset_prefix_cache(reset_connector=True)
+    # The other engine sees the reset at its next lookup: the old KV is not loaded.
+    late = second.add("late", tokens)
+    assert second.step().num_scheduled_tokens["late"] == len(tokens)
+    second.run_until_done(late)
+    # ... and what it saved under the new epoch is found by the engine that reset.
+    again = first.add("again", tokens)
+    first.step()
+    assert again.num_computed_tokens == len(tokens)
+    assert_restored(first, "again", tokens, 4 * BLOCK)
+    # A restarted engine (a new connector on the same store) starts in the store's epoch.
+    third = make_engine(model_config, store=shared)
+    engines.append(third)
+    fresh = third.add("fresh", tokens)
+    third.step()
+    assert fresh.num_computed_tokens == len(tokens)
+    assert_restored(third, "fresh", tokens, 4 * BLOCK)
+
+
+def test_a_reset_the_store_cannot_record_fails_and_still_forgets(
+        model_config: ModelConfig, engines: list[Engine], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reset the store refuses (a daemon gone) is reported failed, and this engine still finds nothing
+    saved before it."""
+    engine = make_engine(model_config)
+    engines.append(engine)
+    tokens = prompt(9, 4 * BLOCK + 1)
+    engine.run_until_done(engine.add("before", tokens))
+    store = engine.worker.store  # the embedded store the scheduler side shares
+
+    def refuse(scope: str) -> int:
+        raise KvtierError("the daemon is gone")
+
+    monkeypatch.setattr(store, "advance_epoch", refuse)
+    assert not engine.scheduler.reset_prefix_cache(reset_connector=True)
+    after = engine.add("after", tokens)
+    assert engine.step().num_scheduled_tokens["after"] == len(tokens)
+    engine.run_until_done(after)
+
+
 def test_chunked_prefill_preemption_and_aborts_under_block_pressure(model_config: ModelConfig,
                                                                     engines: list[Engine]) -> None:
     engine = make_engine(model_config, "full_and_piecewise", max_batched_tokens=48, num_blocks=16)

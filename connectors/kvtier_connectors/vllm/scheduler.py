@@ -29,12 +29,20 @@ Promises:
 - ``request_finished`` never holds a request's blocks (saves are queued on the forward's stream); a
   planned synchronous load of a request that ends before its step is dropped, an asynchronous one is left
   to report (vLLM holds its blocks until then).
-- ``reset_cache`` starts a new key epoch: nothing saved before it is found after it.
+- Key epochs are the store's (``Store.epoch``/``advance_epoch``), scoped by the model and tenant salt
+  (``epoch_scope``), so every engine of the model on one store (data-parallel ranks, other engines on one
+  daemon, a restarted engine) uses the same keys. ``reset_cache`` advances the scope's epoch: nothing saved
+  before it is found after it, by this engine or by any other on the store. Every request's first lookup
+  carries the scope and its reply the store's epoch: an engine that sees another's reset takes the new
+  epoch before it answers, as if it had reset itself. A reset the store cannot record (a daemon gone) moves
+  this engine to a private epoch and returns False, so vLLM reports the failure; the engine returns to the
+  shared epoch only once the store's advanced past the one it left.
 - ``take_events`` yields a ``BlockStored`` event (medium ``CPU``) per chunk a verdict commits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -86,6 +94,12 @@ class _PlannedSave:
         return None
 
 
+def epoch_scope(settings: ConnectorSettings) -> str:
+    """The store's key-epoch scope every engine of this model and tenant salt shares (bounded in length)."""
+    digest = hashlib.sha256(f"{settings.model_id}\0{settings.tenant_salt}".encode()).hexdigest()[:32]
+    return f"vllm:{digest}"
+
+
 class SchedulerSide:
     """Per-request bookkeeping of the scheduler-side connector; see the module promises."""
 
@@ -101,7 +115,15 @@ class SchedulerSide:
         # Latent (MLA) KV is the same on every rank and stored once: rank 0's keys stand for all.
         num_key_ranks = 1 if layout.kind == "latent" else tp_size
         self.rank_keys = [ChunkKeys(settings, layout, geometry, rank, tp_size) for rank in range(num_key_ranks)]
+        self.epoch_scope = epoch_scope(settings)
         self.key_epoch = ""
+        self._epoch = 0  # the store's epoch this engine's keys are under
+        self._private_epoch = False  # a reset the store did not record: keys under a random epoch of our own
+        try:
+            self._enter_epoch(store.epoch(self.epoch_scope))
+        except KvtierError as exc:
+            log.warning("kvtier: could not read the key epoch of %s, keys start under epoch 0: %s",
+                        self.epoch_scope, exc)
         self._make_event = make_event
         self._events: list[Any] = []
         self._requests: dict[str, _Tracked] = {}
@@ -116,13 +138,33 @@ class SchedulerSide:
         self._dropped: dict[int, set[bytes]] = {}
         self._verdicts: list[Verdict] = []
 
-    def _lookup(self, keys: ChunkKeys, chunk_hashes: Sequence[bytes], prefetch: bool) -> LookupResult:
+    def _lookup(self, keys: ChunkKeys, chunk_hashes: Sequence[bytes], prefetch: bool,
+                scope: str | None = None) -> LookupResult:
         try:
-            return self.store.lookup(keys.keys(chunk_hashes), prefetch=prefetch)
+            return self.store.lookup(keys.keys(chunk_hashes), prefetch=prefetch, scope=scope)
         except KvtierError as exc:
             self.failed_lookups += 1
             log.debug("kvtier lookup failed, counted as a miss: %s", exc)
             return LookupResult(0, ())
+
+    def _follow_store_epoch(self, epoch: int | None) -> bool:
+        """Take the store's epoch when another engine moved it; whether this engine's keys changed."""
+        if epoch is None or epoch == self._epoch or (self._private_epoch and epoch <= self._epoch):
+            return False
+        log.info("kvtier: key epoch of %s moved to %d (a reset by another engine)", self.epoch_scope, epoch)
+        self._enter_epoch(epoch)
+        # Loads planned already stand: the workers look them up under the new keys, and one not found there
+        # fails as any missing chunk does (a miss, its saves dropped by the commit rule).
+        for tracked in self._requests.values():
+            tracked.next_chunk = 0
+        return True
+
+    def _enter_epoch(self, epoch: int, private: bool = False) -> None:
+        self._epoch, self._private_epoch = epoch, private
+        # Epoch 0 keeps the keys of a store that was never reset (no epoch in the namespace).
+        self.key_epoch = f"private-{secrets.token_hex(8)}" if private else (f"{epoch}" if epoch else "")
+        self.rank_keys = [keys.with_epoch(self.key_epoch) for keys in self.rank_keys]
+
 
     # -- admission ----------------------------------------------------------------------------------
 
@@ -138,8 +180,12 @@ class SchedulerSide:
         if usable_chunks <= first_chunk:
             return 0, False
         chunk_hashes = [keys0.chunk_hash(hashes, c) for c in range(first_chunk, usable_chunks)]
-        num_hit, is_async = len(chunk_hashes), False
-        for keys in self.rank_keys:
+        # The first lookup's reply carries the store's key epoch: another engine's reset applies here first.
+        first = self._lookup(keys0, chunk_hashes, prefetch=True, scope=self.epoch_scope)
+        if self._follow_store_epoch(first.epoch):
+            first = self._lookup(self.rank_keys[0], chunk_hashes, prefetch=True)
+        num_hit, is_async = first.num_blocks, any(tier is not Tier.HOST for tier in first.tiers[: first.num_blocks])
+        for keys in self.rank_keys[1:]:
             if not num_hit:
                 break
             found = self._lookup(keys, chunk_hashes[:num_hit], prefetch=True)
@@ -299,14 +345,21 @@ class SchedulerSide:
         return events
 
     def reset_cache(self) -> bool:
-        """Start a new key epoch: every chunk saved before is out of reach, and running requests save again."""
-        self.key_epoch = secrets.token_hex(8)
-        self.rank_keys = [keys.with_epoch(self.key_epoch) for keys in self.rank_keys]
+        """Advance the store's key epoch of this model: every chunk saved before is out of reach, for every
+        engine on the store, and running requests save again. False when the store could not record it (this
+        engine then keys under a private epoch, so it still finds nothing saved before)."""
+        try:
+            epoch, recorded = self.store.advance_epoch(self.epoch_scope), True
+        except KvtierError as exc:
+            log.warning("kvtier: the store could not record a reset of %s; this engine alone forgets: %s",
+                        self.epoch_scope, exc)
+            epoch, recorded = self._epoch, False
+        self._enter_epoch(epoch, private=not recorded)
         for tracked in self._requests.values():
             tracked.next_chunk = 0
         self._hits.clear()
         self._loads = [spec for spec in self._loads if spec.is_async]
-        return True
+        return recorded
 
     def request_finished(self, request: Any) -> bool:
         self._hits.pop(request.request_id, None)
