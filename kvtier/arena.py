@@ -5,6 +5,7 @@ Promises:
   of that mapping, so another process that attaches by name sees the same bytes with no copy.
 - Slots start on 4 KiB boundaries and are a whole number of 4 KiB pages long, so direct (O_DIRECT) disk
   I/O can read and write them in place.
+- ``close`` never unmaps memory a view still uses: the mapping goes with the last view taken from it.
 - An arena created without a name is unlinked at once: its memory lives exactly as long as the mapping,
   and a crash leaks nothing. A named arena is unlinked by ``close(unlink=True)`` of its creator.
 - ``prepare`` starts one background thread that readies the arena in slot-aligned chunks. Where CUDA is
@@ -29,6 +30,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvtier.errors import ClosedError, ConfigError
@@ -80,7 +82,9 @@ class HostArena:
             os.close(fd)
         if create and name is None:
             path.unlink()
-        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        # Through NumPy, every view holds an export of the mapping: ``close`` then leaves it mapped until the
+        # last view is gone (``torch.frombuffer`` holds none, and a view used after close would fault).
+        self.tensor = torch.from_numpy(np.frombuffer(self._mmap, dtype=np.uint8))
 
     def slot(self, index: int, nbytes: int | None = None) -> torch.Tensor:
         """A uint8 view of the first ``nbytes`` (default all ``slot_bytes``) of slot ``index``."""

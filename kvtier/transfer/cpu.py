@@ -149,6 +149,8 @@ class CpuTransferEngine(TransferEngine):
             except Exception as exc:  # delivered to the job's owner, who turns it into failed blocks
                 error = exc
             transfer.share_done(error)
+            # Not kept while waiting for the next job: the views it holds keep a replaced arena mapped.
+            del work, transfer
 
     def poll(self) -> int:
         return 0

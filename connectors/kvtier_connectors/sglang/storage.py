@@ -32,7 +32,8 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, PoolName
 
 from kvtier.daemon import Client
-from kvtier.errors import CapacityError, ClosedError, ConfigError, LayoutMismatchError
+from kvtier.errors import CapacityError, ClosedError, ConfigError, LayoutMismatchError, StaleHandleError
+from kvtier.store import Reservation
 from kvtier_connectors.sglang.pages import HostPages
 from kvtier_connectors.sglang.settings import BlockStore, PageKeys, Shard, StorageSettings, open_store
 
@@ -93,8 +94,11 @@ class KvtierStorage(HiCacheStorage):
         found = len(lease.keys)
         if found:
             try:
+                # Slots resolve in the lease's own arena; a daemon restart since the acquire is a miss.
                 for slot, start in zip(lease.slots, starts, strict=False):
-                    pages.view(start).copy_(pages.block(store.slot_view(slot)))
+                    pages.view(start).copy_(pages.block(store.slot_view(slot, lease)))
+            except StaleHandleError:
+                found = 0
             finally:
                 store.release(lease)
         return [True] * found + [False] * (len(keys) - found)
@@ -109,15 +113,22 @@ class KvtierStorage(HiCacheStorage):
             reservation = store.reserve(block_keys)
         except CapacityError:
             return [False] * len(keys)
-        start_of = dict(zip(block_keys, starts, strict=True))
+        try:
+            return self._write(store, pages, reservation, dict(zip(block_keys, starts, strict=True)), len(keys))
+        except StaleHandleError:  # a daemon restart since the reserve: nothing was stored
+            return [False] * len(keys)
+
+    @staticmethod
+    def _write(store: BlockStore, pages: HostPages, reservation: Reservation, start_of: dict[bytes, int],
+               count: int) -> list[bool]:
         try:
             for key, slot in zip(reservation.keys, reservation.slots, strict=True):
-                pages.block(store.slot_view(slot)).copy_(pages.view(start_of[key]))
+                pages.block(store.slot_view(slot, reservation)).copy_(pages.view(start_of[key]))
         except BaseException:
             store.abort(reservation)
             raise
         store.commit(reservation)
-        return [True] * len(keys)
+        return [True] * count
 
     # -- the flat-page interface, which interface_v1 replaces ---------------------------------------------
 

@@ -106,9 +106,9 @@ class BlockStore(Protocol):
 
     def release(self, lease: Lease) -> None: ...
 
-    def slot_view(self, slot: int) -> torch.Tensor: ...
+    def slot_view(self, slot: int, handle: Lease | Reservation | None = None) -> torch.Tensor: ...
 
-    def slot_rows(self) -> torch.Tensor: ...
+    def slot_rows(self, handle: Lease | Reservation | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -335,6 +335,11 @@ class TransformersConnector:
                 self._pending.append((event, lambda: self._release(leases)))
         return Restored(cache, num_tokens, num_blocks, lookups[0].tiers[:num_blocks], time.perf_counter() - started)
 
+    def _rows_of(self, handles: Sequence[Lease | Reservation]) -> torch.Tensor:
+        """The arena rows of ``handles``, checked for each: a daemon restart between them raises StaleHandleError."""
+        rows = [self.store.slot_rows(handle) for handle in handles]
+        return rows[0]
+
     def _release(self, leases: list[Lease]) -> None:
         for lease in leases:
             self.store.release(lease)
@@ -375,7 +380,7 @@ class TransformersConnector:
         """
         layout = self.layout
         slots = [slot for lease in leases for slot in lease.slots[:num_blocks]]
-        rows = self.store.slot_rows()
+        rows = self._rows_of(leases)
         on_cuda = self.model.device.type == "cuda"
         buffer_layers = layout.num_layers if on_cuda else 1
         buffer, paged = self._block_buffer(len(slots), buffer_layers)
@@ -444,7 +449,8 @@ class TransformersConnector:
         if not chosen:
             return 0
         try:
-            event = self._gather_blocks(planes, [wanted[key] for key, _ in chosen], [slot for _, slot in chosen])
+            event = self._gather_blocks(planes, [wanted[key] for key, _ in chosen], [slot for _, slot in chosen],
+                                        self._rows_of(reservations))
         except BaseException:
             for reservation in reservations:
                 self.store.abort(reservation)
@@ -478,7 +484,7 @@ class TransformersConnector:
             self.store.commit(reservation)
 
     def _gather_blocks(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
-                       slots: list[int]) -> torch.cuda.Event | None:
+                       slots: list[int], rows: torch.Tensor) -> torch.cuda.Event | None:
         """Copy block ``where[i] = (row, block)`` of the cache into ``slots[i]``; on CUDA, the completion event.
 
         On CUDA everything runs on a side stream that first waits for the forward's stream; the cache's
@@ -486,14 +492,14 @@ class TransformersConnector:
         """
         device = planes[0][0].device
         if device.type != "cuda":
-            self._build_and_gather(planes, where, slots)
+            self._build_and_gather(planes, where, slots, rows)
             return None
         if self._save_stream is None:
             self._save_stream = torch.cuda.Stream(device)
         stream = self._save_stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self._build_and_gather(planes, where, slots)
+            self._build_and_gather(planes, where, slots, rows)
             event = torch.cuda.Event()
             event.record(stream)
         for k, v in planes:
@@ -502,7 +508,7 @@ class TransformersConnector:
         return event
 
     def _build_and_gather(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
-                          slots: list[int]) -> None:
+                          slots: list[int], rows: torch.Tensor) -> None:
         layout = self.layout
         buffer, paged = self._block_buffer(len(slots), layout.num_layers)
         device = buffer.device
@@ -523,7 +529,7 @@ class TransformersConnector:
                             by_block.view(torch.uint8).numpy()[block_index.numpy()])
                     else:
                         target.index_copy_(0, position_index, by_block.index_select(0, block_index))
-        paged.gather_to_slots(range(len(slots)), self.store.slot_rows(), slots)
+        paged.gather_to_slots(range(len(slots)), rows, slots)
 
     @staticmethod
     def _check_no_cache(kwargs: dict[str, Any]) -> None:

@@ -180,16 +180,23 @@ class WorkerSide:
     def _load(self, spec: LoadSpec, lease: Lease) -> bool:
         """Scatter the leased leading chunks of ``spec``; report the rest. True when every chunk loaded."""
         paged, m = self._require_paged(), self.pages_per_chunk
-        num_leased = len(lease.slots)
+        rows = None
+        if lease.slots:
+            try:
+                # The lease's own arena: after a daemon restart since the acquire its slots are unreadable here.
+                rows = self.store.slot_rows(lease)
+            except KvtierError as exc:
+                log.warning("kvtier load for %s lost its lease, vLLM recomputes it: %s", spec.req_id, exc)
+                self._release(lease)
+        num_leased = len(lease.slots) if rows is not None else 0
         pages = [(spec.first_page + i, block_id) for i, block_id in enumerate(spec.block_ids)]
         failed = [block_id for page, block_id in pages if page // m >= num_leased]
         self._load_errors.update(failed)
         self._step_failed_blocks.update(failed)
         self.failed_chunks += len(spec.chunk_hashes) - num_leased
         self.loaded_chunks += num_leased
-        if num_leased:
+        if rows is not None and num_leased:
             try:
-                rows = self.store.slot_rows()
                 # The first chunk may be partial (vLLM holds its leading pages): page by page, at most m copies.
                 head = [(page, block_id) for page, block_id in pages if page < m] if spec.first_page else []
                 for page, block_id in head:
@@ -241,8 +248,14 @@ class WorkerSide:
     def _gather(self, save: _StepSave, segments: range) -> None:
         if save.reservation is None or not save.reservation.keys or not len(segments):
             return
-        self._require_paged().gather_to_slots(save.block_ids, self.store.slot_rows(), save.reservation.slots,
-                                              self.pages_per_chunk, segments)
+        try:
+            rows = self.store.slot_rows(save.reservation)
+        except KvtierError as exc:  # a daemon restart since the reserve: the save is dropped, never misplaced
+            log.debug("kvtier save of %d chunk(s) lost: %s", len(save.reservation.keys), exc)
+            self._abandon(save)
+            return
+        self._require_paged().gather_to_slots(save.block_ids, rows, save.reservation.slots, self.pages_per_chunk,
+                                              segments)
 
     def save_kv_layer(self, layer_name: str, plan: StepPlan) -> None:
         segments = self._layer_segments.get(layer_name)
@@ -286,6 +299,8 @@ class WorkerSide:
             self._abandon(save)
             raise
         reservation = save.reservation
+        if reservation is None:
+            return
         self.saved_chunks += len(reservation.keys)
         self._after_device(lambda: self._settle(reservation, commit=True))
 
