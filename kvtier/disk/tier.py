@@ -6,8 +6,8 @@ an in-memory region buffer; a full region is sealed
 and, on the I/O pool, marked OPEN in the index, written as ONE sequential write, fdatasync'ed, and only
 then are its entries committed together with its SEALED mark (index changes are group-committed: about one
 synced LMDB transaction per region). Space comes back by evicting whole regions, oldest sealed first
-(FIFO); a block read at least ``reinsert_hits`` times since it was written is read back synchronously and
-copied into the new open region instead of dropped.
+(FIFO); a block read at least ``reinsert_hits`` times since it was written is read back and copied into the
+new open region instead of dropped (on the I/O pool when a demotion needs the region: see ``offer``).
 
 The region buffers are the write-back buffer (``disk.writeback_buffer_bytes``, at least 3 regions; 3 are
 faulted in at open, the others allocated by the first burst that needs them and kept). One fills while the
@@ -19,9 +19,11 @@ costs one memcpy per demoted block (about 5 GB/s here), which the offer already 
 Promises:
 - ``offer`` copies the payload before it returns; a block it admits is readable at once (from memory until
   its region is written) and survives a restart once its region is written (``flush`` waits for that).
-- ``offer(wait=False)`` never waits for the drive. A block it cannot take is counted by cause:
-  ``busy_rejected`` (the write-back buffer is full), ``budget_rejected`` (over the write budget),
-  ``admissions_rejected`` (the admission policy said no).
+- ``offer(wait=False)`` never waits for the drive and never reads it (the store demotes this way, holding its
+  lock): where room means evicting a region with hot blocks to re-read, that region is opened on the I/O
+  pool and the block is refused meanwhile. A block it cannot take is counted by cause: ``busy_rejected``
+  (the write-back buffer is full, or the next region is being opened), ``budget_rejected`` (over the write
+  budget), ``admissions_rejected`` (the admission policy said no).
 - ``read_into`` returns ``True`` only with bytes whose header and payload checksums verified. A corrupt,
   truncated or torn entry is a miss, counted (``checksum_failures``) and dropped; a read error is a miss
   counted in ``io_errors``; neither raises. After ``False`` the contents of ``dst`` are undefined.
@@ -206,6 +208,7 @@ class DiskTier:
         self._admitting = True
         self._closed = False
         self._opening = False
+        self._opening_in_background = False
         self._local = threading.local()
         self._regions = [_Region(region_id) for region_id in range(num_regions)]
         self._entries: dict[bytes, _Entry] = {}
@@ -365,7 +368,7 @@ class DiskTier:
             self._check_open()
             if key in self._entries:
                 return True
-            if not wait and not self._has_room_now_locked(size):
+            if not wait and (self._must_reinsert_to_open_locked(size) or not self._has_room_now_locked(size)):
                 self._counters["busy_rejected"] += 1
                 return False
             if self._budget is not None and not self._budget.take(size):
@@ -445,6 +448,34 @@ class DiskTier:
             return True
         return (not self._opening and bool(self._free_buffers or self._unallocated_buffers)
                 and bool(self._clean or self._fifo))
+
+    def _must_reinsert_to_open_locked(self, size: int) -> bool:
+        """Whether room for ``size`` bytes means evicting a region whose hot blocks are re-read from the drive;
+        if so, the next region is opened on the I/O pool (the caller may hold the store's lock)."""
+        region = self._open
+        if (region is not None and region.used + size <= self.config.region_bytes) or self._clean or not self._fifo:
+            return False
+        threshold = self.config.reinsert_hits
+        oldest = self._regions[self._fifo[0]]
+        if not (threshold and any(entry.hits >= threshold for _, entry in self._live_entries_locked(oldest))):
+            return False
+        if not (self._opening or self._opening_in_background):
+            self._opening_in_background = True
+            self._pool.submit(self._open_next, size)
+        return True
+
+    def _open_next(self, size: int) -> None:
+        """On the I/O pool: seal the full open region and open the next one, reading its hot blocks here."""
+        with self._lock:
+            try:
+                region = self._open
+                if self._closed or self._opening or (region is not None
+                                                     and region.used + size <= self.config.region_bytes):
+                    return
+                self._seal_locked()
+                self._open = self._open_region_locked()
+            finally:
+                self._opening_in_background = False
 
     def _append_locked(self, region: _Region, offset: int, header: EntryHeader, stored: memoryview) -> None:
         buffer = region.buffer
