@@ -6,6 +6,8 @@ for a disk read) only their own connection's thread.
 Promises:
 - The daemon serves exactly one KV layout: the configured one, else the first hello's. A hello with another
   layout gets a ``LayoutMismatchError`` reply.
+- An existing file at the socket path is replaced only if it is a socket no daemon answers on (a stale
+  one); any other file, or a live socket, is a ``ConfigError`` and is left as it is.
 - The Unix socket is mode 0600, or 0660 with the configured group (the arena file follows it); the TCP
   listener binds ``tcp_host`` (loopback by default) and requires the token.
 - A protocol violation (malformed, oversized or wrong-version frame, a request before hello, a failed hello,
@@ -24,6 +26,7 @@ import grp
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections import Counter
@@ -113,7 +116,10 @@ class Daemon:
     def _listen_unix(self) -> None:
         path = Path(self.socket_path)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists():
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(f"{path} exists and is not a socket: the daemon replaces only the stale socket of "
+                                  "a daemon that died; remove it or choose another --socket / daemon.socket_path")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(path))
