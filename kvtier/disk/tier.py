@@ -32,6 +32,9 @@ Promises:
   marked OPEN). The data files are not scanned.
 - A write error (ENOSPC, EIO) or an index failure stops admission (logged once, ``admitting`` False in
   stats); blocks already stored keep being served.
+- A damaged index (an LMDB file cut short, which a mapping would turn into SIGBUS) is detected before it is
+  mapped: a ``DiskError`` saying what to do, or, with ``wipe_incompatible``, logged and started empty.
+- A start that fails (no room for the data file, a damaged index) leaves no data file it preallocated.
 - Only one process opens a directory at a time (``DirectoryLockedError``); another format version or
   layout is refused (``FormatVersionError`` / ``LayoutMismatchError``) unless ``wipe_incompatible``.
 - Payload I/O goes straight between the files and the caller's tensors (O_DIRECT where supported); only
@@ -76,6 +79,7 @@ from kvtier.disk.format import (
     round_up,
 )
 from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
+from kvtier.disk.index_check import damage
 from kvtier.errors import (
     ClosedError,
     ConfigError,
@@ -221,6 +225,7 @@ class DiskTier:
         self._unallocated_buffers = config.writeback_regions - _PREFAULTED_REGIONS
         self._lock_fds: list[int] = []
         self._devices: list[Device] = []
+        self._created_files: list[str] = []
         self._index: DiskIndex | None = None
         try:
             self._lock_directories()
@@ -229,6 +234,10 @@ class DiskTier:
             self._recover()
         except BaseException:
             self._release()
+            # A start that failed leaves no data file it preallocated: the space goes back to the filesystem.
+            for file in self._created_files:
+                with contextlib.suppress(OSError):
+                    os.unlink(file)
             raise
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvtier-disk")
         # Region writes get threads of their own: a write-back buffer of many sealed regions queued on the
@@ -254,15 +263,34 @@ class DiskTier:
             direct = self.config.direct_io != "off" and supports_direct_io(path)
             if self.config.direct_io == "on" and not direct:
                 raise DiskError(f"disk.direct_io is 'on' but the filesystem of {path} does not support O_DIRECT")
+            file = os.path.join(path, _DATA_FILE)
             try:
-                self._devices.append(factory(os.path.join(path, _DATA_FILE), size, direct))
+                old_size: int | None = os.stat(file).st_size
+            except FileNotFoundError:
+                old_size = None
+                self._created_files.append(file)
+            try:
+                self._devices.append(factory(file, size, direct))
             except OSError as exc:
-                raise DiskError(f"cannot open or preallocate the data file in {path}: {exc}") from exc
+                if old_size is not None:
+                    with contextlib.suppress(OSError):
+                        os.truncate(file, old_size)  # an extension that failed halfway gives its space back
+                free = shutil.disk_usage(path).free
+                raise DiskError(f"cannot open or preallocate the {size / 2**20:.0f} MiB data file in {path} "
+                                f"({free / 2**20:.0f} MiB free): {exc}; lower disk.capacity_bytes or free space "
+                                "there") from exc
 
     def _open_index(self) -> None:
         directory = os.path.join(self.config.paths[0], _INDEX_DIR)
         # Room for an entry record per page of capacity; LMDB only maps address space, the file grows on use.
         map_size = max(64 << 20, len(self._regions) * self.config.region_bytes // PAGE_BYTES * 256)
+        reason = damage(directory)  # LMDB maps its file: a truncated one would be a SIGBUS, not an error
+        if reason is not None:
+            if not self.config.wipe_incompatible:
+                raise DiskError(f"the disk index is damaged: {reason}; set disk.wipe_incompatible to start the "
+                                f"disk tier empty, or remove {directory}")
+            _LOG.error("disk index damaged (%s); wiping it (wipe_incompatible): the disk tier starts empty", reason)
+            shutil.rmtree(directory, ignore_errors=True)
         try:
             self._index = DiskIndex(directory, map_size)
         except DiskError:
