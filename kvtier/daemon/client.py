@@ -10,8 +10,9 @@ Promises:
   the embedded ``Store``'s, with these differences: a put that finds no room fails all of its blocks (the
   daemon reserves all or nothing), and a get fails only the indices that are missing.
 - Arguments are checked here, before anything is sent: ``InvalidInputError`` as in the store.
-- Error replies raise ``CapacityError``, ``InvalidInputError``, ``LayoutMismatchError`` or ``AuthError`` where
-  the daemon raised that class, else ``ServerError(kind, message)``. A daemon that goes away raises
+- Error replies raise ``CapacityError``, ``InvalidInputError``, ``LayoutMismatchError``, ``AuthError``,
+  ``ConfigError`` or ``DiskError`` (and its subclasses) where the daemon raised that class, else
+  ``ServerError(kind, message)``. A daemon that goes away raises
   ``ProtocolError`` in calls and fails the blocks of running jobs; a closed client raises ``ClosedError``.
 - A broken connection is reopened by a later call, with exponential backoff between attempts
   (``RECONNECT_MIN_S`` doubling up to ``RECONNECT_MAX_S``; a call inside the wait raises ``ProtocolError``
@@ -50,6 +51,9 @@ from kvtier.errors import (
     CapacityError,
     ClosedError,
     ConfigError,
+    DirectoryLockedError,
+    DiskError,
+    FormatVersionError,
     InvalidInputError,
     KvtierError,
     LayoutMismatchError,
@@ -65,7 +69,8 @@ from kvtier.store import Handle, Lease, LookupResult, Reservation, Tier, as_byte
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
 
 _ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
-    AuthError, CapacityError, InvalidInputError, LayoutMismatchError)}
+    AuthError, CapacityError, InvalidInputError, LayoutMismatchError, ConfigError, DiskError, FormatVersionError,
+    DirectoryLockedError)}
 _TIERS = {tier.value: tier for tier in Tier}
 # Room left in a payload frame for the msgpack envelope and the keys.
 _FRAME_SLACK_BYTES = 64 * 1024

@@ -4,6 +4,9 @@ Threads: one acceptor per listener and one thread per connection; store calls bl
 for a disk read) only their own connection's thread.
 
 Promises:
+- A store that cannot be opened (a bad disk directory, a pool that does not fit) is a typed error reply
+  (``DiskError``, ``ConfigError``, ...) to every hello that needs it, logged in one line, never an internal
+  error; the daemon keeps serving and a later hello tries again.
 - The daemon serves exactly one KV layout: the configured one, else the first hello's. A hello with another
   layout gets a ``LayoutMismatchError`` reply.
 - An existing file at the socket path is replaced only if it is a socket no daemon answers on (a stale
@@ -37,7 +40,7 @@ from kvtier.config import StoreConfig
 from kvtier.daemon.metrics import DaemonCollector, LatencyHistograms, MetricsServer
 from kvtier.daemon.protocol import OPS, Message, default_socket_path, error, ok, pack, read_frame, stats_to_dict
 from kvtier.daemon.session import Session
-from kvtier.errors import ConfigError, KvtierError, ProtocolError
+from kvtier.errors import ConfigError, DiskError, KvtierError, ProtocolError
 from kvtier.layout import KVLayout
 from kvtier.store import Store
 
@@ -85,7 +88,14 @@ class Daemon:
                 if self._stopping.is_set():
                     raise ProtocolError("the daemon is stopping")
                 name = f"kvtier-daemon-{os.getpid()}-{os.urandom(4).hex()}"
-                self._store = Store(layout, self.config, arena_name=name)
+                try:
+                    self._store = Store(layout, self.config, arena_name=name)
+                except OSError as exc:  # a disk directory that cannot be made or locked: the tier as a whole
+                    log.error("cannot open the store for layout %s: %s", layout.to_dict(), exc)
+                    raise DiskError(f"the daemon cannot open its store: {exc}") from exc
+                except KvtierError as exc:
+                    log.error("cannot open the store for layout %s: %s", layout.to_dict(), exc)
+                    raise
                 shm = _SHM_DIR / name
                 if self._gid is not None:
                     os.chown(shm, -1, self._gid)

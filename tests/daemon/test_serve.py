@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from kvtier import ConfigError, DaemonConfig, HostConfig, ProtocolError, StoreConfig, Tier
+from kvtier import ConfigError, DaemonConfig, DiskError, HostConfig, ProtocolError, StoreConfig, Tier
 from kvtier.cli import main as daemon_main
 from kvtier.daemon.server import Daemon
 
@@ -124,3 +124,16 @@ def test_the_socket_and_arena_modes_follow_the_group_setting(tmp_path: Path, kit
     finally:
         daemon.stop()
     assert not (tmp_path / "d.sock").exists() and not arena.exists()
+
+
+def test_a_store_that_cannot_open_is_a_typed_error_to_every_client(make_daemon: Callable[..., DaemonProc],
+                                                                    tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    daemon = make_daemon("--disk", str(not_a_directory), layout=False)
+    for _ in range(2):  # the next client gets the same answer, not an internal error
+        with pytest.raises(DiskError, match="cannot open its store"):
+            daemon.client()
+    assert daemon.stats()["daemon"]["error_replies"] == {"DiskError": 2}
+    log = daemon.log()
+    assert "Traceback" not in log and "internal error" not in log and "cannot open the store" in log
