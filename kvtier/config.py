@@ -194,8 +194,8 @@ class DaemonConfig:
     tcp_token: str = ""
     # Prometheus /metrics port on loopback; 0 disables it.
     metrics_port: Port = 9464
-    # Largest control or payload frame accepted, in bytes (at least 1 MiB: a frame carries whole blocks).
-    max_frame_bytes: Annotated[int, SIZE, Range(MiB)] = 256 * MiB
+    # Largest control or payload frame accepted, in bytes (at least 64 KiB, the most a hello may take).
+    max_frame_bytes: Annotated[int, SIZE, Range(64 * KiB)] = 256 * MiB
     # The one KV layout the daemon serves (a table of KVLayout fields, [daemon.layout] in TOML); unset: the
     # layout of the first client's hello.
     layout: KVLayout | None = None

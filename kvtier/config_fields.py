@@ -145,7 +145,8 @@ def _number(value: Any, kind: type, bounds: Range, name: str) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
         raise ConfigError(f"{name} must be {what}, got {value!r}")
     if not (math.isfinite(value) and bounds.low <= value <= bounds.high):
-        limit = f"at least {bounds.low:g}" if bounds.high == math.inf else f"from {bounds.low:g} to {bounds.high:g}"
+        low = int(bounds.low) if bounds.low == int(bounds.low) else bounds.low
+        limit = f"at least {low}" if bounds.high == math.inf else f"from {low} to {bounds.high:g}"
         raise ConfigError(f"{name} must be {what} {limit}, got {value!r}")
     return value if kind is int else float(value)
 
