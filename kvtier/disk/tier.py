@@ -33,7 +33,7 @@ Promises:
 - A write error (ENOSPC, EIO) or an index failure stops admission (logged once, ``admitting`` False in
   stats); blocks already stored keep being served.
 - A damaged index (an LMDB file cut short, which a mapping would turn into SIGBUS) is detected before it is
-  mapped: a ``DiskError`` saying what to do, or, with ``wipe_incompatible``, logged and started empty.
+  mapped, logged, and rebuilt from the entry headers of the data files (``kvtier.disk.rebuild``).
 - A start that fails (no room for the data file, a damaged index) leaves no data file it preallocated.
 - Only one process opens a directory at a time (``DirectoryLockedError``); another format version or
   layout is refused (``FormatVersionError`` / ``LayoutMismatchError``) unless ``wipe_incompatible``.
@@ -80,6 +80,7 @@ from kvtier.disk.format import (
 )
 from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
 from kvtier.disk.index_check import damage
+from kvtier.disk.rebuild import scan_regions
 from kvtier.errors import (
     ClosedError,
     ConfigError,
@@ -226,6 +227,7 @@ class DiskTier:
         self._lock_fds: list[int] = []
         self._devices: list[Device] = []
         self._created_files: list[str] = []
+        self._rebuild = False
         self._index: DiskIndex | None = None
         try:
             self._lock_directories()
@@ -286,11 +288,9 @@ class DiskTier:
         map_size = max(64 << 20, len(self._regions) * self.config.region_bytes // PAGE_BYTES * 256)
         reason = damage(directory)  # LMDB maps its file: a truncated one would be a SIGBUS, not an error
         if reason is not None:
-            if not self.config.wipe_incompatible:
-                raise DiskError(f"the disk index is damaged: {reason}; set disk.wipe_incompatible to start the "
-                                f"disk tier empty, or remove {directory}")
-            _LOG.error("disk index damaged (%s); wiping it (wipe_incompatible): the disk tier starts empty", reason)
+            _LOG.error("disk index damaged (%s): rebuilding it from the entry headers of the data files", reason)
             shutil.rmtree(directory, ignore_errors=True)
+            self._rebuild = True
         try:
             self._index = DiskIndex(directory, map_size)
         except DiskError:
@@ -307,6 +307,13 @@ class DiskTier:
         found = self._index.read_meta()
         if found is None or (found != expected and self._wipe_allowed(found, expected)):
             self._index.reset(expected)
+        if self._rebuild:
+            scanned = scan_regions(self._devices, self._regions_per_path, self.config.region_bytes, self.block_bytes)
+            for seq, (region_id, found_entries) in enumerate(sorted(scanned.items()), start=1):
+                self._index.enqueue(SealRegion(region_id, seq, tuple(found_entries)))
+            self._index.wait()
+            _LOG.warning("disk index rebuilt: %d blocks in %d regions (their order of eviction is by region now)",
+                         sum(map(len, scanned.values())), len(scanned))
         regions, entries = self._index.load()
         sealed = sorted((seq, region) for region, (state, seq) in regions.items()
                         if state == RegionState.SEALED and region < len(self._regions))
