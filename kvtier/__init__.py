@@ -30,6 +30,7 @@ from kvtier.errors import (
     LayoutMismatchError,
     ProtocolError,
     ServerError,
+    StaleHandleError,
     TransferError,
 )
 from kvtier.job import Job, JobResult
@@ -44,6 +45,7 @@ __all__ = [
     "KEY_BYTES", "AuthError", "BlockHasher", "Client", "CapacityError", "ClosedError", "ConfigError", "DaemonConfig",
     "DirectoryLockedError", "DiskConfig", "DiskError", "FormatVersionError", "HostConfig", "InvalidInputError",
     "Job", "JobResult", "JobTimeoutError", "KVLayout", "KvtierError", "LayoutMismatchError", "Lease",
-    "LookupResult", "Namespace", "ProtocolError", "RemoteConfig", "Reservation", "ServerError", "Store", "StoreConfig",
-    "StoreStats", "Tier", "TierStats", "TransferConfig", "TransferError", "load_config", "open_store",
+    "LookupResult", "Namespace", "ProtocolError", "RemoteConfig", "Reservation", "ServerError", "StaleHandleError",
+    "Store", "StoreConfig", "StoreStats", "Tier", "TierStats", "TransferConfig", "TransferError", "load_config",
+    "open_store",
 ]

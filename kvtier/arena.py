@@ -1,12 +1,16 @@
 """The host arena: one shared-memory mapping cut into fixed-size, 4 KiB-aligned slots.
 
 Promises:
-- The arena is a POSIX shared-memory object (a file under ``/dev/shm``) mapped once; every slot is a view
-  of that mapping, so another process that attaches by name sees the same bytes with no copy.
+- The arena is one shared mapping; every slot is a view of it. A named arena is a POSIX shared-memory object
+  (a file under ``/dev/shm``), so another process that attaches by name sees the same bytes with no copy;
+  an unnamed one is anonymous shared memory, which ``/dev/shm``'s size limit does not bound.
+- A named arena's pages are all allocated when it is created (``posix_fallocate``): a pool larger than the
+  free ``/dev/shm`` is a ``ConfigError`` that says what to do, never a SIGBUS at a later page fault.
 - Slots start on 4 KiB boundaries and are a whole number of 4 KiB pages long, so direct (O_DIRECT) disk
   I/O can read and write them in place.
-- An arena created without a name is unlinked at once: its memory lives exactly as long as the mapping,
-  and a crash leaks nothing. A named arena is unlinked by ``close(unlink=True)`` of its creator.
+- ``close`` never unmaps memory a view still uses: the mapping goes with the last view taken from it.
+- An arena created without a name has no file: its memory lives exactly as long as the mapping, and a
+  crash leaks nothing. A named arena is unlinked by ``close(unlink=True)`` of its creator.
 - ``prepare`` starts one background thread that prefaults the arena (``madvise(MADV_POPULATE_WRITE)``:
   pages allocated and mapped without a byte changed, so a fill racing it is never overwritten) in
   slot-aligned steps from the last chunk down, away from the low slots a fresh host tier hands out first.
@@ -35,6 +39,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvtier.errors import ClosedError, ConfigError
@@ -76,23 +81,14 @@ class HostArena:
         self._pin_devices: set[int] = set()
         self._pin_thread: threading.Thread | None = None
         self._prefault_thread: threading.Thread | None = None
-        path = _SHM_DIR / self.name
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        try:
-            fd = os.open(path, flags, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"cannot {'create' if create else 'attach'} shared memory {path}: {exc}") from exc
-        try:
-            if create:
-                os.ftruncate(fd, self.total_bytes)
-            elif os.fstat(fd).st_size < self.total_bytes:
-                raise ConfigError(f"shared memory {path} is smaller than {self.total_bytes} bytes")
-            self._mmap = mmap.mmap(fd, self.total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
         if create and name is None:
-            path.unlink()
-        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            # Nobody attaches to an unnamed arena: anonymous shared memory, outside /dev/shm and its size limit.
+            self._mmap = mmap.mmap(-1, self.total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        else:
+            self._mmap = _map_shm(_SHM_DIR / self.name, self.total_bytes, create)
+        # Through NumPy, every view holds an export of the mapping: ``close`` then leaves it mapped until the
+        # last view is gone (``torch.frombuffer`` holds none, and a view used after close would fault).
+        self.tensor = torch.from_numpy(np.frombuffer(self._mmap, dtype=np.uint8))
 
     def slot(self, index: int, nbytes: int | None = None) -> torch.Tensor:
         """A uint8 view of the first ``nbytes`` (default all ``slot_bytes``) of slot ``index``."""
@@ -217,6 +213,41 @@ class HostArena:
             log.debug("arena %s still has views; the mapping is released with them", self.name)
         if unlink and self._owner:
             (_SHM_DIR / self.name).unlink(missing_ok=True)
+
+
+def _map_shm(path: Path, total_bytes: int, create: bool) -> mmap.mmap:
+    """Map the shared-memory file ``path``; a created one gets all of its pages at once (or ``ConfigError``)."""
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot {'create' if create else 'attach'} shared memory {path}: {exc}") from exc
+    try:
+        if create:
+            os.ftruncate(fd, total_bytes)
+            _allocate(fd, path, total_bytes)
+        elif os.fstat(fd).st_size < total_bytes:
+            raise ConfigError(f"shared memory {path} is smaller than {total_bytes} bytes")
+        return mmap.mmap(fd, total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        if create:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _allocate(fd: int, path: Path, total_bytes: int) -> None:
+    """Allocate every page of the file now: a tmpfs that is too small fails here, not with SIGBUS at a fault."""
+    try:
+        os.posix_fallocate(fd, 0, total_bytes)
+    except OSError as exc:
+        stat = os.statvfs(path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        raise ConfigError(
+            f"a host pool of {total_bytes / 2**20:.0f} MiB does not fit in {path.parent} ({free / 2**20:.0f} MiB "
+            f"free: {exc.strerror}): give a smaller pool (--pool, daemon.pool_bytes or host.capacity_bytes) or "
+            f"enlarge {path.parent} (in a container: docker run --shm-size=...)") from exc
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:

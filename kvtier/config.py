@@ -4,30 +4,33 @@ Every default is documented here, once, in the field's comment; ``docs/api.md`` 
 
 Promises:
 - Constructing a config with a bad value raises ``ConfigError`` naming the field; nothing is half-built.
+  Every field's type and range are checked from its annotation (``kvtier.config_fields``): a plain int or
+  float is >= 0, ``Positive`` / ``PositiveSize`` >= 1, a ``Size`` also takes ``"64MiB"``, a bool is only
+  true or false; the ``__post_init__`` methods add only the checks that relate fields.
 - ``load_config(path, overrides)`` reads a TOML file with tables ``[host]``, ``[disk]``, ``[remote]``,
   ``[transfer]``, ``[daemon]`` and top-level keys, then applies ``section.field=value`` overrides (from the
-  command line); an unknown section or field is a ``ConfigError``, never silently ignored.
+  command line: TOML syntax, except that a string setting takes the text as it is, and a list of strings
+  one item or a TOML array); an unknown section or field is a ``ConfigError``, never silently ignored.
 - Sizes accept an int of bytes or a string with a binary unit: ``"512MiB"``, ``"4GiB"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
+from kvtier.config_fields import SIZE, Port, Positive, PositiveSize, Range, Size, check_fields, field_hint, text_value
+from kvtier.config_fields import parse_bytes as parse_bytes
 from kvtier.errors import ConfigError
 from kvtier.layout import KVLayout
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1024 * GiB, "kb": 1000, "mb": 1000**2,
-          "gb": 1000**3, "tb": 1000**4}
 
 DirectIO = Literal["auto", "on", "off"]
 WriteMode = Literal["back", "through"]
@@ -36,48 +39,21 @@ TransferBackend = Literal["auto", "cpu", "cuda"]
 RemoteMode = Literal["single", "cluster"]
 
 
-def parse_bytes(value: object, name: str) -> int:
-    """An int of bytes from an int or a string such as ``"64MiB"``; ``ConfigError`` otherwise."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}: expected a size, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-        if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    raise ConfigError(f"{name}: expected a size such as 4096 or '64MiB', got {value!r}")
-
-
-def _check_choice(value: object, choices: Any, name: str) -> None:
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_positive(value: int, name: str, allow_zero: bool = False) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {value!r}")
-
-
 @dataclass(frozen=True)
 class HostConfig:
     # Bytes of the shared-memory arena that holds host-tier blocks (rounded down to whole slots).
-    capacity_bytes: int = 1 * GiB
+    capacity_bytes: PositiveSize = 1 * GiB
     # Eviction policy of the host tier: "lru", "s3fifo" or "arc".
     policy: str = "s3fifo"
     # Pinned (page-locked) registration is done in chunks of this many bytes, in the background.
-    pin_chunk_bytes: int = 256 * MiB
+    pin_chunk_bytes: PositiveSize = 256 * MiB
     # Register the arena with CUDA, on the device of the first copy to or from a GPU (none without one).
     pin: bool = True
     # Fault the arena's pages in the background at open, so the first fill runs at memory speed.
     prefault: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "capacity_bytes", parse_bytes(self.capacity_bytes, "host.capacity_bytes"))
-        object.__setattr__(self, "pin_chunk_bytes", parse_bytes(self.pin_chunk_bytes, "host.pin_chunk_bytes"))
-        _check_positive(self.capacity_bytes, "host.capacity_bytes")
-        _check_positive(self.pin_chunk_bytes, "host.pin_chunk_bytes")
+        check_fields(self, "host")
         from kvtier.policies import POLICIES
 
         if self.policy not in POLICIES:
@@ -89,9 +65,9 @@ class DiskConfig:
     # Data directories; empty means no disk tier. Several paths are striped region by region.
     paths: tuple[str, ...] = ()
     # Bytes of data file per path (preallocated; rounded down to whole regions).
-    capacity_bytes: int = 16 * GiB
+    capacity_bytes: PositiveSize = 16 * GiB
     # Bytes of one region, the unit of writing and of eviction.
-    region_bytes: int = 64 * MiB
+    region_bytes: PositiveSize = 64 * MiB
     # O_DIRECT: "auto" uses it where the filesystem supports it, "on" fails if it does not, "off" never.
     direct_io: DirectIO = "auto"
     # "back": host evictions are demoted to disk. "through": every put is also written to disk.
@@ -99,53 +75,38 @@ class DiskConfig:
     # Admission to disk: "adaptive", "admit_all" or "reject_first".
     admission: str = "adaptive"
     # Bytes per second the tier may write on average (0: no budget).
-    write_budget_bytes_per_s: int = 0
+    write_budget_bytes_per_s: Size = 0
     # The same budget in drive writes per day: this many times drive_bytes a day (0: none). At most one of
     # the two budgets may be set.
     write_budget_dwpd: float = 0.0
     # Bytes of the drive(s) the DWPD budget is stated against, as the drive's rating counts them (0: the
     # tier's own files, capacity_bytes x len(paths); a tier on part of a drive wears the whole drive).
-    drive_bytes: int = 0
+    drive_bytes: Size = 0
     # Seconds of budget the tier may save up and spend at once: the budget accrues over time, so a quiet
     # hour pays for a burst, and the average over a day is still the budget.
     write_budget_burst_s: float = 3600.0
     # Bytes of region buffers that hold demoted blocks until the drive has written them (at least three
     # regions): a burst of demotions up to this size is written, not dropped, while the drive catches up.
     # Only three regions are allocated at open; the rest on the first burst that needs them.
-    writeback_buffer_bytes: int = 1 * GiB
+    writeback_buffer_bytes: PositiveSize = 1 * GiB
     # A block read this many times since it was written is re-appended when its region is evicted. One read
     # (CLOCK's second chance) beat two in 7 of 10 replay cells, by up to 1.4 points (docs/policy.md).
     reinsert_hits: int = 1
     # Per-entry compression: "none" or "zstd" (with a byte-plane split of 16-bit values).
     codec: Codec = "none"
     # Threads that issue disk reads and writes.
-    io_threads: int = 4
+    io_threads: Positive = 4
     # Wipe a directory of another format version or layout instead of refusing to open it.
     wipe_incompatible: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
-        for name in ("capacity_bytes", "region_bytes", "write_budget_bytes_per_s", "writeback_buffer_bytes",
-                     "drive_bytes"):
-            object.__setattr__(self, name, parse_bytes(getattr(self, name), f"disk.{name}"))
-        _check_positive(self.capacity_bytes, "disk.capacity_bytes")
-        _check_positive(self.region_bytes, "disk.region_bytes")
+        check_fields(self, "disk")
         if self.region_bytes % (4 * KiB):
             raise ConfigError(f"disk.region_bytes must be a multiple of 4 KiB, got {self.region_bytes}")
         if self.capacity_bytes < self.region_bytes:
             raise ConfigError("disk.capacity_bytes must hold at least one region")
-        _check_positive(self.write_budget_bytes_per_s, "disk.write_budget_bytes_per_s", allow_zero=True)
-        if (isinstance(self.write_budget_dwpd, bool) or not isinstance(self.write_budget_dwpd, int | float)
-                or not 0.0 <= self.write_budget_dwpd < float("inf")):
-            raise ConfigError(f"disk.write_budget_dwpd must be a finite number >= 0, got {self.write_budget_dwpd!r}")
         if self.write_budget_dwpd and self.write_budget_bytes_per_s:
             raise ConfigError("set at most one of disk.write_budget_bytes_per_s and disk.write_budget_dwpd")
-        _check_positive(self.writeback_buffer_bytes, "disk.writeback_buffer_bytes")
-        _check_positive(self.reinsert_hits, "disk.reinsert_hits", allow_zero=True)
-        _check_positive(self.io_threads, "disk.io_threads")
-        _check_choice(self.direct_io, DirectIO, "disk.direct_io")
-        _check_choice(self.write_mode, WriteMode, "disk.write_mode")
-        _check_choice(self.codec, Codec, "disk.codec")
         if self.admission not in ("adaptive", "admit_all", "reject_first"):
             raise ConfigError(f"disk.admission must be adaptive, admit_all or reject_first, got {self.admission!r}")
 
@@ -180,11 +141,11 @@ class RemoteConfig:
     tls_key_file: str = ""
     tls_verify: bool = True
     # Bound on establishing a connection, and on every reply (a lookup waits at most about this long).
-    connect_timeout_ms: int = 500
-    timeout_ms: int = 1000
+    connect_timeout_ms: Positive = 500
+    timeout_ms: Positive = 1000
     # After a failure, reconnects are tried after reconnect_min_ms, doubling up to reconnect_max_ms.
-    reconnect_min_ms: int = 100
-    reconnect_max_ms: int = 5000
+    reconnect_min_ms: Positive = 100
+    reconnect_max_ms: Positive = 5000
     # Server keys are "<key_prefix>:<layout fingerprint>:<block key in hex>"; the block key itself covers
     # the model, shard and tenant salt (kvtier.keys), the fingerprint the layout.
     key_prefix: str = "kvtier"
@@ -194,13 +155,13 @@ class RemoteConfig:
     # evictions too if not sent yet. "back": only host evictions are sent.
     write_mode: WriteMode = "through"
     # Bytes of blocks waiting to be sent; an offer beyond it is dropped and counted (never waited for).
-    queue_bytes: int = 256 * MiB
+    queue_bytes: PositiveSize = 256 * MiB
     # Bytes of values in one write or read pipeline.
-    batch_bytes: int = 32 * MiB
+    batch_bytes: PositiveSize = 32 * MiB
     # Per-value compression, "none" or "zstd" (as the disk tier's codec); reads decode either.
     codec: Codec = "none"
     # Threads reading values into host slots (each with its own connection).
-    read_threads: int = 2
+    read_threads: Positive = 2
     # Shared secret (at least 16 characters) of the hosts that trust each other: every value then carries a
     # keyed BLAKE3 tag over header and payload, and a value without a valid tag is a miss. Empty: no tags
     # (anyone who can write to the servers can plant a value; see docs/remote.md, "Trust").
@@ -209,30 +170,17 @@ class RemoteConfig:
     hash_key_names: bool = False
 
     def __post_init__(self) -> None:
-        urls = (self.urls,) if isinstance(self.urls, str) else self.urls
-        object.__setattr__(self, "urls", tuple(str(url) for url in urls))
+        check_fields(self, "remote")
         for url in self.urls:
             if not url.startswith(("redis://", "rediss://", "valkey://", "valkeys://", "unix://")):
                 # Only the scheme is echoed: the URL may hold a password.
                 scheme = url.split("://")[0][:16] + "://" if "://" in url else "no scheme"
                 raise ConfigError(f"remote.urls: a URL with {scheme!r} is not a redis://, rediss://, valkey:// or "
                                   "unix:// URL")
-        for name in ("queue_bytes", "batch_bytes"):
-            object.__setattr__(self, name, parse_bytes(getattr(self, name), f"remote.{name}"))
-            _check_positive(getattr(self, name), f"remote.{name}")
-        for name in ("connect_timeout_ms", "timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "read_threads"):
-            _check_positive(getattr(self, name), f"remote.{name}")
-        _check_positive(self.ttl_s, "remote.ttl_s", allow_zero=True)
         if self.reconnect_max_ms < self.reconnect_min_ms:
             raise ConfigError("remote.reconnect_max_ms must be at least remote.reconnect_min_ms")
-        _check_choice(self.mode, RemoteMode, "remote.mode")
-        _check_choice(self.write_mode, WriteMode, "remote.write_mode")
-        _check_choice(self.codec, Codec, "remote.codec")
         if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
             raise ConfigError(f"remote.key_prefix must be a non-empty word, got {self.key_prefix!r}")
-        for name in ("tls", "tls_verify", "hash_key_names"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"remote.{name} must be true or false, got {getattr(self, name)!r}")
         unix = [url for url in self.urls if url.startswith("unix://")]
         if unix and self.mode == "cluster":
             raise ConfigError("remote.mode = 'cluster' needs TCP URLs of cluster nodes, not unix:// sockets")
@@ -249,14 +197,12 @@ class TransferConfig:
     # "auto" picks CUDA when torch sees a GPU, else the CPU backend.
     backend: TransferBackend = "auto"
     # CPU backend: worker threads serving copy jobs.
-    num_workers: int = 2
+    num_workers: Positive = 2
     # CUDA backend: streams for loads and for stores (loads get the higher priority).
-    num_streams: int = 2
+    num_streams: Positive = 2
 
     def __post_init__(self) -> None:
-        _check_choice(self.backend, TransferBackend, "transfer.backend")
-        _check_positive(self.num_workers, "transfer.num_workers")
-        _check_positive(self.num_streams, "transfer.num_streams")
+        check_fields(self, "transfer")
 
 
 @dataclass(frozen=True)
@@ -266,20 +212,20 @@ class DaemonConfig:
     # Group allowed to connect (socket mode 0660); empty: owner only (mode 0600).
     socket_group: str = ""
     # TCP listener for remote clients; 0 disables it. Bound to tcp_host (loopback unless configured).
-    tcp_port: int = 0
+    tcp_port: Port = 0
     tcp_host: str = "127.0.0.1"
     # Shared token remote clients must present; required when tcp_port is set.
     tcp_token: str = ""
     # Prometheus /metrics port on loopback; 0 disables it.
-    metrics_port: int = 9464
-    # Largest control or payload frame accepted, in bytes.
-    max_frame_bytes: int = 256 * MiB
+    metrics_port: Port = 9464
+    # Largest control or payload frame accepted, in bytes (at least 64 KiB, the most a hello may take).
+    max_frame_bytes: Annotated[int, SIZE, Range(64 * KiB)] = 256 * MiB
     # The one KV layout the daemon serves (a table of KVLayout fields, [daemon.layout] in TOML); unset: the
     # layout of the first client's hello.
     layout: KVLayout | None = None
     # Bytes of the daemon's host pool; 0: half the available RAM (and of free /dev/shm), at most pool_cap_bytes.
-    pool_bytes: int = 0
-    pool_cap_bytes: int = 32 * GiB
+    pool_bytes: Size = 0
+    pool_cap_bytes: PositiveSize = 32 * GiB
     # With [disk] paths empty, the daemon keeps a disk tier in the user's data directory; false: no disk tier.
     default_disk: bool = True
     # Clients (kvtier.daemon.open_store): "" opens an embedded store; "unix" (the default socket),
@@ -287,23 +233,9 @@ class DaemonConfig:
     connect: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("max_frame_bytes", "pool_bytes", "pool_cap_bytes"):
-            object.__setattr__(self, name, parse_bytes(getattr(self, name), f"daemon.{name}"))
-        for name in ("tcp_port", "metrics_port"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value <= 65535:
-                raise ConfigError(f"daemon.{name} must be a port number, got {value!r}")
+        check_fields(self, "daemon")
         if self.tcp_port and not self.tcp_token:
             raise ConfigError("daemon.tcp_token is required when daemon.tcp_port is set")
-        _check_positive(self.max_frame_bytes, "daemon.max_frame_bytes")
-        _check_positive(self.pool_bytes, "daemon.pool_bytes", allow_zero=True)
-        _check_positive(self.pool_cap_bytes, "daemon.pool_cap_bytes")
-        if self.layout is not None and not isinstance(self.layout, KVLayout):
-            if not isinstance(self.layout, Mapping):
-                raise ConfigError(f"daemon.layout must be a table of KVLayout fields, got {self.layout!r}")
-            object.__setattr__(self, "layout", KVLayout.from_dict(dict(self.layout)))
-        if not isinstance(self.default_disk, bool):
-            raise ConfigError(f"daemon.default_disk must be true or false, got {self.default_disk!r}")
         if self.connect and not (self.connect == "unix" or self.connect.startswith(("unix:", "tcp://"))):
             raise ConfigError(f"daemon.connect must be '', 'unix', 'unix:PATH' or 'tcp://HOST:PORT', "
                               f"got {self.connect!r}")
@@ -320,6 +252,7 @@ class StoreConfig:
     hash_algo: str = "sha256"
 
     def __post_init__(self) -> None:
+        check_fields(self, "")
         from kvtier.keys import HASH_ALGOS
 
         if self.hash_algo not in HASH_ALGOS:
@@ -329,14 +262,6 @@ class StoreConfig:
 _SECTIONS: dict[str, type[Any]] = {
     "host": HostConfig, "disk": DiskConfig, "remote": RemoteConfig, "transfer": TransferConfig, "daemon": DaemonConfig,
 }
-
-
-def _coerce(text: str) -> object:
-    """A command-line override value: TOML syntax where it parses (numbers, bools, arrays), else a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def config_from_mapping(data: Mapping[str, Any]) -> StoreConfig:
@@ -352,8 +277,6 @@ def config_from_mapping(data: Mapping[str, Any]) -> StoreConfig:
             unknown = set(value) - known
             if unknown:
                 raise ConfigError(f"unknown setting(s) in [{name}]: {sorted(unknown)}; known: {sorted(known)}")
-            value = {field_name: tuple(item) if field_name in ("paths", "urls") and isinstance(item, list) else item
-                     for field_name, item in value.items()}
             try:
                 sections[name] = _SECTIONS[name](**value)
             except TypeError as exc:
@@ -378,10 +301,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, str] | N
     for dotted, text in (overrides or {}).items():
         section, _, name = dotted.partition(".")
         if not name:
-            data[section] = _coerce(text)
+            data[section] = text_value(text, field_hint(StoreConfig, section))
         else:
             table = data.setdefault(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"cannot override {dotted}: {section} is not a table")
-            table[name] = _coerce(text)
+            section_class = _SECTIONS.get(section)
+            table[name] = text_value(text, None if section_class is None else field_hint(section_class, name))
     return config_from_mapping(data)

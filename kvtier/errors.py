@@ -15,7 +15,9 @@
     │   └── DirectoryLockedError   a data directory held by another process
     └── ProtocolError          the daemon and a client disagree on the wire
         ├── AuthError              a remote client without the right token
-        └── ServerError            the daemon answered a request with an error reply
+        ├── ServerError            the daemon answered a request with an error reply
+        └── StaleHandleError       a lease or reservation not of the live connection (daemon restart); also an
+                                   InvalidInputError
 
 Promises:
 - A failed checksum, a torn write or a foreign layout found while *reading* is never raised: it is a miss
@@ -81,6 +83,12 @@ class ServerError(ProtocolError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+
+
+class StaleHandleError(ProtocolError, InvalidInputError):
+    """A lease or reservation (or its slots) not of the client's live connection to the daemon: one from before
+    a daemon restart or a reopened connection (or another client's) never resolves, so it never reads or
+    commits another key's slot."""
 
 
 class JobTimeoutError(KvtierError, TimeoutError):

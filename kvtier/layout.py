@@ -119,7 +119,10 @@ class KVLayout:
         expected = {"num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens", "kind"}
         if not isinstance(fields, dict) or set(fields) - expected or not {"num_layers", "dtype"} <= set(fields):
             raise ConfigError(f"a layout needs the fields {sorted(expected)}, got {fields!r}")
-        return cls(**fields)  # type: ignore[arg-type]
+        try:
+            return cls(**fields)  # type: ignore[arg-type]
+        except TypeError as exc:  # a required field missing
+            raise ConfigError(f"a layout needs the fields {sorted(expected)}, got {fields!r}: {exc}") from exc
 
     def check_block(self, block: torch.Tensor, what: str = "block") -> None:
         """Raise ``InvalidInputError`` unless ``block`` holds exactly one block of this layout.

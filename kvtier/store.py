@@ -47,7 +47,7 @@ import torch
 from kvtier.arena import PAGE_BYTES, HostArena, round_up
 from kvtier.config import StoreConfig
 from kvtier.epochs import KeyEpochs
-from kvtier.errors import CapacityError, ClosedError, ConfigError, InvalidInputError
+from kvtier.errors import CapacityError, ClosedError, ConfigError, InvalidInputError, StaleHandleError
 from kvtier.host import HostTier
 from kvtier.job import Job
 from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_keys
@@ -88,20 +88,31 @@ class LookupResult:
 
 @dataclass(frozen=True)
 class Reservation:
-    """Slots reserved for writing. ``keys[i]`` goes to ``slots[i]``; ``skipped`` were already present."""
+    """Slots reserved for writing. ``keys[i]`` goes to ``slots[i]``; ``skipped`` were already present.
+
+    ``generation`` names the arena (and, for a daemon client, the connection) the slots belong to: slot rows
+    and commits are resolved against it only.
+    """
 
     keys: tuple[bytes, ...]
     slots: tuple[int, ...]
     skipped: tuple[bytes, ...]
+    generation: str = ""
 
 
 @dataclass(frozen=True)
 class Lease:
-    """Read pins on the leading run ``keys`` of an ``acquire``: ``slots[i]`` holds ``keys[i]``."""
+    """Read pins on the leading run ``keys`` of an ``acquire``: ``slots[i]`` holds ``keys[i]``.
+
+    ``generation`` names the arena (and, for a daemon client, the connection) the slots belong to.
+    """
 
     keys: tuple[bytes, ...]
     slots: tuple[int, ...]
+    generation: str = ""
 
+
+Handle = Lease | Reservation
 
 
 @functools.cache
@@ -452,7 +463,7 @@ class Store:
             todo = [key for key in keys if key not in present]
             slots = self.host.reserve(todo)
             self._counters["put_deduplicated_blocks"] += len(present)
-            return Reservation(tuple(todo), tuple(slots), tuple(k for k in keys if k in present))
+            return Reservation(tuple(todo), tuple(slots), tuple(k for k in keys if k in present), self.arena.name)
 
     def commit(self, reservation: Reservation) -> None:
         with self._lock:
@@ -500,7 +511,7 @@ class Store:
                 slots.append(slot)
             self._counters["get_blocks"] += len(run)
             self._counters["bytes_got"] += len(run) * self.layout.block_bytes
-            return Lease(tuple(run), tuple(slots))
+            return Lease(tuple(run), tuple(slots), self.arena.name)
 
     def release(self, lease: Lease) -> None:
         with self._lock:
@@ -519,18 +530,25 @@ class Store:
         for device in {block.device for block in blocks if block.device.type == "cuda"}:
             self.pin_for(device)
 
-    def slot_rows(self) -> torch.Tensor:
+    def slot_rows(self, handle: Handle | None = None) -> torch.Tensor:
         """The host arena as a ``(num_slots, slot_bytes)`` uint8 view: row ``slot`` holds that slot's block.
 
         For in-place copies of reserved or leased slots (``PagedKV.gather_to_slots`` /
-        ``scatter_from_slots``); the first ``layout.block_bytes`` bytes of a row are the block.
+        ``scatter_from_slots``); the first ``layout.block_bytes`` bytes of a row are the block. A ``handle``
+        of another arena raises ``StaleHandleError``.
         """
         self._check_open()
+        self._check_generation(handle)
         return self.arena.rows()
 
-    def slot_view(self, slot: int) -> torch.Tensor:
-        """The block bytes of host slot ``slot`` as a flat tensor of the layout's dtype."""
+    def slot_view(self, slot: int, handle: Handle | None = None) -> torch.Tensor:
+        """The block bytes of host slot ``slot`` (``handle``'s arena checked) as a flat tensor of the layout's dtype."""
+        self._check_generation(handle)
         return self.host.payload(slot).view(self.layout.torch_dtype)
+
+    def _check_generation(self, handle: Handle | None) -> None:
+        if handle is not None and handle.generation not in ("", self.arena.name):
+            raise StaleHandleError(f"a handle of arena {handle.generation!r}, not of this store's {self.arena.name!r}")
 
     # -- housekeeping -----------------------------------------------------------------------------------
 

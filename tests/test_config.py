@@ -83,3 +83,64 @@ def test_writeback_buffer_is_whole_regions_at_least_three() -> None:
     assert DiskConfig(region_bytes="64MiB", writeback_buffer_bytes="100MiB").writeback_regions == 3
     with pytest.raises(ConfigError, match="writeback_buffer_bytes"):
         DiskConfig(writeback_buffer_bytes=0)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"host.pin": "'false'"}, "host.pin"), ({"host.prefault": "2"}, "host.prefault"),
+    ({"daemon.max_frame_bytes": "10"}, "daemon.max_frame_bytes"), ({"disk.io_threads": "0"}, "disk.io_threads"),
+    ({"disk.reinsert_hits": "-1"}, "disk.reinsert_hits"), ({"disk.write_budget_dwpd": "nan"}, "write_budget_dwpd"),
+    ({"host.capacity_bytes": "0"}, "host.capacity_bytes"), ({"remote.timeout_ms": "1.5"}, "remote.timeout_ms"),
+    ({"daemon.default_disk": "1"}, "daemon.default_disk"), ({"disk.paths": "[1, 2]"}, "disk.paths"),
+    ({"daemon.layout": "{num_layers = 2}"}, "daemon.layout"), ({"disk.codec": "true"}, "disk.codec"),
+])
+def test_overrides_are_checked_by_type_and_range_naming_the_key(overrides: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(("toml", "key"), [
+    ('[host]\npin = "false"\n', "host.pin"), ("[host]\nprefault = 2\n", "host.prefault"),
+    ("[daemon]\nsocket_path = 5\n", "daemon.socket_path"), ("[daemon]\ntcp_token = 1234\n", "daemon.tcp_token"),
+    ("[daemon]\nconnect = 7\n", "daemon.connect"), ("[daemon]\nmax_frame_bytes = 10\n", "daemon.max_frame_bytes"),
+    ('[disk]\npaths = "xy"\nwipe_incompatible = "yes"\n', "disk.wipe_incompatible"),
+    ("[remote]\nurls = [3]\n", "remote.urls"), ('hash_algo = 5\n', "hash_algo"),
+    ("[daemon]\nlayout = {num_layers = 2, dtype = 'float32'}\n", "daemon.layout"),
+])
+def test_toml_values_are_checked_by_type_and_range_naming_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    path = tmp_path / "kvtier.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(path)
+
+
+def test_a_string_list_setting_takes_one_string_as_one_item_and_strings_stay_strings() -> None:
+    config = load_config(None, {"disk.paths": "xy", "remote.urls": "redis://h:1", "daemon.tcp_token": "1234",
+                                "daemon.socket_path": "5", "disk.write_budget_dwpd": "2"})
+    assert config.disk.paths == ("xy",) and config.remote.urls == ("redis://h:1",)
+    assert config.daemon.tcp_token == "1234" and config.daemon.socket_path == "5"
+    assert config.disk.write_budget_dwpd == 2.0
+    assert load_config(None, {"disk.paths": '["/a", "/b"]'}).disk.paths == ("/a", "/b")
+    assert DiskConfig(paths="/one").paths == ("/one",)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"host\.pin"):
+        HostConfig(pin="false")  # type: ignore[arg-type]
+
+
+def test_a_new_plain_field_is_checked_from_its_annotation() -> None:
+    from dataclasses import dataclass
+
+    from kvtier.config_fields import check_fields
+
+    @dataclass(frozen=True)
+    class Section:
+        count: int = 1
+        ratio: float = 0.5
+        enabled: bool = False
+        name: str = ""
+
+        def __post_init__(self) -> None:
+            check_fields(self, "section")
+
+    for bad in ({"count": "3"}, {"count": -1}, {"ratio": float("inf")}, {"enabled": "no"}, {"name": 5}):
+        with pytest.raises(ConfigError, match=rf"section\.{next(iter(bad))}"):
+            Section(**bad)  # type: ignore[arg-type]
+    assert Section(ratio=1).ratio == 1.0

@@ -156,3 +156,34 @@ def test_a_get_after_a_promotion_is_ordered_after_the_requesting_threads_work(la
         assert failed == () and all(torch.equal(o, b) for o, b in zip(out, blocks[:2], strict=True))
         assert [ident for ident, _ in engine.fences] == [threading.get_ident()]
         assert engine.afters and all(after is engine.fences[0][1] for after in engine.afters)
+
+
+def test_reinsertion_never_reads_the_drive_under_the_store_lock(layout: KVLayout, tmp_path: Path) -> None:
+    with disk_store(layout, tmp_path, capacity_bytes="1MiB", reinsert_hits=1) as store:
+        disk = store.disk
+        assert disk is not None
+        per_region = disk.capacity_blocks // 4
+        keys = keys_for(store, 6 * per_region)
+        blocks = random_blocks(layout, 4)
+        first = keys[: 3 * per_region]  # a region stays clean: the reads below demote without evicting
+        for start in range(0, len(first), 4):
+            assert store.put(first[start : start + 4], blocks).wait(30).ok
+        store.flush()
+        for start in range(0, per_region, 4):  # the oldest region's blocks become hot (one read each)
+            assert read_all(store, first[start : start + 4])[1] == ()
+        device = disk._devices[0]
+        read = device.read
+        under_lock: list[int] = []
+
+        def watched_read(offset: int, buffers: object) -> int:
+            if store._lock._is_owned():  # type: ignore[attr-defined]
+                under_lock.append(offset)
+            return read(offset, buffers)  # type: ignore[arg-type]
+
+        device.read = watched_read  # type: ignore[method-assign]
+        rest = keys[3 * per_region :]
+        for start in range(0, len(rest), 4):  # demotions wrap the disk: the hot region is evicted
+            store.put(rest[start : start + 4], blocks).wait(30)
+        store.flush()
+        assert under_lock == []
+        assert disk.stats().regions_evicted >= 1 and disk.stats().blocks_reinserted >= 1

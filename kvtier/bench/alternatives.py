@@ -226,10 +226,10 @@ class LmdbBlockStore:
     def release(self, lease: Lease) -> None:
         self._free.extend(lease.slots)
 
-    def slot_view(self, slot: int) -> torch.Tensor:
+    def slot_view(self, slot: int, handle: object = None) -> torch.Tensor:
         return self._rows[slot].view(self._layout.torch_dtype)
 
-    def slot_rows(self) -> torch.Tensor:
+    def slot_rows(self, handle: object = None) -> torch.Tensor:
         return self._rows
 
     def disk_bytes(self) -> tuple[int, int]:

@@ -11,13 +11,20 @@ Promises:
   the embedded ``Store``'s, with these differences: a put that finds no room fails all of its blocks (the
   daemon reserves all or nothing), and a get fails only the indices that are missing.
 - Arguments are checked here, before anything is sent: ``InvalidInputError`` as in the store.
-- Error replies raise ``CapacityError``, ``InvalidInputError``, ``LayoutMismatchError`` or ``AuthError`` where
-  the daemon raised that class, else ``ServerError(kind, message)``. A daemon that goes away raises
+- Error replies raise ``CapacityError``, ``InvalidInputError``, ``LayoutMismatchError``, ``AuthError``,
+  ``ConfigError`` or ``DiskError`` (and its subclasses) where the daemon raised that class, else
+  ``ServerError(kind, message)``. A daemon that goes away raises
   ``ProtocolError`` in calls and fails the blocks of running jobs; a closed client raises ``ClosedError``.
 - A broken connection is reopened by a later call, with exponential backoff between attempts
   (``RECONNECT_MIN_S`` doubling up to ``RECONNECT_MAX_S``; a call inside the wait raises ``ProtocolError``
-  at once, without touching the socket). A restarted daemon's new arena is mapped (and pinned) anew; the
-  old mapping stays mapped until ``close``, so copies still queued on it never touch unmapped memory.
+  at once, without touching the socket). A restarted daemon's new arena is mapped (and pinned) anew; an
+  old mapping stays mapped while a copy or a handle of it is outstanding, and is unmapped after the last.
+- Every lease and reservation names its ``generation``: the arena and the connection it came from. A call
+  that straddles a reconnect (a daemon restart, a broken connection) never resolves its slots in another
+  arena: ``slot_rows(handle)`` / ``slot_view(slot, handle)`` and ``commit`` of a handle whose connection is
+  gone raise ``StaleHandleError``, its ``release`` / ``abort`` do nothing (the daemon dropped them with the
+  connection), a put whose commit cannot reach the same connection fails its blocks, and a get whose lease
+  cannot be released on the same connection fails its blocks (the lease may have lapsed during the copy).
 - ``slot_rows()`` is the mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (Unix only). With
   ``host.pin`` set, the mapping is registered with CUDA in this process, on the device of its first copy
   to or from a GPU (``pin_for``; the daemon itself never registers it nor makes a CUDA context).
@@ -27,10 +34,11 @@ Promises:
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,26 +54,32 @@ from kvtier.errors import (
     CapacityError,
     ClosedError,
     ConfigError,
+    DirectoryLockedError,
+    DiskError,
+    FormatVersionError,
     InvalidInputError,
     KvtierError,
     LayoutMismatchError,
     ProtocolError,
     ServerError,
+    StaleHandleError,
 )
 from kvtier.job import Job
 from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_key, check_keys
 from kvtier.layout import KVLayout
 from kvtier.stats import StoreStats
-from kvtier.store import Lease, LookupResult, Reservation, Tier, as_bytes, check_keys_and_blocks
+from kvtier.store import Handle, Lease, LookupResult, Reservation, Tier, as_bytes, check_keys_and_blocks
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
 
 _ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
-    AuthError, CapacityError, InvalidInputError, LayoutMismatchError)}
+    AuthError, CapacityError, InvalidInputError, LayoutMismatchError, ConfigError, DiskError, FormatVersionError,
+    DirectoryLockedError)}
 _TIERS = {tier.value: tier for tier in Tier}
 # Room left in a payload frame for the msgpack envelope and the keys.
 _FRAME_SLACK_BYTES = 64 * 1024
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 5.0
+_CONNECTION_SERIALS = itertools.count(1)
 
 
 def parse_address(address: str, config: StoreConfig) -> tuple[str, str | tuple[str, int]]:
@@ -111,6 +125,9 @@ class Connection:
             raise
         # Payload frames are cut to the smaller limit of the two sides, so the daemon never refuses one.
         self.max_frame_bytes = min(self.max_frame_bytes, int(self.hello["max_frame_bytes"]))
+        # Leases and reservations live as long as this connection's session in the daemon: handles name both.
+        self.arena_name: str | None = self.hello.get("arena")
+        self.generation = f"{self.arena_name}#{next(_CONNECTION_SERIALS)}"
 
     def call(self, op: str, **fields: Any) -> Message:
         """The ok reply to one request; an error reply raises (see the module promises)."""
@@ -164,13 +181,17 @@ class Client:
 
         self._connect = connect
         self._conn = self._connect()
+        self._generations = {self._conn.generation}
         hello = self._conn.hello
         self.hash_algo: HashAlgo = hello["hash_algo"]
         self.slot_bytes: int = hello["slot_bytes"]
         self.remote = self._conn.transport == "tcp"
         self.arena: HostArena | None = None
-        self._retired: list[HostArena] = []
         self._pin_devices: set[torch.device] = set()
+        # Every arena mapped, by name, and the keys each has outstanding (held by a copy or a handle).
+        self._arenas: dict[str, HostArena] = {}
+        self._holds: dict[str, Counter[bytes]] = {}
+        self._arena_lock = threading.Lock()
         self._reconnect_lock = threading.Lock()
         self._backoff_s = RECONNECT_MIN_S
         self._retry_at = 0.0
@@ -189,19 +210,76 @@ class Client:
             raise
 
     def _map_arena(self, hello: Message) -> None:
-        if self.arena is not None and self.arena.name == hello["arena"]:
+        with self._arena_lock:
+            if self.arena is not None and self.arena.name == hello["arena"]:
+                return
+            arena = HostArena(hello["num_slots"], hello["slot_bytes"], name=hello["arena"], create=False)
+            # A new arena (a restarted daemon) is registered on the devices this client already copied with.
+            for device in self._pin_devices:
+                arena.start_pinning(self.config.host.pin_chunk_bytes, device)
+            old, self.arena = self.arena, arena
+            self._arenas[arena.name] = arena
+            self._holds[arena.name] = Counter()
+            if old is not None:
+                self._unmap_if_unused(old.name)
+
+    def _hold(self, conn: Connection, keys: Sequence[bytes]) -> HostArena:
+        """The arena of ``conn``, held for ``keys`` until ``_drop``; ``StaleHandleError`` if it is unmapped."""
+        with self._arena_lock:
+            arena = self._arenas.get(conn.arena_name or "")
+            if arena is None:
+                raise StaleHandleError(f"the arena of connection {conn.generation} is no longer mapped")
+            self._holds[arena.name].update(keys)
+            return arena
+
+    def _drop(self, arena_name: str | None, keys: Sequence[bytes]) -> None:
+        """End the holds of ``keys`` on ``arena_name`` (each at most once); unmap a replaced arena left unused."""
+        with self._arena_lock:
+            holds = self._holds.get(arena_name or "")
+            if holds is None:
+                return
+            for key in keys:
+                if holds[key] > 0:
+                    holds[key] -= 1
+                    if not holds[key]:
+                        del holds[key]
+            self._unmap_if_unused(arena_name or "")
+
+    def _unmap_if_unused(self, name: str) -> None:
+        if (self.arena is not None and name == self.arena.name) or self._holds.get(name):
             return
-        arena = HostArena(hello["num_slots"], hello["slot_bytes"], name=hello["arena"], create=False)
-        # A new arena (a restarted daemon) is registered on the devices this client already copied with.
-        for device in self._pin_devices:
-            arena.start_pinning(self.config.host.pin_chunk_bytes, device)
-        if self.arena is not None:
-            self._retired.append(self.arena)
-        self.arena = arena
+        arena = self._arenas.pop(name, None)
+        self._holds.pop(name, None)
+        if arena is not None:
+            arena.close()
 
     def _call(self, op: str, **fields: Any) -> Message:
         """``Connection.call`` on a live connection, reopened (with backoff) after the daemon went away."""
         return self._live().call(op, **fields)
+
+    def _call_on(self, generation: str, op: str, **fields: Any) -> Message:
+        """``Connection.call`` on the connection named ``generation``; ``StaleHandleError`` once it is replaced.
+
+        A generation that is none of this client's (another client's handle) goes to the live connection,
+        whose session in the daemon refuses what it did not reserve or lease.
+        """
+        if generation not in self._generations:
+            return self._live().call(op, **fields)
+        conn = self._conn
+        if conn.generation != generation:
+            raise StaleHandleError(f"a handle of connection {generation}, not of this client's live connection "
+                                   f"{conn.generation} (the daemon restarted or the connection was reopened)")
+        return conn.call(op, **fields)
+
+    def _request_slots(self, op: str, keys: list[bytes], **fields: Any) -> tuple[Connection, HostArena, Message]:
+        """``op`` on a live connection with its arena held for ``keys`` (the caller drops what it did not get)."""
+        conn = self._live()
+        arena = self._hold(conn, keys)
+        try:
+            return conn, arena, conn.call(op, keys=keys, **fields)
+        except BaseException:
+            self._drop(arena.name, keys)
+            raise
 
     def _live(self) -> Connection:
         conn = self._conn
@@ -227,6 +305,7 @@ class Client:
                 self._backoff_s = min(self._backoff_s * 2, RECONNECT_MAX_S)
                 raise
             self._conn.close()
+            self._generations.add(fresh.generation)
             self._conn, self._backoff_s, self._retry_at = fresh, RECONNECT_MIN_S, 0.0
             self.reconnects += 1
             return fresh
@@ -270,30 +349,37 @@ class Client:
         if self._pool is not None:
             return self._remote(job, self._remote_put, keys, blocks)
         try:
-            reply = self._call("reserve", keys=keys)
-        except CapacityError:
+            conn, arena, reply = self._request_slots("reserve", keys)
+        except (CapacityError, StaleHandleError):
             job.fail(range(len(keys)))
             return job.seal()
         index = {key: i for i, key in enumerate(keys)}
         reserved: list[bytes] = reply["keys"]
+        self._drop(arena.name, reply["skipped"])
         if reserved:
             indices = [index[key] for key in reserved]
             self._pin_for_blocks(blocks)
             job.add_parts()
-            # One submission for every block, as the embedded store does (one kernel launch on CUDA).
-            self.transfer.submit_blocks(self.slot_rows(), reply["slots"], [blocks[i] for i in indices],
-                                        Direction.STORE, self._finish_put(job, indices, reserved))
+            # One submission for every block, as the embedded store does (one kernel launch on CUDA). The
+            # slots are resolved in the arena of the connection that reserved them, never a newer one.
+            self.transfer.submit_blocks(arena.rows(), reply["slots"], [blocks[i] for i in indices],
+                                        Direction.STORE, self._finish_put(job, indices, reserved, conn, arena))
         return job.seal()
 
-    def _finish_put(self, job: Job, indices: list[int], keys: list[bytes]) -> Callable[[BaseException | None], None]:
+    def _finish_put(self, job: Job, indices: list[int], keys: list[bytes], conn: Connection,
+                    arena: HostArena) -> Callable[[BaseException | None], None]:
         def on_done(error: BaseException | None) -> None:
             failed: list[int] = []
             try:
-                self._call("commit" if error is None else "abort", keys=keys)
+                # Only the connection that reserved may commit: another one may hold the same keys for
+                # another writer (a restarted daemon, a reopened connection).
+                self._call_on(conn.generation, "commit" if error is None else "abort", keys=keys)
                 if error is not None:
                     failed = indices
             except KvtierError:
                 failed = indices
+            finally:
+                self._drop(arena.name, keys)
             job.part_done(failed)
 
         return on_done
@@ -304,23 +390,37 @@ class Client:
         job = Job("get", len(keys), self.transfer.poll)
         if self._pool is not None:
             return self._remote(job, self._remote_get, keys, blocks)
-        slots: list[int | None] = self._call("acquire", keys=keys, prefix=False)["slots"]
+        try:
+            conn, arena, reply = self._request_slots("acquire", keys, prefix=False)
+        except StaleHandleError:
+            job.fail(range(len(keys)))
+            return job.seal()
+        slots: list[int | None] = reply["slots"]
         job.fail(i for i, slot in enumerate(slots) if slot is None)
+        self._drop(arena.name, [key for key, slot in zip(keys, slots, strict=True) if slot is None])
         leased = [(i, slot) for i, slot in enumerate(slots) if slot is not None]
         if leased:
             indices = [i for i, _ in leased]
             self._pin_for_blocks(blocks)
             job.add_parts()
-            self.transfer.submit_blocks(self.slot_rows(), [slot for _, slot in leased], [blocks[i] for i in indices],
-                                        Direction.LOAD, self._finish_get(job, indices, [keys[i] for i in indices]))
+            self.transfer.submit_blocks(arena.rows(), [slot for _, slot in leased], [blocks[i] for i in indices],
+                                        Direction.LOAD,
+                                        self._finish_get(job, indices, [keys[i] for i in indices], conn, arena))
         return job.seal()
 
-    def _finish_get(self, job: Job, indices: list[int], keys: list[bytes]) -> Callable[[BaseException | None], None]:
+    def _finish_get(self, job: Job, indices: list[int], keys: list[bytes], conn: Connection,
+                    arena: HostArena) -> Callable[[BaseException | None], None]:
         def on_done(error: BaseException | None) -> None:
-            # The daemon drops the leases of a broken connection itself; the bytes are already copied.
-            with contextlib.suppress(KvtierError):
-                self._call("release", keys=keys)
-            job.part_done(indices if error is not None else ())
+            # A release on the leasing connection proves the daemon held the lease for the whole copy; if that
+            # connection is gone the daemon dropped the lease, maybe mid-copy: the bytes are not trusted.
+            released = True
+            try:
+                self._call_on(conn.generation, "release", keys=keys)
+            except KvtierError:
+                released = False
+            finally:
+                self._drop(arena.name, keys)
+            job.part_done(indices if error is not None or not released else ())
 
         return on_done
 
@@ -371,23 +471,42 @@ class Client:
     def reserve(self, keys: Sequence[bytes]) -> Reservation:
         """Reserve arena slots for the absent ``keys``; see ``Store.reserve``."""
         self._local_only("reserve")
-        reply = self._call("reserve", keys=check_keys(keys))
-        return Reservation(tuple(reply["keys"]), tuple(reply["slots"]), tuple(reply["skipped"]))
+        conn, arena, reply = self._request_slots("reserve", check_keys(keys))
+        self._drop(arena.name, reply["skipped"])
+        return Reservation(tuple(reply["keys"]), tuple(reply["slots"]), tuple(reply["skipped"]), conn.generation)
 
     def commit(self, reservation: Reservation) -> None:
-        self._call("commit", keys=list(reservation.keys))
+        """Make the reserved blocks readable; ``StaleHandleError`` if the reserving connection is gone."""
+        try:
+            self._call_on(reservation.generation, "commit", keys=list(reservation.keys))
+        finally:
+            self._drop_handle(reservation)
 
     def abort(self, reservation: Reservation) -> None:
-        self._call("abort", keys=list(reservation.keys))
+        """Drop the reserved slots; nothing to do (no error) if the reserving connection is gone."""
+        try:
+            self._call_on(reservation.generation, "abort", keys=list(reservation.keys))
+        except StaleHandleError:
+            return
+        finally:
+            self._drop_handle(reservation)
 
     def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease:
         """Pin the longest leading run of readable ``keys`` (promoting disk blocks first); see ``Store.acquire``."""
         self._local_only("acquire")
-        reply = self._call("acquire", keys=check_keys(keys), prefix=True, timeout=timeout)
-        return Lease(tuple(reply["keys"]), tuple(slot for slot in reply["slots"] if slot is not None))
+        checked = check_keys(keys)
+        conn, arena, reply = self._request_slots("acquire", checked, prefix=True, timeout=timeout)
+        self._drop(arena.name, checked[len(reply["keys"]):])
+        return Lease(tuple(reply["keys"]), tuple(slot for slot in reply["slots"] if slot is not None), conn.generation)
 
     def release(self, lease: Lease) -> None:
-        self._call("release", keys=list(lease.keys))
+        """Unpin the leased blocks; nothing to do (no error) if the leasing connection is gone."""
+        try:
+            self._call_on(lease.generation, "release", keys=list(lease.keys))
+        except StaleHandleError:
+            return
+        finally:
+            self._drop_handle(lease)
 
     def pin_for(self, device: torch.device) -> None:
         """Register the mapped arena with CUDA for copies on ``device``, in this process; see ``Store.pin_for``."""
@@ -399,20 +518,31 @@ class Client:
         for device in {block.device for block in blocks if block.device.type == "cuda"}:
             self.pin_for(device)
 
-    def slot_rows(self) -> torch.Tensor:
-        """The mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (remapped after a daemon restart)."""
-        self._local_only("slot_rows")
-        assert self.arena is not None
-        return self.arena.rows()
+    def _drop_handle(self, handle: Handle) -> None:
+        self._drop(handle.generation.rpartition("#")[0], handle.keys)
 
-    def slot_view(self, slot: int) -> torch.Tensor:
-        """The block bytes of arena slot ``slot`` as a flat tensor of the layout's dtype."""
-        self._local_only("slot_view")
-        return self._slot(slot).view(self.layout.torch_dtype)
+    def slot_rows(self, handle: Handle | None = None) -> torch.Tensor:
+        """The mapped arena as ``(num_slots, slot_bytes)`` uint8 rows: of ``handle``'s connection, which must
+        be the current one (else ``StaleHandleError``), or without a handle the current arena."""
+        return self._arena_of(handle, "slot_rows").rows()
 
-    def _slot(self, slot: int) -> torch.Tensor:
+    def slot_view(self, slot: int, handle: Handle | None = None) -> torch.Tensor:
+        """The block bytes of arena slot ``slot`` (of ``handle``, as in ``slot_rows``) as a flat tensor of the
+        layout's dtype."""
+        return self._arena_of(handle, "slot_view").slot(slot)[: self.layout.block_bytes].view(self.layout.torch_dtype)
+
+    def _arena_of(self, handle: Handle | None, what: str) -> HostArena:
+        self._local_only(what)
+        conn = self._conn
+        if handle is not None and (handle.generation != conn.generation or conn.broken):
+            raise StaleHandleError(f"a handle of connection {handle.generation}, not of this client's live connection "
+                                   f"{conn.generation} (the daemon restarted or the connection was reopened)")
         assert self.arena is not None
-        return self.arena.slot(slot)[: self.layout.block_bytes]
+        with self._arena_lock:
+            arena = self._arenas.get(conn.arena_name or "") if handle is not None else self.arena
+        if arena is None:
+            raise StaleHandleError(f"the arena of connection {conn.generation} is no longer mapped")
+        return arena
 
     def _local_only(self, what: str) -> None:
         if self.arena is None:
@@ -441,8 +571,10 @@ class Client:
             self._pool.shutdown(wait=True)
         self.transfer.close()
         self._conn.close()
-        for arena in [*self._retired, *([self.arena] if self.arena is not None else [])]:
-            arena.close()
+        with self._arena_lock:
+            for arena in self._arenas.values():
+                arena.close()
+            self._arenas.clear()
 
     def __enter__(self) -> Client:
         return self

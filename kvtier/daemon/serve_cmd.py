@@ -6,7 +6,8 @@ Promises:
   a remote tier only with ``[remote] urls`` (TOML or ``--set remote.urls=...``);
   the socket in the user's runtime directory; the layout of the first client.
 - Settings come from the defaults, then the ``--config`` TOML file and ``--set`` overrides, then this
-  command's flags. A bad setting exits with status 2 and a one-line message, before anything is opened.
+  command's flags. A bad setting (a pool larger than the free ``/dev/shm`` among them) exits with status 2
+  and one ``kvtier: error:`` line, before anything is opened (or, found while opening, after closing it).
 - On start it logs what it opened: pool size and arena, disk paths and their mode, socket, TCP, metrics.
 - SIGTERM or SIGINT stops it cleanly (see ``Daemon.stop``) and it exits 0; a restart on the same disk
   paths finds the blocks the disk tier kept.
@@ -59,6 +60,11 @@ def parse_layout(text: str) -> KVLayout:
     return KVLayout.from_dict(fields)
 
 
+def free_shm_bytes() -> int:
+    shm = os.statvfs("/dev/shm")
+    return shm.f_bavail * shm.f_frsize
+
+
 def auto_pool_bytes(cap_bytes: int) -> int:
     """Half the available RAM and half the free ``/dev/shm``, at most ``cap_bytes``."""
     available = cap_bytes * 2
@@ -66,8 +72,7 @@ def auto_pool_bytes(cap_bytes: int) -> int:
         for line in meminfo:
             if line.startswith("MemAvailable:"):
                 available = int(line.split()[1]) * 1024
-    shm = os.statvfs("/dev/shm")
-    return min(available // 2, shm.f_bavail * shm.f_frsize // 2, cap_bytes)
+    return min(available // 2, free_shm_bytes() // 2, cap_bytes)
 
 
 def resolve_config(args: argparse.Namespace, config: StoreConfig) -> StoreConfig:
@@ -88,6 +93,10 @@ def resolve_config(args: argparse.Namespace, config: StoreConfig) -> StoreConfig
         changes["default_disk"] = False
     daemon = dataclasses.replace(daemon, **changes)  # type: ignore[arg-type]
     pool = daemon.pool_bytes or auto_pool_bytes(daemon.pool_cap_bytes)
+    if pool > free_shm_bytes():
+        raise ConfigError(f"the host pool (--pool / daemon.pool_bytes) of {pool / 2**20:.0f} MiB does not fit in "
+                          f"/dev/shm ({free_shm_bytes() / 2**20:.0f} MiB free): give a smaller pool, or enlarge "
+                          "/dev/shm (in a container: docker run --shm-size=...)")
     host = dataclasses.replace(config.host, capacity_bytes=pool)
     disk = config.disk
     if args.no_disk:
@@ -111,12 +120,9 @@ def _default_disk(disk: DiskConfig) -> DiskConfig:
 
 
 def run(args: argparse.Namespace, config: StoreConfig) -> int:
-    try:
-        config = resolve_config(args, config)
-        daemon = Daemon(config)
-    except ConfigError as exc:
-        log.error("bad configuration: %s", exc)
-        return 2
+    # A bad setting raises ConfigError to ``kvtier.cli``: one ``kvtier: error:`` line and status 2.
+    config = resolve_config(args, config)
+    daemon = Daemon(config)
     # Request threads hold the GIL for tens of microseconds each; a shorter switch interval than the default
     # 5 ms bounds how long a fast lookup can wait behind a long request (a TCP payload copy, a stats call).
     sys.setswitchinterval(0.0005)
@@ -130,8 +136,12 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
              if config.remote.urls else "off", config.transfer.backend)
     try:
         daemon.start()
+    except ConfigError:
+        daemon.stop()
+        raise
     except (KvtierError, OSError) as exc:
         log.error("cannot start: %s", exc)
+        print(f"kvtier: error: cannot start: {exc}", file=sys.stderr)
         daemon.stop()
         return 1
     log.info("kvtier daemon ready (pid %d)", os.getpid())

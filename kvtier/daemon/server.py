@@ -4,8 +4,13 @@ Threads: one acceptor per listener and one thread per connection; store calls bl
 for a disk read) only their own connection's thread.
 
 Promises:
+- A store that cannot be opened (a bad disk directory, a pool that does not fit) is a typed error reply
+  (``DiskError``, ``ConfigError``, ...) to every hello that needs it, logged in one line, never an internal
+  error; the daemon keeps serving and a later hello tries again.
 - The daemon serves exactly one KV layout: the configured one, else the first hello's. A hello with another
   layout gets a ``LayoutMismatchError`` reply.
+- An existing file at the socket path is replaced only if it is a socket no daemon answers on (a stale
+  one); any other file, or a live socket, is a ``ConfigError`` and is left as it is.
 - The Unix socket is mode 0600, or 0660 with the configured group (the arena file follows it); the TCP
   listener binds ``tcp_host`` (loopback by default) and requires the token.
 - A protocol violation (malformed, oversized or wrong-version frame, a request before hello, a failed hello,
@@ -24,6 +29,7 @@ import grp
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections import Counter
@@ -34,7 +40,7 @@ from kvtier.config import StoreConfig
 from kvtier.daemon.metrics import DaemonCollector, LatencyHistograms, MetricsServer
 from kvtier.daemon.protocol import OPS, Message, default_socket_path, error, ok, pack, read_frame, stats_to_dict
 from kvtier.daemon.session import Session
-from kvtier.errors import ConfigError, KvtierError, ProtocolError
+from kvtier.errors import ConfigError, DiskError, KvtierError, ProtocolError
 from kvtier.layout import KVLayout
 from kvtier.store import Store
 from kvtier.transfer import CpuTransferEngine
@@ -85,8 +91,15 @@ class Daemon:
                 name = f"kvtier-daemon-{os.getpid()}-{os.urandom(4).hex()}"
                 # The daemon copies between sockets and the arena only: CPU copies, no CUDA context, and
                 # the arena is registered with CUDA by the clients that copy to a GPU, not here.
-                self._store = Store(layout, self.config, arena_name=name,
-                                    transfer=CpuTransferEngine(self.config.transfer.num_workers))
+                try:
+                    self._store = Store(layout, self.config, arena_name=name,
+                                        transfer=CpuTransferEngine(self.config.transfer.num_workers))
+                except OSError as exc:  # a disk directory that cannot be made or locked: the tier as a whole
+                    log.error("cannot open the store for layout %s: %s", layout.to_dict(), exc)
+                    raise DiskError(f"the daemon cannot open its store: {exc}") from exc
+                except KvtierError as exc:
+                    log.error("cannot open the store for layout %s: %s", layout.to_dict(), exc)
+                    raise
                 shm = _SHM_DIR / name
                 if self._gid is not None:
                     os.chown(shm, -1, self._gid)
@@ -117,7 +130,10 @@ class Daemon:
     def _listen_unix(self) -> None:
         path = Path(self.socket_path)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists():
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(f"{path} exists and is not a socket: the daemon replaces only the stale socket of "
+                                  "a daemon that died; remove it or choose another --socket / daemon.socket_path")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(path))

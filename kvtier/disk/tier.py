@@ -8,9 +8,10 @@ works during the fill instead of after it (with the first region written only on
 0.75-0.85x of raw O_DIRECT); a full region is sealed, its last bytes written, fdatasync'ed, and only
 then are its entries committed together with its SEALED mark (index changes are group-committed: about one
 synced LMDB transaction per region). Space comes back by evicting whole regions, oldest sealed first
-(FIFO); a block read at least ``reinsert_hits`` times since it was written is read back synchronously and
-copied into the new open region instead of dropped, unless ``held_above(key)`` says host RAM holds it
-(the host's eviction offers it again: host and disk mostly hold different blocks).
+(FIFO); a block read at least ``reinsert_hits`` times since it was written is read back and copied into the
+new open region instead of dropped (on the I/O pool when a demotion needs the region: see ``offer``), unless
+``held_above(key)`` says host RAM holds it (the host's eviction offers it again: host and disk mostly hold
+different blocks).
 
 The region buffers are the write-back buffer (``disk.writeback_buffer_bytes``, at least 3 regions; 3 are
 faulted in at open, the others allocated by the first burst that needs them and kept). One fills while the
@@ -22,9 +23,11 @@ costs one memcpy per demoted block (about 5 GB/s here), which the offer already 
 Promises:
 - ``offer`` copies the payload before it returns; a block it admits is readable at once (from memory until
   its region is written) and survives a restart once its region is written (``flush`` waits for that).
-- ``offer(wait=False)`` never waits for the drive. A block it cannot take is counted by cause:
-  ``busy_rejected`` (the write-back buffer is full), ``budget_rejected`` (over the write budget),
-  ``admissions_rejected`` (the admission policy said no).
+- ``offer(wait=False)`` never waits for the drive and never reads it (the store demotes this way, holding its
+  lock): where room means evicting a region with hot blocks to re-read, that region is opened on the I/O
+  pool and the block is refused meanwhile. A block it cannot take is counted by cause: ``busy_rejected``
+  (the write-back buffer is full, or the next region is being opened), ``budget_rejected`` (over the write
+  budget), ``admissions_rejected`` (the admission policy said no).
 - ``read_into`` returns ``True`` only with bytes whose header and payload checksums verified. A corrupt,
   truncated or torn entry is a miss, counted (``checksum_failures``) and dropped; a read error is a miss
   counted in ``io_errors``; neither raises. After ``False`` the contents of ``dst`` are undefined.
@@ -33,6 +36,9 @@ Promises:
   marked OPEN). The data files are not scanned.
 - A write error (ENOSPC, EIO) or an index failure stops admission (logged once, ``admitting`` False in
   stats); blocks already stored keep being served.
+- A damaged index (an LMDB file cut short, which a mapping would turn into SIGBUS) is detected before it is
+  mapped, logged, and rebuilt from the entry headers of the data files (``kvtier.disk.rebuild``).
+- A start that fails (no room for the data file, a damaged index) leaves no data file it preallocated.
 - Only one process opens a directory at a time (``DirectoryLockedError``); another format version or
   layout is refused (``FormatVersionError`` / ``LayoutMismatchError``) unless ``wipe_incompatible``.
 - Payload I/O goes straight between the files and the caller's tensors (O_DIRECT where supported); only
@@ -77,6 +83,8 @@ from kvtier.disk.format import (
     round_up,
 )
 from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
+from kvtier.disk.index_check import damage
+from kvtier.disk.rebuild import scan_regions
 from kvtier.errors import (
     ClosedError,
     ConfigError,
@@ -217,6 +225,7 @@ class DiskTier:
         self._admitting = True
         self._closed = False
         self._opening = False
+        self._opening_in_background = False
         self._local = threading.local()
         self._regions = [_Region(region_id) for region_id in range(num_regions)]
         self._entries: dict[bytes, _Entry] = {}
@@ -229,6 +238,8 @@ class DiskTier:
         self._unallocated_buffers = config.writeback_regions - _PREFAULTED_REGIONS
         self._lock_fds: list[int] = []
         self._devices: list[Device] = []
+        self._created_files: list[str] = []
+        self._rebuild = False
         self._index: DiskIndex | None = None
         try:
             self._lock_directories()
@@ -237,6 +248,10 @@ class DiskTier:
             self._recover()
         except BaseException:
             self._release()
+            # A start that failed leaves no data file it preallocated: the space goes back to the filesystem.
+            for file in self._created_files:
+                with contextlib.suppress(OSError):
+                    os.unlink(file)
             raise
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvtier-disk")
         # Region writes get threads of their own: a write-back buffer of many sealed regions queued on the
@@ -262,15 +277,32 @@ class DiskTier:
             direct = self.config.direct_io != "off" and supports_direct_io(path)
             if self.config.direct_io == "on" and not direct:
                 raise DiskError(f"disk.direct_io is 'on' but the filesystem of {path} does not support O_DIRECT")
+            file = os.path.join(path, _DATA_FILE)
             try:
-                self._devices.append(factory(os.path.join(path, _DATA_FILE), size, direct))
+                old_size: int | None = os.stat(file).st_size
+            except FileNotFoundError:
+                old_size = None
+                self._created_files.append(file)
+            try:
+                self._devices.append(factory(file, size, direct))
             except OSError as exc:
-                raise DiskError(f"cannot open or preallocate the data file in {path}: {exc}") from exc
+                if old_size is not None:
+                    with contextlib.suppress(OSError):
+                        os.truncate(file, old_size)  # an extension that failed halfway gives its space back
+                free = shutil.disk_usage(path).free
+                raise DiskError(f"cannot open or preallocate the {size / 2**20:.0f} MiB data file in {path} "
+                                f"({free / 2**20:.0f} MiB free): {exc}; lower disk.capacity_bytes or free space "
+                                "there") from exc
 
     def _open_index(self) -> None:
         directory = os.path.join(self.config.paths[0], _INDEX_DIR)
         # Room for an entry record per page of capacity; LMDB only maps address space, the file grows on use.
         map_size = max(64 << 20, len(self._regions) * self.config.region_bytes // PAGE_BYTES * 256)
+        reason = damage(directory)  # LMDB maps its file: a truncated one would be a SIGBUS, not an error
+        if reason is not None:
+            _LOG.error("disk index damaged (%s): rebuilding it from the entry headers of the data files", reason)
+            shutil.rmtree(directory, ignore_errors=True)
+            self._rebuild = True
         try:
             self._index = DiskIndex(directory, map_size)
         except DiskError:
@@ -287,6 +319,13 @@ class DiskTier:
         found = self._index.read_meta()
         if found is None or (found != expected and self._wipe_allowed(found, expected)):
             self._index.reset(expected)
+        if self._rebuild:
+            scanned = scan_regions(self._devices, self._regions_per_path, self.config.region_bytes, self.block_bytes)
+            for seq, (region_id, found_entries) in enumerate(sorted(scanned.items()), start=1):
+                self._index.enqueue(SealRegion(region_id, seq, tuple(found_entries)))
+            self._index.wait()
+            _LOG.warning("disk index rebuilt: %d blocks in %d regions (their order of eviction is by region now)",
+                         sum(map(len, scanned.values())), len(scanned))
         regions, entries = self._index.load()
         sealed = sorted((seq, region) for region, (state, seq) in regions.items()
                         if state == RegionState.SEALED and region < len(self._regions))
@@ -383,7 +422,7 @@ class DiskTier:
             self._check_open()
             if key in self._entries:
                 return True
-            if not wait and not self._has_room_now_locked(size):
+            if not wait and (self._must_reinsert_to_open_locked(size) or not self._has_room_now_locked(size)):
                 self._counters["busy_rejected"] += 1
                 return False
             if self._budget is not None and not self._budget.take(size):
@@ -475,6 +514,34 @@ class DiskTier:
             return True
         return (not self._opening and bool(self._free_buffers or self._unallocated_buffers)
                 and bool(self._clean or self._fifo))
+
+    def _must_reinsert_to_open_locked(self, size: int) -> bool:
+        """Whether room for ``size`` bytes means evicting a region whose hot blocks are re-read from the drive;
+        if so, the next region is opened on the I/O pool (the caller may hold the store's lock)."""
+        region = self._open
+        if (region is not None and region.used + size <= self.config.region_bytes) or self._clean or not self._fifo:
+            return False
+        threshold = self.config.reinsert_hits
+        oldest = self._regions[self._fifo[0]]
+        if not (threshold and any(entry.hits >= threshold for _, entry in self._live_entries_locked(oldest))):
+            return False
+        if not (self._opening or self._opening_in_background):
+            self._opening_in_background = True
+            self._pool.submit(self._open_next, size)
+        return True
+
+    def _open_next(self, size: int) -> None:
+        """On the I/O pool: seal the full open region and open the next one, reading its hot blocks here."""
+        with self._lock:
+            try:
+                region = self._open
+                if self._closed or self._opening or (region is not None
+                                                     and region.used + size <= self.config.region_bytes):
+                    return
+                self._seal_locked()
+                self._open = self._open_region_locked()
+            finally:
+                self._opening_in_background = False
 
     def _append_locked(self, region: _Region, offset: int, header: EntryHeader, stored: memoryview) -> None:
         buffer = region.buffer

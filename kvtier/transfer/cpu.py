@@ -202,6 +202,8 @@ class CpuTransferEngine(TransferEngine):
                 except IndexError:
                     continue
             _run(task)
+            # Not kept while waiting for the next share: the views it holds keep a replaced arena mapped.
+            del task
 
     def _run_queued_shares(self, transfer: _CpuTransfer) -> None:
         """Run on this thread one share of ``transfer`` still queued, the last (its token then finds none).

@@ -8,6 +8,7 @@ loads are in place when ``start_load_kv`` returns (before any layer hook).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -39,7 +40,7 @@ from kvtier.daemon import Client  # noqa: E402
 from kvtier.daemon.stats_cmd import fetch  # noqa: E402
 from kvtier.errors import ConfigError, LayoutMismatchError  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
-from kvtier.store import Store  # noqa: E402
+from kvtier.store import Lease, Store  # noqa: E402
 from kvtier_connectors.vllm import KvtierConnector  # noqa: E402
 from kvtier_connectors.vllm.engine_store import engine_socket_path  # noqa: E402
 from kvtier_connectors.vllm.metadata import KvtierMetadata  # noqa: E402
@@ -202,6 +203,31 @@ def test_a_failed_chunk_is_reported_and_not_scattered(worker: Worker) -> None:
     for name in LAYERS:
         assert torch.equal(worker.pages(name, [21]), before[name])
         assert torch.equal(worker.pages(name, [20]), worker.pages(name, [2]))
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_lease_from_before_a_daemon_restart_fails_its_blocks_and_scatters_nothing(
+        worker: Worker, monkeypatch: pytest.MonkeyPatch, is_async: bool) -> None:
+    hashes = fake_hashes(2, seed=4)
+    worker.save(SaveSpec("a", hashes, (2, 6)))
+    before = {name: worker.pages(name, [30, 31]) for name in LAYERS}
+    acquire = worker.store.acquire
+
+    def acquire_then_restart(keys: Any, timeout: float | None = None) -> Lease:
+        lease = acquire(keys, timeout)
+        return dataclasses.replace(lease, generation="an-arena-of-a-daemon-that-restarted")
+
+    monkeypatch.setattr(worker.store, "acquire", acquire_then_restart)
+    worker.connector.bind_connector_metadata(KvtierMetadata(loads=[LoadSpec("b", hashes, (30, 31), 0, is_async)]))
+    worker.connector.start_load_kv(None)  # type: ignore[arg-type]
+    worker.connector.wait_for_save()
+    worker.connector.clear_connector_metadata()
+    if is_async:
+        worker.wait_received({"b"})
+    assert worker.connector.get_block_ids_with_load_errors() == {30, 31}
+    for name in LAYERS:
+        assert torch.equal(worker.pages(name, [30, 31]), before[name])
+    assert worker.store.stats().tiers["host"].detail["pinned_blocks"] == 0  # the lease was released
 
 
 def test_a_cache_that_is_not_pages_on_a_block_dimension_is_refused(worker: Worker) -> None:

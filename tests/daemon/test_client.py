@@ -99,7 +99,7 @@ def test_bad_arguments_are_refused_before_sending(daemon: DaemonProc, kit: Kit) 
 
 def test_a_tcp_client_carries_payloads_in_frames(daemon: DaemonProc, kit: Kit) -> None:
     keys = [kit.key_of(i, "tcp") for i in range(20)]
-    config = StoreConfig(daemon=DaemonConfig(max_frame_bytes=8 * 1024))  # forces several frames per call
+    config = StoreConfig(daemon=DaemonConfig(max_frame_bytes=64 * 1024))  # forces several frames per call
     with Client(kit.layout, config, address=daemon.tcp_address, token=daemon.token) as remote:
         assert remote.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
         with daemon.client() as local:

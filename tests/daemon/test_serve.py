@@ -6,13 +6,15 @@ import grp
 import os
 import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from kvtier import ConfigError, DaemonConfig, HostConfig, ProtocolError, StoreConfig, Tier
+from kvtier import ConfigError, DaemonConfig, DiskError, HostConfig, ProtocolError, StoreConfig, Tier
 from kvtier.cli import main as daemon_main
 from kvtier.daemon.server import Daemon
 
@@ -52,12 +54,32 @@ def test_without_a_configured_layout_the_first_hello_sets_it(make_daemon: Callab
 
 
 @pytest.mark.parametrize("args", [["--layout", "num_layers=zero"], ["--set", "daemon.tcp_port=5000"],
-                                  ["--socket-group", "no-such-group-kvtier"], ["--pool", "lots"]])
+                                  ["--socket-group", "no-such-group-kvtier"], ["--pool", "lots"],
+                                  ["--layout", "num_layers=2,dtype=float32,head_dim=8"],
+                                  ["--set", "daemon.connect=5"], ["--set", "daemon.max_frame_bytes=10"],
+                                  ["--set", "host.prefault=2"], ["--layout", "num_layers"]])
 def test_bad_settings_exit_2_before_opening_anything(args: list[str], tmp_path: Path) -> None:
     socket_path = tmp_path / "never.sock"
     settings, flags = (args, []) if args[0] == "--set" else ([], args)
     assert daemon_main([*settings, "serve", "--no-disk", "--socket", str(socket_path), *flags]) == 2
     assert not socket_path.exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "directory"])
+def test_serve_never_replaces_a_file_that_is_not_a_stale_socket(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "precious"
+    if kind == "file":
+        target.write_text("keep me")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    done = subprocess.run([sys.executable, "-m", "kvtier.daemon", "serve", "--no-disk", "--metrics-port", "0",
+                           "--socket", str(target), "--pool", "1MiB"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "kvtier: error:" in done.stderr and "not a socket" in done.stderr and "Traceback" not in done.stderr
+    assert target.exists() and (kind != "file" or target.read_text() == "keep me")
+    assert stat.S_ISFIFO(target.stat().st_mode) == (kind == "fifo")
 
 
 def test_a_second_daemon_on_the_same_socket_is_refused(make_daemon: Callable[..., DaemonProc]) -> None:
@@ -102,3 +124,16 @@ def test_the_socket_and_arena_modes_follow_the_group_setting(tmp_path: Path, kit
     finally:
         daemon.stop()
     assert not (tmp_path / "d.sock").exists() and not arena.exists()
+
+
+def test_a_store_that_cannot_open_is_a_typed_error_to_every_client(make_daemon: Callable[..., DaemonProc],
+                                                                    tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    daemon = make_daemon("--disk", str(not_a_directory), layout=False)
+    for _ in range(2):  # the next client gets the same answer, not an internal error
+        with pytest.raises(DiskError, match="cannot open its store"):
+            daemon.client()
+    assert daemon.stats()["daemon"]["error_replies"] == {"DiskError": 2}
+    log = daemon.log()
+    assert "Traceback" not in log and "internal error" not in log and "cannot open the store" in log

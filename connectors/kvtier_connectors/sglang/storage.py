@@ -52,7 +52,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, PoolName
 
 from kvtier.daemon import Client
-from kvtier.errors import CapacityError, ClosedError, ConfigError, LayoutMismatchError
+from kvtier.errors import CapacityError, ClosedError, ConfigError, LayoutMismatchError, StaleHandleError
 from kvtier.store import Reservation
 from kvtier_connectors.sglang.pages import HostPages
 from kvtier_connectors.sglang.settings import (
@@ -160,8 +160,11 @@ class KvtierStorage(HiCacheStorage):
             wanted = block_keys[found : found + chunk]
             lease = store.acquire(wanted)
             try:
+                # Slots resolve in the lease's own arena; a daemon restart since the acquire is a miss.
                 for slot, start in zip(lease.slots, starts[found:], strict=False):
-                    pages.view(start).copy_(pages.block(store.slot_view(slot)))
+                    pages.view(start).copy_(pages.block(store.slot_view(slot, lease)))
+            except StaleHandleError:
+                break
             finally:
                 store.release(lease)
             found += len(lease.keys)
@@ -186,11 +189,14 @@ class KvtierStorage(HiCacheStorage):
             start_of = dict(zip(block_keys[stored : stored + count], starts[stored : stored + count], strict=True))
             try:
                 for key, slot in zip(reservation.keys, reservation.slots, strict=True):
-                    pages.block(store.slot_view(slot)).copy_(pages.view(start_of[key]))
+                    pages.block(store.slot_view(slot, reservation)).copy_(pages.view(start_of[key]))
+                store.commit(reservation)
+            except StaleHandleError:  # a daemon restart since the reserve: nothing more is stored
+                store.abort(reservation)
+                break
             except BaseException:
                 store.abort(reservation)
                 raise
-            store.commit(reservation)
             stored += count
         self._record("backup", stored, started)
         return [True] * stored + [False] * (len(keys) - stored)

@@ -109,9 +109,9 @@ class BlockStore(Protocol):
 
     def release(self, lease: Lease) -> None: ...
 
-    def slot_view(self, slot: int) -> torch.Tensor: ...
+    def slot_view(self, slot: int, handle: Lease | Reservation | None = None) -> torch.Tensor: ...
 
-    def slot_rows(self) -> torch.Tensor: ...
+    def slot_rows(self, handle: Lease | Reservation | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -362,6 +362,11 @@ class TransformersConnector:
         return Restored(cache, num_tokens, num_blocks, lookups[0].tiers[:num_blocks], time.perf_counter() - started,
                         None if start is None or event is None else (start, event))
 
+    def _rows_of(self, handles: Sequence[Lease | Reservation]) -> torch.Tensor:
+        """The arena rows of ``handles``, checked for each: a daemon restart between them raises StaleHandleError."""
+        rows = [self.store.slot_rows(handle) for handle in handles]
+        return rows[0]
+
     def _release(self, leases: list[Lease]) -> None:
         for lease in leases:
             self.store.release(lease)
@@ -407,7 +412,7 @@ class TransformersConnector:
         tokens = num_blocks * layout.block_tokens
         kv = _empty((layout.num_layers, 2, layout.num_kv_heads, len(leases), tokens, layout.head_dim),
                     layout.torch_dtype, self.model.device)
-        self._planes(kv, len(leases)).scatter_from_slots(range(len(slots)), self.store.slot_rows(), slots)
+        self._planes(kv, len(leases)).scatter_from_slots(range(len(slots)), self._rows_of(leases), slots)
         event = None
         if kv.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
@@ -468,7 +473,8 @@ class TransformersConnector:
         if not chosen:
             return 0
         try:
-            event = self._gather_blocks(planes, [wanted[key] for key, _ in chosen], [slot for _, slot in chosen])
+            event = self._gather_blocks(planes, [wanted[key] for key, _ in chosen], [slot for _, slot in chosen],
+                                        self._rows_of(reservations))
         except BaseException:
             for reservation in reservations:
                 self.store.abort(reservation)
@@ -502,7 +508,7 @@ class TransformersConnector:
             self.store.commit(reservation)
 
     def _gather_blocks(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
-                       slots: list[int]) -> torch.cuda.Event | None:
+                       slots: list[int], rows: torch.Tensor) -> torch.cuda.Event | None:
         """Copy block ``where[i] = (row, block)`` of the cache into ``slots[i]``; on CUDA, the completion event.
 
         On CUDA everything runs on a side stream that first waits for the forward's stream; the cache's
@@ -511,14 +517,14 @@ class TransformersConnector:
         """
         device = planes[0][0].device
         if device.type != "cuda":
-            self._gather_rows(planes, where, slots)
+            self._gather_rows(planes, where, slots, rows)
             return None
         if self._save_stream is None:
             self._save_stream = torch.cuda.Stream(device)
         stream = self._save_stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self._gather_rows(planes, where, slots)
+            self._gather_rows(planes, where, slots, rows)
             event = torch.cuda.Event()
             event.record(stream)
         for k, v in planes:
@@ -527,14 +533,13 @@ class TransformersConnector:
         return event
 
     def _gather_rows(self, planes: list[tuple[torch.Tensor, torch.Tensor]], where: list[tuple[int, int]],
-                     slots: list[int]) -> None:
+                     slots: list[int], rows: torch.Tensor) -> None:
         """Per batch row, one ``gather_to_slots`` straight from the cache tensors: one copy of each block.
 
         Segments are (layer, plane, head) of that row, a page one block's ``[block tokens, dim]``.
         """
         layout = self.layout
         num_whole = planes[0][0].shape[2] // layout.block_tokens
-        rows = self.store.slot_rows()
         for row in sorted({row for row, _ in where}):
             positions = [i for i, (r, _) in enumerate(where) if r == row]
             segments = [tensor[row, head, : num_whole * layout.block_tokens].contiguous().view(torch.uint8)

@@ -136,7 +136,7 @@ class RecordingStore:
 
     def commit(self, reservation: Reservation) -> None:
         for key, slot in zip(reservation.keys, reservation.slots, strict=True):
-            self._record(key, self.store.slot_view(slot))
+            self._record(key, self.store.slot_view(slot, reservation))
         self.store.commit(reservation)
 
     def abort(self, reservation: Reservation) -> None:
@@ -148,8 +148,8 @@ class RecordingStore:
     def release(self, lease: Lease) -> None:
         self.store.release(lease)
 
-    def slot_view(self, slot: int) -> torch.Tensor:
-        return self.store.slot_view(slot)
+    def slot_view(self, slot: int, handle: Lease | Reservation | None = None) -> torch.Tensor:
+        return self.store.slot_view(slot, handle)
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor]) -> Any:
         """``Store.put``, recording the blocks of the keys the store lacks (the ones it will write)."""

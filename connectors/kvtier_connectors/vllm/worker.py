@@ -70,6 +70,7 @@ class _StepSave:
     chunk_hashes: list[bytes] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     layers_done: set[str] = field(default_factory=set)
+    generation: str = ""  # of the reservation the slots came from (``Reservation.generation``)
     # Threads that handed layers over in this step; a second one means micro-batches (see save_kv_layer).
     threads: set[int] = field(default_factory=set)
     deferred: bool = False
@@ -79,9 +80,9 @@ class _StepSave:
 
 @dataclass
 class _Staged:
-    """A step's gathered chunks waiting for its verdict: key -> (slot, chunk hash)."""
+    """A step's gathered chunks waiting for its verdict: key -> (slot, chunk hash, reservation generation)."""
 
-    chunks: dict[bytes, tuple[int, bytes]]
+    chunks: dict[bytes, tuple[int, bytes, str]]
 
 
 def copy_page_from_slot(paged: PagedKV, block_id: int, rows: torch.Tensor, slot_id: int, page: int,
@@ -196,22 +197,23 @@ class WorkerSide:
             for key in staged.chunks:
                 del self._owner[key]
             spoiled = dropped.get(step)
-            keep = [] if spoiled is None else [k for k, (_, h) in staged.chunks.items() if h not in spoiled]
+            keep = [] if spoiled is None else [k for k, (_, h, _) in staged.chunks.items() if h not in spoiled]
             kept = set(keep)
             gone = [k for k in staged.chunks if k not in kept]
             self._after_device(functools.partial(self._settle, staged.chunks, keep, gone))
 
-    def _settle(self, chunks: dict[bytes, tuple[int, bytes]], commit: list[bytes], abort: list[bytes]) -> None:
+    def _settle(self, chunks: dict[bytes, tuple[int, bytes, str]], commit: list[bytes], abort: list[bytes]) -> None:
         for keys, action in ((commit, self.store.commit), (abort, self.store.abort)):
-            if not keys:
-                continue
-            try:
-                action(Reservation(tuple(keys), tuple(chunks[k][0] for k in keys), ()))
-            except KvtierError as exc:
-                log.debug("kvtier save of %d chunk(s) lost: %s", len(keys), exc)
-                continue
-            if keys is commit:
-                self.saved_chunks += len(keys)
+            # One handle per generation: each names the arena (and connection) its slots came from.
+            for generation in dict.fromkeys(chunks[k][2] for k in keys):
+                part = [k for k in keys if chunks[k][2] == generation]
+                try:
+                    action(Reservation(tuple(part), tuple(chunks[k][0] for k in part), (), generation))
+                except KvtierError as exc:
+                    log.debug("kvtier save of %d chunk(s) lost: %s", len(part), exc)
+                    continue
+                if keys is commit:
+                    self.saved_chunks += len(part)
 
     def _after_device(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the copies queued so far on the current stream ran (at once on the CPU)."""
@@ -258,15 +260,22 @@ class WorkerSide:
     def _load(self, spec: LoadSpec, lease: Lease, store: BlockStore) -> bool:
         """Scatter the leased leading chunks of ``spec``; report the rest. True when every chunk loaded."""
         paged, m = self._require_paged(), self.pages_per_chunk
-        num_leased = len(lease.slots)
+        rows = None
+        if lease.slots:
+            try:
+                # The lease's own arena: after a daemon restart since the acquire its slots are unreadable here.
+                rows = store.slot_rows(lease)
+            except KvtierError as exc:
+                log.warning("kvtier load for %s lost its lease, vLLM recomputes it: %s", spec.req_id, exc)
+                self._release(lease, store)
+        num_leased = len(lease.slots) if rows is not None else 0
         pages = [(spec.first_page + i, block_id) for i, block_id in enumerate(spec.block_ids)]
         failed = [block_id for page, block_id in pages if page // m >= num_leased]
         self._load_errors.update(failed)
         self.failed_chunks += len(spec.chunk_hashes) - num_leased
         self.loaded_chunks += num_leased
-        if num_leased:
+        if rows is not None and num_leased:
             try:
-                rows = store.slot_rows()
                 # The first chunk may be partial (vLLM holds its leading pages): page by page, at most m copies.
                 head = [(page, block_id) for page, block_id in pages if page < m] if spec.first_page else []
                 for page, block_id in head:
@@ -303,10 +312,7 @@ class WorkerSide:
         # decides it (``reserve`` would skip it, and the earlier copy may be dropped).
         restaged = [key for key in chunks if key in self._owner]
         fresh = [key for key in chunks if key not in self._owner]
-        for key in restaged:
-            slot, _ = self._staged[self._owner.pop(key)].chunks.pop(key)
-            save.keys.append(key)
-            save.slots.append(slot)
+        again = {key: self._staged[self._owner.pop(key)].chunks.pop(key) for key in restaged}
         if fresh:
             try:
                 reservation = self.store.reserve(fresh)
@@ -315,6 +321,18 @@ class WorkerSide:
             else:
                 save.keys.extend(reservation.keys)
                 save.slots.extend(reservation.slots)
+                save.generation = reservation.generation
+        if again and not save.keys:
+            save.generation = next(iter(again.values()))[2]
+        # A restaged slot of another generation (a daemon restart since it was reserved) is not written again:
+        # it is aborted once the copies queued on it ran, and the chunk is a later miss.
+        stale = {key: chunk for key, chunk in again.items() if chunk[2] != save.generation}
+        if stale:
+            self._after_device(functools.partial(self._settle, stale, [], list(stale)))
+        for key, (slot, _, _) in again.items():
+            if key not in stale:
+                save.keys.append(key)
+                save.slots.append(slot)
         for key in save.keys:
             chunk_hash, block_ids = chunks[key]
             save.chunk_hashes.append(chunk_hash)
@@ -324,8 +342,15 @@ class WorkerSide:
     def _gather(self, save: _StepSave, segments: range) -> None:
         if not save.keys or not len(segments):
             return
-        self._require_paged().gather_to_slots(save.block_ids, self.store.slot_rows(), save.slots,
-                                              self.pages_per_chunk, segments)
+        try:
+            # The reservation's own arena: after a daemon restart since the reserve the save is dropped,
+            # never written into another arena's slots.
+            rows = self.store.slot_rows(Reservation(tuple(save.keys), tuple(save.slots), (), save.generation))
+        except KvtierError as exc:
+            log.debug("kvtier save of %d chunk(s) lost: %s", len(save.keys), exc)
+            self._abandon(save)
+            return
+        self._require_paged().gather_to_slots(save.block_ids, rows, save.slots, self.pages_per_chunk, segments)
 
     def save_kv_layer(self, layer_name: str, plan: StepPlan) -> None:
         """Gather ``layer_name``'s pages of the step's saves, queued behind the forward that wrote them.
@@ -391,11 +416,11 @@ class WorkerSide:
             raise
         staged = self._staged.setdefault(step, _Staged({}))
         for key, slot, chunk_hash in zip(save.keys, save.slots, save.chunk_hashes, strict=True):
-            staged.chunks[key] = (slot, chunk_hash)
+            staged.chunks[key] = (slot, chunk_hash, save.generation)
             self._owner[key] = step
 
     def _abandon(self, save: _StepSave) -> None:
-        chunks = {key: (slot, b"") for key, slot in zip(save.keys, save.slots, strict=True)}
+        chunks = {key: (slot, b"", save.generation) for key, slot in zip(save.keys, save.slots, strict=True)}
         save.keys, save.slots = [], []
         if chunks:
             self._after_device(lambda: self._settle(chunks, [], list(chunks)))

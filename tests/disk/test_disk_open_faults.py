@@ -1,0 +1,84 @@
+"""Faults found when the disk tier opens: a truncated LMDB index (which a mapping would turn into SIGBUS) and
+a filesystem too small for the data file (a real 8 MiB tmpfs in a private mount namespace). Each open runs in
+a child process, so that a SIGBUS fails the test instead of killing it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from kvtier.config import DiskConfig
+from kvtier.disk import DiskTier
+
+if TYPE_CHECKING:
+    from conftest import DiskKit
+
+OPEN = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.INFO)
+    from kvtier.config import DiskConfig
+    from kvtier.disk import DiskTier
+    from kvtier.errors import DiskError
+    from kvtier.layout import KVLayout
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16", block_tokens=16)
+    config = DiskConfig(paths=(sys.argv[1],), capacity_bytes=sys.argv[2], region_bytes="256KiB",
+                        wipe_incompatible=sys.argv[3] == "wipe")
+    try:
+        with DiskTier(config, layout) as tier:
+            print("OPENED", tier.stats().used_blocks, flush=True)
+    except DiskError as exc:
+        print("REFUSED", exc, flush=True)
+""")
+
+
+def open_in_child(path: Path | str, capacity: str = "1MiB", wipe: bool = False,
+                  prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, sys.executable, "-c", OPEN, str(path), capacity, "wipe" if wipe else "keep"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_truncated_index_is_rebuilt_from_the_data_files(tmp_path: Path, kit: DiskKit) -> None:
+    config = DiskConfig(paths=(str(tmp_path),), capacity_bytes="1MiB", region_bytes="256KiB", reinsert_hits=0)
+    with DiskTier(config, kit.layout) as tier:
+        kit.fill(tier, range(3 * kit.per_region))
+        tier.flush()
+    data = tmp_path / "kvtier-index" / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    reopened = open_in_child(tmp_path)
+    assert reopened.returncode == 0, reopened.stderr  # SIGBUS would be -7
+    assert f"OPENED {3 * kit.per_region}" in reopened.stdout, reopened.stdout + reopened.stderr
+    assert "damaged" in reopened.stderr and "rebuilt" in reopened.stderr  # logged
+    with DiskTier(config, kit.layout) as tier:  # the blocks read back, verified, and the tier goes on
+        kit.assert_holds(tier, range(3 * kit.per_region))
+        kit.fill(tier, range(100, 100 + 2 * kit.per_region))  # wraps: the rebuilt regions are evicted in turn
+        tier.flush()
+        kit.assert_holds(tier, range(100, 100 + 2 * kit.per_region))
+
+
+def test_a_start_refused_for_lack_of_space_leaves_no_data_file(tmp_path: Path) -> None:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to mount a small filesystem")
+    mount = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=8m tmpfs {tmp_path} && exec "$@"', "sh")
+    probe = subprocess.run([*mount, "true"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {probe.stderr.decode().strip()}")
+    script = textwrap.dedent(f"""
+        set -e
+        {sys.executable} -c "$OPEN" {tmp_path}/disk 64MiB keep
+        ls -A {tmp_path}/disk
+        df -k --output=used {tmp_path} | tail -1
+    """)
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8m tmpfs {tmp_path} && {script}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OPEN": OPEN})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("REFUSED") and "MiB free" in lines[0] and "disk.capacity_bytes" in lines[0]
+    assert "kvtier-data.bin" not in lines[1:-1]
+    assert int(lines[-1]) < 1024  # KiB used: the partial preallocation went back
