@@ -162,9 +162,10 @@ def test_embedded_store_under_the_default_engine_then_a_restart_from_disk(work: 
 @pytest.fixture
 def daemon(work: Path) -> Iterator[str]:
     socket_path = str(work / "kvtier.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--socket", socket_path, "--pool", "64MiB",
-                             "--disk", str(work / "daemon-disk"), "--metrics-port", "0",
-                             "--set", "disk.capacity_bytes=256MiB"],
+    # A small disk tier: the default (16 GiB, preallocated) would not fit every CI machine.
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "--set", "disk.capacity_bytes=256MiB", "serve",
+                             "--socket", socket_path, "--pool", "64MiB", "--disk", str(work / "daemon-disk"),
+                             "--metrics-port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "connectors")])})
     deadline = time.monotonic() + 60
