@@ -214,7 +214,8 @@ class FakeEvent:
     done = False
 
     def record(self, stream: object = None) -> None:
-        assert stream == "stream of cuda:0", "recorded on the stream of the pages' device"
+        # On the pages' device's stream, or on the worker's own load stream.
+        assert stream == "stream of cuda:0" or isinstance(stream, FakeStream), "recorded on a stream of the device"
 
     def query(self) -> bool:
         return FakeEvent.done
@@ -274,6 +275,7 @@ def test_micro_batches_on_two_threads_save_each_page_as_finally_written(rig: Rig
     first.join(60)
     second.join(60)
     rig.worker.wait_for_save(plan)
+    rig.worker.settle([Verdict(plan.step)])
     rig.worker.poll()
     target = tuple(range(64, 72))
     rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("c", hashes, target, 0, False)]))
@@ -299,7 +301,7 @@ def test_an_async_load_scatters_on_its_own_stream_and_is_reported_once_it_ran(
     assert rig.worker.paged is not None
     hashes = rig.hashes(2, 21)
     rig.save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1))]), per_layer=False)
-    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda"))
+    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(FakeEvent, "done", False)
     streams: list[FakeStream] = []
@@ -315,7 +317,7 @@ def test_an_async_load_scatters_on_its_own_stream_and_is_reported_once_it_ran(
         yield
 
     monkeypatch.setattr(torch.cuda, "Stream", make_stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: "forward")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: "stream of cuda:0")
     monkeypatch.setattr(torch.cuda, "stream", use_stream)
     rig.worker.start_load_kv(StepPlan(loads=[LoadSpec("b", hashes, (60, 61), 0, True)]))
     deadline = time.monotonic() + 30
@@ -323,7 +325,7 @@ def test_an_async_load_scatters_on_its_own_stream_and_is_reported_once_it_ran(
         assert rig.worker.get_finished(set()) == (None, None)
         assert time.monotonic() < deadline, "the asynchronous load never finished"
         time.sleep(0.01)
-    assert [stream.waited for stream in streams] == [["forward"]]
+    assert [stream.waited for stream in streams] == [["stream of cuda:0"]]
     assert entered == streams
     assert torch.equal(rig.kv[[60, 61]], rig.kv[[0, 1]])
     assert rig.worker.get_finished(set()) == (None, None)

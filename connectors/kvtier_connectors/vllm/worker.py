@@ -453,7 +453,7 @@ class WorkerSide:
         with torch.cuda.stream(self._load_stream):
             self._load(spec, lease, self.load_store)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
+            event.record(self._load_stream)
         return event
 
     def get_block_ids_with_load_errors(self) -> set[int]:
