@@ -61,12 +61,12 @@ def _install_hooks(spec: dict[str, Any]) -> list[Any]:
 
         original_open = settings.open_store
 
-        def open_dropping(connector_settings: Any, layout: Any, engine_id: str = "") -> Any:
+        def open_dropping(connector_settings: Any, layout: Any, role: str = "", engine_id: str = "") -> Any:
             if connector_settings.instance not in settings._stores:
                 store = _dropping_store(spec, layout)
                 settings.adopt_store(connector_settings.instance, store)
                 adopted.append(store)
-            return original_open(connector_settings, layout, engine_id)
+            return original_open(connector_settings, layout, role, engine_id)
 
         settings.open_store = open_dropping  # type: ignore[assignment]
         import kvtier_connectors.vllm.connector as connector_module
