@@ -47,3 +47,4 @@ include mk/vllm.mk
 include mk/gpu.mk
 include mk/remote.mk
 include mk/sglang.mk
+include mk/peers.mk
