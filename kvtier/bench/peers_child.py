@@ -6,9 +6,10 @@ download). ``python -m kvtier.bench.peers_child run SPEC.json`` builds one offli
 spec's prompts one request at a time (greedy) and prints one line ``RESULT {...}``.
 
 Promises:
-- Per request: the generated token ids, vLLM's ``num_cached_tokens`` (prefix caching is off, so every cached
-  token came from the connector), the time to first token (vLLM's own ``first_token_latency`` when the engine
-  reports it, else the request's wall time with ``max_tokens=1``) and the request's wall time.
+- Per request: the generated token ids, vLLM's ``num_cached_tokens`` (prefix caching is off unless the spec's
+  engine arguments turn it on, so every cached token came from the connector), the time to first token
+  (vLLM's own ``first_token_latency`` when the engine reports it, else the request's wall time, marked
+  ``ttft_source: "wall"``) and the request's wall time.
 - The process's peak RSS (``VmHWM``) and bytes it wrote to storage (``/proc/self/io`` ``write_bytes``), read
   after the last request; kvtier's store statistics for the embedded configuration.
 - Nothing is caught: a configuration that cannot run exits non-zero with vLLM's or the peer's own traceback,
@@ -76,9 +77,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
-    llm = LLM(model=spec["model"], dtype="bfloat16", seed=0, enable_prefix_caching=False, enforce_eager=True,
-              compilation_config={"mode": 0}, max_model_len=4096, max_num_batched_tokens=4096,
-              disable_log_stats=False, **spec.get("engine_args", {}))
+    engine_args = {"enable_prefix_caching": False, **spec.get("engine_args", {})}
+    llm = LLM(model=spec["model"], dtype="bfloat16", seed=0, enforce_eager=True, compilation_config={"mode": 0},
+              max_model_len=4096, max_num_batched_tokens=4096, disable_log_stats=False, **engine_args)
     result: dict[str, Any] = {"init_s": time.perf_counter() - started, "requests": []}
     params = SamplingParams(max_tokens=int(spec["max_tokens"]), temperature=0.0)
     for prompt in spec["prompts"]:

@@ -13,8 +13,8 @@ Promises:
 - Plots are drawn by ``kvtier bench all`` (this command never writes into ``DIR``). Its PNGs are copied into
   ``<output stem>/`` beside the output (``docs/benchmarks/*.png``) and linked relatively; stale PNGs there are
   removed first. A recorded ``bench peers`` JSON (``docs/benchmarks/peers.json``) stands in for a run without
-  a peers step (``with_recorded_peers``). The output is written whole, or not at all (a bad directory is an ``InvalidInputError``
-  before anything is written).
+  a peers step (``with_recorded_peers``). The output is written whole, or not at all (a bad directory is an
+  ``InvalidInputError`` before anything is written).
 """
 
 from __future__ import annotations

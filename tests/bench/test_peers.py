@@ -30,7 +30,10 @@ if command == "model":
     os.makedirs(path)
     sys.exit(0)
 spec = json.load(open(path))
-if os.environ.get("LMCACHE_CHUNK_SIZE"):
+if os.environ.get("LMCACHE_LOCAL_DISK"):
+    print("ERROR: Traceback\\nRuntimeError: No supported cpu connector found.\\n. System will operate in degraded mode",
+          file=sys.stderr)
+elif os.environ.get("LMCACHE_CHUNK_SIZE"):
     print("Traceback (most recent call last):\\n  File x\\nImportError: lmcache.c_ops: needs CUDA", file=sys.stderr)
     sys.exit(1)
 assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and os.environ["VLLM_TARGET_DEVICE"] == "cpu"
@@ -57,14 +60,16 @@ def test_every_configuration_is_reported_ran_or_not_run_with_its_error(stand_in:
     records = {r["peer"]: r for r in result["records"]}
     assert list(records) == ["none", "lmcache-cpu", "lmcache-disk", "kvtier-embedded"]  # none always, first
     assert result["benchmark"] == "peers" and result["workload"]["requests"] == 4
-    for name in ("lmcache-cpu", "lmcache-disk"):
-        assert records[name]["status"] == "not run"
-        assert records[name]["error"] == "ImportError: lmcache.c_ops: needs CUDA"
-        assert "Traceback" in records[name]["error_tail"]
+    assert records["lmcache-cpu"]["status"] == "not run"
+    assert records["lmcache-cpu"]["error"] == "ImportError: lmcache.c_ops: needs CUDA"
+    assert "Traceback" in records["lmcache-cpu"]["error_tail"]
+    # Ran, but logged that its offload failed and recomputed everything: not run, with the error it logged.
+    assert records["lmcache-disk"]["status"] == "not run"
+    assert records["lmcache-disk"]["error"].startswith("RuntimeError: No supported cpu connector found. (logged by")
     none, kvtier = records["none"], records["kvtier-embedded"]
     assert none["outputs_match"] is True and none["hit_ratio"] == 0.0 and none["ttft_median_ms"] == 100.0
     # The stand-in's first kvtier request answers other tokens: one differing request is a mismatch.
-    assert kvtier["outputs_match"] is False
+    assert kvtier["outputs_match"] is False and kvtier["mismatched_requests"] == [0]
     cached = sum(len(p) // 2 for p in workload.prompts()[1:])
     assert kvtier["restored_bytes"] == cached * 2048 and kvtier["host_memory_over_none_bytes"] == 100 * 2**20
     assert kvtier["hit_ratio"] == pytest.approx(cached / sum(len(p) for p in workload.prompts()), abs=1e-4)
@@ -87,7 +92,9 @@ def test_a_peers_python_that_cannot_start_reports_every_configuration_not_run(tm
 def test_error_line_finds_the_exception_not_the_last_log_line() -> None:
     text = "INFO start\nTraceback (most recent call last):\n  File \"x\"\nRuntimeError: no CUDA\nINFO exiting\n"
     assert error_line(text) == "RuntimeError: no CUDA"
-    assert error_line("torch.AcceleratorError: CUDA error: no device\n") == "torch.AcceleratorError: CUDA error: no device"
+    line = "torch.AcceleratorError: CUDA error: no device"
+    assert error_line(f"{line}\n") == line
+    assert error_line("[rank0]: Exception: only on CUDA\nx.py:1: FutureWarning: old\n") == "Exception: only on CUDA"
     assert error_line("just text\n") == "just text" and error_line("") == "no output"
     assert PEERS[0] == "none"
 
