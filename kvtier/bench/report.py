@@ -243,11 +243,13 @@ def peers_section(results: Results) -> list[str]:
     lines.append("")
     ran = [r for r in records if r.get("status") == "ok"]
     lines += _table(["configuration", "TTFT median (ms)", "hit ratio", "restored (MiB)", "peak RSS (MiB)",
-                     "RSS over none (MiB)", "disk writes (MiB)", "on disk at end (MiB)", "outputs match"],
+                     "RSS over none (MiB)", "disk writes (MiB)", "on disk at end (MiB)", "outputs match",
+                     "match prefix cache"],
                     [(r["peer"], r.get("ttft_median_ms"), f"{r['hit_ratio']:.1%}" if is_number(r.get("hit_ratio"))
                       else "", _mib(r.get("restored_bytes")), _mib(r.get("peak_rss_bytes")),
                       _mib(r.get("host_memory_over_none_bytes")), _mib(r.get("disk_write_bytes")),
-                      _mib(r.get("disk_used_bytes")), r.get("outputs_match")) for r in ran])
+                      _mib(r.get("disk_used_bytes")), r.get("outputs_match"), r.get("outputs_match_prefix_cache"))
+                     for r in ran])
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         lines += ["Not run here, with the error each died with:", ""]
@@ -274,9 +276,12 @@ def peers_verdicts(ran: Sequence[dict[str, Any]]) -> list[str]:
             if is_number(value) and (value < best[0] if lower else value > best[0]):
                 lines.append(f"- kvtier loses on {label} to `{other['peer']}`: {_cell(value)} against "
                              f"{_cell(best[0])} (`{best[1]}`).")
-    mismatched = [r["peer"] for r in ran if r.get("outputs_match") is False]
-    if mismatched:
-        lines.append(f"- Outputs differ from the no-offload run: {', '.join(mismatched)}.")
+    for r in ran:
+        if r.get("outputs_match") is False:
+            same = " (the same tokens as vLLM's own prefix cache: the split prefill's numerics, not the restored KV)" \
+                if r.get("outputs_match_prefix_cache") and r["peer"] != "vllm-prefix-cache" else ""
+            lines.append(f"- Outputs of `{r['peer']}` differ from the no-offload run in requests "
+                         f"{r.get('mismatched_requests')}{same}.")
     if lines:
         return ["Where kvtier loses to a peer (or to no offload) in this run:", "", *lines, ""]
     return ["kvtier loses to no peer that ran on these figures in this run.", ""] if kvtier and others else []

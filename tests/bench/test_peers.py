@@ -111,9 +111,9 @@ def test_the_report_shows_the_recorded_peers_table_not_run_reasons_and_losses(st
     section = text[text.index("## kvtier against the peers in one engine"):]
     section = section[: section.index("\n## ", 1)]
     assert "make bench-peers (recorded in" in section
-    assert "| kvtier-embedded | 50 | 38.6% | 1.1 | 300.0 | 100.0 | 0.0 | 0.0 | no |" in section
+    assert "| kvtier-embedded | 50 | 38.6% | 1.1 | 300.0 | 100.0 | 0.0 | 0.0 | no |  |" in section
     assert "- `lmcache-cpu`: ImportError: lmcache.c_ops: needs CUDA" in section
     assert "kvtier loses on" not in section  # no peer ran to lose to
-    assert "- Outputs differ from the no-offload run: kvtier-embedded." in section
+    assert "- Outputs of `kvtier-embedded` differ from the no-offload run in requests [0]." in section
     if matplotlib_available():
         assert (out.parent / "benchmarks" / "peers.png").is_file() and "benchmarks/peers.png" in section
