@@ -266,9 +266,10 @@ def peers_verdicts(ran: Sequence[dict[str, Any]]) -> list[str]:
     kvtier = [r for r in ran if str(r["peer"]).startswith("kvtier")]
     others = [r for r in ran if not str(r["peer"]).startswith("kvtier") and r["peer"] != "none"]
     lines = []
-    for name, label, lower in (("ttft_median_ms", "median TTFT", True), ("hit_ratio", "hit ratio", False),
-                               ("host_memory_over_none_bytes", "host memory over no offload", True),
-                               ("disk_write_bytes", "bytes written to storage", True)):
+    for name, label, lower in (("ttft_median_ms", "median TTFT (ms)", True), ("hit_ratio", "hit ratio", False),
+                               ("host_memory_over_none_bytes", "host memory over no offload (MiB)", True),
+                               ("disk_write_bytes", "bytes written to storage (MiB)", True)):
+        shown = _mib if name.endswith("_bytes") else _cell
         values = [(r[name], r["peer"]) for r in kvtier if is_number(r.get(name))]
         if not values or not others:
             continue
@@ -277,8 +278,8 @@ def peers_verdicts(ran: Sequence[dict[str, Any]]) -> list[str]:
             value = other.get(name)
             if is_number(value) and (value < best[0] if lower else value > best[0]):
                 note = " (the reference: no offload layer)" if other["peer"] == "vllm-prefix-cache" else ""
-                lines.append(f"- kvtier loses on {label} to `{other['peer']}`{note}: {_cell(value)} against "
-                             f"{_cell(best[0])} (`{best[1]}`).")
+                lines.append(f"- kvtier loses on {label} to `{other['peer']}`{note}: {shown(value)} against "
+                             f"{shown(best[0])} (`{best[1]}`).")
     for r in ran:
         if r.get("outputs_match") is False:
             same = " (the same tokens as vLLM's own prefix cache: the split prefill's numerics, not the restored KV)" \
