@@ -48,3 +48,4 @@ include mk/vllm-engine.mk
 include mk/gpu.mk
 include mk/remote.mk
 include mk/sglang.mk
+include mk/peers.mk

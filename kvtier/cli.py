@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "remote": ("kvtier.bench.remote", "remote-tier put/get GB/s vs raw pipelined SET/GET; 64-key lookup latency"),
     "alternatives": ("kvtier.bench.alternatives",
                      "kvtier vs recompute, a safetensors file per prefix, LMDB blobs: TTFT, hit ratio, disk bytes"),
+    "peers": ("kvtier.bench.peers", "kvtier vs vLLM's native CPU offloading and LMCache in one real vLLM engine "
+              "(run with --python of the peers env: make bench-peers)"),
     "scaling": ("kvtier.bench.scaling", "lookup/put/get cost vs blocks stored (10^3-10^6) and prompt length"),
     "all": ("kvtier.bench.all", "run every benchmark into one directory: JSON records and plots"),
     "report": ("kvtier.bench.report", "generate docs/benchmarks.md from a `kvtier bench all` directory"),

