@@ -31,8 +31,8 @@ def _dropping_store(spec: dict[str, Any], layout: Any) -> Any:
     class DroppingStore(Store):
         dropped: ClassVar[list[str]] = []
 
-        def lookup(self, keys: Any, *, prefetch: bool = True) -> Any:
-            found = super().lookup(keys, prefetch=prefetch)
+        def lookup(self, keys: Any, *, prefetch: bool = True, scope: str | None = None) -> Any:
+            found = super().lookup(keys, prefetch=prefetch, scope=scope)
             if not self.dropped and found.num_blocks > chunk:
                 key = list(keys)[chunk]
                 with self._lock:
