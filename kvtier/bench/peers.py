@@ -200,7 +200,9 @@ class Runner:
                               text=True, env={**self.env, **env}, timeout=self.timeout_s, check=False)
 
     def start_daemon(self, socket_path: str, pool_mib: int) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([self.python, "-m", "kvtier.cli", "serve", "--socket", socket_path, "--pool",
+        # The same disk capacity as the embedded store's: the default would preallocate 16 GiB.
+        proc = subprocess.Popen([self.python, "-m", "kvtier.cli", "--set", f"disk.capacity_bytes={4 * pool_mib}MiB",
+                                 "serve", "--socket", socket_path, "--pool",
                                  f"{pool_mib}MiB", "--disk", str(self.work / "kvtier-daemon-disk"),
                                  "--metrics-port", "0"], env=self.env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)

@@ -117,3 +117,23 @@ def test_the_report_shows_the_recorded_peers_table_not_run_reasons_and_losses(st
     assert "- Outputs of `kvtier-embedded` differ from the no-offload run in requests [0]." in section
     if matplotlib_available():
         assert (out.parent / "benchmarks" / "peers.png").is_file() and "benchmarks/peers.png" in section
+
+
+def test_the_daemon_configuration_gets_the_embedded_disk_capacity_not_the_16_gib_default(tmp_path: Path) -> None:
+    from kvtier.bench.peers import Runner
+    from kvtier.config import StoreConfig
+    from kvtier.daemon.client import Client
+    from kvtier.layout import KVLayout
+
+    runner = Runner(sys.executable, tmp_path, timeout_s=60)
+    socket_path = str(tmp_path / "d.sock")
+    daemon = runner.start_daemon(socket_path, pool_mib=64)  # the workload's default offload space
+    try:
+        layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=16)
+        with Client(layout, StoreConfig(), address=f"unix:{socket_path}") as client:
+            disk = client.stats().tiers["disk"]
+        # 4 x the pool, as the embedded configuration gets (entries of one block each, a page of header).
+        assert disk.capacity_blocks * layout.block_bytes <= 256 * 2**20
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
