@@ -7,8 +7,10 @@ with ``auth_secret``. Capacity and eviction belong to the server (``maxmemory`` 
 ``ttl_s``): a value that is gone is a miss. The nodes, their health and their routing are
 ``kvtier.tiers.nodes``'s.
 
-Threads: one writer (it also revives down nodes) and ``read_threads`` readers, each draining its queue in
-batches of at most ``batch_bytes`` (reads: 8 MiB), one pipeline per node a batch touches, every node at once.
+Threads: one writer and ``read_threads`` readers, each draining its queue in batches of at most
+``batch_bytes`` (reads: 8 MiB), one pipeline per node a batch touches, every node at once; and one reviver,
+which pings the down nodes and watches the up ones, so a hung node's PING never holds up the writes to
+the others.
 
 Promises:
 - ``locate`` is one pipeline of EXISTS per node, all nodes at once, bounded by ``timeout_ms``.
@@ -60,6 +62,8 @@ from kvtier.tiers.values import TAG_BYTES, SplitValue, new_value, read_value, se
 _LOG = logging.getLogger(__name__)
 # Keys this host wrote or saw present, so that they are not sent again; bounded, oldest forgotten first.
 _KNOWN_KEYS = 1 << 18
+# After an unexpected error in the reviver, it tries again this much later.
+_REVIVE_RETRY_S = 1.0
 _COUNTERS = ("lookups", "lookup_keys", "lookup_found", "hits", "misses", "checksum_failures", "foreign_values",
              "forged_values", "bad_values_deleted", "read_errors", "blocks_written", "bytes_written", "bytes_read",
              "offers_deduplicated", "queue_full_dropped", "down_dropped", "dropped_blocks", "write_errors",
@@ -143,7 +147,8 @@ class RemoteTier:
         self._closed = False
         self._nodes.start()
         self._revive_at = 0.0
-        self._threads = [threading.Thread(target=self._write_loop, name="kvtier-remote-writer", daemon=True)]
+        self._threads = [threading.Thread(target=self._write_loop, name="kvtier-remote-writer", daemon=True),
+                         threading.Thread(target=self._revive_loop, name="kvtier-remote-reviver", daemon=True)]
         self._threads += [threading.Thread(target=self._read_loop, name=f"kvtier-remote-reader-{i}", daemon=True)
                           for i in range(config.read_threads)]
         for thread in self._threads:
@@ -347,20 +352,33 @@ class RemoteTier:
 
     # -- writer ---------------------------------------------------------------------------------------
 
+    def _revive_loop(self) -> None:
+        """Ping the down nodes when their backoff expires and watch the up ones (``NodeSet.revive``)."""
+        while True:
+            with self._lock:
+                while not self._closed and time.monotonic() < self._revive_at:
+                    self._cond.wait(max(0.0, self._revive_at - time.monotonic()))
+                if self._closed:
+                    return
+            try:
+                revive_at = self._nodes.revive()
+            except Exception:  # never let the reviver die: the down nodes would never come back
+                _LOG.exception("remote tier reviver: unexpected error; retrying in %.1f s", _REVIVE_RETRY_S)
+                revive_at = time.monotonic() + _REVIVE_RETRY_S
+            with self._lock:
+                self._revive_at = revive_at
+
     def _write_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and not self._queued and time.monotonic() < self._revive_at:
-                    self._cond.wait(max(0.0, self._revive_at - time.monotonic()))
+                while not self._closed and not self._queued:
+                    self._cond.wait()
                 if self._closed:
                     return
                 batch = [self._queued.popleft() for _ in range(min(len(self._queued), self._batch_values))]
                 self._writing = len(batch)
             try:
-                if time.monotonic() >= self._revive_at:
-                    self._revive_at = self._nodes.revive()
-                if batch:
-                    self._write(batch)
+                self._write(batch)
             except Exception:  # never let the writer die: what it held is dropped and counted
                 _LOG.exception("remote tier writer: unexpected error; %d blocks dropped", len(batch))
                 with self._lock:

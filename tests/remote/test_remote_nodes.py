@@ -147,3 +147,30 @@ def test_a_whole_cluster_stopped_answers_within_the_timeout(fresh_cluster: Local
                 fresh_cluster.resume(index)
     finally:
         tier.close()
+
+
+def test_a_hung_node_being_pinged_never_holds_up_writes_to_the_live_nodes(fresh_cluster: LocalServers,
+                                                                         config_for: RemoteConfigFor) -> None:
+    # Each PING of the stopped node waits the whole timeout, and it is retried every 50-200 ms: a writer that
+    # pinged it itself would spend nearly all its time waiting on it.
+    timeout_ms = 3000
+    tier = RemoteTier(config_for(fresh_cluster, timeout_ms=timeout_ms), LAYOUT)
+    try:
+        fresh_cluster.pause(1)
+        try:
+            probe = [key(i, "probe") for i in range(32)]
+            tier.locate(probe)  # finds node 1 hung: down from here on, pinged again and again
+            time.sleep(0.5)  # a PING of node 1 is in flight now
+            keys = [k for k in (key(i, "live") for i in range(64)) if owner(fresh_cluster, tier, k) != 1][:16]
+            started = time.monotonic()
+            assert all(tier.offer(k, payload(i)) for i, k in enumerate(keys))
+            while tier.stats(0).bytes_written == 0 and time.monotonic() - started < 2 * timeout_ms / 1000:
+                time.sleep(0.01)
+            # Written at once, far sooner than the PING in flight (3 s) gives up.
+            assert time.monotonic() - started < timeout_ms / 1000 / 3
+            tier.flush()
+            assert tier.locate(keys) == [True] * len(keys)
+        finally:
+            fresh_cluster.resume(1)
+    finally:
+        tier.close()
