@@ -207,7 +207,11 @@ def test_block_deleted_between_lookup_and_load_under_async_scheduling(work: Path
     result = run_engine(work, "async-drop", {
         "model": model, "extra": extra, "stats": "embedded", "async_scheduling": True, "drop_after_lookup": 3,
         "max_num_batched_tokens": BUDGET, "phases": [phase("a"), phase("long"), phase("long", "e")],
+        "verify_kv": True,
     }, IN_PROCESS)
+    # Every copy between vLLM's paged KV and kvtier's slots moved the exact bytes (torch.equal, in the engine).
+    checks = result["kv_checks"]
+    assert checks["saved_chunks"] > 0 and checks["loaded_chunks"] > 0 and checks["mismatched_chunks"] == 0
     # vLLM's num_cached_tokens counts what the scheduler was promised, before the load failed: the deletion
     # shows in kvtier's store, not there.
     assert len(result["dropped"]) == 1, "the test did not delete a block between lookup and load"

@@ -11,7 +11,9 @@ statistics where the spec says where to read them (``stats``: ``"embedded"`` for
 chunk of the first lookup that finds at least that many chunks, right after answering it, so the load that
 follows misses a block the scheduler was promised. ``async_scheduling`` turns vLLM's async scheduling on,
 which its CPU platform otherwise turns off. ``switch_interval`` sets the interpreter's switch interval once the
-engine is built (for measurements).
+engine is built (for measurements). ``verify_kv`` (in-process engines only) checks every copy between vLLM's
+paged KV and kvtier's slots as it happens: after each save's gather and each load's scatter, the pages are
+gathered again and compared with the slot's bytes (``torch.equal``), counted in the result's ``kv_checks``.
 """
 
 from __future__ import annotations
@@ -43,9 +45,46 @@ def _dropping_store(spec: dict[str, Any], layout: Any) -> Any:
     return DroppingStore(layout, config_from_mapping(spec["extra"].get("config", {})))
 
 
+KV_CHECKS = {"saved_chunks": 0, "loaded_chunks": 0, "mismatched_chunks": 0}
+
+
+def _verify_kv_copies() -> None:
+    """Wrap ``PagedKV``'s slot copies so that each one is checked against the pages right after it ran."""
+    import torch
+
+    from kvtier.native import PagedKV
+
+    def mismatches(paged: Any, block_ids: Any, rows: Any, slot_ids: Any, pages_per_chunk: int,
+                   segments: range | None) -> tuple[int, int]:
+        ids = torch.as_tensor(block_ids, dtype=torch.int64).reshape(-1)
+        slots = torch.as_tensor(slot_ids, dtype=torch.int64).reshape(-1).tolist()
+        chosen = range(paged.num_segments) if segments is None else segments
+        staging = torch.zeros(ids.numel() * paged.num_segments * paged.page_bytes, dtype=torch.uint8)
+        paged.gather(ids, staging, pages_per_chunk, chosen)
+        width = pages_per_chunk * paged.page_bytes
+        pages = staging.view(len(slots), paged.num_segments, width)[:, chosen.start:chosen.stop]
+        stored = [rows[slot, : paged.chunk_bytes(pages_per_chunk)].view(paged.num_segments, width)
+                  [chosen.start:chosen.stop] for slot in slots]
+        return len(slots), sum(not torch.equal(page, row.cpu()) for page, row in zip(pages, stored, strict=True))
+
+    def checked(copy: Any, counter: str) -> Any:
+        def wrapper(self: Any, block_ids: Any, rows: Any, slot_ids: Any, pages_per_chunk: int = 1,
+                    segments: range | None = None) -> None:
+            copy(self, block_ids, rows, slot_ids, pages_per_chunk, segments)
+            count, wrong = mismatches(self, block_ids, rows, slot_ids, pages_per_chunk, segments)
+            KV_CHECKS[counter] += count
+            KV_CHECKS["mismatched_chunks"] += wrong
+        return wrapper
+
+    PagedKV.gather_to_slots = checked(PagedKV.gather_to_slots, "saved_chunks")  # type: ignore[method-assign]
+    PagedKV.scatter_from_slots = checked(PagedKV.scatter_from_slots, "loaded_chunks")  # type: ignore[method-assign]
+
+
 def _install_hooks(spec: dict[str, Any]) -> list[Any]:
     """Patches for an in-process engine; returns the stores it adopted."""
     adopted: list[Any] = []
+    if spec.get("verify_kv"):
+        _verify_kv_copies()
     if spec.get("async_scheduling"):
         from vllm.platforms.cpu import CpuPlatform
 
@@ -125,6 +164,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         result["phases"].append(outputs)
     result["stats"] = _stats(spec, engine_id)
     result["dropped"] = [key for store in adopted for key in store.dropped]
+    result["kv_checks"] = KV_CHECKS
     return result
 
 
