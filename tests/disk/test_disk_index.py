@@ -63,17 +63,22 @@ def test_concurrent_waiters_share_commits(tmp_path: Path, monkeypatch: pytest.Mo
     index.close()
 
 
-def test_a_failed_batch_raises_for_its_waiters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_batch_raises_for_its_waiters_and_is_retried(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     index = DiskIndex(str(tmp_path), 1 << 20)
 
     def broken(changes: object) -> None:
         raise DiskError("the disk index failed: injected")
 
     ticket = index.enqueue(OpenRegion(1))
+    withdrawn = index.enqueue(OpenRegion(3))
     monkeypatch.setattr(index, "_commit", broken)
     with pytest.raises(DiskError, match="injected"):
         index.wait(ticket)
     monkeypatch.undo()
-    index.wait(index.enqueue(OpenRegion(2)))  # later batches are independent
-    assert index.load()[0] == {2: (RegionState.OPEN, 0)}
+    assert index.withdraw(withdrawn)
+    index.wait(index.enqueue(OpenRegion(2)))  # the failed change is committed with the next, in order
+    assert index.load()[0] == {1: (RegionState.OPEN, 0), 2: (RegionState.OPEN, 0)}
+    assert not index.withdraw(ticket)  # committed: nothing to take back
+    index.wait(ticket)  # done, does not raise the old failure
     index.close()
