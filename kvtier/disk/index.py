@@ -102,8 +102,10 @@ _LOW_SPACE_BYTES = 64 << 20
 # How much a full map grows, for the commits that make room (see ``_write``).
 _MAP_HEADROOM = 1.5
 # LMDB's verdicts on the file itself: retrying cannot help, only a restart (which checks the index) can.
+# A transaction LMDB itself marked failed before any call of ours failed (a named database's record
+# unreadable) is one too.
 _DAMAGED = (lmdb.CorruptedError, lmdb.PanicError, lmdb.PageNotFoundError, lmdb.InvalidError,
-            lmdb.VersionMismatchError, lmdb.BadChecksumError)
+            lmdb.VersionMismatchError, lmdb.BadChecksumError, lmdb.BadTxnError)
 _EPOCH_PREFIX = b"epoch:"
 
 
@@ -302,5 +304,5 @@ class DiskIndex:
                                  f"{os.strerror(code or errno.ENOSPC)}; free space there")
         if isinstance(exc, _DAMAGED):
             return IndexDamagedError(f"the disk index in {where} is damaged ({exc}); new blocks are refused until "
-                                     "a restart, which checks it (a truncated index is rebuilt from the data files)")
+                                     "a restart, which rebuilds it from the data files")
         return DiskError(f"the disk index in {where} {what}: {exc}")

@@ -48,7 +48,8 @@ Promises:
   Other failures are ``io_errors``; a damaged index (``IndexDamagedError``) is ``fault="damaged"`` and
   refuses until a restart.
 - A damaged index (an LMDB file cut short, which a mapping would turn into SIGBUS) is detected before it is
-  mapped, logged, and rebuilt from the entry headers of the data files (``kvtier.disk.rebuild``).
+  mapped, logged, and rebuilt from the entry headers of the data files (``kvtier.disk.rebuild``); so is one
+  LMDB reports corrupt while the tier opens.
 - A start that fails (no room for the data file, a damaged index) leaves no data file it preallocated.
 - Only one process opens a directory at a time (``DirectoryLockedError``); another format version or
   layout is refused (``FormatVersionError`` / ``LayoutMismatchError``) unless ``wipe_incompatible``.
@@ -272,11 +273,17 @@ class DiskTier:
         self._created_files: list[str] = []
         self._rebuild = False
         self._index: DiskIndex | None = None
+        self._index_map_bytes = 0
         try:
             self._lock_directories()
             self._open_devices(device_factory)
             self._open_index()
-            self._recover()
+            try:
+                self._recover()
+            except IndexDamagedError as exc:  # LMDB found it corrupt: as good as truncated
+                self._remove_damaged_index(str(exc))
+                self._index = DiskIndex(os.path.join(self.config.paths[0], _INDEX_DIR), self._index_map_bytes)
+                self._recover()
         except BaseException:
             self._release()
             # A start that failed leaves no data file it preallocated: the space goes back to the filesystem.
@@ -332,10 +339,12 @@ class DiskTier:
                                                       // PAGE_BYTES * 256)
         reason = damage(directory)  # LMDB maps its file: a truncated one would be a SIGBUS, not an error
         if reason is not None:
-            _LOG.error("disk index damaged (%s): rebuilding it from the entry headers of the data files", reason)
-            shutil.rmtree(directory, ignore_errors=True)
-            self._rebuild = True
+            self._remove_damaged_index(reason)
+        self._index_map_bytes = map_size
         try:
+            self._index = DiskIndex(directory, map_size)
+        except IndexDamagedError as exc:
+            self._remove_damaged_index(str(exc))
             self._index = DiskIndex(directory, map_size)
         except DiskError:
             if not self.config.wipe_incompatible:
@@ -343,6 +352,15 @@ class DiskTier:
             _LOG.warning("disk index in %s is unreadable; wiping it (wipe_incompatible)", directory)
             shutil.rmtree(directory, ignore_errors=True)
             self._index = DiskIndex(directory, map_size)
+
+    def _remove_damaged_index(self, reason: str) -> None:
+        """Delete a damaged index (closing it if open); ``_recover`` then rebuilds it from the data files."""
+        _LOG.error("disk index damaged (%s): rebuilding it from the entry headers of the data files", reason)
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        shutil.rmtree(os.path.join(self.config.paths[0], _INDEX_DIR), ignore_errors=True)
+        self._rebuild = True
 
     def _recover(self) -> None:
         assert self._index is not None

@@ -171,3 +171,30 @@ def test_offer_without_wait_refuses_while_the_drive_is_behind(kit: DiskKit, disk
         tier.flush()
         kit.assert_holds(tier, range(3 * kit.per_region))
         assert tier.offer(kit.key(999), kit.payload(999), wait=False)
+
+
+def test_an_index_damaged_while_running_refuses_until_a_restart_which_rebuilds_it(
+        disk_config: Config, kit: DiskKit, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tier_module, "_FIRST_RETRY_S", 0.2)
+    cfg = disk_config(reinsert_hits=0)
+    with DiskTier(cfg, kit.layout) as tier, caplog.at_level(logging.ERROR, logger="kvtier.disk.tier"):
+        kit.fill(tier, range(24))
+        tier.flush()
+        index = Path(cfg.paths[0]) / "kvtier-index" / "data.mdb"
+        with index.open("r+b") as file:  # every page but the two meta pages zeroed: LMDB finds no valid tree
+            for page in range(2, index.stat().st_size // 4096):
+                file.seek(page * 4096)
+                file.write(bytes(4096))
+        kit.fill(tier, range(24, 36))
+        tier.flush()
+        stats = tier.stats()
+        assert (stats.fault, stats.admitting, stats.used_blocks) == ("damaged", False, 24)
+        kit.assert_holds(tier, range(24))  # the table is in memory: what is stored is still served
+        time.sleep(0.25)
+        assert not tier.offer(kit.key(99), kit.payload(99))  # permanent: no probe
+        (message,) = [r.message for r in caplog.records if "damaged" in r.message]
+        assert "restart" in message
+    with DiskTier(cfg, kit.layout) as tier:  # the restart finds the index corrupt and rebuilds it
+        assert tier.stats().admitting
+        kit.assert_holds(tier, range(24))
+        kit.fill(tier, range(100, 112))
