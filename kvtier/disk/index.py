@@ -29,6 +29,7 @@ Promises:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -36,7 +37,6 @@ import shutil
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -259,7 +259,7 @@ class DiskIndex:
     def close(self) -> None:
         self._env.close()
 
-    @contextmanager
+    @contextlib.contextmanager
     def _write(self) -> Iterator[Any]:
         with self._txn_lock:
             try:
@@ -271,11 +271,12 @@ class DiskIndex:
                     # LMDB copies every page a commit touches: even the commit that deletes entries needs free
                     # pages, which a full map lacks. Headroom lets it through; the owner's cap on entries
                     # (``kvtier.disk.tier``) keeps the index near the size it filled.
-                    self._map_size = int(self._map_size * _MAP_HEADROOM)
-                    self._env.set_mapsize(self._map_size)
+                    with contextlib.suppress(lmdb.Error):  # without it the retry fails the same way, no worse
+                        self._env.set_mapsize(int(self._map_size * _MAP_HEADROOM))
+                        self._map_size = int(self._map_size * _MAP_HEADROOM)
                 raise error from exc
 
-    @contextmanager
+    @contextlib.contextmanager
     def _read(self) -> Iterator[Any]:
         with self._txn_lock:
             try:

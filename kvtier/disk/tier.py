@@ -789,6 +789,8 @@ class DiskTier:
                 self._fifo.remove(region.id)
                 for key, _ in self._live_entries_locked(region):
                     del self._entries[key]
+                while region.readers:  # its blocks were readable from the file: let reads finish first
+                    self._cond.wait()
                 region.keys = []
                 self._clean.append(region.id)
             self._fail_locked(exc, self.config.paths[0])
