@@ -292,7 +292,8 @@ class DiskIndex:
             return IndexFullError(f"the disk index in {where} is full: its map of {self._map_size // 1024} KiB is "
                                   "used up (grown by half for the evictions that make room); raise "
                                   "disk.index_map_bytes (0 sizes it from disk.capacity_bytes)")
-        code = getattr(exc, "code", None)
+        # The C binding sets ``code``; an error built from Python (the cffi binding) carries it in ``args``.
+        code = getattr(exc, "code", None) or next((arg for arg in exc.args[1:2] if isinstance(arg, int)), None)
         try:
             free: int | None = shutil.disk_usage(where).free
         except OSError:

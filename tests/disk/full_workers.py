@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import subprocess
@@ -20,6 +21,7 @@ import time
 from io import StringIO
 from pathlib import Path
 
+import lmdb
 import torch
 
 from kvtier.config import DiskConfig
@@ -69,6 +71,9 @@ def tier(mount: str) -> None:
             assert disk.offer(key(i), payload(i))
         disk.flush()
         fill_up(Path(mount) / "filler")
+        assert disk._index is not None  # LMDB 0.9 reports a write the full filesystem cut short as EIO
+        short_write = disk._index._error(lmdb.Error("mdb_txn_commit", errno.EIO), "cannot be written")
+        print("SHORT_WRITE", type(short_write).__name__, flush=True)
         offered = 1000
         while disk.stats().fault == "" and offered < 1000 + 14 * PER_REGION:  # the index grows into the full fs
             disk.offer(key(offered), payload(offered))

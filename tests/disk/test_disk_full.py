@@ -46,6 +46,7 @@ def test_a_full_index_filesystem_refuses_new_blocks_keeps_the_stored_and_admits_
     assert full == {"fault": "full", "disk_full_errors": 1, "io_errors": 0, "admitting": False}
     log = line(out, "LOG")
     assert "is full" in log and "free space there" in log and "still served" in log and "I/O" not in log
+    assert line(out, "SHORT_WRITE") == "DiskFullError"
     refused, counted = map(int, line(out, "REFUSED").split())
     assert refused == PER_REGION and counted == PER_REGION
     assert json.loads(line(out, "RECOVERED")) == {"fault": "", "admitting": True}
