@@ -98,6 +98,10 @@ class DiskConfig:
     io_threads: Positive = 4
     # Wipe a directory of another format version or layout instead of refusing to open it.
     wipe_incompatible: bool = False
+    # Bytes of address space LMDB may map for the index (its file grows on use up to this); 0 sizes it from
+    # the capacity (256 bytes per 4 KiB page, at least 64 MiB, several times what the entries need). An
+    # index that reaches it refuses new blocks (DiskFullError, disk_full_errors) until evictions make room.
+    index_map_bytes: Size = 0
 
     def __post_init__(self) -> None:
         check_fields(self, "disk")
@@ -105,6 +109,9 @@ class DiskConfig:
             raise ConfigError(f"disk.region_bytes must be a multiple of 4 KiB, got {self.region_bytes}")
         if self.capacity_bytes < self.region_bytes:
             raise ConfigError("disk.capacity_bytes must hold at least one region")
+        if 0 < self.index_map_bytes < 64 * KiB:
+            raise ConfigError(f"disk.index_map_bytes must be 0 (sized from the capacity) or at least 64KiB, got "
+                              f"{self.index_map_bytes}")
         if self.write_budget_dwpd and self.write_budget_bytes_per_s:
             raise ConfigError("set at most one of disk.write_budget_bytes_per_s and disk.write_budget_dwpd")
         if self.admission not in ("adaptive", "admit_all", "reject_first"):

@@ -10,7 +10,10 @@
     ├── ClosedError            the store, tier or client was closed by its owner
     ├── TransferError          a copy between memories failed
     ├── JobTimeoutError        a wait on a job ran out of time (also a TimeoutError)
-    ├── DiskError              the disk tier failed as a whole
+    ├── DiskError              the disk tier (or one write or index commit of it) failed
+    │   ├── DiskFullError          no space on the filesystem of a data file or of the index
+    │   │   └── IndexFullError         the index's LMDB map is used up (``disk.index_map_bytes``)
+    │   ├── IndexDamagedError      LMDB found the index corrupt (or panicked): no new blocks until a restart
     │   ├── FormatVersionError     a data directory written by another on-disk format
     │   └── DirectoryLockedError   a data directory held by another process
     └── ProtocolError          the daemon and a client disagree on the wire
@@ -59,6 +62,19 @@ class TransferError(KvtierError):
 
 class DiskError(KvtierError):
     """The disk tier cannot work (open failed, the directory is unusable)."""
+
+
+class DiskFullError(DiskError):
+    """No space: the filesystem of a data file or of the index is full (ENOSPC, EDQUOT). A condition that
+    passes once space is freed."""
+
+
+class IndexFullError(DiskFullError):
+    """The disk index's LMDB map is used up (``disk.index_map_bytes``); evictions make room in it."""
+
+
+class IndexDamagedError(DiskError):
+    """LMDB reported the index corrupt or itself unusable (MDB_CORRUPTED, MDB_PANIC, ...): a permanent fault."""
 
 
 class FormatVersionError(DiskError):

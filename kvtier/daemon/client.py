@@ -56,7 +56,10 @@ from kvtier.errors import (
     ConfigError,
     DirectoryLockedError,
     DiskError,
+    DiskFullError,
     FormatVersionError,
+    IndexDamagedError,
+    IndexFullError,
     InvalidInputError,
     KvtierError,
     LayoutMismatchError,
@@ -72,8 +75,8 @@ from kvtier.store import Handle, Lease, LookupResult, Reservation, Tier, as_byte
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
 
 _ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
-    AuthError, CapacityError, InvalidInputError, LayoutMismatchError, ConfigError, DiskError, FormatVersionError,
-    DirectoryLockedError)}
+    AuthError, CapacityError, InvalidInputError, LayoutMismatchError, ConfigError, DiskError, DiskFullError,
+    IndexFullError, IndexDamagedError, FormatVersionError, DirectoryLockedError)}
 _TIERS = {tier.value: tier for tier in Tier}
 # Room left in a payload frame for the msgpack envelope and the keys.
 _FRAME_SLACK_BYTES = 64 * 1024

@@ -4,7 +4,10 @@ Metrics (all prefixed ``kvtier_``): ``hit_blocks_total{tier}``, ``miss_blocks_to
 ``put_blocks_total``, ``put_deduplicated_blocks_total``, ``put_failed_blocks_total``, ``get_blocks_total``,
 ``get_failed_blocks_total``, ``tier_bytes_read_total{tier}``, ``tier_bytes_written_total{tier}``,
 ``evicted_blocks_total{tier}``, ``admissions_rejected_total`` (all refusals), ``disk_refused_blocks_total{cause}``
-(``admission``, ``buffer_full``: the write-back buffer was full, ``over_budget``), ``used_blocks{tier}``,
+(``admission``, ``buffer_full``: the write-back buffer was full, ``over_budget``, ``degraded``: refused while a
+write or index fault lasts), ``disk_errors_total{kind}`` (``full``: no space on a data file's or the index's
+filesystem, or the index map full; ``io``: any other failed read, write or index commit), ``disk_admitting``
+(0 while the disk tier is degraded, with its ``fault`` as a label), ``used_blocks{tier}``,
 ``capacity_blocks{tier}``, ``occupancy_ratio{tier}``, ``op_latency_seconds{op}`` (histogram),
 ``clients_connected{transport}``, ``auth_failures_total``, ``error_replies_total{kind}``.
 
@@ -106,7 +109,10 @@ class DaemonCollector(Collector):
 
 
 # The disk tier's refusal counters (DiskStats) by the cause they name.
-_REFUSAL_CAUSES = {"admission": "admissions_rejected", "buffer_full": "busy_rejected", "over_budget": "budget_rejected"}
+_REFUSAL_CAUSES = {"admission": "admissions_rejected", "buffer_full": "busy_rejected", "over_budget": "budget_rejected",
+                   "degraded": "degraded_rejected"}
+# The disk tier's error counters by kind.
+_ERROR_KINDS = {"full": "disk_full_errors", "io": "io_errors"}
 
 
 def _store_families(stats: dict[str, Any] | None) -> Iterator[Metric]:
@@ -130,6 +136,9 @@ def _store_families(stats: dict[str, Any] | None) -> Iterator[Metric]:
     rejected = 0
     dropped = CounterMetricFamily("kvtier_disk_refused_blocks", "Blocks the disk tier did not write, by cause",
                                   labels=["cause"])
+    errors = CounterMetricFamily("kvtier_disk_errors", "Failed disk I/O or index commits, by kind", labels=["kind"])
+    admitting = GaugeMetricFamily("kvtier_disk_admitting", "1 while the disk tier admits blocks, 0 while degraded",
+                                  labels=["fault"])
     for tier_name, tier in stats["tiers"].items():
         values = {"hit_blocks": tier["hit_blocks"], "tier_bytes_read": tier["bytes_read"],
                   "tier_bytes_written": tier["bytes_written"], "evicted_blocks": tier["evicted_blocks"],
@@ -142,8 +151,15 @@ def _store_families(stats: dict[str, Any] | None) -> Iterator[Metric]:
         for cause, counter in _REFUSAL_CAUSES.items():
             if isinstance(tier["detail"].get(counter), int):
                 dropped.add_metric([cause], tier["detail"][counter])
+        for kind, counter in _ERROR_KINDS.items():
+            if isinstance(tier["detail"].get(counter), int):
+                errors.add_metric([kind], tier["detail"][counter])
+        if isinstance(tier["detail"].get("admitting"), bool):
+            admitting.add_metric([str(tier["detail"].get("fault", ""))], int(tier["detail"]["admitting"]))
     yield from families.values()
     yield dropped
+    yield errors
+    yield admitting
     yield CounterMetricFamily("kvtier_admissions_rejected", "Blocks the disk admission policy refused",
                               value=rejected)
 

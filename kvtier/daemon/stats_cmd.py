@@ -84,6 +84,16 @@ def render(data: dict[str, Any]) -> str:
                          f"{tier['hit_blocks']:>10}{tier['evicted_blocks']:>10}{_size(tier['bytes_read']):>12}"
                          f"{_size(tier['bytes_written']):>12}")
         lines.append("")
+        disk = stats["tiers"].get("disk", {}).get("detail", {})
+        if "admitting" in disk:
+            fault = disk.get("fault") or "fault"
+            state = "admitting" if disk["admitting"] else f"degraded ({fault}): refusing new blocks"
+            lines += _rows("disk", [
+                ("state", state),
+                ("errors: full / io / checksum", f"{disk.get('disk_full_errors', 0)} / {disk.get('io_errors', 0)} / "
+                                                 f"{disk.get('checksum_failures', 0)}"),
+                ("refused while degraded", disk.get("degraded_rejected", 0)),
+            ])
     if daemon["ops"]:
         lines += ["ops", f"  {'op':<10}{'count':>10}{'mean us':>10}{'p50 us':>10}{'p99 us':>10}"]
         for op, hist in daemon["ops"].items():

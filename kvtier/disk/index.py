@@ -16,24 +16,34 @@ Promises:
 - Changes are applied in ticket order, each whole: a ``SealRegion``'s entries and its SEALED mark appear
   together; an ``OpenRegion`` deletes the entries an evicted region held and marks it OPEN together. After a
   crash the index is as of the end of some committed batch.
-- ``wait`` raises ``DiskError`` if the batch holding its ticket failed. ``load`` never touches the data
-  files. LMDB failures surface as ``DiskError``.
+- A batch that fails is not lost: its changes stay queued, in order, and the next ``wait`` commits them
+  again (a full filesystem that gets space back catches up). ``wait`` raises when an attempt that held its
+  ticket failed after the call began; ``withdraw(ticket)`` takes a change that never committed out of the
+  queue (a region whose entries the index could not take). A full map grows by half after the failure, so
+  that the commits that delete entries (which LMDB, copying pages, needs free pages for) get through.
+- Failures are typed: no space (the filesystem's ENOSPC/EDQUOT, an EIO of a short write on a filesystem
+  with under 64 MiB free, or LMDB's map full: ``IndexFullError``) is ``DiskFullError`` with what to do;
+  corruption or an LMDB panic is ``IndexDamagedError``; anything else ``DiskError``. ``load`` never touches
+  the data files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import shutil
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 import lmdb
 
-from kvtier.errors import DiskError
+from kvtier.errors import DiskError, DiskFullError, IndexDamagedError, IndexFullError
 
 
 class RegionState(IntEnum):
@@ -87,6 +97,15 @@ _ENTRY = struct.Struct("<HIQIIBBQQ")
 _REGION_KEY = struct.Struct(">I")  # big-endian, so LMDB's byte order is region order
 _REGION = struct.Struct("<BQ")
 _META_KEY = b"meta"
+# Free bytes below which an I/O error of a commit is taken for a full filesystem (a short write).
+_LOW_SPACE_BYTES = 64 << 20
+# How much a full map grows, for the commits that make room (see ``_write``).
+_MAP_HEADROOM = 1.5
+# LMDB's verdicts on the file itself: retrying cannot help, only a restart (which checks the index) can.
+# A transaction LMDB itself marked failed before any call of ours failed (a named database's record
+# unreadable) is one too.
+_DAMAGED = (lmdb.CorruptedError, lmdb.PanicError, lmdb.PageNotFoundError, lmdb.InvalidError,
+            lmdb.VersionMismatchError, lmdb.BadChecksumError, lmdb.BadTxnError)
 _EPOCH_PREFIX = b"epoch:"
 
 
@@ -99,19 +118,22 @@ class DiskIndex:
     """An LMDB environment in ``directory`` with a group-commit queue of changes (thread-safe)."""
 
     def __init__(self, directory: str, map_size: int) -> None:
+        self._directory, self._map_size = directory, map_size
+        self._txn_lock = threading.Lock()  # one transaction at a time: growing the map needs none open
         self._cond = threading.Condition(threading.Lock())
-        self._queue: list[tuple[int, Change]] = []
+        self._queue: list[tuple[int, Change]] = []  # uncommitted changes in ticket order, failed ones included
         self._next_ticket = 1
-        self._done_ticket = 0
         self._committing = False
-        self._failed: dict[int, DiskError] = {}
+        self._attempts = 0
+        # The last failed attempt: its serial number, the highest ticket it held, and why it failed.
+        self._failure: tuple[int, int, DiskError] | None = None
         try:
             self._env = lmdb.open(directory, map_size=map_size, max_dbs=3, subdir=True)
             self._meta = self._env.open_db(b"meta")
             self._regions = self._env.open_db(b"regions")
             self._entries = self._env.open_db(b"entries")
         except lmdb.Error as exc:
-            raise DiskError(f"cannot open the disk index in {directory}: {exc}") from exc
+            raise self._error(exc, "cannot be opened") from exc
 
     def read_meta(self) -> dict[str, Any] | None:
         with self._read() as txn:
@@ -169,16 +191,23 @@ class DiskIndex:
             return ticket
 
     def wait(self, ticket: int | None = None) -> None:
-        """Block until the change of ``ticket`` (default: every change queued so far) is committed."""
+        """Block until the change of ``ticket`` (default: every change queued so far) is committed; raise the
+        error of an attempt that held it and failed after this call began (the change stays queued)."""
         with self._cond:
             if ticket is None:
                 ticket = self._next_ticket - 1
-            while self._done_ticket < ticket:
+            started = self._attempts
+            while self._pending(ticket):
+                failure = self._failure
+                if failure is not None and failure[0] > started and failure[1] >= ticket:
+                    raise failure[2]
                 if self._committing:
                     self._cond.wait()
                     continue
-                batch, self._queue = self._queue, []
+                batch = list(self._queue)
                 self._committing = True
+                self._attempts += 1
+                attempt = self._attempts
                 self._cond.release()
                 error: DiskError | None = None
                 try:
@@ -188,12 +217,26 @@ class DiskIndex:
                 finally:
                     self._cond.acquire()
                     self._committing = False
-                    self._done_ticket = batch[-1][0]
-                    self._failed.update(dict.fromkeys((t for t, _ in batch), error) if error else {})
+                    last = batch[-1][0]
+                    if error is None:
+                        self._queue = [item for item in self._queue if item[0] > last]
+                    else:
+                        self._failure = (attempt, last, error)
                     self._cond.notify_all()
-            failure = self._failed.get(ticket)
-        if failure is not None:
-            raise failure
+
+    def withdraw(self, ticket: int) -> bool:
+        """Take the change of ``ticket`` out of the queue; ``False`` if it was committed already."""
+        with self._cond:
+            while self._committing:  # an attempt in flight may commit it: wait for its outcome
+                self._cond.wait()
+            kept = [item for item in self._queue if item[0] != ticket]
+            withdrawn = len(kept) < len(self._queue)
+            self._queue = kept
+            return withdrawn
+
+    def _pending(self, ticket: int) -> bool:
+        # Changes commit in order: ``ticket`` is done once no change at or before it is queued.
+        return bool(self._queue) and self._queue[0][0] <= ticket
 
     def _commit(self, changes: Iterable[Change]) -> None:
         with self._write() as txn:
@@ -216,18 +259,52 @@ class DiskIndex:
     def close(self) -> None:
         self._env.close()
 
-    @contextmanager
+    @contextlib.contextmanager
     def _write(self) -> Iterator[Any]:
-        try:
-            with self._env.begin(write=True) as txn:
-                yield txn
-        except lmdb.Error as exc:
-            raise DiskError(f"the disk index failed: {exc}") from exc
+        with self._txn_lock:
+            try:
+                with self._env.begin(write=True) as txn:
+                    yield txn
+            except lmdb.Error as exc:
+                error = self._error(exc, "cannot be written")
+                if isinstance(error, IndexFullError):
+                    # LMDB copies every page a commit touches: even the commit that deletes entries needs free
+                    # pages, which a full map lacks. Headroom lets it through; the owner's cap on entries
+                    # (``kvtier.disk.tier``) keeps the index near the size it filled.
+                    with contextlib.suppress(lmdb.Error):  # without it the retry fails the same way, no worse
+                        self._env.set_mapsize(int(self._map_size * _MAP_HEADROOM))
+                        self._map_size = int(self._map_size * _MAP_HEADROOM)
+                raise error from exc
 
-    @contextmanager
+    @contextlib.contextmanager
     def _read(self) -> Iterator[Any]:
+        with self._txn_lock:
+            try:
+                with self._env.begin() as txn:
+                    yield txn
+            except lmdb.Error as exc:
+                raise self._error(exc, "cannot be read") from exc
+
+    def _error(self, exc: lmdb.Error, what: str) -> DiskError:
+        """The kvtier error for an LMDB failure, saying what to do where the user can do something."""
+        where = self._directory
+        if isinstance(exc, lmdb.MapFullError):
+            return IndexFullError(f"the disk index in {where} is full: its map of {self._map_size // 1024} KiB is "
+                                  "used up (grown by half for the evictions that make room); raise "
+                                  "disk.index_map_bytes (0 sizes it from disk.capacity_bytes)")
+        # The C binding sets ``code``; an error built from Python (the cffi binding) carries it in ``args``.
+        code = getattr(exc, "code", None) or next((arg for arg in exc.args[1:2] if isinstance(arg, int)), None)
         try:
-            with self._env.begin() as txn:
-                yield txn
-        except lmdb.Error as exc:
-            raise DiskError(f"the disk index cannot be read: {exc}") from exc
+            free: int | None = shutil.disk_usage(where).free
+        except OSError:
+            free = None
+        # LMDB 0.9 reports a short write (the filesystem filled up during it) as EIO: low space says which.
+        if code in (errno.ENOSPC, errno.EDQUOT) or (code == errno.EIO and free is not None
+                                                    and free < _LOW_SPACE_BYTES):
+            left = "free space unknown" if free is None else f"{free / 2**20:.1f} MiB free"
+            return DiskFullError(f"the filesystem of the disk index {where} is full ({left}): "
+                                 f"{os.strerror(code or errno.ENOSPC)}; free space there")
+        if isinstance(exc, _DAMAGED):
+            return IndexDamagedError(f"the disk index in {where} is damaged ({exc}); new blocks are refused until "
+                                     "a restart, which rebuilds it from the data files")
+        return DiskError(f"the disk index in {where} {what}: {exc}")

@@ -34,10 +34,22 @@ Promises:
 - After a crash (even SIGKILL mid-write) a reopen serves exactly the blocks of sealed regions; regions
   caught open or being written are discarded (``torn_regions_discarded`` counts those the index had
   marked OPEN). The data files are not scanned.
-- A write error (ENOSPC, EIO) or an index failure stops admission (logged once, ``admitting`` False in
-  stats); blocks already stored keep being served.
+- A failed write or index commit never loses or corrupts a block already stored: reads go on. The region
+  being written is refused (its blocks dropped: a miss, never wrong bytes) and the tier turns *degraded*
+  (``admitting`` False, ``fault`` says why, logged once per change of state): it refuses new blocks
+  (``degraded_rejected``), then after ``_FIRST_RETRY_S`` admits again as a probe; a probe that fails doubles
+  the pause up to ``_MAX_RETRY_S``; the first region written and committed again ends it (logged). Blocks a
+  failed index commit could not record stay readable, and that commit is retried with the next (no index
+  change is lost). No space on the filesystem of a data file or of the index (ENOSPC/EDQUOT) is
+  ``fault="full"``, the index's LMDB map used up ``fault="index_full"``: both counted in ``disk_full_errors``
+  and logged with what to do. A full map also caps the blocks the tier holds at 3/4 of what it held then
+  (``_INDEX_FULL_SHRINK``, again at each full map): the next region opened first evicts the oldest regions
+  down to the cap, which makes room in the index for the probe, and later regions are taken by eviction.
+  Other failures are ``io_errors``; a damaged index (``IndexDamagedError``) is ``fault="damaged"`` and
+  refuses until a restart.
 - A damaged index (an LMDB file cut short, which a mapping would turn into SIGBUS) is detected before it is
-  mapped, logged, and rebuilt from the entry headers of the data files (``kvtier.disk.rebuild``).
+  mapped, logged, and rebuilt from the entry headers of the data files (``kvtier.disk.rebuild``); so is one
+  LMDB reports corrupt while the tier opens.
 - A start that fails (no room for the data file, a damaged index) leaves no data file it preallocated.
 - Only one process opens a directory at a time (``DirectoryLockedError``); another format version or
   layout is refused (``FormatVersionError`` / ``LayoutMismatchError``) unless ``wipe_incompatible``.
@@ -50,6 +62,7 @@ Promises:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -90,7 +103,10 @@ from kvtier.errors import (
     ConfigError,
     DirectoryLockedError,
     DiskError,
+    DiskFullError,
     FormatVersionError,
+    IndexDamagedError,
+    IndexFullError,
     InvalidInputError,
     LayoutMismatchError,
 )
@@ -107,6 +123,15 @@ _STREAM_BYTES = 8 * 1024 * 1024
 _DATA_FILE = "kvtier-data.bin"
 _LOCK_FILE = "kvtier.lock"
 _INDEX_DIR = "kvtier-index"
+# Seconds a degraded tier refuses new blocks before it admits again as a probe, doubled by each failed probe
+# up to the maximum: space freed by the operator (or index room freed by evictions) is found within a minute
+# at most, while a fault that persists costs at most one failed region write a minute.
+_FIRST_RETRY_S = 1.0
+_MAX_RETRY_S = 60.0
+# The share of its blocks a tier whose index map filled up keeps: LMDB copies the pages a commit touches,
+# so an index needs free pages besides its entries; a quarter of them freed leaves room for the next commits.
+_INDEX_FULL_SHRINK = 0.75
+Fault = Literal["", "full", "index_full", "io_error", "damaged"]
 
 DeviceFactory = Callable[[str, int, bool], Device]
 ReadStatus = Literal["ok", "corrupt", "io_error"]
@@ -123,7 +148,8 @@ class Admission(Protocol):
 
 @dataclass(frozen=True)
 class DiskStats:
-    """A snapshot of the disk tier's counters (they only grow, except ``used_blocks`` and ``admitting``)."""
+    """A snapshot of the disk tier's counters (they only grow, except ``used_blocks``, ``admitting`` and
+    ``fault``: "" when healthy, else why the tier is degraded: "full", "index_full", "io_error", "damaged")."""
 
     capacity_blocks: int
     used_blocks: int
@@ -139,13 +165,16 @@ class DiskStats:
     budget_rejected: int
     busy_rejected: int
     io_errors: int
+    disk_full_errors: int
+    degraded_rejected: int
     admitting: bool
+    fault: Fault
     direct_io: bool
 
 
 _COUNTERS = ("bytes_written", "bytes_read", "hits", "misses", "checksum_failures", "torn_regions_discarded",
              "regions_evicted", "blocks_reinserted", "admissions_rejected", "budget_rejected", "busy_rejected",
-             "io_errors")
+             "io_errors", "disk_full_errors", "degraded_rejected")
 
 
 class _Region:
@@ -222,7 +251,10 @@ class DiskTier:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._counters = dict.fromkeys(_COUNTERS, 0)
-        self._admitting = True
+        self._fault: Fault = ""
+        self._retry_at = 0.0  # monotonic time before which a degraded tier refuses new blocks
+        self._retry_s = _FIRST_RETRY_S
+        self._entry_cap: int | None = None  # the most blocks the index's map has room for (once it was full)
         self._closed = False
         self._opening = False
         self._opening_in_background = False
@@ -241,11 +273,17 @@ class DiskTier:
         self._created_files: list[str] = []
         self._rebuild = False
         self._index: DiskIndex | None = None
+        self._index_map_bytes = 0
         try:
             self._lock_directories()
             self._open_devices(device_factory)
             self._open_index()
-            self._recover()
+            try:
+                self._recover()
+            except IndexDamagedError as exc:  # LMDB found it corrupt: as good as truncated
+                self._remove_damaged_index(str(exc))
+                self._index = DiskIndex(os.path.join(self.config.paths[0], _INDEX_DIR), self._index_map_bytes)
+                self._recover()
         except BaseException:
             self._release()
             # A start that failed leaves no data file it preallocated: the space goes back to the filesystem.
@@ -297,13 +335,16 @@ class DiskTier:
     def _open_index(self) -> None:
         directory = os.path.join(self.config.paths[0], _INDEX_DIR)
         # Room for an entry record per page of capacity; LMDB only maps address space, the file grows on use.
-        map_size = max(64 << 20, len(self._regions) * self.config.region_bytes // PAGE_BYTES * 256)
+        map_size = self.config.index_map_bytes or max(64 << 20, len(self._regions) * self.config.region_bytes
+                                                      // PAGE_BYTES * 256)
         reason = damage(directory)  # LMDB maps its file: a truncated one would be a SIGBUS, not an error
         if reason is not None:
-            _LOG.error("disk index damaged (%s): rebuilding it from the entry headers of the data files", reason)
-            shutil.rmtree(directory, ignore_errors=True)
-            self._rebuild = True
+            self._remove_damaged_index(reason)
+        self._index_map_bytes = map_size
         try:
+            self._index = DiskIndex(directory, map_size)
+        except IndexDamagedError as exc:
+            self._remove_damaged_index(str(exc))
             self._index = DiskIndex(directory, map_size)
         except DiskError:
             if not self.config.wipe_incompatible:
@@ -311,6 +352,15 @@ class DiskTier:
             _LOG.warning("disk index in %s is unreadable; wiping it (wipe_incompatible)", directory)
             shutil.rmtree(directory, ignore_errors=True)
             self._index = DiskIndex(directory, map_size)
+
+    def _remove_damaged_index(self, reason: str) -> None:
+        """Delete a damaged index (closing it if open); ``_recover`` then rebuilds it from the data files."""
+        _LOG.error("disk index damaged (%s): rebuilding it from the entry headers of the data files", reason)
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        shutil.rmtree(os.path.join(self.config.paths[0], _INDEX_DIR), ignore_errors=True)
+        self._rebuild = True
 
     def _recover(self) -> None:
         assert self._index is not None
@@ -405,7 +455,8 @@ class DiskTier:
             self._check_open()
             if key in self._entries:
                 return True
-            if not self._admitting:
+            if self._refusing_locked():
+                self._counters["degraded_rejected"] += 1
                 return False
             if self._admission is not None and not self._admission.admit(key):
                 self._counters["admissions_rejected"] += 1
@@ -472,7 +523,8 @@ class DiskTier:
     def stats(self) -> DiskStats:
         with self._lock:
             return DiskStats(capacity_blocks=self.capacity_blocks, used_blocks=len(self._entries),
-                             admitting=self._admitting, direct_io=self.direct_io, **self._counters)
+                             admitting=not self._fault, fault=self._fault, direct_io=self.direct_io,
+                             **self._counters)
 
     def close(self) -> None:
         with self._lock:
@@ -519,7 +571,8 @@ class DiskTier:
         """Whether room for ``size`` bytes means evicting a region whose hot blocks are re-read from the drive;
         if so, the next region is opened on the I/O pool (the caller may hold the store's lock)."""
         region = self._open
-        if (region is not None and region.used + size <= self.config.region_bytes) or self._clean or not self._fifo:
+        if ((region is not None and region.used + size <= self.config.region_bytes) or self._next_is_clean_locked()
+                or not self._fifo):
             return False
         threshold = self.config.reinsert_hits
         oldest = self._regions[self._fifo[0]]
@@ -570,7 +623,7 @@ class DiskTier:
         self._writer.submit(self._write_region, region)
 
     def _flush_locked(self) -> None:
-        if self._admitting and not self._opening:
+        if not self._opening:
             self._seal_locked()
         while any(region.buffer is not None and region is not self._open for region in self._regions):
             self._cond.wait()
@@ -587,9 +640,10 @@ class DiskTier:
                 self._unallocated_buffers -= 1
                 self._free_buffers.append(np.frombuffer(aligned_buffer(self.config.region_bytes), dtype=np.uint8))
             buffer = self._free_buffers.pop()
+            self._shed_locked()
             hot: list[tuple[bytes, _Entry]] = []
             dropped: list[bytes] = []
-            if self._clean:
+            if self._next_is_clean_locked():
                 region = self._regions[self._clean.popleft()]
             else:
                 region, hot, dropped = self._evict_locked()
@@ -604,6 +658,27 @@ class DiskTier:
         finally:
             self._opening = False
             self._cond.notify_all()
+
+    def _next_is_clean_locked(self) -> bool:
+        """Whether the next region opened is a clean one (else the oldest sealed one is evicted)."""
+        return bool(self._clean) and (self._entry_cap is None or len(self._entries) < self._entry_cap
+                                      or not self._fifo)
+
+    def _shed_locked(self) -> None:
+        """Evict the oldest regions (no reinsertion) until the tier holds at most ``_entry_cap`` blocks: their
+        entries leave the index with the next commit, so a full index map has room again."""
+        assert self._index is not None
+        while self._entry_cap is not None and len(self._entries) > self._entry_cap and len(self._fifo) > 1:
+            region = self._regions[self._fifo.popleft()]
+            victims = [key for key, _ in self._live_entries_locked(region)]
+            for key in victims:
+                del self._entries[key]
+            while region.readers:  # a read in flight must finish before the slot is reused
+                self._cond.wait()
+            region.keys = []
+            self._index.enqueue(Forget(regions=(region.id,), keys=tuple(victims)))
+            self._counters["regions_evicted"] += 1
+            self._clean.append(region.id)
 
     def _evict_locked(self) -> tuple[_Region, list[tuple[bytes, _Entry]], list[bytes]]:
         region = self._regions[self._fifo.popleft()]
@@ -685,11 +760,12 @@ class DiskTier:
                 # The index still marks the slot OPEN: a restart discards whatever reached it.
                 self._clean.append(region.id)
                 self._release_buffer_locked(region)
-                self._stop_admitting_locked(exc)
+                self._fail_locked(exc, self.config.paths[region.id % self._num_paths])
             return
         with self._lock:
             live = tuple((key, entry.loc) for key, entry in self._live_entries_locked(region))
-            ticket = self._index.enqueue(SealRegion(region.id, region.seq, live))
+            seq = region.seq
+            ticket = self._index.enqueue(SealRegion(region.id, seq, live))
             self._counters["bytes_written"] += region.used
             self._fifo.append(region.id)
             self._release_buffer_locked(region)
@@ -703,9 +779,28 @@ class DiskTier:
         try:
             self._index.wait(ticket)
         except DiskError as exc:
-            # The blocks are on disk and stay readable until this process ends; only their restart is lost.
-            with self._lock:
-                self._stop_admitting_locked(exc)
+            self._unseal(region, seq, ticket, exc)
+            return
+        with self._lock:
+            self._recovered_locked()
+
+    def _unseal(self, region: _Region, seq: int, ticket: int, exc: DiskError) -> None:
+        """The index could not record ``region``'s entries: take them back out of its queue and drop the
+        blocks (the index still marks the slot OPEN, so a restart discards it too). If a retry committed them
+        meanwhile, the region stays. Outside the tier's lock: ``withdraw`` may wait for a commit in flight."""
+        assert self._index is not None
+        withdrawn = self._index.withdraw(ticket)
+        with self._lock:
+            # Unless it was evicted meanwhile (its entries are gone then, and the slot is someone else's).
+            if withdrawn and region.seq == seq and region.buffer is None and region.id in self._fifo:
+                self._fifo.remove(region.id)
+                for key, _ in self._live_entries_locked(region):
+                    del self._entries[key]
+                while region.readers:  # its blocks were readable from the file: let reads finish first
+                    self._cond.wait()
+                region.keys = []
+                self._clean.append(region.id)
+            self._fail_locked(exc, self.config.paths[0])
 
     def _write_part(self, region: _Region, start: int, stop: int) -> None:
         """Write bytes ``[start, stop)`` of ``region``'s buffer to its place, once the slot is marked OPEN."""
@@ -727,12 +822,50 @@ class DiskTier:
         region.buffer = None
         self._cond.notify_all()
 
-    def _stop_admitting_locked(self, exc: BaseException) -> None:
-        self._counters["io_errors"] += 1
-        if self._admitting:
-            self._admitting = False
-            _LOG.error("disk tier %s: write failed (%s); no longer admitting blocks, still serving the %d it has",
-                       ", ".join(self.config.paths), exc, len(self._entries))
+    def _refusing_locked(self) -> bool:
+        """Whether a degraded tier refuses new blocks now (else it is healthy, or it admits them as a probe)."""
+        return self._fault == "damaged" or (bool(self._fault) and time.monotonic() < self._retry_at)
+
+    def _fail_locked(self, exc: BaseException, path: str) -> None:
+        """Count a failed write or index commit in ``path`` and turn (or stay) degraded; see the docstring."""
+        full = isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC,
+                                                                                            errno.EDQUOT))
+        fault: Fault = ("damaged" if isinstance(exc, IndexDamagedError) else "index_full"
+                        if isinstance(exc, IndexFullError) else "full" if full else "io_error")
+        if fault == "index_full":
+            held = max(self.config.region_bytes // self._max_entry, int(len(self._entries) * _INDEX_FULL_SHRINK))
+            self._entry_cap = held if self._entry_cap is None else min(self._entry_cap, held)
+        self._counters["disk_full_errors" if full else "io_errors"] += 1
+        now = time.monotonic()
+        if self._fault == "damaged":
+            return
+        if self._fault == fault:
+            if now >= self._retry_at:  # a probe failed: wait longer before the next
+                self._retry_s = min(2 * self._retry_s, _MAX_RETRY_S)
+                self._retry_at = now + self._retry_s
+            return
+        self._fault, self._retry_s = fault, _FIRST_RETRY_S
+        self._retry_at = now + self._retry_s
+        stored = len(self._entries)
+        if fault == "damaged":
+            _LOG.error("disk tier %s: %s; still serving the %d blocks stored", path, exc, stored)
+        elif full:
+            what = exc if isinstance(exc, DiskFullError) else (
+                f"no space left on the filesystem of {path} ({exc}); free space there or lower disk.capacity_bytes")
+            _LOG.error("disk tier %s is full: %s. New blocks are refused, the %d stored are still served; "
+                       "admission is retried after %g s, then at most every %g s", path, what, stored,
+                       self._retry_s, _MAX_RETRY_S)
+        else:
+            _LOG.error("disk tier %s: a write or index commit failed (%s); new blocks are refused, the %d stored "
+                       "are still served; admission is retried after %g s, then at most every %g s", path, exc,
+                       stored, self._retry_s, _MAX_RETRY_S)
+
+    def _recovered_locked(self) -> None:
+        """A region was written and committed: a degraded tier (not a damaged one) is healthy again."""
+        if self._fault and self._fault != "damaged":
+            _LOG.warning("disk tier %s: writes and index commits work again (after %s); admitting blocks",
+                         ", ".join(self.config.paths), self._fault)
+            self._fault, self._retry_s = "", _FIRST_RETRY_S
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -842,13 +975,13 @@ class DiskTier:
             self._index.enqueue(Forget(keys=(key,)))
 
     def _wait_index(self) -> None:
-        """Wait until every queued index change is committed; a failure stops admission."""
+        """Wait until every queued index change is committed; a failure degrades the tier."""
         assert self._index is not None
         try:
             self._index.wait()
         except DiskError as exc:
             with self._lock:
-                self._stop_admitting_locked(exc)
+                self._fail_locked(exc, self.config.paths[0])
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,4 +1,5 @@
-"""Failures: corrupt, truncated or unreadable data is a miss and a counter; a failed write stops admission."""
+"""Failures: corrupt, truncated or unreadable data is a miss and a counter; a failed write degrades the tier
+until a probe finds writes working again."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +16,7 @@ import pytest
 
 from kvtier.config import DiskConfig
 from kvtier.disk import DiskTier, MemoryDevice
+from kvtier.disk import tier as tier_module
 
 if TYPE_CHECKING:
     from conftest import DiskKit
@@ -94,9 +97,12 @@ def test_corruption_through_a_fake_device(disk_config: Config, kit: DiskKit) -> 
         kit.assert_holds(tier, range(5, 6))  # an I/O error does not drop the block
 
 
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO])
-def test_a_failed_write_stops_admission_and_keeps_serving(disk_config: Config, kit: DiskKit, error: int,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(("error", "fault", "counter"), [(errno.ENOSPC, "full", "disk_full_errors"),
+                                                         (errno.EIO, "io_error", "io_errors")], ids=["ENOSPC", "EIO"])
+def test_a_failed_write_degrades_the_tier_which_admits_again_once_writes_work(
+        disk_config: Config, kit: DiskKit, error: int, fault: str, counter: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tier_module, "_FIRST_RETRY_S", 0.3)
     devices, factory = memory_devices()
     cfg = disk_config()
     with DiskTier(cfg, kit.layout, device_factory=factory) as tier:
@@ -104,20 +110,37 @@ def test_a_failed_write_stops_admission_and_keeps_serving(disk_config: Config, k
         tier.flush()
         (device,) = devices.values()
         device.write_errno = error
-        with caplog.at_level(logging.ERROR, logger="kvtier.disk.tier"):
+        with caplog.at_level(logging.WARNING, logger="kvtier.disk.tier"):
             kit.fill(tier, range(12, 24))
             tier.flush()  # the second region's write fails
             assert not tier.offer(kit.key(99), kit.payload(99))
+            stats = tier.stats()
+            assert (stats.admitting, stats.fault, getattr(stats, counter), stats.used_blocks) == (False, fault, 1, 12)
+            assert stats.degraded_rejected == 1 and stats.io_errors + stats.disk_full_errors == 1
+            kit.assert_holds(tier, range(12))
+            assert kit.read(tier, 12) is None
+            time.sleep(0.35)  # past the pause: the next offer is a probe, and it fails too
+            kit.fill(tier, range(30, 42))
             tier.flush()
-        stats = tier.stats()
-        assert (stats.admitting, stats.io_errors, stats.used_blocks) == (False, 1, 12)
-        assert len([r for r in caplog.records if "no longer admitting" in r.message]) == 1
-        kit.assert_holds(tier, range(12))
-        assert kit.read(tier, 12) is None
+            assert not tier.offer(kit.key(98), kit.payload(98))  # the pause doubled
+            assert getattr(tier.stats(), counter) == 2
+            device.write_errno = None
+            time.sleep(0.65)
+            kit.fill(tier, range(42, 54))  # the probe that works ends the fault
+            tier.flush()
+            stats = tier.stats()
+            assert (stats.admitting, stats.fault, stats.used_blocks) == (True, "", 24)
+            kit.assert_holds(tier, range(12))
+            kit.assert_holds(tier, range(42, 54))
+        messages = [r.message for r in caplog.records]
+        assert len([m for m in messages if "are still served" in m]) == 1  # once per change of state
+        assert ("is full" in messages[0] and "disk.capacity_bytes" in messages[0]) == (fault == "full")
+        assert len([m for m in messages if "admitting blocks" in m]) == 1
     with DiskTier(cfg, kit.layout, device_factory=factory) as tier:
-        assert tier.stats().admitting and tier.stats().torn_regions_discarded == 1
+        assert tier.stats().admitting
         kit.assert_holds(tier, range(12))
-        assert not tier.contains(kit.key(12))
+        kit.assert_holds(tier, range(42, 54))
+        assert not tier.contains(kit.key(12)) and not tier.contains(kit.key(30))
 
 
 class GatedDevice(MemoryDevice):
@@ -148,3 +171,30 @@ def test_offer_without_wait_refuses_while_the_drive_is_behind(kit: DiskKit, disk
         tier.flush()
         kit.assert_holds(tier, range(3 * kit.per_region))
         assert tier.offer(kit.key(999), kit.payload(999), wait=False)
+
+
+def test_an_index_damaged_while_running_refuses_until_a_restart_which_rebuilds_it(
+        disk_config: Config, kit: DiskKit, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tier_module, "_FIRST_RETRY_S", 0.2)
+    cfg = disk_config(reinsert_hits=0)
+    with DiskTier(cfg, kit.layout) as tier, caplog.at_level(logging.ERROR, logger="kvtier.disk.tier"):
+        kit.fill(tier, range(24))
+        tier.flush()
+        index = Path(cfg.paths[0]) / "kvtier-index" / "data.mdb"
+        with index.open("r+b") as file:  # every page but the two meta pages zeroed: LMDB finds no valid tree
+            for page in range(2, index.stat().st_size // 4096):
+                file.seek(page * 4096)
+                file.write(bytes(4096))
+        kit.fill(tier, range(24, 36))
+        tier.flush()
+        stats = tier.stats()
+        assert (stats.fault, stats.admitting, stats.used_blocks) == ("damaged", False, 24)
+        kit.assert_holds(tier, range(24))  # the table is in memory: what is stored is still served
+        time.sleep(0.25)
+        assert not tier.offer(kit.key(99), kit.payload(99))  # permanent: no probe
+        (message,) = [r.message for r in caplog.records if "damaged" in r.message]
+        assert "restart" in message
+    with DiskTier(cfg, kit.layout) as tier:  # the restart finds the index corrupt and rebuilds it
+        assert tier.stats().admitting
+        kit.assert_holds(tier, range(24))
+        kit.fill(tier, range(100, 112))

@@ -1,14 +1,18 @@
-"""The LMDB index: records round-trip, changes apply in ticket order, batches commit together."""
+"""The LMDB index: records round-trip, changes apply in ticket order, batches commit together, a failed batch
+is retried, and LMDB's failures come back typed."""
 
 from __future__ import annotations
 
+import errno
+import shutil
 import threading
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
-from kvtier.errors import DiskError
+from kvtier.errors import DiskError, DiskFullError, IndexDamagedError, IndexFullError
 
 
 def entry(region: int, offset: int) -> IndexEntry:
@@ -63,17 +67,32 @@ def test_concurrent_waiters_share_commits(tmp_path: Path, monkeypatch: pytest.Mo
     index.close()
 
 
-def test_a_failed_batch_raises_for_its_waiters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_batch_raises_for_its_waiters_and_is_retried(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     index = DiskIndex(str(tmp_path), 1 << 20)
 
     def broken(changes: object) -> None:
         raise DiskError("the disk index failed: injected")
 
     ticket = index.enqueue(OpenRegion(1))
+    withdrawn = index.enqueue(OpenRegion(3))
     monkeypatch.setattr(index, "_commit", broken)
     with pytest.raises(DiskError, match="injected"):
         index.wait(ticket)
     monkeypatch.undo()
-    index.wait(index.enqueue(OpenRegion(2)))  # later batches are independent
-    assert index.load()[0] == {2: (RegionState.OPEN, 0)}
+    assert index.withdraw(withdrawn)
+    index.wait(index.enqueue(OpenRegion(2)))  # the failed change is committed with the next, in order
+    assert index.load()[0] == {1: (RegionState.OPEN, 0), 2: (RegionState.OPEN, 0)}
+    assert not index.withdraw(ticket)  # committed: nothing to take back
+    index.wait(ticket)  # done, does not raise the old failure
+    index.close()
+
+
+def test_lmdb_failures_are_typed(tmp_path: Path) -> None:
+    index = DiskIndex(str(tmp_path), 1 << 20)
+    assert type(index._error(lmdb.Error("mdb_txn_commit", errno.ENOSPC), "cannot be written")) is DiskFullError
+    assert type(index._error(lmdb.MapFullError("mdb_put", -30792), "cannot be written")) is IndexFullError
+    assert type(index._error(lmdb.CorruptedError("mdb_get", -30796), "cannot be read")) is IndexDamagedError
+    if shutil.disk_usage(tmp_path).free > 1 << 30:  # an EIO with room to spare is an I/O error, not a full disk
+        assert type(index._error(lmdb.Error("mdb_txn_commit", errno.EIO), "cannot be written")) is DiskError
     index.close()

@@ -4,6 +4,7 @@ a child process, so that a SIGBUS fails the test instead of killing it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -82,3 +83,18 @@ def test_a_start_refused_for_lack_of_space_leaves_no_data_file(tmp_path: Path) -
     assert lines[0].startswith("REFUSED") and "MiB free" in lines[0] and "disk.capacity_bytes" in lines[0]
     assert "kvtier-data.bin" not in lines[1:-1]
     assert int(lines[-1]) < 1024  # KiB used: the partial preallocation went back
+
+
+def test_an_index_lmdb_reports_corrupt_at_open_is_rebuilt(tmp_path: Path, kit: DiskKit,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    config = DiskConfig(paths=(str(tmp_path),), capacity_bytes="1MiB", region_bytes="256KiB", reinsert_hits=0)
+    with DiskTier(config, kit.layout) as tier:
+        kit.fill(tier, range(2 * kit.per_region))
+        tier.flush()
+    with (tmp_path / "kvtier-index" / "data.mdb").open("r+b") as file:  # the first page after the metas zeroed:
+        file.seek(2 * 4096)  # LMDB opens the environment, then finds a page of the wrong type when it is read
+        file.write(bytes(4096))
+    with caplog.at_level(logging.ERROR, logger="kvtier.disk.tier"), DiskTier(config, kit.layout) as tier:
+        kit.assert_holds(tier, range(2 * kit.per_region))
+        assert tier.stats().admitting
+    assert any("damaged" in r.message and "rebuilding" in r.message for r in caplog.records)

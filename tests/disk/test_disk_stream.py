@@ -95,7 +95,7 @@ def test_a_failed_part_write_drops_the_region_and_nothing_of_it_comes_back(
         kit.fill(tier, range(12, 24))
         tier.flush()
         stats = tier.stats()
-        assert (stats.admitting, stats.io_errors, stats.used_blocks) == (False, 1, 12)
+        assert (stats.admitting, stats.fault, stats.io_errors, stats.used_blocks) == (False, "io_error", 1, 12)
         kit.assert_holds(tier, range(12))
         assert all(kit.read(tier, i) is None for i in range(12, 24))
     device.fail_from = None
