@@ -771,10 +771,10 @@ class DiskTier:
             self._release_buffer_locked(region)
         # The commit (an LMDB transaction and its fsync) waits on the read pool, not here: this writer goes on
         # to the next region's parts at once, so the drive is not idle while the index syncs.
-        self._pool.submit(self._settle_seal, ticket)
+        self._pool.submit(self._settle_seal, region, seq, ticket)
 
-    def _settle_seal(self, ticket: int) -> None:
-        """On the I/O pool: wait for a sealed region's index commit; a failure stops admission."""
+    def _settle_seal(self, region: _Region, seq: int, ticket: int) -> None:
+        """On the I/O pool: wait for a sealed region's index commit; a failure takes the region back out."""
         assert self._index is not None
         try:
             self._index.wait(ticket)
