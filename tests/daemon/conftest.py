@@ -103,6 +103,9 @@ def start_daemon(*args: str, settings: Sequence[str] = (), pool: str = "1MiB", t
     log_path = Path(workdir) / "daemon.log"
     tcp_port = free_port() if tcp else 0
     metrics_port = free_port() if metrics else 0
+    if "--disk" in args and not any(setting.startswith("disk.capacity_bytes=") for setting in settings):
+        # The default disk tier (16 GiB, preallocated) would fill a CI machine's disk: one small region.
+        settings = (*settings, "disk.capacity_bytes=4MiB", "disk.region_bytes=1MiB")
     overrides = [arg for setting in settings for arg in ("--set", setting)]
     command = [sys.executable, "-m", "kvtier.daemon", "--log-level", "DEBUG", *overrides, "serve", "--socket",
                socket_path, "--pool", pool, "--metrics-port", str(metrics_port), *args]
