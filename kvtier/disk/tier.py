@@ -769,13 +769,6 @@ class DiskTier:
             self._counters["bytes_written"] += region.used
             self._fifo.append(region.id)
             self._release_buffer_locked(region)
-        # The commit (an LMDB transaction and its fsync) waits on the read pool, not here: this writer goes on
-        # to the next region's parts at once, so the drive is not idle while the index syncs.
-        self._pool.submit(self._settle_seal, region, seq, ticket)
-
-    def _settle_seal(self, region: _Region, seq: int, ticket: int) -> None:
-        """On the I/O pool: wait for a sealed region's index commit; a failure takes the region back out."""
-        assert self._index is not None
         try:
             self._index.wait(ticket)
         except DiskError as exc:
