@@ -11,7 +11,7 @@ Promises:
 - ``since(seq)`` returns every key numbered ``seq`` or later that is still kept, and the next number.
 - Bounded: the last ``capacity`` keys are kept. A reader that fell behind (``seq`` older than the oldest key
   kept) or that asks a log it did not read before (``seq`` past the next number: a restarted store) gets
-  ``overflowed=True`` with the keys kept, and must assume that any key it knew may be gone.
+  ``overflowed=True`` and no keys, and must assume that any key it knew may be gone.
 - ``log_id`` names the log (random per store instance): a reader that sees it change (a restarted daemon)
   must treat it as an overflow too, since the new log's numbers may have passed its ``seq`` already.
 - Thread-safe with a lock of its own that it never holds while calling out: ``record`` may be called under
@@ -61,13 +61,15 @@ class RemovalLog:
                 self._next += 1
 
     def since(self, seq: int) -> Removals:
-        """The keys numbered ``seq`` or later; ``overflowed`` when some of them (or ``seq`` itself) are unknown."""
+        """The keys numbered ``seq`` or later; ``overflowed`` (and no keys) when some are forgotten or ``seq`` is
+        not of this log."""
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise InvalidInputError(f"'seq' must be a non-negative int, got {seq!r}")
         with self._lock:
             first = self._next - len(self._keys)
             overflowed = seq < first or seq > self._next
-            start = first if overflowed else seq
-            # The newest ``_next - start`` keys, read from the end: a reader that keeps up copies only those.
-            newest = list(itertools.islice(reversed(self._keys), self._next - start))
-            return Removals(self._next, tuple(reversed(newest)), overflowed, self.log_id)
+            if overflowed:
+                return Removals(self._next, (), True, self.log_id)
+            # The newest ``_next - seq`` keys, read from the end: a reader that keeps up copies only those.
+            newest = list(itertools.islice(reversed(self._keys), self._next - seq))
+            return Removals(self._next, tuple(reversed(newest)), False, self.log_id)
