@@ -11,6 +11,8 @@ Primitives (each documented where it is defined):
   is the arena as one ``(num_slots, slot_bytes)`` view for ``PagedKV.gather_to_slots`` and friends.
 - ``epoch(scope)`` / ``advance_epoch(scope)``: the key epoch callers mix into the keys of a scope; advancing
   it makes the scope's old keys unreachable (``kvtier.epochs``; persisted in the disk tier's index).
+- ``removed_since(seq)``: the keys that left every tier since ``seq`` (``kvtier.removals``: bounded, says
+  when a reader fell behind), for clients that announce what the store holds (vLLM's KV events).
 - ``stats()``: an immutable ``StoreStats`` snapshot. ``close()``: finish jobs, flush and close the lower tiers.
 
 The tiers below the host pool (disk, remote) are an ordered chain behind one interface
@@ -53,6 +55,7 @@ from kvtier.job import Job
 from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_keys
 from kvtier.layout import KVLayout
 from kvtier.policies import make_policy
+from kvtier.removals import RemovalLog, Removals
 from kvtier.stats import StoreStats, TierStats
 from kvtier.tiers import LowerTier, build_chain
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
@@ -172,10 +175,12 @@ class Store:
         except BaseException:
             self.arena.close(unlink=True)
             raise
+        self._removed = RemovalLog()
         self.host = HostTier(self.arena, make_policy(self.config.host.policy, num_slots), layout.block_bytes,
-                             on_evict=self._demote if self.lower else None)
+                             on_evict=self._demote)
         if (disk := self.disk) is not None:
             disk.held_above = self.host.holds  # host and disk hold mostly different blocks (docs/policy.md)
+            disk.on_forget = self._forgotten_below
         self.transfer = transfer or make_transfer_engine(self.config.transfer)
         self._poll = self.transfer.poll if self.transfer.completes_on_poll else None
         self._epochs = KeyEpochs(self.disk)
@@ -334,8 +339,23 @@ class Store:
 
     def _demote(self, key: bytes, payload: torch.Tensor) -> None:
         # Never wait for a drive or a server here: this runs in the caller's put, on the engine's critical path.
-        if self.lower.demote(key, payload):
+        if self.lower and self.lower.demote(key, payload):
             self._counters["demoted_blocks"] += 1
+        elif self.lower.find(key) is None:
+            self._removed.record((key,))
+
+    def _forgotten_below(self, keys: list[bytes]) -> None:
+        # Under the disk tier's lock: ``holds`` takes no lock, and the log's lock is a leaf.
+        self._removed.record(key for key in keys if not self.host.holds(key) and self.lower.find(key) is None)
+
+    def removed_since(self, seq: int) -> Removals:
+        """The keys no tier holds any more, removed from sequence number ``seq`` on (``kvtier.removals``).
+
+        Start with the ``next_seq`` of a first call; ``overflowed`` says some removals since ``seq`` were
+        forgotten (the log keeps the last ``removals.DEFAULT_CAPACITY_KEYS``) or ``seq`` is not of this store.
+        """
+        self._check_open()
+        return self._removed.since(seq)
 
     # -- get ----------------------------------------------------------------------------------------
 
@@ -447,6 +467,8 @@ class Store:
             else:
                 self.host.abort([key])
                 self._counters["promotion_failed_blocks"] += 1
+                if self.lower.find(key) is None:  # gone below meanwhile: its eviction saw the host's slot
+                    self._removed.record((key,))
 
     # -- zero-copy path -------------------------------------------------------------------------------
 

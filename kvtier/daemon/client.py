@@ -5,7 +5,8 @@ CUDA) and arena slots with its own transfer engine; only control frames cross th
 payloads travel in frames and the zero-copy calls are unavailable.
 
 Promises:
-- ``lookup``, ``contains``, ``put``, ``get``, ``epoch``, ``advance_epoch``, ``stats``, ``flush``, ``hasher``,
+- ``lookup``, ``contains``, ``put``, ``get``, ``epoch``, ``advance_epoch``, ``removed_since``, ``stats``,
+  ``flush``, ``hasher``,
   ``close``, the context manager
   and (Unix only) ``reserve`` / ``commit`` / ``abort`` / ``acquire`` / ``release`` / ``slot_view`` behave as
   the embedded ``Store``'s, with these differences: a put that finds no room fails all of its blocks (the
@@ -70,6 +71,7 @@ from kvtier.errors import (
 from kvtier.job import Job
 from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_key, check_keys
 from kvtier.layout import KVLayout
+from kvtier.removals import Removals
 from kvtier.stats import StoreStats
 from kvtier.store import Handle, Lease, LookupResult, Reservation, Tier, as_bytes, check_keys_and_blocks
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
@@ -338,6 +340,13 @@ class Client:
         """Advance ``scope``'s key epoch for every client of the daemon; see ``Store.advance_epoch``."""
         epoch: int = self._call("advance_epoch", scope=check_scope(scope))["epoch"]
         return epoch
+
+    def removed_since(self, seq: int) -> Removals:
+        """The daemon store's keys no tier holds any more, from ``seq`` on; see ``Store.removed_since``."""
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise InvalidInputError(f"'seq' must be a non-negative int, got {seq!r}")
+        reply = self._call("removed_since", seq=seq)
+        return Removals(reply["next_seq"], tuple(reply["keys"]), reply["overflowed"], reply["log_id"])
 
     def contains(self, key: bytes) -> Tier | None:
         tier = self._call("contains", keys=[check_key(key)])["tier"]

@@ -20,6 +20,8 @@ Ops (fields in brackets; keys are 16-byte msgpack bins):
 - ``flush``: write the disk tier's open region.
 - ``epoch`` [scope] -> epoch; ``advance_epoch`` [scope] -> epoch (the new one): the store's key epochs
   (``kvtier.epochs``), one per scope, shared by every client of the daemon.
+- ``removed_since`` [seq] -> next_seq, keys, overflowed, log_id: the store's log of keys no tier holds any more
+  (``kvtier.removals``), the same for every client.
 
 Promises:
 - ``read_frame`` refuses a body longer than ``max_frame_bytes`` before reading it (``ProtocolError``), and
@@ -46,7 +48,7 @@ from kvtier.stats import StoreStats, TierStats
 VERSION = 1
 HEADER = struct.Struct(">I")
 OPS = frozenset({"hello", "lookup", "contains", "reserve", "commit", "abort", "acquire", "release", "put", "get",
-                 "stats", "flush", "epoch", "advance_epoch"})
+                 "stats", "flush", "epoch", "advance_epoch", "removed_since"})
 Message = dict[str, Any]
 
 

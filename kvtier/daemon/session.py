@@ -35,7 +35,7 @@ from kvtier.daemon.protocol import Message
 Handler = Callable[["Session", Message], dict[str, Any]]
 # Ops that read or change blocks need a layout in the hello; an observer (``kvtier stats``) has none.
 _STORE_OPS = frozenset({"lookup", "contains", "reserve", "commit", "abort", "acquire", "release", "put", "get",
-                        "flush", "epoch", "advance_epoch"})
+                        "flush", "epoch", "advance_epoch", "removed_since"})
 
 
 def _keys(message: Message, *, checked: bool = True) -> list[bytes]:
@@ -133,6 +133,11 @@ class Session:
 
     def _advance_epoch(self, message: Message) -> dict[str, Any]:
         return {"epoch": self._require_store().advance_epoch(_scope(message))}
+
+    def _removed_since(self, message: Message) -> dict[str, Any]:
+        removals = self._require_store().removed_since(message.get("seq"))  # type: ignore[arg-type]  # the log checks it
+        return {"next_seq": removals.next_seq, "keys": list(removals.keys), "overflowed": removals.overflowed,
+                "log_id": removals.log_id}
 
     def _contains(self, message: Message) -> dict[str, Any]:
         keys = _keys(message)
@@ -261,5 +266,5 @@ _HANDLERS: dict[str, Handler] = {
     "lookup": Session._lookup, "contains": Session._contains, "reserve": Session._reserve,
     "commit": Session._commit, "abort": Session._abort, "acquire": Session._acquire,
     "release": Session._release, "put": Session._put, "get": Session._get, "flush": Session._flush,
-    "epoch": Session._epoch, "advance_epoch": Session._advance_epoch,
+    "epoch": Session._epoch, "advance_epoch": Session._advance_epoch, "removed_since": Session._removed_since,
 }

@@ -11,7 +11,7 @@ synced LMDB transaction per region). Space comes back by evicting whole regions,
 (FIFO); a block read at least ``reinsert_hits`` times since it was written is read back and copied into the
 new open region instead of dropped (on the I/O pool when a demotion needs the region: see ``offer``), unless
 ``held_above(key)`` says host RAM holds it (the host's eviction offers it again: host and disk mostly hold
-different blocks).
+different blocks). ``on_forget(keys)`` hears of every key the tier stops holding (the store's removal log).
 
 The region buffers are the write-back buffer (``disk.writeback_buffer_bytes``, at least 3 regions; 3 are
 faulted in at open, the others allocated by the first burst that needs them and kept). One fills while the
@@ -231,6 +231,9 @@ class DiskTier:
         # Set by the owner: whether a tier above (host RAM) holds a key. Called under the tier's lock, so it
         # must not take a lock of its own (``HostTier.holds``).
         self.held_above: Callable[[bytes], bool] | None = None
+        # Set by the owner: told the keys this tier stopped holding (evicted, lost to a write error, dropped),
+        # under the tier's lock, so it too must not take a lock that is held while calling into this tier.
+        self.on_forget: Callable[[list[bytes]], None] | None = None
         self.block_bytes = layout.block_bytes
         self._max_entry = entry_bytes(self.block_bytes)
         if self._max_entry > config.region_bytes:
@@ -654,6 +657,7 @@ class DiskTier:
             self._pool.submit(self._commit_soon, region.open_ticket)
             if hot:
                 self._reinsert_locked(region, hot)
+            self._forgotten_locked([key for key in dropped if key not in self._entries])
             return region
         finally:
             self._opening = False
@@ -754,8 +758,10 @@ class DiskTier:
         except Exception as exc:  # any failure, not only OSError: the buffer must come back or flush would hang
 
             with self._lock:
-                for key, _ in self._live_entries_locked(region):
+                lost = [key for key, _ in self._live_entries_locked(region)]
+                for key in lost:
                     del self._entries[key]
+                self._forgotten_locked(lost)
                 region.keys, region.used = [], 0
                 # The index still marks the slot OPEN: a restart discards whatever reached it.
                 self._clean.append(region.id)
@@ -959,8 +965,14 @@ class DiskTier:
     def _file_offset(self, region_id: int) -> int:
         return region_id // self._num_paths * self.config.region_bytes
 
+    def _forgotten_locked(self, keys: list[bytes]) -> None:
+        if keys and self.on_forget is not None:
+            self.on_forget(keys)
+
     def _drop_locked(self, key: bytes) -> None:
         entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._forgotten_locked([key])
         if entry is not None and self._regions[entry.loc.region].buffer is None:
             # On disk: forget it in the index too (committed with the next batch). Still in memory: its
             # region's commit skips keys no longer in the table.

@@ -56,7 +56,7 @@ from kvtier_connectors.vllm.settings import (
     release_store,
     store_name,
 )
-from kvtier_connectors.vllm.stats import KvtierStats, chunk_stored_event
+from kvtier_connectors.vllm.stats import KvtierStats, chunk_stored_event, chunks_removed_event
 from kvtier_connectors.vllm.versions import check_vllm_version
 from kvtier_connectors.vllm.worker import WorkerSide
 
@@ -120,7 +120,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(self.settings, self.layout, self.geometry, self.store, tp_size,
-                                                chunk_stored_event)
+                                                chunk_stored_event, chunks_removed_event)
         rank = 0
         if role != KVConnectorRole.SCHEDULER:
             if tp_size > 1:

@@ -37,7 +37,13 @@ Promises:
   epoch before it answers, as if it had reset itself. A reset the store cannot record (a daemon gone) moves
   this engine to a private epoch and returns False, so vLLM reports the failure; the engine returns to the
   shared epoch only once the store's advanced past the one it left.
-- ``take_events`` yields a ``BlockStored`` event (medium ``CPU``) per chunk a verdict commits.
+- ``take_events`` yields a ``BlockStored`` event (medium ``CPU``) per chunk a verdict commits, and a
+  ``BlockRemoved`` (medium ``CPU``) once per announced chunk when the store no longer holds it: each step
+  reads the store's removal log (``Store.removed_since``; one round trip to a daemon, within the scheduler's
+  deadline, skipped when it fails) and matches every rank's key of each announced chunk. When the log cannot
+  say exactly what left (this engine fell behind it, or the daemon restarted), when a reset or another
+  engine's reset moves the key epoch, or when more than ``MAX_ANNOUNCED_CHUNKS`` chunks are announced (the
+  oldest), the chunks concerned are announced removed: a router may then miss a hit, never count on one.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +67,8 @@ log = logging.getLogger(__name__)
 # Steps planned after one whose output has not come, before that one's saves are dropped as lost (vLLM keeps
 # at most one step in flight under async scheduling, a few with pipelining).
 MAX_UNSETTLED_STEPS = 8
+# Chunks announced as stored and watched for their removal (about 10 MiB of keys and hashes at most).
+MAX_ANNOUNCED_CHUNKS = 1 << 15
 
 
 @dataclass
@@ -104,7 +113,8 @@ class SchedulerSide:
     """Per-request bookkeeping of the scheduler-side connector; see the module promises."""
 
     def __init__(self, settings: ConnectorSettings, layout: KVLayout, geometry: VllmGeometry, store: BlockStore,
-                 tp_size: int, make_event: Callable[[Any, int, int, int], Any] | None = None) -> None:
+                 tp_size: int, make_event: Callable[[Any, int, int, int], Any] | None = None,
+                 make_removed_event: Callable[[list[Any]], Any] | None = None) -> None:
         self.store = store
         self.block_tokens = layout.block_tokens
         self.block_bytes = layout.block_bytes
@@ -115,6 +125,15 @@ class SchedulerSide:
         # Latent (MLA) KV is the same on every rank and stored once: rank 0's keys stand for all.
         num_key_ranks = 1 if layout.kind == "latent" else tp_size
         self.rank_keys = [ChunkKeys(settings, layout, geometry, rank, tp_size) for rank in range(num_key_ranks)]
+        self._make_event = make_event
+        self._make_removed_event = make_removed_event
+        self._events: list[Any] = []
+        # Announced chunks by their rank-0 key: every rank's key and vLLM's block hashes (oldest first).
+        self._announced: OrderedDict[bytes, tuple[tuple[bytes, ...], list[Any]]] = OrderedDict()
+        self._announced_by_key: dict[bytes, bytes] = {}
+        self._removed_seq, self._removed_log = 0, ""
+        if make_removed_event is not None:
+            self._read_removals()  # from now on: what left before was never announced
         self.epoch_scope = epoch_scope(settings)
         self.key_epoch = ""
         self._epoch = 0  # the store's epoch this engine's keys are under
@@ -124,8 +143,6 @@ class SchedulerSide:
         except KvtierError as exc:
             log.warning("kvtier: could not read the key epoch of %s, keys start under epoch 0: %s",
                         self.epoch_scope, exc)
-        self._make_event = make_event
-        self._events: list[Any] = []
         self._requests: dict[str, _Tracked] = {}
         self._hits: dict[str, _Hit] = {}
         self._loads: list[LoadSpec] = []
@@ -160,6 +177,8 @@ class SchedulerSide:
         return True
 
     def _enter_epoch(self, epoch: int, private: bool = False) -> None:
+        # The keys of the old epoch are out of reach: what was announced under them is gone for vLLM.
+        self._announce_removed(list(self._announced))
         self._epoch, self._private_epoch = epoch, private
         # Epoch 0 keeps the keys of a store that was never reset (no epoch in the namespace).
         self.key_epoch = f"private-{secrets.token_hex(8)}" if private else (f"{epoch}" if epoch else "")
@@ -229,6 +248,8 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: Any) -> KvtierMetadata:
         self._step += 1
+        if self._announced:
+            self._read_removals()
         lost = max((s for s in self._unsettled if s <= self._step - MAX_UNSETTLED_STEPS), default=None)
         if lost is not None:
             self._give_verdicts(lost, confirmed=None)
@@ -323,8 +344,52 @@ class SchedulerSide:
             for index, chunk_hash in enumerate(save.chunk_hashes):
                 if chunk_hash not in published:
                     published.add(chunk_hash)
-                    self._events.append(self._make_event(save.request, save.first_chunk + index,
-                                                         keys0.hashes_per_chunk, self.hash_block_tokens))
+                    chunk = save.first_chunk + index
+                    self._events.append(self._make_event(save.request, chunk, keys0.hashes_per_chunk,
+                                                         self.hash_block_tokens))
+                    first = chunk * keys0.hashes_per_chunk
+                    self._watch(chunk_hash, list(save.request.block_hashes[first : first + keys0.hashes_per_chunk]))
+
+    def _watch(self, chunk_hash: bytes, block_hashes: list[Any]) -> None:
+        """Remember an announced chunk's keys, to announce its removal when the store no longer holds it."""
+        if self._make_removed_event is None:
+            return
+        keys = tuple(keys.key(chunk_hash) for keys in self.rank_keys)
+        if keys[0] in self._announced:
+            return
+        self._announced[keys[0]] = (keys, block_hashes)
+        for key in keys:
+            self._announced_by_key[key] = keys[0]
+        if len(self._announced) > MAX_ANNOUNCED_CHUNKS:
+            self._announce_removed([next(iter(self._announced))])
+
+    def _read_removals(self) -> None:
+        """Announce the removal of the announced chunks the store's log says left (all, if it cannot say)."""
+        try:
+            removals = self.store.removed_since(self._removed_seq)
+        except KvtierError as exc:
+            log.debug("kvtier: reading the store's removals failed, tried again next step: %s", exc)
+            return
+        if removals.overflowed or removals.log_id != self._removed_log:
+            if self._removed_log:
+                log.info("kvtier: the store's removal log cannot say which chunks left: all announced as removed")
+            gone = list(self._announced)
+        else:
+            gone = list(dict.fromkeys(chunk for key in removals.keys
+                                      if (chunk := self._announced_by_key.get(key)) is not None))
+        self._removed_seq, self._removed_log = removals.next_seq, removals.log_id
+        self._announce_removed(gone)
+
+    def _announce_removed(self, chunks: list[bytes]) -> None:
+        if not chunks or self._make_removed_event is None:
+            return
+        hashes: list[Any] = []
+        for chunk in chunks:
+            keys, block_hashes = self._announced.pop(chunk)
+            hashes.extend(block_hashes)
+            for key in keys:
+                self._announced_by_key.pop(key, None)
+        self._events.append(self._make_removed_event(hashes))
 
     def _drop(self, step: int, save: _PlannedSave, first: int) -> None:
         self._dropped.setdefault(step, set()).update(save.chunk_hashes[first:])
