@@ -345,8 +345,11 @@ class Store:
             self._removed.record((key,))
 
     def _forgotten_below(self, keys: list[bytes]) -> None:
-        # Under the disk tier's lock: ``holds`` takes no lock, and the log's lock is a leaf.
-        self._removed.record(key for key in keys if not self.host.holds(key) and self.lower.find(key) is None)
+        # Under the disk tier's lock: ``holds`` takes no lock, the log's lock is a leaf, and the disk tier itself
+        # is not asked (its lock is not reentrant; it has just dropped these keys).
+        others = [tier for tier in self.lower.tiers if tier.name != "disk"]
+        self._removed.record([key for key in keys if not self.host.holds(key)
+                              and not any(tier.contains(key) for tier in others)])
 
     def removed_since(self, seq: int) -> Removals:
         """The keys no tier holds any more, removed from sequence number ``seq`` on (``kvtier.removals``).

@@ -677,6 +677,7 @@ class DiskTier:
             victims = [key for key, _ in self._live_entries_locked(region)]
             for key in victims:
                 del self._entries[key]
+            self._forgotten_locked(victims)
             while region.readers:  # a read in flight must finish before the slot is reused
                 self._cond.wait()
             region.keys = []
@@ -793,8 +794,10 @@ class DiskTier:
             # Unless it was evicted meanwhile (its entries are gone then, and the slot is someone else's).
             if withdrawn and region.seq == seq and region.buffer is None and region.id in self._fifo:
                 self._fifo.remove(region.id)
-                for key, _ in self._live_entries_locked(region):
+                lost = [key for key, _ in self._live_entries_locked(region)]
+                for key in lost:
                     del self._entries[key]
+                self._forgotten_locked(lost)
                 while region.readers:  # its blocks were readable from the file: let reads finish first
                     self._cond.wait()
                 region.keys = []
