@@ -29,6 +29,8 @@ Promises:
 - A lookup waits on the network at most once per lower tier, bounded by that tier's timeout; nothing else
   the store does on the caller's thread waits on the network, but ``acquire``, for promotions, at most its
   ``timeout`` (``PROMOTION_WAIT_S`` without one).
+- A write-through (in ``commit`` and a put's completion) runs outside the store's lock: a disk writer that
+  is behind holds that commit, never another thread's lookup, acquire or commit.
 """
 
 from __future__ import annotations
@@ -159,6 +161,9 @@ class Store:
             )
         self._lock = threading.RLock()
         self._closed = False
+        # Write-throughs running outside the lock (they read arena slots): close waits for them.
+        self._writing_through = 0
+        self._written_through = threading.Condition(self._lock)
         self._counters = dict.fromkeys(
             ("lookups", "hit_blocks", "miss_blocks", "put_blocks", "put_deduplicated_blocks", "put_failed_blocks",
              "get_blocks", "get_failed_blocks", "bytes_put", "bytes_got", "host_hit_blocks", "promoted_blocks",
@@ -313,9 +318,8 @@ class Store:
                 self.host.commit(keys)
                 self._counters["put_blocks"] += len(keys)
                 self._counters["bytes_put"] += len(keys) * self.layout.block_bytes
-                if self._writes_through:
-                    for key in keys:
-                        self._write_through(key)
+                pinned = self._pin_for_write_through(keys)
+            self._write_through(pinned)
             job.part_done()
 
         return on_done
@@ -324,14 +328,30 @@ class Store:
     def _writes_through(self) -> bool:
         return any(tier.write_mode == "through" for tier in self.lower.tiers)
 
-    def _write_through(self, key: bytes) -> None:
+    def _pin_for_write_through(self, keys: Sequence[bytes]) -> list[tuple[bytes, int]]:
+        """Under the lock: read-pin the committed ``keys`` for the write-through tiers (none without one)."""
+        if not self._writes_through:
+            return []
         # The read pin keeps the slot's bytes in place until every tier has sent or copied them: a remote
         # tier sends straight from the slot (at most remote.queue_bytes of slots pinned), never copying
         # 2 MiB on the caller's thread.
-        slot = self.host.acquire([key])[0]
-        if slot is None:
+        slots = [(key, self.host.acquire([key])[0]) for key in keys]
+        pinned = [(key, slot) for key, slot in slots if slot is not None]
+        self._writing_through += bool(pinned)
+        return pinned
+
+    def _write_through(self, pinned: list[tuple[bytes, int]]) -> None:
+        """Outside the lock: offer pinned blocks to the write-through tiers. A local disk tier waits for room
+        when its writer is behind (and checksums each block): lookups and loads must not wait behind it."""
+        if not pinned:
             return
-        self.lower.write_through(key, self.host.payload(slot), lambda: self._unpin(key))
+        try:
+            for key, slot in pinned:
+                self.lower.write_through(key, self.host.payload(slot), functools.partial(self._unpin, key))
+        finally:
+            with self._lock:
+                self._writing_through -= 1
+                self._written_through.notify_all()
 
     def _unpin(self, key: bytes) -> None:
         with self._lock:
@@ -496,9 +516,8 @@ class Store:
             self.host.commit(reservation.keys)
             self._counters["put_blocks"] += len(reservation.keys)
             self._counters["bytes_put"] += len(reservation.keys) * self.layout.block_bytes
-            if self._writes_through:
-                for key in reservation.keys:
-                    self._write_through(key)
+            pinned = self._pin_for_write_through(reservation.keys)
+        self._write_through(pinned)
 
     def abort(self, reservation: Reservation) -> None:
         with self._lock:
@@ -626,6 +645,8 @@ class Store:
         self.transfer.close()
         with self._lock:
             self._closed = True
+            while self._writing_through:
+                self._written_through.wait()
         # Outside the lock: a tier's last reads resolve futures whose callbacks take it.
         self.lower.close()
         self.arena.close(unlink=True)

@@ -187,3 +187,30 @@ def test_reinsertion_never_reads_the_drive_under_the_store_lock(layout: KVLayout
         store.flush()
         assert under_lock == []
         assert disk.stats().regions_evicted >= 1 and disk.stats().blocks_reinserted >= 1
+
+
+def test_a_write_through_waiting_for_the_disk_holds_no_other_call(layout: KVLayout, tmp_path: Path) -> None:
+    """Issue 25: a commit whose write-through waits for the disk tier (held busy here) holds that commit only:
+    another thread leases a host block meanwhile (the engine's loads never wait behind a slow drive)."""
+    with disk_store(layout, tmp_path, write_mode="through") as store:
+        keys = keys_for(store, 2)
+        assert store.put(keys[:1], random_blocks(layout, 1)).wait(30).ok
+        reservation = store.reserve(keys[1:])
+        disk = store.disk
+        assert disk is not None
+        leases: list[Any] = []
+        with disk._lock:
+            committing = threading.Thread(target=store.commit, args=(reservation,), daemon=True)
+            committing.start()
+            committing.join(0.2)
+            assert committing.is_alive(), "the commit did not reach the disk tier"
+            leasing = threading.Thread(target=lambda: leases.append(store.acquire(keys[:1])), daemon=True)
+            leasing.start()
+            leasing.join(10)
+            answered = not leasing.is_alive()
+        committing.join(30)
+        leasing.join(30)
+        assert answered, "a lease waited behind another thread's write-through"
+        assert leases[0].keys == (keys[0],)
+        store.release(leases[0])
+        assert store.lookup(keys).num_blocks == 2

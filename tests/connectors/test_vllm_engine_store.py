@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pytest
 import torch
 
 from kvtier.daemon import Client
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, KvtierError
 from kvtier.layout import KVLayout
-from kvtier_connectors.vllm.engine_store import engine_socket_path, open_engine_store, stop_engine_store
+from kvtier_connectors.vllm.engine_store import _started, engine_socket_path, open_engine_store, stop_engine_store
+from kvtier_connectors.vllm.settings import ConnectorSettings, open_store, release_store, store_name
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=4)
 ROOT = Path(__file__).parent.parent.parent
@@ -165,3 +167,34 @@ def test_an_in_process_store_left_open_at_exit_keeps_its_disk_tier(tmp_path: Pat
         assert torch.equal(got, block(7))
     finally:
         store.close()
+
+
+def test_a_paused_private_daemon_holds_no_worker_past_its_deadline(tmp_path: Path) -> None:
+    """Issue 25: with the engine's private daemon paused (SIGSTOP, as a starved process behaves), a worker's
+    call to it ends with a typed error once ``worker_timeout_s`` passes, never waits for the daemon."""
+    engine = f"unit-paused-{os.getpid()}-{time.monotonic_ns()}"
+    settings = ConnectorSettings.from_extra_config(
+        {"config": source(tmp_path)["config"], "instance": "paused", "worker_timeout_s": 0.5}, "m")
+    client = open_store(settings, LAYOUT, "worker", engine)
+    daemon, _ = _started[engine_socket_path(engine, "paused")]
+    outcome: list[BaseException | None] = []
+
+    def acquire() -> None:
+        try:
+            client.acquire([b"k" * 16])
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        thread = threading.Thread(target=acquire, daemon=True)
+        thread.start()
+        thread.join(DEADLINE_S / 2)
+        waited = thread.is_alive()
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+        thread.join(DEADLINE_S)
+        release_store(store_name(settings, "worker", engine))
+    assert not waited, "the worker's call waited on the paused daemon"
+    assert isinstance(outcome[0], KvtierError)

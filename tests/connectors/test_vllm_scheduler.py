@@ -7,8 +7,9 @@ Scenario (numbered as in the issue):
    counted, and its blocks hold the first request's KV, byte for byte;
 3. a third request whose stored chunk is corrupt gets that chunk's blocks reported as load errors, and
    vLLM recomputes them;
-4. with the prefix demoted to the disk tier, the load is asynchronous: vLLM parks the request until the
-   worker reports the blocks received, then schedules only the tokens past the hit.
+4. with the prefix demoted to the disk tier, the load is asynchronous past ``sync_disk_load_bytes``: vLLM
+   parks the request until the worker reports the blocks received, then schedules only the tokens past the
+   hit; within it, the load is synchronous: the worker waits for the disk reads before the forward.
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ def test_save_then_reset_then_load_then_corrupt(engine: Engine) -> None:
 
 
 @pytest.fixture
-def disk_engine(model_config: ModelConfig, tmp_path: Path) -> Iterator[Engine]:
+def disk_engine(model_config: ModelConfig, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """An engine whose store's host tier holds 6 blocks over a disk tier; ``request.param``: more extra config."""
     init_none_hash(sha256)
     kv_cache_config = make_kv_cache_config()
     layout, _ = layout_from_kv_cache_config(kv_cache_config, 0)
@@ -283,14 +285,15 @@ def disk_engine(model_config: ModelConfig, tmp_path: Path) -> Iterator[Engine]:
         transfer=TransferConfig(backend="cpu"),
     )
     adopt_store("scheduler-disk-test", Store(layout, config))
-    engine = Engine(make_vllm_config(model_config, {"instance": "scheduler-disk-test"}), kv_cache_config)
+    extra = {"instance": "scheduler-disk-test", **getattr(request, "param", {})}
+    engine = Engine(make_vllm_config(model_config, extra), kv_cache_config)
     yield engine
     engine.worker.shutdown()
     engine.scheduler.shutdown()
 
 
-def test_a_prefix_on_disk_loads_asynchronously(disk_engine: Engine) -> None:
-    engine = disk_engine
+def demote_a_prefix(engine: Engine) -> list[int]:
+    """A prefix of 5 blocks computed and saved, then demoted to disk; vLLM's prefix cache reset."""
     store = engine.worker.store
     prefix = [300 + i for i in range(5 * BLOCK)]
     engine.run_until_done(engine.add("first", [*prefix, 1]))
@@ -300,7 +303,22 @@ def test_a_prefix_on_disk_loads_asynchronously(disk_engine: Engine) -> None:
     assert store.put(fillers, filler_blocks).wait(10).ok
     store.flush()
     assert engine.scheduler.reset_prefix_cache()
+    return prefix
 
+
+def assert_loaded(engine: Engine, req_id: str, prefix: list[int]) -> None:
+    assert all(not errors for errors in engine.load_errors)
+    block_ids = engine.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
+    for layer_index, name in enumerate(LAYERS):
+        for block_index in range(5):
+            assert torch.equal(engine.kv_caches[name][block_ids[block_index]],
+                               engine.expected_block(prefix, block_index, layer_index))
+
+
+@pytest.mark.parametrize("disk_engine", [{"sync_disk_load_bytes": 0}], indirect=True)
+def test_a_prefix_on_disk_past_the_budget_loads_asynchronously(disk_engine: Engine) -> None:
+    engine = disk_engine
+    prefix = demote_a_prefix(engine)
     second = engine.add("second", [*prefix, 2, 3])
     engine.step()
     assert second.status == RequestStatus.WAITING_FOR_REMOTE_KVS
@@ -315,12 +333,21 @@ def test_a_prefix_on_disk_loads_asynchronously(disk_engine: Engine) -> None:
         assert time.monotonic() < deadline, "the asynchronous load was never reported"
         time.sleep(0.005)
     assert output.num_scheduled_tokens["second"] == 2
-    assert all(not errors for errors in engine.load_errors)
-    block_ids = engine.scheduler.kv_cache_manager.get_block_ids("second")[0]
-    for layer_index, name in enumerate(LAYERS):
-        for block_index in range(5):
-            assert torch.equal(engine.kv_caches[name][block_ids[block_index]],
-                               engine.expected_block(prefix, block_index, layer_index))
+    assert_loaded(engine, "second", prefix)
+    engine.run_until_done(second)
+
+
+def test_a_prefix_on_disk_within_the_budget_loads_before_the_forward(disk_engine: Engine) -> None:
+    """Issue 25: a disk hit within ``sync_disk_load_bytes`` is scheduled at once (no step parked waiting for
+    it): the worker waits for the reads the lookup started, then the forward computes past the hit."""
+    engine = disk_engine
+    prefix = demote_a_prefix(engine)
+    second = engine.add("second", [*prefix, 2, 3])
+    output = engine.step()
+    assert output.num_scheduled_tokens["second"] == 2
+    assert engine.connector_stats is not None
+    assert engine.connector_stats.hits_by_source == {CacheHitSource.DISK: 5 * BLOCK}
+    assert_loaded(engine, "second", prefix)
     engine.run_until_done(second)
 
 

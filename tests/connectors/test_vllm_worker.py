@@ -336,13 +336,15 @@ def test_latent_kv_is_stored_once_for_every_rank() -> None:
     assert [keys.writer for keys in ranks] == [True, False, False, False]
 
 
-@pytest.mark.parametrize("value", [-1, "1GiB", 1.5])
-def test_a_bad_sync_load_budget_is_refused(value: Any) -> None:
-    with pytest.raises(ConfigError, match="sync_load_bytes"):
-        ConnectorSettings.from_extra_config({"sync_load_bytes": value}, "m")
+@pytest.mark.parametrize("name", ["sync_load_bytes", "sync_disk_load_bytes"])
+@pytest.mark.parametrize("value", [-1, "1GiB", 1.5, True])
+def test_a_bad_sync_load_budget_is_refused(name: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=name):
+        ConnectorSettings.from_extra_config({name: value}, "m")
 
 
-@pytest.mark.parametrize("value", [0, -1.0, "1s", True])
-def test_a_bad_scheduler_deadline_is_refused(value: Any) -> None:
-    with pytest.raises(ConfigError, match="scheduler_timeout_s"):
-        ConnectorSettings.from_extra_config({"scheduler_timeout_s": value}, "m")
+@pytest.mark.parametrize("name", ["scheduler_timeout_s", "worker_timeout_s"])
+@pytest.mark.parametrize("value", [0, -1.0, "1s", True, float("inf")])
+def test_a_bad_deadline_is_refused(name: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=name):
+        ConnectorSettings.from_extra_config({name: value}, "m")

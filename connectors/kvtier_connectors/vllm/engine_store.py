@@ -16,8 +16,9 @@ Promises:
   it ends its sessions and closes the store, which flushes the disk tier. ``stop_engine_store`` waits for
   that, so an engine that shuts down cleanly leaves its disk tier complete for the next start, and removes
   the daemon's log file (kept when it failed).
-- Every wait has a deadline (``START_TIMEOUT_S``): a daemon that does not come up is a ``ConfigError`` with
-  its log's last lines, never a hang.
+- Every wait has a deadline (``START_TIMEOUT_S``): a daemon that does not come up, or does not answer, is a
+  ``ConfigError`` with its log's last lines, never a hang. The client returned waits at most ``timeout`` per
+  socket operation (the connector always gives one).
 - Running the I/O in its own process also keeps kvtier's copy and disk threads off the engine process's GIL.
 """
 
@@ -110,7 +111,8 @@ def _start(spec: dict[str, Any], config: StoreConfig, path: str, deadline: float
             raise ConfigError(f"the engine's kvtier store exited with status {process.returncode}: "
                               f"{_tail(log.name)}")
         with contextlib.suppress(KvtierError, OSError):
-            Client(layout_of(config), config).close()
+            # A daemon that accepts but does not answer (stopped, starved) must not outlast the deadline.
+            Client(layout_of(config), config, timeout=max(_POLL_S, deadline - time.monotonic())).close()
             return
         if time.monotonic() > deadline:
             stop_engine_store(path)

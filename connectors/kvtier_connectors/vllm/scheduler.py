@@ -4,10 +4,12 @@ Promises:
 - ``get_num_new_matched_tokens`` counts the longest run of whole chunks present in the store right after
   what vLLM already holds, less the prompt's last token when the run reaches it (vLLM must compute at least
   one; the whole last chunk is still loaded and that token's KV written again, the same): one ``lookup``
-  (one key list, one round trip to a daemon) per rank. The load is asynchronous when any of those chunks is
-  on disk (the lookup has already started reading it into host memory) or when the step's synchronous loads
-  would pass ``sync_load_bytes``; synchronous otherwise. With tensor parallelism the hit is the shortest
-  over all ranks.
+  (one key list, one round trip to a daemon) per rank. A hit with chunks below the host tier has its reads
+  started by that lookup. The load is synchronous when the step's synchronous loads stay within
+  ``sync_load_bytes`` and, for a hit reaching below the host tier, those reaching below it within
+  ``sync_disk_load_bytes`` (the worker waits for the reads, bounded, before the forward: fewer engine steps
+  than an asynchronous load, whose hand-offs dominate a small read); asynchronous otherwise. With tensor
+  parallelism the hit is the shortest over all ranks.
 - A store that fails (a daemon gone or restarting) is a miss, never an exception inside ``schedule()``.
 - ``update_state_after_alloc`` turns the hit into a ``LoadSpec`` over the blocks vLLM allocated; it is sent
   in the next ``build_connector_meta``.
@@ -76,6 +78,7 @@ class _Hit:
     start_tokens: int
     end_tokens: int
     is_async: bool
+    from_disk: bool
 
 
 @dataclass
@@ -122,6 +125,7 @@ class SchedulerSide:
         self.hash_block_tokens = geometry.hash_block_tokens
         self.pages_per_chunk = layout.block_tokens // geometry.vllm_block_tokens
         self.sync_load_bytes = settings.sync_load_bytes
+        self.sync_disk_load_bytes = settings.sync_disk_load_bytes
         # Latent (MLA) KV is the same on every rank and stored once: rank 0's keys stand for all.
         num_key_ranks = 1 if layout.kind == "latent" else tp_size
         self.rank_keys = [ChunkKeys(settings, layout, geometry, rank, tp_size) for rank in range(num_key_ranks)]
@@ -147,6 +151,7 @@ class SchedulerSide:
         self._hits: dict[str, _Hit] = {}
         self._loads: list[LoadSpec] = []
         self._sync_bytes = 0
+        self._sync_disk_bytes = 0
         self._from_disk: dict[str, bool] = {}
         self.failed_lookups = 0
         self._step = 0
@@ -203,23 +208,23 @@ class SchedulerSide:
         first = self._lookup(keys0, chunk_hashes, prefetch=True, scope=self.epoch_scope)
         if self._follow_store_epoch(first.epoch):
             first = self._lookup(self.rank_keys[0], chunk_hashes, prefetch=True)
-        num_hit, is_async = first.num_blocks, any(tier is not Tier.HOST for tier in first.tiers[: first.num_blocks])
+        num_hit, from_disk = first.num_blocks, any(tier is not Tier.HOST for tier in first.tiers[: first.num_blocks])
         for keys in self.rank_keys[1:]:
             if not num_hit:
                 break
             found = self._lookup(keys, chunk_hashes[:num_hit], prefetch=True)
             num_hit = found.num_blocks
-            is_async = is_async or any(tier is not Tier.HOST for tier in found.tiers[:num_hit])
+            from_disk = from_disk or any(tier is not Tier.HOST for tier in found.tiers[:num_hit])
         # A prompt of whole chunks: the last chunk loads too, and vLLM computes its last token over it.
         end_tokens = min((first_chunk + num_hit) * self.block_tokens, request.num_tokens - 1)
         if end_tokens <= num_computed_tokens:
             self._hits.pop(request.request_id, None)
             return 0, False
-        # Synchronous loads stall the whole batch: past the step's budget a load runs in the background.
+        # Synchronous loads stall the whole batch: past the step's budgets a load runs in the background.
         load_bytes = num_hit * self.block_bytes
-        if not is_async and self._sync_bytes + load_bytes > self.sync_load_bytes:
-            is_async = True
-        self._hits[request.request_id] = _Hit(num_computed_tokens, end_tokens, is_async)
+        is_async = (self._sync_bytes + load_bytes > self.sync_load_bytes
+                    or (from_disk and self._sync_disk_bytes + load_bytes > self.sync_disk_load_bytes))
+        self._hits[request.request_id] = _Hit(num_computed_tokens, end_tokens, is_async, from_disk)
         return end_tokens - num_computed_tokens, is_async
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
@@ -236,12 +241,13 @@ class SchedulerSide:
         end_page_id = -(-end_tokens // self.vllm_block_tokens)
         block_ids_to_fill = tuple(block_ids[first_page_id + first_page : end_page_id])
         self._loads.append(LoadSpec(request.request_id, chunk_hashes, block_ids_to_fill, first_page, hit.is_async))
-        self._from_disk[request.request_id] = hit.is_async
+        self._from_disk[request.request_id] = hit.from_disk
         if not hit.is_async:
             self._sync_bytes += len(chunk_hashes) * self.block_bytes
+            self._sync_disk_bytes += len(chunk_hashes) * self.block_bytes if hit.from_disk else 0
 
     def load_came_from_disk(self, request: Any) -> bool:
-        """Whether the request's last planned load needed the disk tier (an asynchronous load)."""
+        """Whether the request's last planned load reached below the host tier."""
         return self._from_disk.get(request.request_id, False)
 
     # -- each step ----------------------------------------------------------------------------------
@@ -255,7 +261,7 @@ class SchedulerSide:
             self._give_verdicts(lost, confirmed=None)
         meta = KvtierMetadata(loads=self._loads, key_epoch=self.key_epoch, step=self._step,
                               verdicts=self._verdicts)
-        self._loads, self._sync_bytes, self._verdicts = [], 0, []
+        self._loads, self._sync_bytes, self._sync_disk_bytes, self._verdicts = [], 0, 0, []
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._requests.get(new.req_id)
             if tracked is None:

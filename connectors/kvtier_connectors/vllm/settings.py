@@ -18,15 +18,19 @@ Promises:
   (private or shared) is opened per ``role`` (``scheduler``, ``worker``, ``load``): each has its own
   connection, so a call blocked on one (a disk promotion on the load thread) never holds the others; the
   scheduler's calls have a deadline of ``scheduler_timeout_s`` per socket operation (a stalled daemon is then
-  a miss inside ``schedule()``). An embedded store in the engine's process lowers the interpreter's switch
-  interval to ``ENGINE_SWITCH_INTERVAL_S`` (never raises it), so kvtier's threads do not wait 5 ms for the
-  GIL behind vLLM's busy loop at every hand-off. Stores still open when the interpreter exits are closed then
-  (their disk tier flushed), as vLLM's in-process engine never shuts its connectors down.
+  a miss inside ``schedule()``), the worker's and load thread's one of ``worker_timeout_s`` (a stalled daemon
+  is then a failed load or a skipped save, never a hung worker; longer than ``PROMOTION_WAIT_S``, so an
+  acquire waiting for slow disk reads gets its answer). An embedded store in the engine's process lowers
+  the interpreter's switch interval to ``ENGINE_SWITCH_INTERVAL_S`` (never raises it), so kvtier's threads
+  do not wait 5 ms for the GIL behind vLLM's busy loop at every hand-off. Stores still open when the
+  interpreter exits are closed then (their disk tier flushed), as vLLM's in-process engine never shuts its
+  connectors down.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -38,14 +42,17 @@ from kvtier.daemon import Client
 from kvtier.errors import ConfigError, InvalidInputError, LayoutMismatchError
 from kvtier.keys import KEY_BYTES, Namespace
 from kvtier.layout import KVLayout, dtype_name
-from kvtier.store import Store
+from kvtier.store import PROMOTION_WAIT_S, Store
 
 StoreKind = Literal["embedded", "daemon"]
 _KEY_DOMAIN = b"kvtier-vllm-chunk-v1"
 _KNOWN_KEYS = {"store", "instance", "model_id", "block_tokens", "config_path", "config", "tenant_salt",
-               "sync_load_bytes", "scheduler_timeout_s"}
+               "sync_load_bytes", "sync_disk_load_bytes", "scheduler_timeout_s",
+               "worker_timeout_s"}
 DEFAULT_SYNC_LOAD_BYTES = 256 << 20
+DEFAULT_SYNC_DISK_LOAD_BYTES = 32 << 20
 DEFAULT_SCHEDULER_TIMEOUT_S = 1.0
+DEFAULT_WORKER_TIMEOUT_S = PROMOTION_WAIT_S + 30.0
 # The interpreter's switch interval in an engine process that holds an embedded store (as ``kvtier serve``).
 ENGINE_SWITCH_INTERVAL_S = 0.0005
 
@@ -62,7 +69,9 @@ class ConnectorSettings:
     config: Mapping[str, Any] = field(default_factory=dict)
     tenant_salt: str = ""
     sync_load_bytes: int = DEFAULT_SYNC_LOAD_BYTES
+    sync_disk_load_bytes: int = DEFAULT_SYNC_DISK_LOAD_BYTES
     scheduler_timeout_s: float = DEFAULT_SCHEDULER_TIMEOUT_S
+    worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any], default_model_id: str) -> ConnectorSettings:
@@ -79,19 +88,24 @@ class ConnectorSettings:
             config=extra.get("config", {}),
             tenant_salt=str(extra.get("tenant_salt", "")),
             sync_load_bytes=extra.get("sync_load_bytes", DEFAULT_SYNC_LOAD_BYTES),
+            sync_disk_load_bytes=extra.get("sync_disk_load_bytes", DEFAULT_SYNC_DISK_LOAD_BYTES),
             scheduler_timeout_s=extra.get("scheduler_timeout_s", DEFAULT_SCHEDULER_TIMEOUT_S),
+            worker_timeout_s=extra.get("worker_timeout_s", DEFAULT_WORKER_TIMEOUT_S),
         )
         if settings.store not in ("embedded", "daemon"):
             raise ConfigError(f"store must be 'embedded' or 'daemon', got {settings.store!r}")
         if not isinstance(settings.block_tokens, int) or settings.block_tokens < 0:
             raise ConfigError(f"block_tokens must be a non-negative int (0: vLLM's block size), got "
                               f"{settings.block_tokens!r}")
-        if not isinstance(settings.sync_load_bytes, int) or settings.sync_load_bytes < 0:
-            raise ConfigError(f"sync_load_bytes must be a non-negative int (bytes of synchronous loads per step), "
-                              f"got {settings.sync_load_bytes!r}")
-        timeout = settings.scheduler_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError(f"scheduler_timeout_s must be a positive number of seconds, got {timeout!r}")
+        for name in ("sync_load_bytes", "sync_disk_load_bytes"):
+            value = getattr(settings, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative int (bytes of synchronous loads per step), "
+                                  f"got {value!r}")
+        for name in ("scheduler_timeout_s", "worker_timeout_s"):
+            timeout = getattr(settings, name)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {timeout!r}")
         if not isinstance(settings.config, Mapping):
             raise ConfigError("config must be a mapping shaped like kvtier's TOML file")
         if not settings.model_id:
@@ -236,14 +250,14 @@ def open_store(settings: ConnectorSettings, layout: KVLayout, role: str = "", en
     scheduler and workers are separate processes), a ``Client`` of that engine's private daemon
     (``engine_store``), one per role. ``store='daemon'``: a ``Client`` of the local ``kvtier serve``
     (``config.daemon.connect``, default its Unix socket), one per role. Each client has its own connection;
-    the ``scheduler`` one has ``scheduler_timeout_s`` as its deadline.
+    the ``scheduler`` one has ``scheduler_timeout_s`` as its deadline, the others ``worker_timeout_s``.
     """
     with _stores_lock:
         name = store_name(settings, role, engine_id)
         shared = _stores.get(name)
         if shared is None:
             config = _store_config(settings)
-            timeout = settings.scheduler_timeout_s if role == "scheduler" else None
+            timeout = settings.scheduler_timeout_s if role == "scheduler" else settings.worker_timeout_s
             store: BlockStore
             engine_socket = ""
             if settings.store == "daemon":

@@ -8,9 +8,11 @@ Promises:
   older vLLM releases had, is two segments). It checks that ``pages_per_chunk`` pages of every layer make
   exactly one kvtier block and raises ``LayoutMismatchError`` saying what it found otherwise.
 - Synchronous loads are complete, or queued on the current stream ahead of anything vLLM queues after it,
-  when ``start_load_kv`` returns: the chunks are leased (``acquire``) and scattered from their arena slots
-  straight into the paged cache, every layer at once. The forward never reads a page before it is in
-  place, whatever the CUDA graph mode (per-layer hooks, skipped by full-graph replays, have nothing to do).
+  when ``start_load_kv`` returns: the chunks are leased (``acquire``, which waits for the disk reads the
+  scheduler's lookup started at most ``SYNC_LOAD_WAIT_S``; a chunk still unread then fails) and scattered
+  from their arena slots straight into the paged cache, every layer at once. The forward never reads a page
+  before it is in place, whatever the CUDA graph mode (per-layer hooks, skipped by full-graph replays, have
+  nothing to do).
   A lease is released only once its scatter ran (its CUDA event completed; on the CPU the copy is done).
 - A chunk the store cannot deliver (evicted since the lookup, failed checksum, daemon gone) is never
   scattered: its blocks are reported by ``get_block_ids_with_load_errors`` in the step that found them.
@@ -58,6 +60,8 @@ from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, VllmGeometry
 from kvtier_connectors.vllm.specs import LoadSpec, StepPlan, Verdict
 
 log = logging.getLogger(__name__)
+# The longest a synchronous load (which holds the step's forward) waits for its chunks' reads from disk.
+SYNC_LOAD_WAIT_S = 1.0
 _EMPTY_LEASE = Lease((), ())
 
 
@@ -251,7 +255,7 @@ class WorkerSide:
 
     def _acquire(self, store: BlockStore, keys: ChunkKeys, spec: LoadSpec) -> Lease:
         try:
-            return store.acquire(keys.keys(spec.chunk_hashes))
+            return store.acquire(keys.keys(spec.chunk_hashes), None if spec.is_async else SYNC_LOAD_WAIT_S)
         except KvtierError as exc:
             log.warning("kvtier load of %d chunk(s) for %s failed, vLLM recomputes them: %s",
                         len(spec.chunk_hashes), spec.req_id, exc)
