@@ -96,7 +96,7 @@ from kvtier.disk.format import (
     round_up,
 )
 from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
-from kvtier.disk.index_check import damage
+from kvtier.disk.index_check import damage, walk_fault
 from kvtier.disk.rebuild import scan_regions
 from kvtier.errors import (
     ClosedError,
@@ -340,7 +340,9 @@ class DiskTier:
         # Room for an entry record per page of capacity; LMDB only maps address space, the file grows on use.
         map_size = self.config.index_map_bytes or max(64 << 20, len(self._regions) * self.config.region_bytes
                                                       // PAGE_BYTES * 256)
-        reason = damage(directory)  # LMDB maps its file: a truncated one would be a SIGBUS, not an error
+        # LMDB maps its file: a truncated one would be a SIGBUS, not an error; and it aborts the process on some
+        # damaged pages: every record is read in a child first.
+        reason = damage(directory) or walk_fault(directory)
         if reason is not None:
             self._remove_damaged_index(reason)
         self._index_map_bytes = map_size

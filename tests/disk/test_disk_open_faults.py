@@ -98,3 +98,24 @@ def test_an_index_lmdb_reports_corrupt_at_open_is_rebuilt(tmp_path: Path, kit: D
         kit.assert_holds(tier, range(2 * kit.per_region))
         assert tier.stats().admitting
     assert any("damaged" in r.message and "rebuilding" in r.message for r in caplog.records)
+
+
+def test_any_one_index_page_zeroed_is_rebuilt_never_an_abort(tmp_path: Path, kit: DiskKit) -> None:
+    """LMDB aborts the process (``Assertion 'IS_LEAF(mp)' failed``) on some damaged pages instead of returning
+    an error: every page of the index is zeroed in turn, and each open, in a child, must rebuild or read on."""
+    source = tmp_path / "source"
+    config = DiskConfig(paths=(str(source),), capacity_bytes="1MiB", region_bytes="256KiB", reinsert_hits=0)
+    with DiskTier(config, kit.layout) as tier:
+        kit.fill(tier, range(2 * kit.per_region))
+        tier.flush()
+    pristine = (source / "kvtier-index" / "data.mdb").read_bytes()
+    for page in range(2, len(pristine) // 4096):  # the two meta pages are the truncation test's
+        copy = tmp_path / f"page-{page}"
+        shutil.copytree(source, copy)
+        damaged = bytearray(pristine)
+        damaged[page * 4096 : (page + 1) * 4096] = bytes(4096)
+        (copy / "kvtier-index" / "data.mdb").write_bytes(damaged)
+        opened = open_in_child(copy)
+        assert opened.returncode == 0, f"page {page}: {opened.returncode} {opened.stderr[-500:]}"  # SIGABRT: -6
+        assert f"OPENED {2 * kit.per_region}" in opened.stdout, f"page {page}: {opened.stdout + opened.stderr}"
+        shutil.rmtree(copy)
