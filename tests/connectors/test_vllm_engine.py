@@ -73,7 +73,7 @@ def model_config(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
 
 def make_engine(model_config: ModelConfig, graph_mode: str = "piecewise", *, policy: str = "recompute",
                 max_batched_tokens: int = 512, num_blocks: int = 64, extra: dict[str, Any] | None = None,
-                store: Store | None = None) -> Engine:
+                store: Store | None = None, kv_events: bool = False) -> Engine:
     init_none_hash(sha256)
     kv_cache_config = make_kv_cache_config(num_blocks)
     layout, _ = layout_from_kv_cache_config(kv_cache_config, 0)
@@ -87,7 +87,7 @@ def make_engine(model_config: ModelConfig, graph_mode: str = "piecewise", *, pol
         adopt_store(instance, store)
         extra["instance"] = instance
     config = make_vllm_config(model_config, extra, policy=policy, max_batched_tokens=max_batched_tokens,
-                              num_blocks=num_blocks)
+                              num_blocks=num_blocks, kv_events=kv_events)
     return Engine(config, kv_cache_config, graph_mode)
 
 

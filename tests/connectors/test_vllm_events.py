@@ -77,7 +77,7 @@ def test_block_removed_follows_an_eviction_from_the_embedded_store(model_config:
     probe.close()
     store = Store(layout, StoreConfig(host=HostConfig(capacity_bytes=NUM_SLOTS * slot_bytes, policy="lru"),
                                       transfer=TransferConfig(backend="cpu")))
-    engine = make_engine(model_config, store=store)
+    engine = make_engine(model_config, store=store, kv_events=True)
     engines.append(engine)
     published = record_events(engine)
     write_past_the_host_tier(engine, published, store.contains)
@@ -101,7 +101,8 @@ def test_block_removed_follows_an_eviction_in_a_daemon(model_config: ModelConfig
                 assert time.monotonic() < deadline and daemon.poll() is None, "the daemon never answered"
                 time.sleep(0.1)
         engine = make_engine(model_config, extra={"store": "daemon", "instance": f"daemon-{next(_instances)}",
-                                                  "config": {"daemon": {"connect": f"unix:{socket_path}"}}})
+                                                  "config": {"daemon": {"connect": f"unix:{socket_path}"}}},
+                             kv_events=True)
         engines.append(engine)
         published = record_events(engine)
         write_past_the_host_tier(engine, published, probe.contains)

@@ -30,7 +30,15 @@ from unittest import mock
 
 import torch
 from vllm import SamplingParams
-from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    KVEventsConfig,
+    KVTransferConfig,
+    ModelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
 from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.utils.hashing import sha256
@@ -65,7 +73,7 @@ def write_model_dir(path: Path) -> Path:
 
 def make_vllm_config(model_config: ModelConfig, extra: dict[str, Any], *, policy: str = "recompute",
                      max_batched_tokens: int = 512, num_blocks: int = 64, async_scheduling: bool = False,
-                     tp_size: int = 1) -> VllmConfig:
+                     tp_size: int = 1, kv_events: bool = False) -> VllmConfig:
     config = VllmConfig(
         model_config=model_config,
         scheduler_config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=max_batched_tokens,
@@ -77,6 +85,7 @@ def make_vllm_config(model_config: ModelConfig, extra: dict[str, Any], *, policy
             kv_role="kv_both", kv_connector_extra_config=extra, kv_load_failure_policy=policy,
         ),
         device_config=DeviceConfig("cpu"),
+        kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null") if kv_events else None,
     )
     config.parallel_config.distributed_executor_backend = "uni"
     config.parallel_config.tensor_parallel_size = tp_size

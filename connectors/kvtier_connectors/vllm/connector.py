@@ -119,8 +119,12 @@ class KvtierConnector(KVConnectorBase_V1):
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
+            # Removals are read from the store at every step (a round trip to a daemon): only for an engine that
+            # publishes KV events.
+            events = vllm_config.kv_events_config
+            publishing = events is not None and events.enable_kv_cache_events
             self.scheduler_side = SchedulerSide(self.settings, self.layout, self.geometry, self.store, tp_size,
-                                                chunk_stored_event, chunks_removed_event)
+                                                chunk_stored_event, chunks_removed_event if publishing else None)
         rank = 0
         if role != KVConnectorRole.SCHEDULER:
             if tp_size > 1:

@@ -40,7 +40,8 @@ Promises:
   this engine to a private epoch and returns False, so vLLM reports the failure; the engine returns to the
   shared epoch only once the store's advanced past the one it left.
 - ``take_events`` yields a ``BlockStored`` event (medium ``CPU``) per chunk a verdict commits, and a
-  ``BlockRemoved`` (medium ``CPU``) once per announced chunk when the store no longer holds it: each step
+  ``BlockRemoved`` (medium ``CPU``) once per announced chunk when the store no longer holds it (with a
+  ``make_removed_event``: the connector passes one only when vLLM publishes KV events): each step
   reads the store's removal log (``Store.removed_since``; one round trip to a daemon, within the scheduler's
   deadline, skipped when it fails) and matches every rank's key of each announced chunk. When the log cannot
   say exactly what left (this engine fell behind it, or the daemon restarted), when a reset or another
