@@ -85,6 +85,7 @@ def vllm_config_for(extra: dict[str, Any], tp_size: int = 1, executor: str = "un
         model_config=SimpleNamespace(model="tiny-test-model"),
         parallel_config=SimpleNamespace(tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
                                         distributed_executor_backend=executor),
+        kv_events_config=None,
     )
 
 
