@@ -3,7 +3,6 @@ a cluster slot moved. Whatever happens: no call waits past its timeout, no wrong
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import time
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from remote_blocks import block_key, random_block, read_block
 
 from kvtier.layout import KVLayout
 from kvtier.tiers.remote import RemoteTier
@@ -27,16 +27,15 @@ BOUND_S = 3.0
 
 
 def key(i: int, space: str = "fault") -> bytes:
-    return hashlib.blake2b(f"{space}-{i}".encode(), digest_size=16).digest()
+    return block_key(i, space)
 
 
 def payload(i: int, nbytes: int = LAYOUT.block_bytes) -> torch.Tensor:
-    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+    return random_block(i, nbytes)
 
 
 def read(tier: RemoteTier, k: bytes) -> torch.Tensor | None:
-    dst = torch.zeros(tier.block_bytes, dtype=torch.uint8)
-    return dst if tier.submit_read(k, dst).result(BOUND_S * 2) else None
+    return read_block(tier, k, BOUND_S * 2)
 
 
 def timed(call: Callable[[], object]) -> tuple[object, float]:

@@ -3,7 +3,6 @@ reads, no call waits past the timeout, the dead node is logged once and retried 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from redis.crc import key_slot
+from remote_blocks import block_key, random_block, read_block
 
 from kvtier.layout import KVLayout
 from kvtier.tiers.remote import RemoteTier
@@ -26,17 +26,15 @@ TIMEOUT_MS = 500
 BOUND_S = 2.0
 
 
-def key(i: int, space: str) -> bytes:
-    return hashlib.blake2b(f"{space}-{i}".encode(), digest_size=16).digest()
+key = block_key
 
 
 def payload(i: int) -> torch.Tensor:
-    return torch.randint(0, 256, (LAYOUT.block_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+    return random_block(i, LAYOUT.block_bytes)
 
 
 def read(tier: RemoteTier, k: bytes) -> torch.Tensor | None:
-    dst = torch.zeros(tier.block_bytes, dtype=torch.uint8)
-    return dst if tier.submit_read(k, dst).result(10) else None
+    return read_block(tier, k, 10)
 
 
 def owner(servers: LocalServers, tier: RemoteTier, k: bytes) -> int:

@@ -4,7 +4,6 @@ as configuration errors before anything is dialed."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from remote_blocks import block_key, random_block
 
 from kvtier.config import RemoteConfig
 from kvtier.errors import ConfigError
@@ -36,11 +36,11 @@ URL_PASSWORD = "pw-in-the-url-93c1"
 
 
 def key(i: int) -> bytes:
-    return hashlib.blake2b(f"settings-{i}".encode(), digest_size=16).digest()
+    return block_key(i, "settings")
 
 
 def payload(i: int) -> torch.Tensor:
-    return torch.randint(0, 256, (LAYOUT.block_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+    return random_block(i, LAYOUT.block_bytes)
 
 
 def round_trip(tier: RemoteTier, i: int) -> None:

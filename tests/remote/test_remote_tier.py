@@ -3,13 +3,13 @@ format's checks, namespaces, the bounded write queue."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from remote_blocks import block_key, random_block, read_block
 
 from kvtier.config import RemoteConfig
 from kvtier.disk.format import HEADER_BYTES, MAGIC
@@ -25,16 +25,15 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", blo
 
 
 def key(i: int, space: str = "tier") -> bytes:
-    return hashlib.blake2b(f"{space}-{i}".encode(), digest_size=16).digest()
+    return block_key(i, space)
 
 
 def payload(i: int, nbytes: int = LAYOUT.block_bytes) -> torch.Tensor:
-    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+    return random_block(i, nbytes)
 
 
 def read(tier: RemoteTier, k: bytes, timeout: float = 5) -> torch.Tensor | None:
-    dst = torch.zeros(tier.block_bytes, dtype=torch.uint8)
-    return dst if tier.submit_read(k, dst).result(timeout) else None
+    return read_block(tier, k, timeout)
 
 
 @pytest.fixture

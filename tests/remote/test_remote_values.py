@@ -4,7 +4,6 @@ servers lost, and a promotion that hangs never hangs ``acquire``."""
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import time
 import tracemalloc
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 import zstandard
+from remote_blocks import block_key, random_block, read_block
 
 import kvtier.store
 from kvtier import HostConfig, KVLayout, Store, StoreConfig, TransferConfig
@@ -29,17 +29,15 @@ LAYOUT = KVLayout(num_layers=8, num_kv_heads=4, head_dim=64, dtype="float16", bl
 SECRET = "a shared secret of the trusted hosts"
 
 
-def key(i: int, space: str) -> bytes:
-    return hashlib.blake2b(f"{space}-{i}".encode(), digest_size=16).digest()
+key = block_key
 
 
 def payload(i: int) -> torch.Tensor:
-    return torch.randint(0, 256, (LAYOUT.block_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+    return random_block(i, LAYOUT.block_bytes)
 
 
 def read(tier: RemoteTier, k: bytes) -> torch.Tensor | None:
-    dst = torch.zeros(tier.block_bytes, dtype=torch.uint8)
-    return dst if tier.submit_read(k, dst).result(10) else None
+    return read_block(tier, k, 10)
 
 
 def frame_declaring(nbytes: int) -> bytes:
