@@ -27,8 +27,8 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm_engine
 
-from vllm_engine_model import write_tiny_llama  # noqa: E402
 
+from kvtier.bench.peers_child import write_model  # noqa: E402
 from kvtier.config import StoreConfig  # noqa: E402
 from kvtier.daemon.stats_cmd import fetch  # noqa: E402
 
@@ -118,7 +118,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def model(work: Path) -> str:
-    return str(write_tiny_llama(work / "tiny-llama"))
+    # The peers benchmark's model: its random weights are scaled so that a wrong restored block changes tokens.
+    write_model(work / "tiny-llama")
+    return str(work / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

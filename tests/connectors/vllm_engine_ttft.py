@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from test_vllm_real_engine import PREFIX, PROMPTS, embedded_extra, phase, run_engine
-from vllm_engine_model import write_tiny_llama
+
+from kvtier.bench.peers_child import write_model
 
 
 def main(rounds: int, modes: list[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
     try:
-        model = str(write_tiny_llama(work / "tiny-llama"))
+        write_model(work / "tiny-llama")
+        model = str(work / "tiny-llama")
         disk = work / "disk"
         run_engine(work, "save", {"model": model, "extra": embedded_extra(disk), "phases": [phase("p0", "p1", "p2")]})
         rng = random.Random(1)
