@@ -28,17 +28,19 @@ from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm_harness import (  # noqa: E402
     BLOCK,
+    HEADS,
     LAYERS,
     Engine,
-    expected_kv,
     make_kv_cache_config,
     make_vllm_config,
+    token_cells,
     write_model_dir,
 )
 
 from kvtier.config import HostConfig, StoreConfig, TransferConfig  # noqa: E402
+from kvtier.errors import CapacityError, StaleHandleError  # noqa: E402
 from kvtier.job import Job  # noqa: E402
-from kvtier.store import Lease, Store  # noqa: E402
+from kvtier.store import Lease, Reservation, Store  # noqa: E402
 from kvtier_connectors.vllm.settings import adopt_store, layout_from_kv_cache_config  # noqa: E402
 
 _instances = itertools.count()
@@ -47,17 +49,37 @@ SPARE_BLOCK = NUM_BLOCKS - 1  # read-back target: the tests never use this many 
 
 
 class FailingStore(Store):
-    """A store whose chosen keys are deleted between the scheduler's lookup and the worker's load."""
+    """A store whose chosen keys are deleted between the scheduler's lookup and the worker's load (after
+    ``spare_acquires`` acquires that include one of them: ranks that share a key acquire it in turn), whose
+    ``reserve`` refuses a call with a key of ``refused`` as a full arena does, and whose ``commit`` refuses
+    one with a key of ``refused_commits`` as a store that restarted does."""
 
     failing: set[bytes]
+    spare_acquires = 0
+    refused: frozenset[bytes] = frozenset()
+    refused_commits: frozenset[bytes] = frozenset()
 
     def acquire(self, keys: Any, timeout: float | None = None) -> Lease:
         keys = list(keys)
         cut = next((i for i, key in enumerate(keys) if key in self.failing), len(keys))
-        if cut < len(keys):
+        if cut < len(keys) and self.spare_acquires:
+            self.spare_acquires -= 1
+        elif cut < len(keys):
             self.host.drop(keys[cut])
             self.failing.discard(keys[cut])
-        return super().acquire(keys[:cut], timeout)
+            return super().acquire(keys[:cut], timeout)
+        return super().acquire(keys, timeout)
+
+    def reserve(self, keys: Any) -> Reservation:
+        if self.refused.intersection(keys):
+            raise CapacityError("the test's arena is full")
+        return super().reserve(keys)
+
+    def commit(self, reservation: Reservation) -> None:
+        if self.refused_commits.intersection(reservation.keys):
+            super().abort(reservation)
+            raise StaleHandleError("the test's store restarted")
+        super().commit(reservation)
 
     def get(self, keys: Any, blocks: Any) -> Job:
         job = super().get(keys, blocks)
@@ -81,9 +103,10 @@ def engines() -> Iterator[list[Engine]]:
 
 def make_engine(model_config: ModelConfig, engines: list[Engine], *, async_scheduling: bool = False,
                 tp_size: int = 1, policy: str = "recompute", max_batched_tokens: int = 512,
-                extra: dict[str, Any] | None = None) -> tuple[Engine, FailingStore]:
+                extra: dict[str, Any] | None = None, num_kv_heads: int = HEADS, mla: bool = False,
+                eagle_draft: Path | None = None) -> tuple[Engine, FailingStore]:
     init_none_hash(sha256)
-    kv_cache_config = make_kv_cache_config(NUM_BLOCKS)
+    kv_cache_config = make_kv_cache_config(NUM_BLOCKS, num_kv_heads, mla)
     layout, _ = layout_from_kv_cache_config(kv_cache_config, 0)
     store = FailingStore(layout, StoreConfig(host=HostConfig(capacity_bytes=8 << 20),
                                              transfer=TransferConfig(backend="cpu")))
@@ -93,7 +116,8 @@ def make_engine(model_config: ModelConfig, engines: list[Engine], *, async_sched
     # Every rank shares the one adopted store, as every process shares a daemon (store='daemon' allows TP).
     extra = {"instance": instance, **({"store": "daemon"} if tp_size > 1 else {}), **(extra or {})}
     config = make_vllm_config(model_config, extra, policy=policy, max_batched_tokens=max_batched_tokens,
-                              num_blocks=NUM_BLOCKS, async_scheduling=async_scheduling, tp_size=tp_size)
+                              num_blocks=NUM_BLOCKS, async_scheduling=async_scheduling, tp_size=tp_size,
+                              eagle_draft=eagle_draft)
     engine = Engine(config, kv_cache_config)
     engines.append(engine)
     return engine, store
@@ -146,8 +170,8 @@ def stored_chunks(engine: Engine, store: Store, tokens: list[int]) -> tuple[list
                 held.append(chunk)
             for layer_index, name in enumerate(LAYERS):
                 cache = engine.rank_caches[rank][name]
-                actual = [int(cache[SPARE_BLOCK, 0, p, 0]) for p in range(BLOCK)]
-                expected = expected_kv(tokens, layer_index, rank, engine.tp_size)[chunk * BLOCK : (chunk + 1) * BLOCK]
+                actual = [int(token_cells(cache, SPARE_BLOCK, p).flatten()[0]) for p in range(BLOCK)]
+                expected = engine.expected_kv(tokens, layer_index, rank)[chunk * BLOCK : (chunk + 1) * BLOCK]
                 if actual != expected:
                     wrong.append((rank, chunk))
                     break
@@ -281,3 +305,30 @@ def test_saves_of_steps_whose_output_names_no_step_are_dropped(model_config: Mod
     side = engine.worker.worker_side
     assert side is not None and side.staged_chunks() == 0
     assert stored_chunks(engine, store, tokens) == ([], [])
+
+
+@pytest.mark.parametrize("refusal", ["reserve", "commit"])
+def test_a_chunk_one_rank_could_not_store_is_never_announced(model_config: ModelConfig, engines: list[Engine],
+                                                             refusal: str) -> None:
+    """Item 6: ``BlockStored`` follows the commits of every rank. Rank 1's save of the step holding chunk 2 is
+    refused (a full arena, or a commit into a store that restarted): rank 0 commits chunks 2-3, but with rank
+    1 missing them no hit can come from them, so they are not announced; the other chunks are, once each."""
+    engine, store = make_engine(model_config, engines, tp_size=2, max_batched_tokens=2 * BLOCK)
+    published: list[Any] = []
+    engine.scheduler.kv_event_publisher.publish = published.append  # type: ignore[method-assign]
+    tokens = prompt(9, 6 * BLOCK + 1)
+    refused = frozenset({chunk_key(engine, tokens, 2, rank=1)})
+    if refusal == "reserve":
+        store.refused = refused
+    else:
+        store.refused_commits = refused
+    engine.run_until_done(engine.add("one", tokens), timeout_s=30)
+    held, wrong = stored_chunks(engine, store, tokens)
+    assert not wrong and held == list(range(6))  # rank 0 holds all, rank 1 not chunks 2-3
+    assert store.lookup([chunk_key(engine, tokens, c, rank=1) for c in range(6)], prefetch=False).num_blocks == 2
+    stored = [event.block_hashes[0] for batch in published for event in batch.events
+              if getattr(event, "medium", None) == "CPU"]
+    hashes = block_hashes(tokens)
+    assert sorted(stored) == sorted(hashes[c] for c in (0, 1, 4, 5))
+    connector = engine.scheduler.connector
+    assert connector is not None and not connector.has_pending_push_work()

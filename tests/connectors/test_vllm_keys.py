@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,8 +16,15 @@ pytestmark = pytest.mark.vllm
 from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core.kv_cache_utils import hash_block_tokens, init_none_hash  # noqa: E402
 
+from kvtier.errors import ConfigError  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
-from kvtier_connectors.vllm.settings import ChunkKeys, ConnectorSettings, VllmGeometry  # noqa: E402
+from kvtier_connectors.vllm.settings import (  # noqa: E402
+    ChunkKeys,
+    ConnectorSettings,
+    VllmGeometry,
+    drafts_over_next_token,
+    kv_head_replicas,
+)
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=16)
 GEOMETRY = VllmGeometry(layer_names=("a", "b"), vllm_block_tokens=16, hash_block_tokens=16, num_blocks=8,
@@ -83,3 +91,30 @@ def test_a_chunk_is_named_by_the_hash_of_its_last_vllm_block() -> None:
     assert keys.num_chunks(hashes) == 2
     assert keys.num_chunks(hashes[:3]) == 1
     assert [keys.chunk_hash(hashes, c) for c in range(2)] == [hashes[1], hashes[3]]
+
+
+def test_ranks_holding_one_kv_head_share_its_key_and_one_writes() -> None:
+    """Four ranks over two KV heads: ranks 0-1 hold head 0, ranks 2-3 head 1 (vLLM's replication)."""
+    assert kv_head_replicas(2, 4) == 2 and kv_head_replicas(8, 4) == 1 and kv_head_replicas(4, 4) == 1
+    ranks = [ChunkKeys(SETTINGS, LAYOUT, GEOMETRY, rank, 4, kv_replicas=2) for rank in range(4)]
+    chunk_hash = b"\x01" * 32
+    assert ranks[0].key(chunk_hash) == ranks[1].key(chunk_hash) != ranks[2].key(chunk_hash) == ranks[3].key(chunk_hash)
+    assert [keys.writer for keys in ranks] == [True, False, True, False]
+    assert [keys.key_rank for keys in ranks] == [0, 0, 1, 1] and ranks[0].num_key_ranks == 2
+    # The keys name the KV a rank holds: those of TP=2 over the same two heads.
+    assert ranks[2].key(chunk_hash) == ChunkKeys(SETTINGS, LAYOUT, GEOMETRY, 1, 2).key(chunk_hash)
+
+
+def test_replication_that_cannot_be_even_is_refused() -> None:
+    with pytest.raises(ConfigError, match="not a multiple"):
+        kv_head_replicas(3, 4)
+    with pytest.raises(ConfigError, match="do not divide"):
+        ChunkKeys(SETTINGS, LAYOUT, GEOMETRY, 0, 4, kv_replicas=3)
+
+
+def test_drafters_over_the_next_token_are_told_apart() -> None:
+    assert not drafts_over_next_token(None)
+    # vLLM 0.33 says it itself (DFlash-style drafters need no drop); 0.32 only has use_eagle.
+    assert not drafts_over_next_token(SimpleNamespace(needs_eagle_block_drop=lambda: False, use_eagle=lambda: True))
+    assert drafts_over_next_token(SimpleNamespace(use_eagle=lambda: True))
+    assert not drafts_over_next_token(SimpleNamespace(use_eagle=lambda: False))

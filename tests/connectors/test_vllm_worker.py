@@ -82,7 +82,8 @@ def vllm_config_for(extra: dict[str, Any], tp_size: int = 1, executor: str = "un
         kv_transfer_config=KVTransferConfig(
             kv_connector="KvtierConnector", kv_connector_module_path="kvtier_connectors.vllm",
             kv_role="kv_both", kv_connector_extra_config=extra),
-        model_config=SimpleNamespace(model="tiny-test-model"),
+        model_config=SimpleNamespace(model="tiny-test-model", get_total_num_kv_heads=lambda: HEADS * tp_size),
+        speculative_config=None,
         parallel_config=SimpleNamespace(tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
                                         distributed_executor_backend=executor),
         kv_events_config=None,

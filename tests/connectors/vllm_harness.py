@@ -14,9 +14,12 @@ scheduled (and run) before step t's output is read. ``tp_size=2`` runs one worke
 paged cache, per tensor-parallel rank.
 
 The fake forward writes, for each scheduled token at position ``p`` of layer ``l`` on rank ``r``, the value
-``(3 * sum over ranks of kv[p - 1] + token + l + r) mod 65521`` read from the paged caches themselves (the
+``(3 * sum over ranks of kv[p - 1] + token + l + s) mod 65521`` read from the paged caches themselves (the
 sum stands for the all-reduce), so KV computed over a prefix that is not in place on any rank (not loaded
-yet, or failed) differs from ``expected_kv``.
+yet, or failed) differs from ``expected_kv``. ``s`` is the KV slice the rank holds: ``r``, or ``r //
+replicas`` when ranks share KV (MLA's latent: every rank; KV heads replicated over ranks). With an EAGLE
+speculative config the last layer stands for the drafter's: ``token`` is then the token at ``p + 1`` (the
+next prompt token, or the sampled one, always 7). MLA caches (``mla=True``) are ``(blocks, tokens, dim)``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from vllm.config import (
     KVEventsConfig,
     KVTransferConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     VllmConfig,
 )
 from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
@@ -45,7 +50,13 @@ from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+    MLAAttentionSpec,
+)
 from vllm.v1.kv_cache_layout import KVCacheLayout
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
@@ -53,6 +64,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 from vllm.v1.worker.utils import allocate_kv_cache
 
 from kvtier_connectors.vllm import KvtierConnector
+from kvtier_connectors.vllm.settings import drafts_over_next_token, kv_head_replicas
 
 BLOCK = 16
 LAYERS = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
@@ -61,10 +73,11 @@ EOS = 999
 MODULUS = 65521
 
 
-def write_model_dir(path: Path) -> Path:
+def write_model_dir(path: Path, num_kv_heads: int = HEADS, architecture: str = "LlamaForCausalLM") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": HEADS,
+        "architectures": [architecture], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": num_kv_heads,
         "num_hidden_layers": len(LAYERS), "head_dim": HEAD_DIM, "vocab_size": 1000,
         "max_position_embeddings": 4096, "torch_dtype": "float32", "rms_norm_eps": 1e-5,
     }))
@@ -73,7 +86,10 @@ def write_model_dir(path: Path) -> Path:
 
 def make_vllm_config(model_config: ModelConfig, extra: dict[str, Any], *, policy: str = "recompute",
                      max_batched_tokens: int = 512, num_blocks: int = 64, async_scheduling: bool = False,
-                     tp_size: int = 1, kv_events: bool = False) -> VllmConfig:
+                     tp_size: int = 1, kv_events: bool = False, eagle_draft: Path | None = None) -> VllmConfig:
+    speculative = None if eagle_draft is None else SpeculativeConfig(
+        method="eagle", model=str(write_model_dir(eagle_draft, architecture="EagleLlamaForCausalLM")),
+        num_speculative_tokens=2, target_model_config=model_config, target_parallel_config=ParallelConfig())
     config = VllmConfig(
         model_config=model_config,
         scheduler_config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=max_batched_tokens,
@@ -86,6 +102,7 @@ def make_vllm_config(model_config: ModelConfig, extra: dict[str, Any], *, policy
         ),
         device_config=DeviceConfig("cpu"),
         kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null") if kv_events else None,
+        speculative_config=speculative,
     )
     config.parallel_config.distributed_executor_backend = "uni"
     config.parallel_config.tensor_parallel_size = tp_size
@@ -95,8 +112,10 @@ def make_vllm_config(model_config: ModelConfig, extra: dict[str, Any], *, policy
     return config
 
 
-def make_kv_cache_config(num_blocks: int = 64) -> KVCacheConfig:
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float32)
+def make_kv_cache_config(num_blocks: int = 64, num_kv_heads: int = HEADS, mla: bool = False) -> KVCacheConfig:
+    spec: FullAttentionSpec = (
+        MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=HEAD_DIM, dtype=torch.float32) if mla else
+        FullAttentionSpec(block_size=BLOCK, num_kv_heads=num_kv_heads, head_size=HEAD_DIM, dtype=torch.float32))
     page = spec.page_size_bytes
     return KVCacheConfig(
         num_blocks=num_blocks,
@@ -107,13 +126,21 @@ def make_kv_cache_config(num_blocks: int = 64) -> KVCacheConfig:
     )
 
 
-def expected_kv(tokens: list[int], layer_index: int, rank: int = 0, tp_size: int = 1) -> list[int]:
+def expected_kv(tokens: list[int], layer_index: int, rank: int = 0, tp_size: int = 1, kv_replicas: int = 1,
+                next_token: bool = False) -> list[int]:
+    """What a full recompute of ``tokens`` writes (``next_token``: a drafter's layer, over the next tokens)."""
     values, previous = [], [0] * tp_size
-    for token in tokens:
+    inputs = [*tokens[1:], 7] if next_token else tokens
+    for token in inputs:
         total = sum(previous)
-        previous = [(3 * total + token + layer_index + r) % MODULUS for r in range(tp_size)]
+        previous = [(3 * total + token + layer_index + r // kv_replicas) % MODULUS for r in range(tp_size)]
         values.append(previous[rank])
     return values
+
+
+def token_cells(cache: torch.Tensor, block_id: int, slot: int) -> torch.Tensor:
+    """Every value one token holds in a page (all heads): MLA's ``(blocks, tokens, dim)`` or ``BLNHC``'s."""
+    return cache[block_id, slot] if cache.dim() == 3 else cache[block_id, :, slot, :]
 
 
 class Engine:
@@ -126,6 +153,11 @@ class Engine:
                                        structured_output_manager=StructuredOutputManager(vllm_config),
                                        block_size=BLOCK)
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        mla = isinstance(kv_cache_config.kv_cache_groups[0].kv_cache_spec, MLAAttentionSpec)
+        self.kv_replicas = self.tp_size if mla else kv_head_replicas(
+            vllm_config.model_config.get_total_num_kv_heads(), self.tp_size)
+        # With an EAGLE drafter the last layer stands for the drafter's: its KV is over the next token.
+        self.draft_layer = len(LAYERS) - 1 if drafts_over_next_token(vllm_config.speculative_config) else None
         layout = KVCacheLayout[kv_cache_config.kv_cache_layout]
         self.workers: list[KvtierConnector] = []
         self.rank_caches: list[dict[str, torch.Tensor]] = []
@@ -230,18 +262,24 @@ class Engine:
                 total = 0
                 if position:
                     page, slot = block_ids[(position - 1) // BLOCK], (position - 1) % BLOCK
-                    total = sum(int(cache[page, 0, slot, 0]) for cache in caches)
+                    total = sum(int(token_cells(cache, page, slot).flatten()[0]) for cache in caches)
                 # Under async scheduling a sampled token is not appended yet: every sampled token is 7.
-                token = tokens[position] if position < len(tokens) else 7
+                index = position + (layer_index == self.draft_layer)
+                token = tokens[index] if index < len(tokens) else 7
                 for rank, cache in enumerate(caches):
-                    value = (3 * total + token + layer_index + rank) % MODULUS
-                    cache[block_ids[position // BLOCK], :, position % BLOCK, :] = float(value)
+                    value = (3 * total + token + layer_index + rank // self.kv_replicas) % MODULUS
+                    token_cells(cache, block_ids[position // BLOCK], position % BLOCK).fill_(float(value))
 
     def kv_of(self, req_id: str, num_tokens: int, layer_index: int, rank: int = 0) -> list[int]:
         """The KV values vLLM's blocks of ``req_id`` hold on ``rank`` for its first ``num_tokens`` tokens."""
         cache = self.rank_caches[rank][LAYERS[layer_index]]
         block_ids = self.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
-        return [int(cache[block_ids[p // BLOCK], 0, p % BLOCK, 0]) for p in range(num_tokens)]
+        return [int(token_cells(cache, block_ids[p // BLOCK], p % BLOCK).flatten()[0]) for p in range(num_tokens)]
+
+    def expected_kv(self, tokens: list[int], layer_index: int, rank: int = 0) -> list[int]:
+        """What a full recompute of ``tokens`` writes in this engine (its ranks, KV slices and drafter)."""
+        return expected_kv(tokens, layer_index, rank, self.tp_size, self.kv_replicas,
+                           next_token=layer_index == self.draft_layer)
 
     def run_until_done(self, *requests: Request, timeout_s: float = 10.0) -> None:
         """Step until vLLM let go of ``requests``, then as vLLM's engine does while the connector has work."""

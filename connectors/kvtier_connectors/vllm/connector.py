@@ -17,7 +17,8 @@ Promises:
 - It never needs piecewise CUDA graphs (synchronous loads are in place before the forward starts), never
   holds a finished request's blocks, and is a best-effort cache (``requires_kv_delivery`` is False).
 - ``reset_cache`` (vLLM's ``reset_prefix_cache(reset_connector=True)``) puts everything stored before out of
-  reach; ``take_events`` reports the chunks it commits; ``get_kv_connector_stats`` counts loads and saves
+  reach; ``take_events`` reports the chunks every writing rank committed (the workers' commit reports ride
+  on ``KvtierWorkerMeta``); ``get_kv_connector_stats`` counts loads and saves
   (rank 0's: vLLM sums the ranks' reports, and every rank runs the same plan).
 - The commit rule (scheduler.py, worker.py): each step's output carries ``KvtierWorkerMeta`` (the step it
   ran); ``update_connector_output`` reads it with vLLM's merged load errors, and the verdict travels to the
@@ -51,6 +52,8 @@ from kvtier_connectors.vllm.scheduler import SchedulerSide
 from kvtier_connectors.vllm.settings import (
     ChunkKeys,
     ConnectorSettings,
+    drafts_over_next_token,
+    kv_head_replicas,
     layout_from_kv_cache_config,
     open_store,
     release_store,
@@ -110,6 +113,8 @@ class KvtierConnector(KVConnectorBase_V1):
                 raise ConfigError("vLLM names no instance_id for this engine, so its processes cannot find one "
                                   "embedded store; run `kvtier serve` and set store='daemon'")
         self.layout, self.geometry = layout_from_kv_cache_config(kv_cache_config, self.settings.block_tokens)
+        kv_replicas = 1 if self.layout.kind == "latent" else kv_head_replicas(
+            int(model_config.get_total_num_kv_heads()), tp_size)
         # Each role its own daemon connection (one store for all when embedded): see settings.open_store.
         roles = ("scheduler",) if role == KVConnectorRole.SCHEDULER else ("worker", "load")
         self._store_names = [store_name(self.settings, name, engine_id) for name in roles]
@@ -124,14 +129,16 @@ class KvtierConnector(KVConnectorBase_V1):
             events = vllm_config.kv_events_config
             publishing = events is not None and events.enable_kv_cache_events
             self.scheduler_side = SchedulerSide(self.settings, self.layout, self.geometry, self.store, tp_size,
-                                                chunk_stored_event, chunks_removed_event if publishing else None)
+                                                chunk_stored_event, chunks_removed_event if publishing else None,
+                                                kv_replicas=kv_replicas,
+                                                eagle_drafts=drafts_over_next_token(vllm_config.speculative_config))
         rank = 0
         if role != KVConnectorRole.SCHEDULER:
             if tp_size > 1:
                 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
                 rank = get_tensor_model_parallel_rank()
-            keys = ChunkKeys(self.settings, self.layout, self.geometry, rank, tp_size)
+            keys = ChunkKeys(self.settings, self.layout, self.geometry, rank, tp_size, kv_replicas)
             self.worker_side = WorkerSide(self.layout, self.geometry, self.store, keys, stores[1])
         # vLLM sums the workers' stats over ranks, which run the same plan: rank 0 alone reports them.
         self._reports_stats = rank == 0
@@ -178,8 +185,11 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
-        step = meta.step if isinstance(meta, KvtierWorkerMeta) else None
-        self._scheduler().settle(step, set(connector_output.invalid_block_ids or ()))
+        invalid = set(connector_output.invalid_block_ids or ())
+        if isinstance(meta, KvtierWorkerMeta):
+            self._scheduler().settle(meta.step, invalid, meta.committed, meta.lost)
+        else:
+            self._scheduler().settle(None, invalid)
 
     def has_pending_push_work(self) -> bool:
         # Saves wait for a later step's verdict: an idle engine steps on until it is sent.
@@ -236,7 +246,9 @@ class KvtierConnector(KVConnectorBase_V1):
         return self._worker().get_block_ids_with_load_errors()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        return KvtierWorkerMeta(self._worker().step)
+        worker = self._worker()
+        committed, lost = worker.take_commit_reports()
+        return KvtierWorkerMeta(worker.step, committed, lost)
 
     def shutdown(self) -> None:
         if self.worker_side is not None:

@@ -3,9 +3,10 @@
 Promises:
 - ``KvtierMetadata`` is a ``StepPlan`` (loads, saves, key epoch, step number, verdicts) and a
   ``KVConnectorMetadata``; vLLM pickles it to workers.
-- ``KvtierWorkerMeta`` names the step a worker just ran; vLLM merges the ranks' (``aggregate`` keeps the
-  smallest step) and hands it, with the merged load errors of that step, to the scheduler side. It is never
-  empty, so vLLM reports every step's output to ``update_connector_output``.
+- ``KvtierWorkerMeta`` names the step a worker just ran, and the keys it committed and those it staged or
+  planned but did not commit since its last report; vLLM merges the ranks' (``aggregate`` keeps the smallest
+  step and every rank's keys) and hands it, with the merged load errors of that step, to the scheduler side.
+  It is never empty, so vLLM reports every step's output to ``update_connector_output``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ class KvtierMetadata(StepPlan, KVConnectorMetadata):
 
 @dataclass
 class KvtierWorkerMeta(KVConnectorWorkerMetadata):
-    """The step (``StepPlan.step``) whose output this is."""
+    """The step (``StepPlan.step``) whose output this is, and the commit reports of every rank."""
 
     step: int
+    # (step of the save, key) pairs: see ``WorkerSide.take_commit_reports``.
+    committed: tuple[tuple[int, bytes], ...] = ()
+    lost: tuple[tuple[int, bytes], ...] = ()
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KvtierWorkerMeta):
-            return KvtierWorkerMeta(min(self.step, other.step))
+            return KvtierWorkerMeta(min(self.step, other.step), self.committed + other.committed,
+                                    self.lost + other.lost)
         return self

@@ -9,13 +9,17 @@ Promises:
   ``sync_load_bytes`` and, for a hit reaching below the host tier, those reaching below it within
   ``sync_disk_load_bytes`` (the worker waits for the reads, bounded, before the forward: fewer engine steps
   than an asynchronous load, whose hand-offs dominate a small read); asynchronous otherwise. With tensor
-  parallelism the hit is the shortest over all ranks.
+  parallelism the hit is the shortest over all key ranks (ranks holding the same KV share keys). With an
+  EAGLE-style drafter (``eagle_drafts``) the hit ends one token short of its last chunk: the drafter's KV
+  there was computed over the saver's next token, and vLLM computes it again over the request's own.
 - A store that fails (a daemon gone or restarting) is a miss, never an exception inside ``schedule()``.
 - ``update_state_after_alloc`` turns the hit into a ``LoadSpec`` over the blocks vLLM allocated; it is sent
   in the next ``build_connector_meta``.
 - ``build_connector_meta`` numbers the step and asks for a save of every chunk that becomes whole (all its
   tokens computed and hashed) in the step, after the leading run the store already holds for every rank
-  (one ``lookup``).
+  (one ``lookup``). With an EAGLE-style drafter, while a request decodes, the chunk holding its newest
+  tokens waits until a chunk past it is computed (vLLM rewrites the drafter's KV there when speculated
+  tokens are rejected), as vLLM's offloading connector does.
 - The commit rule: workers stage a step's saves; they are committed only once the scheduler has read that
   step's output (``update_connector_output``: vLLM's merge of every rank's load errors, with the step number
   of ``KvtierWorkerMeta``) and sends its ``Verdict`` in a later step's plan. A chunk is dropped when the
@@ -26,8 +30,9 @@ Promises:
   as does one still without a verdict ``MAX_UNSETTLED_STEPS`` steps later (outputs that name no step).
 - Blocks vLLM reports as failed loads rewind the save cursor of every request holding them (and of every
   request with a dropped save) to the first chunk affected, so the chunks vLLM recomputes are saved again.
-- ``has_pending_push_work`` keeps vLLM stepping while a step's saves wait for their verdict, so the last
-  saves of an idle engine are committed without waiting for the next request.
+- ``has_pending_push_work`` keeps vLLM stepping while a step's saves wait for their verdict (or, with KV
+  events, a kept chunk for its commit reports), so the last saves of an idle engine are committed and
+  announced without waiting for the next request.
 - ``request_finished`` never holds a request's blocks (saves are queued on the forward's stream); a
   planned synchronous load of a request that ends before its step is dropped, an asynchronous one is left
   to report (vLLM holds its blocks until then).
@@ -39,7 +44,9 @@ Promises:
   epoch before it answers, as if it had reset itself. A reset the store cannot record (a daemon gone) moves
   this engine to a private epoch and returns False, so vLLM reports the failure; the engine returns to the
   shared epoch only once the store's advanced past the one it left.
-- ``take_events`` yields a ``BlockStored`` event (medium ``CPU``) per chunk a verdict commits, and a
+- ``take_events`` yields a ``BlockStored`` event (medium ``CPU``) per chunk a verdict kept, once every
+  writing rank reported its commit (``settle``'s ``committed``; a rank's ``lost`` report on that save, or no
+  report within ``COMMIT_REPORT_WAIT_S``, and it is never announced), and a
   ``BlockRemoved`` (medium ``CPU``) once per announced chunk when the store no longer holds it (with a
   ``make_removed_event``: the connector passes one only when vLLM publishes KV events): each step
   reads the store's removal log (``Store.removed_since``; one round trip to a daemon, within the scheduler's
@@ -54,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +80,9 @@ log = logging.getLogger(__name__)
 MAX_UNSETTLED_STEPS = 8
 # Chunks announced as stored and watched for their removal (about 10 MiB of keys and hashes at most).
 MAX_ANNOUNCED_CHUNKS = 1 << 15
+# The longest a committed chunk waits for every writing rank's commit report before it is never announced
+# (a report lost with a worker's output; commits follow their verdict within a step or two).
+COMMIT_REPORT_WAIT_S = 10.0
 
 
 @dataclass
@@ -107,6 +118,19 @@ class _PlannedSave:
         return None
 
 
+@dataclass
+class _Committing:
+    """A chunk a verdict kept, announced once every writing rank reported its commit (``missing`` empty)."""
+
+    request: Any
+    chunk: int
+    chunk_hash: bytes
+    step: int  # of the save the verdict kept
+    keys: tuple[bytes, ...]  # every key rank's
+    missing: set[bytes]
+    since_s: float
+
+
 def epoch_scope(settings: ConnectorSettings) -> str:
     """The store's key-epoch scope every engine of this model and tenant salt shares (bounded in length)."""
     digest = hashlib.sha256(f"{settings.model_id}\0{settings.tenant_salt}".encode()).hexdigest()[:32]
@@ -118,7 +142,8 @@ class SchedulerSide:
 
     def __init__(self, settings: ConnectorSettings, layout: KVLayout, geometry: VllmGeometry, store: BlockStore,
                  tp_size: int, make_event: Callable[[Any, int, int, int], Any] | None = None,
-                 make_removed_event: Callable[[list[Any]], Any] | None = None) -> None:
+                 make_removed_event: Callable[[list[Any]], Any] | None = None, *, kv_replicas: int = 1,
+                 eagle_drafts: bool = False) -> None:
         self.store = store
         self.block_tokens = layout.block_tokens
         self.block_bytes = layout.block_bytes
@@ -127,12 +152,18 @@ class SchedulerSide:
         self.pages_per_chunk = layout.block_tokens // geometry.vllm_block_tokens
         self.sync_load_bytes = settings.sync_load_bytes
         self.sync_disk_load_bytes = settings.sync_disk_load_bytes
-        # Latent (MLA) KV is the same on every rank and stored once: rank 0's keys stand for all.
-        num_key_ranks = 1 if layout.kind == "latent" else tp_size
-        self.rank_keys = [ChunkKeys(settings, layout, geometry, rank, tp_size) for rank in range(num_key_ranks)]
+        # Ranks that hold the same KV (MLA's latent, replicated KV heads) share keys: one writer's stand for all.
+        num_key_ranks = ChunkKeys(settings, layout, geometry, 0, tp_size, kv_replicas).num_key_ranks
+        replicas = tp_size // num_key_ranks
+        self.rank_keys = [ChunkKeys(settings, layout, geometry, key_rank * replicas, tp_size, kv_replicas)
+                          for key_rank in range(num_key_ranks)]
+        # An EAGLE-style drafter's KV at a position depends on the next token, which no chunk hash covers.
+        self.eagle_drafts = eagle_drafts
         self._make_event = make_event
         self._make_removed_event = make_removed_event
         self._events: list[Any] = []
+        # Chunks kept by a verdict, by every rank's key, until the ranks' commit reports come.
+        self._committing: dict[bytes, _Committing] = {}
         # Announced chunks by their rank-0 key: every rank's key and vLLM's block hashes (oldest first).
         self._announced: OrderedDict[bytes, tuple[tuple[bytes, ...], list[Any]]] = OrderedDict()
         self._announced_by_key: dict[bytes, bytes] = {}
@@ -183,8 +214,10 @@ class SchedulerSide:
         return True
 
     def _enter_epoch(self, epoch: int, private: bool = False) -> None:
-        # The keys of the old epoch are out of reach: what was announced under them is gone for vLLM.
+        # The keys of the old epoch are out of reach: what was announced under them is gone for vLLM, and what
+        # was being committed under them is never announced.
         self._announce_removed(list(self._announced))
+        self._committing.clear()
         self._epoch, self._private_epoch = epoch, private
         # Epoch 0 keeps the keys of a store that was never reset (no epoch in the namespace).
         self.key_epoch = f"private-{secrets.token_hex(8)}" if private else (f"{epoch}" if epoch else "")
@@ -216,8 +249,10 @@ class SchedulerSide:
             found = self._lookup(keys, chunk_hashes[:num_hit], prefetch=True)
             num_hit = found.num_blocks
             from_disk = from_disk or any(tier is not Tier.HOST for tier in found.tiers[:num_hit])
-        # A prompt of whole chunks: the last chunk loads too, and vLLM computes its last token over it.
-        end_tokens = min((first_chunk + num_hit) * self.block_tokens, request.num_tokens - 1)
+        # A prompt of whole chunks: the last chunk loads too, and vLLM computes its last token over it. A
+        # drafter's KV at the hit's last position was computed over the next token of whoever saved it: vLLM
+        # computes that position again, over this request's next token.
+        end_tokens = min((first_chunk + num_hit) * self.block_tokens - self.eagle_drafts, request.num_tokens - 1)
         if end_tokens <= num_computed_tokens:
             self._hits.pop(request.request_id, None)
             return 0, False
@@ -284,14 +319,21 @@ class SchedulerSide:
         return meta
 
     def has_unsettled_saves(self) -> bool:
-        """Whether a step's saves still wait for their verdict (or a verdict waits to be sent)."""
-        return bool(self._unsettled or self._verdicts)
+        """Whether a step's saves still wait for their verdict (or a verdict waits to be sent), or a kept
+        chunk for the commit reports that announce it."""
+        return bool(self._unsettled or self._verdicts or self._committing)
 
     def _plan_saves(self, meta: KvtierMetadata, tracked: _Tracked, computed_tokens: int) -> None:
         keys0 = self.rank_keys[0]
-        hashes = tracked.request.block_hashes
-        whole_chunks = min(computed_tokens // self.block_tokens, keys0.num_chunks(hashes),
-                           len(tracked.block_ids) // self.pages_per_chunk)
+        request = tracked.request
+        hashes = request.block_hashes
+        computed_chunks = computed_tokens // self.block_tokens
+        if self.eagle_drafts and computed_tokens > request.num_prompt_tokens:
+            # While a request decodes, rejected speculated tokens make vLLM rewrite the drafter's KV near the
+            # end of what it computed: the chunk holding the newest tokens waits until the request computed a
+            # chunk past it (vLLM's offloading connector does the same).
+            computed_chunks -= 1
+        whole_chunks = min(computed_chunks, keys0.num_chunks(hashes), len(tracked.block_ids) // self.pages_per_chunk)
         chunks = range(tracked.next_chunk, whole_chunks)
         if not chunks:
             return
@@ -312,11 +354,14 @@ class SchedulerSide:
         self._unsettled.setdefault(meta.step, []).append(
             _PlannedSave(tracked.request, todo.start, saved_hashes, tuple(tracked.block_ids[: todo.stop * m])))
 
-    def settle(self, step: int | None, invalid_block_ids: set[int]) -> None:
+    def settle(self, step: int | None, invalid_block_ids: set[int], committed: Sequence[tuple[int, bytes]] = (),
+               lost: Sequence[tuple[int, bytes]] = ()) -> None:
         """Read one step's output: drop what its load errors spoiled, and give the verdicts of finished steps.
 
         ``step`` is the step whose output this is (None: unknown, nothing is settled); ``invalid_block_ids``
-        are the blocks whose load failed on any rank.
+        are the blocks whose load failed on any rank; ``committed`` and ``lost`` the (step, key) pairs of saves
+        the workers committed, and of those they staged or planned but did not commit, since their last report
+        (``KvtierWorkerMeta``).
         """
         if invalid_block_ids:
             self.rewind_failed_loads(invalid_block_ids)
@@ -328,6 +373,7 @@ class SchedulerSide:
                         self._drop(unsettled_step, save, first)
         if step is not None:
             self._give_verdicts(step, confirmed=step)
+        self._take_commit_reports(committed, lost)
 
     def _give_verdicts(self, through: int, confirmed: int | None) -> None:
         """Verdicts on every step up to ``through``; only ``confirmed`` had its output read."""
@@ -340,22 +386,53 @@ class SchedulerSide:
             dropped = self._dropped.pop(done, set())
             self._verdicts.append(Verdict(done, frozenset(dropped)))
             if self._make_event is not None:
-                self._publish(planned, dropped)
+                self._publish(done, planned, dropped)
 
-    def _publish(self, planned: list[_PlannedSave], dropped: set[bytes]) -> None:
-        """A ``BlockStored`` event per chunk a verdict commits, once per chunk (requests may share one)."""
-        assert self._make_event is not None
-        keys0 = self.rank_keys[0]
-        published = set(dropped)
+    def _publish(self, step: int, planned: list[_PlannedSave], dropped: set[bytes]) -> None:
+        """Wait for the commit reports of each chunk a verdict keeps, once per chunk (requests may share one)."""
+        now = time.monotonic()
+        kept = set(dropped)
         for save in planned:
             for index, chunk_hash in enumerate(save.chunk_hashes):
-                if chunk_hash not in published:
-                    published.add(chunk_hash)
-                    chunk = save.first_chunk + index
-                    self._events.append(self._make_event(save.request, chunk, keys0.hashes_per_chunk,
-                                                         self.hash_block_tokens))
-                    first = chunk * keys0.hashes_per_chunk
-                    self._watch(chunk_hash, list(save.request.block_hashes[first : first + keys0.hashes_per_chunk]))
+                if chunk_hash not in kept:
+                    kept.add(chunk_hash)
+                    keys = tuple(keys.key(chunk_hash) for keys in self.rank_keys)
+                    committing = _Committing(save.request, save.first_chunk + index, chunk_hash, step, keys, set(keys),
+                                             now)
+                    for key in keys:
+                        self._committing[key] = committing
+
+    def _take_commit_reports(self, committed: Sequence[tuple[int, bytes]],
+                             lost: Sequence[tuple[int, bytes]]) -> None:
+        """A ``BlockStored`` event per kept chunk once every writing rank committed the save the verdict kept
+        (or a later one of the chunk); none once one rank did not. Reports on an earlier save of the chunk (a
+        copy aborted or moved to a later step) decide nothing."""
+        for step, key in lost:
+            gone = self._committing.get(key)
+            if gone is not None and step >= gone.step:
+                self._forget_committing(gone)
+        keys0 = self.rank_keys[0]
+        for step, key in committed:
+            committing = self._committing.get(key)
+            if committing is None or step < committing.step:
+                continue
+            committing.missing.discard(key)
+            if committing.missing:
+                continue
+            self._forget_committing(committing)
+            assert self._make_event is not None
+            self._events.append(self._make_event(committing.request, committing.chunk, keys0.hashes_per_chunk,
+                                                 self.hash_block_tokens))
+            first, count = committing.chunk * keys0.hashes_per_chunk, keys0.hashes_per_chunk
+            self._watch(committing.chunk_hash, list(committing.request.block_hashes[first : first + count]))
+        expired = time.monotonic() - COMMIT_REPORT_WAIT_S
+        for committing in {id(c): c for c in self._committing.values() if c.since_s < expired}.values():
+            self._forget_committing(committing)
+
+    def _forget_committing(self, committing: _Committing) -> None:
+        for key in committing.keys:
+            if self._committing.get(key) is committing:
+                del self._committing[key]
 
     def _watch(self, chunk_hash: bytes, block_hashes: list[Any]) -> None:
         """Remember an announced chunk's keys, to announce its removal when the store no longer holds it."""

@@ -8,8 +8,10 @@ Promises:
   that is not a whole number of vLLM blocks) is a ``ConfigError`` that says what to change.
 - ``ChunkKeys`` turns vLLM's chained block hashes into kvtier keys: ``key = H(namespace root || vLLM hash of
   the chunk's last hash block)``. The namespace covers the model, the layout, vLLM's in-page byte order
-  (``kv_cache_layout``), the rank and the tenant salt, so every process of a deployment that hashes
-  prompts alike agrees on the keys, and blocks of another model, layout, page format or rank never match.
+  (``kv_cache_layout``), the slice of the KV a rank holds and the tenant salt, so every process of a
+  deployment that hashes prompts alike agrees on the keys, and blocks of another model, layout, page format
+  or KV slice never match. Ranks holding the same KV (MLA's latent on every rank, KV heads replicated when
+  there are more ranks than heads: ``kv_head_replicas``) share one key and one stored copy.
 - ``open_store`` hands every connector of one process and ``instance`` the same store: an embedded
   ``Store`` (vLLM's scheduler and a single-process worker share it), a ``Client`` of the engine's private
   daemon (an embedded store for an engine whose workers are processes of their own: ``engine_store``), or a
@@ -167,26 +169,51 @@ def layout_from_kv_cache_config(kv_cache_config: Any, block_tokens: int) -> tupl
     return layout, geometry
 
 
+def drafts_over_next_token(speculative_config: Any) -> bool:
+    """Whether vLLM's speculative decoding builds a draft layer's KV at a position from the next token
+    (EAGLE, EAGLE3, MTP): such KV is not named by the chunk hashes, which end at the position itself."""
+    if speculative_config is None:
+        return False
+    needs_drop = getattr(speculative_config, "needs_eagle_block_drop", None)  # vLLM 0.33; 0.32 has use_eagle
+    return bool(needs_drop() if needs_drop is not None else speculative_config.use_eagle())
+
+
+def kv_head_replicas(total_kv_heads: int, tp_size: int) -> int:
+    """How many tensor-parallel ranks hold each KV head: vLLM replicates heads over ranks when there are more
+    ranks than heads (``tp_size`` a multiple of the heads), and splits them otherwise (1)."""
+    if total_kv_heads < 1 or tp_size <= total_kv_heads:
+        return 1
+    if tp_size % total_kv_heads:
+        raise ConfigError(f"tensor_parallel_size {tp_size} is not a multiple of the model's {total_kv_heads} KV "
+                          "heads, so vLLM cannot replicate them evenly")
+    return tp_size // total_kv_heads
+
+
 class ChunkKeys:
     """kvtier keys of one rank's chunks (kvtier blocks), from vLLM's chained block hashes.
 
-    ``epoch`` (set by ``reset_cache``) is part of the namespace. Latent (MLA) KV is the same on every rank:
-    every rank reads rank 0's keys and only rank 0 (``writer``) saves.
+    ``epoch`` (set by ``reset_cache``) is part of the namespace. Ranks that hold the same KV share keys, and
+    only the first of them (``writer``) saves: latent (MLA) KV is the same on every rank, and with more ranks
+    than KV heads vLLM gives each head to ``kv_replicas`` consecutive ranks. The namespace names the KV a rank
+    holds (``key_rank`` of ``num_key_ranks``), so a deployment of another TP size holding the same head slices
+    shares its keys.
     """
 
     def __init__(self, settings: ConnectorSettings, layout: KVLayout, geometry: VllmGeometry,
-                 tp_rank: int = 0, tp_size: int = 1, epoch: str = "") -> None:
-        self._args = (settings, layout, geometry, tp_rank, tp_size)
+                 tp_rank: int = 0, tp_size: int = 1, kv_replicas: int = 1, epoch: str = "") -> None:
+        self._args = (settings, layout, geometry, tp_rank, tp_size, kv_replicas)
         self.epoch = epoch
         salt = f"vllm:{geometry.page_format}"
         if settings.tenant_salt:
             salt += f":{settings.tenant_salt}"
         if epoch:
             salt += f":epoch={epoch}"
-        latent = layout.kind == "latent"
-        self.writer = not latent or tp_rank == 0
-        namespace = Namespace.for_layout(settings.model_id, layout, 0 if latent else tp_rank,
-                                         1 if latent else tp_size, salt)
+        replicas = tp_size if layout.kind == "latent" else kv_replicas
+        if replicas < 1 or tp_size % replicas:
+            raise ConfigError(f"{replicas} ranks per KV head do not divide tensor_parallel_size {tp_size}")
+        self.key_rank, self.num_key_ranks = tp_rank // replicas, tp_size // replicas
+        self.writer = tp_rank % replicas == 0
+        namespace = Namespace.for_layout(settings.model_id, layout, self.key_rank, self.num_key_ranks, salt)
         self._root = hashlib.sha256(_KEY_DOMAIN + namespace.encode()).digest()
         self.hashes_per_chunk = layout.block_tokens // geometry.hash_block_tokens
 

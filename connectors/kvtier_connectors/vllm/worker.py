@@ -29,7 +29,10 @@ Promises:
   them) and aborts the dropped ones, each once the gathers ran (their CUDA event completed); a failed gather
   aborts at once. A chunk this worker still stages for an earlier step is gathered again into the same slot
   (queued after the first gather) and the later step's verdict decides it: a dropped copy never blocks the
-  recomputed one, and ``reserve`` skipping a key never makes a chunk permanent without its verdict. Gathers
+  recomputed one, and ``reserve`` skipping a key never makes a chunk permanent without its verdict.
+  ``take_commit_reports`` hands over the keys committed since the last call, and those planned or staged but
+  not committed (refused by ``reserve``, already held or being written, dropped, a failed gather or commit):
+  the scheduler side announces a chunk only once every writing rank committed it. Gathers
   are queued on the forward's stream, so vLLM may free and reuse the blocks at once: saves never hold a
   request (``get_finished`` reports no sends). A full arena or a gone daemon makes a save a later miss.
 - Thread-safe: vLLM may hand a step's layers over from two micro-batch threads; the step then gathers
@@ -69,6 +72,7 @@ _EMPTY_LEASE = Lease((), ())
 class _StepSave:
     """The slots one step's saves gather into (``keys[i]`` into ``slots[i]``) and their blocks, chunk by chunk."""
 
+    step: int
     keys: list[bytes] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     chunk_hashes: list[bytes] = field(default_factory=list)
@@ -135,6 +139,9 @@ class WorkerSide:
         # Copies queued on the device and what to do once each ran (commit, abort, release), in order.
         self._pending: list[tuple[torch.cuda.Event | None, Callable[[], None]]] = []
         self.saved_chunks = 0
+        # (step, key) committed, and planned or staged but not committed, since the last commit report.
+        self._committed_keys: list[tuple[int, bytes]] = []
+        self._lost_keys: list[tuple[int, bytes]] = []
         self.loaded_chunks = 0
         self.failed_chunks = 0
         # vLLM may run a step's micro-batches on two threads: the step's save state is shared between them.
@@ -204,20 +211,32 @@ class WorkerSide:
             keep = [] if spoiled is None else [k for k, (_, h, _) in staged.chunks.items() if h not in spoiled]
             kept = set(keep)
             gone = [k for k in staged.chunks if k not in kept]
-            self._after_device(functools.partial(self._settle, staged.chunks, keep, gone))
+            self._after_device(functools.partial(self._settle, step, staged.chunks, keep, gone))
 
-    def _settle(self, chunks: dict[bytes, tuple[int, bytes, str]], commit: list[bytes], abort: list[bytes]) -> None:
+    def _settle(self, step: int, chunks: dict[bytes, tuple[int, bytes, str]], commit: list[bytes],
+                abort: list[bytes]) -> None:
+        """Commit and abort the chunks of step ``step``'s saves, and report which."""
         for keys, action in ((commit, self.store.commit), (abort, self.store.abort)):
             # One handle per generation: each names the arena (and connection) its slots came from.
             for generation in dict.fromkeys(chunks[k][2] for k in keys):
                 part = [k for k in keys if chunks[k][2] == generation]
+                committed = False
                 try:
                     action(Reservation(tuple(part), tuple(chunks[k][0] for k in part), (), generation))
+                    committed = keys is commit
                 except KvtierError as exc:
                     log.debug("kvtier save of %d chunk(s) lost: %s", len(part), exc)
-                    continue
-                if keys is commit:
-                    self.saved_chunks += len(part)
+                with self._lock:
+                    (self._committed_keys if committed else self._lost_keys).extend((step, key) for key in part)
+                    self.saved_chunks += len(part) if committed else 0
+
+    def take_commit_reports(self) -> tuple[tuple[tuple[int, bytes], ...], tuple[tuple[int, bytes], ...]]:
+        """The (save step, key) pairs committed and those not committed since the last call (see the module
+        promises)."""
+        with self._lock:
+            reports = tuple(self._committed_keys), tuple(self._lost_keys)
+            self._committed_keys, self._lost_keys = [], []
+        return reports
 
     def _after_device(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the copies queued so far on the current stream ran (at once on the CPU)."""
@@ -304,7 +323,7 @@ class WorkerSide:
     def _begin_save(self, plan: StepPlan) -> _StepSave:
         if self._step_save is not None:
             return self._step_save
-        save = self._step_save = _StepSave()
+        save = self._step_save = _StepSave(step=plan.step)
         if not self.keys.writer:
             return save
         m = self.pages_per_chunk
@@ -322,17 +341,21 @@ class WorkerSide:
                 reservation = self.store.reserve(fresh)
             except KvtierError as exc:
                 log.debug("kvtier save of %d chunk(s) skipped: %s", len(fresh), exc)
+                self._lost_keys.extend((plan.step, key) for key in fresh)
             else:
                 save.keys.extend(reservation.keys)
                 save.slots.extend(reservation.slots)
                 save.generation = reservation.generation
+                # Keys already held (or being written elsewhere) are not this worker's to commit.
+                reserved = set(reservation.keys)
+                self._lost_keys.extend((plan.step, key) for key in fresh if key not in reserved)
         if again and not save.keys:
             save.generation = next(iter(again.values()))[2]
         # A restaged slot of another generation (a daemon restart since it was reserved) is not written again:
         # it is aborted once the copies queued on it ran, and the chunk is a later miss.
         stale = {key: chunk for key, chunk in again.items() if chunk[2] != save.generation}
         if stale:
-            self._after_device(functools.partial(self._settle, stale, [], list(stale)))
+            self._after_device(functools.partial(self._settle, plan.step, stale, [], list(stale)))
         for key, (slot, _, _) in again.items():
             if key not in stale:
                 save.keys.append(key)
@@ -427,7 +450,7 @@ class WorkerSide:
         chunks = {key: (slot, b"", save.generation) for key, slot in zip(save.keys, save.slots, strict=True)}
         save.keys, save.slots = [], []
         if chunks:
-            self._after_device(lambda: self._settle(chunks, [], list(chunks)))
+            self._after_device(lambda: self._settle(save.step, chunks, [], list(chunks)))
 
     # -- completions --------------------------------------------------------------------------------
 
@@ -475,9 +498,9 @@ class WorkerSide:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
         # No verdict will come: what is staged is never committed.
-        for staged in self._staged.values():
+        for step, staged in self._staged.items():
             chunks = staged.chunks
-            self._after_device(functools.partial(self._settle, chunks, [], list(chunks)))
+            self._after_device(functools.partial(self._settle, step, chunks, [], list(chunks)))
         self._staged, self._owner = {}, {}
         for spec, future in self._async_loads.values():
             self._release(future.result(), self.load_store)
