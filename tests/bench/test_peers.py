@@ -14,11 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from kvtier.bench.host import measure_per_call
 from kvtier.bench.peers import PEERS, Workload, error_line, run_peers, table
+from kvtier.bench.peers_calls import run_calls
 from kvtier.bench.plots import matplotlib_available
-from kvtier.bench.report import write_report
+from kvtier.bench.report import per_call_section, write_report
 from kvtier.errors import InvalidInputError
+from kvtier.layout import KVLayout
 
 SMALL_RUN = Path(__file__).parent / "fixtures" / "small-run"
 STAND_IN = """#!{python}
@@ -137,3 +141,55 @@ def test_the_daemon_configuration_gets_the_embedded_disk_capacity_not_the_16_gib
     finally:
         daemon.terminate()
         daemon.wait(timeout=30)
+
+
+class DictCache:
+    """A peer for the per-call comparison: copies in and out of its own tensors (``corrupt``: reads back zeros)."""
+
+    def __init__(self, corrupt: bool = False) -> None:
+        self.held: dict[int, torch.Tensor] = {}
+        self.corrupt = corrupt
+
+    def put(self, chunk: torch.Tensor) -> object:
+        self.held[len(self.held)] = chunk.clone()
+        return len(self.held) - 1
+
+    def get(self, handle: object, out: torch.Tensor) -> None:
+        assert isinstance(handle, int)
+        out.copy_(torch.zeros_like(out) if self.corrupt else self.held[handle])
+
+
+def test_per_call_times_a_peer_beside_kvtier_and_reads_its_chunks_back() -> None:
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16", block_tokens=16)
+    row = measure_per_call(layout, rounds=2, calls=2, num_workers=1, peers={"dict": DictCache()})
+    assert row["chunk_bytes"] == layout.block_bytes
+    assert row["dict_put_ms"] > 0 and row["put_vs_dict"] == pytest.approx(row["put_ms"] / row["dict_put_ms"], rel=0.01)
+    assert {"dict_get_ms", "dict_put_vs_raw", "get_vs_dict"} <= set(row)
+    with pytest.raises(RuntimeError, match="other bytes back from dict"):
+        measure_per_call(layout, rounds=1, calls=1, num_workers=1, peers={"dict": DictCache(corrupt=True)})
+
+
+def test_per_call_without_lmcache_is_reported_not_run() -> None:
+    try:
+        import lmcache  # noqa: F401
+    except ImportError:
+        record = run_calls(1, 1, ["1b"], 1)["records"][0]
+        assert record["per_call"] == "1b" and record["status"] == "not run"
+        assert record["error"].startswith("ModuleNotFoundError") and "Traceback" in record["error_tail"]
+    else:
+        pytest.skip("lmcache is installed here: make bench-peers runs it")
+
+
+def test_per_call_records_from_the_peers_python_reach_the_report(stand_in: str, tmp_path: Path) -> None:
+    workload = Workload(conversations=1, turns=1, prefix_tokens=256, turn_tokens=64, max_tokens=2)
+    failed = run_peers(stand_in, workload, ("none",), timeout_s=120, per_call_rounds=1)["records"][-1]
+    assert failed["per_call"] == "all" and failed["status"] == "not run" and "unexpected" in failed["error"]
+    record = {"per_call": "1b", "status": "ok", "chunk_bytes": 8 << 20, "raw_1t_ms": 0.9, "raw_threads_ms": 0.8,
+              "put_ms": 1.0, "lmcache_put_ms": 0.8, "get_ms": 0.7, "lmcache_get_ms": 0.75, "put_vs_lmcache": 1.25,
+              "get_vs_lmcache": 0.933}
+    assert table({"records": [record]}) == ["one 1b chunk per call: put kvtier 1.0 ms / LMCache 0.8 ms, get kvtier "
+                                            "0.7 ms / LMCache 0.75 ms, raw copy 0.9 ms"]
+    lines = per_call_section([record, failed])
+    assert "| 1b | 8.0 | 0.9 | 0.8 | 1 | 0.8 | 0.7 | 0.75 | 1.25 | 0.933 |" in lines
+    assert any(line.startswith("- Not run: ") and "unexpected" in line for line in lines)
+    assert "kvtier is the slower on: put of a 1b chunk (1.25x LMCache's)." in lines
