@@ -45,10 +45,13 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
              "against the better), by block size; one 1B-like (8 MiB) and 7B-like (32 MiB) chunk per call "
              "(`per_call_*`, ms); key derivation and lookup of a long prompt.",
              ("tier_throughput.png",)),
-    "disk": ("Disk tier", "Write, read and restore through the disk tier against plain sequential O_DIRECT I/O of "
-             "the same bytes on the same filesystem, same run, by block size; one block read per call against one "
-             "raw `preadv`; the lookup of a 64-block prefix with the blocks on disk against the same lookup with "
-             "them in host RAM (`lookup_disk_vs_host`).", ()),
+    "disk": ("Disk tier", "Write, read and restore through the disk tier against O_DIRECT I/O of the same "
+             "bytes on the same filesystem, same run, by block size, tier and raw taking turns going first: raw "
+             "with as many threads as the tier's `io_threads` (8 MiB writes to a new preallocated file, "
+             "block-sized reads; the ratios are against these) and with one thread beside it (`*_1t`); the tier's "
+             "reads keep twice `io_threads` in flight so that its I/O threads never wait for the caller; one block "
+             "read per call against one raw `preadv`; the lookup of a 64-block prefix with the blocks on disk "
+             "against the same lookup with them in host RAM (`lookup_disk_vs_host`).", ()),
     "gather": ("Gather / scatter of paged KV", "Paged KV (vLLM's layout) gathered into and scattered from a "
                "staging buffer, against one contiguous copy of the same bytes.", ()),
     "daemon": ("Daemon", "The daemon (one host pool shared by client processes over a Unix socket) against the "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import itertools
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -22,13 +24,16 @@ ENTRY = 20 * 1024  # a 16 KiB block plus its header page
 
 
 class RecordingDevice(MemoryDevice):
-    """Records every write in ``recorded`` as ``(offset, nbytes)``; fails writes from the ``fail_from``-th on."""
+    """Records every write in ``recorded`` as ``(offset, nbytes)``; fails writes from the ``fail_from``-th on;
+    holds every sync until ``syncs_allowed`` is set."""
 
     def __init__(self, size: int, direct_io: bool = True) -> None:
         super().__init__(size, direct_io)
         self.recorded: list[tuple[int, int]] = []
         self.syncs = 0
         self.fail_from: int | None = None
+        self.syncs_allowed = threading.Event()
+        self.syncs_allowed.set()
 
     def _pwritev(self, offset: int, buffer: memoryview) -> int:
         self.recorded.append((offset, len(buffer)))
@@ -37,6 +42,7 @@ class RecordingDevice(MemoryDevice):
         return super()._pwritev(offset, buffer)
 
     def sync(self) -> None:
+        assert self.syncs_allowed.wait(30)
         self.syncs += 1
         super().sync()
 
@@ -103,3 +109,26 @@ def test_a_failed_part_write_drops_the_region_and_nothing_of_it_comes_back(
         assert tier.stats().admitting and tier.stats().torn_regions_discarded == 1
         kit.assert_holds(tier, range(12))
         assert not any(tier.contains(kit.key(i)) for i in range(12, 24))
+
+
+def test_the_next_regions_parts_are_written_while_sealed_regions_wait_for_their_sync(
+        disk_config: Config, kit: DiskKit, devices: tuple[dict[str, RecordingDevice], Callable[..., RecordingDevice]]
+) -> None:
+    found, factory = devices
+    with DiskTier(disk_config(), kit.layout, device_factory=factory) as tier:
+        (device,) = found.values()
+        device.syncs_allowed.clear()  # the drive is slow to sync: two sealed regions wait for theirs
+        kit.fill(tier, range(2 * kit.per_region + 5))  # a third region open, two parts of it due
+        deadline = time.monotonic() + 30
+        while sum(offset >= 2 * kit.region for offset, _ in device.recorded) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        third = sorted((offset, nbytes) for offset, nbytes in device.recorded if offset >= 2 * kit.region)
+        assert third == [(2 * kit.region, 2 * ENTRY), (2 * kit.region + 2 * ENTRY, 2 * ENTRY)]
+        assert device.syncs == 0
+        index = tier._index
+        assert index is not None and not index.load()[1]  # nothing committed before its region's sync
+        device.syncs_allowed.set()
+        tier.flush()
+        kit.assert_holds(tier, range(2 * kit.per_region + 5))
+    with DiskTier(disk_config(), kit.layout, device_factory=factory) as tier:
+        kit.assert_holds(tier, range(2 * kit.per_region + 5))
