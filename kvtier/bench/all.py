@@ -118,7 +118,7 @@ def plan(quick: bool, out_dir: Path, trace: Path | None, disk_path: Path | None 
     disk_fracs: tuple[str, ...]
     if quick:
         host = ("--block-bytes", "65536", "262144", "1048576", "4194304", "--total-mib", "64", "--repeats", "3")
-        disk_sizes, disk_args = ("262144", "2097152"), ("--total-mib", "128", "--repeats", "2")
+        disk_sizes, disk_args = ("262144", "2097152"), ("--total-mib", "128", "--repeats", "5")
         gather = ("--cache-blocks", "128", "--blocks", "32", "--repeats", "3")
         daemon = ("--clients", "1,2,4", "--seconds", "0.3")
         ttft_model = ("--hidden", "512", "--layers", "6", "--heads", "8", "--kv-heads", "4", "--intermediate",
