@@ -51,6 +51,14 @@ class HostConfig:
     pin: bool = True
     # Fault the arena's pages in the background at open, so the first fill runs at memory speed.
     prefault: bool = True
+    # Bytes of committed blocks whose host slots stay pinned while one background thread offers them to the
+    # write-through tiers (disk.write_mode or remote.write_mode "through"), so a commit does not copy them on
+    # its own thread. At most half the pool's slots whatever this says: puts still find room.
+    write_through_queue_bytes: PositiveSize = 256 * MiB
+    # Milliseconds a commit waits for room in that queue (the drive is behind). Blocks still waiting then are
+    # not written through (write_through_skipped_blocks): they stay in the host pool and are demoted on
+    # eviction, as in write-back mode.
+    write_through_wait_ms: int = 100
 
     def __post_init__(self) -> None:
         check_fields(self, "host")

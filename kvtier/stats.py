@@ -41,6 +41,11 @@ class StoreStats:
     bytes_put: int
     bytes_got: int
     tiers: Mapping[str, TierStats]
+    # Committed blocks not written through: no room in the write-through queue before
+    # ``host.write_through_wait_ms``, or the store closed first (they stay in the host pool, demoted on
+    # eviction); and blocks whose write-through offer raised (logged). Defaults keep older daemons' replies.
+    write_through_skipped_blocks: int = 0
+    write_through_failed_blocks: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts and numbers, ready for JSON."""

@@ -29,8 +29,17 @@ Promises:
 - A lookup waits on the network at most once per lower tier, bounded by that tier's timeout; nothing else
   the store does on the caller's thread waits on the network, but ``acquire``, for promotions, at most its
   ``timeout`` (``PROMOTION_WAIT_S`` without one).
-- A write-through (in ``commit`` and a put's completion) runs outside the store's lock: a disk writer that
-  is behind holds that commit, never another thread's lookup, acquire or commit.
+- A write-through never runs on the committing thread (``commit``, a put's completion) nor under the store's
+  lock: the commit read-pins its blocks and queues them (``kvtier.write_through``: one background thread
+  offers them to the write-through tiers). A full queue (a drive that is behind) holds that commit for at
+  most ``host.write_through_wait_ms``, never another thread's lookup, acquire or commit; past it the blocks
+  are not written through (``write_through_skipped_blocks``) and are demoted on eviction instead. A queued
+  block stays in the host tier (lookups find it) and its slot is not evicted until it was offered. The
+  queue pins at most ``host.write_through_queue_bytes`` of slots (half the pool at most): that much less
+  the host can evict.
+- ``flush`` returns once every block committed before it was offered to its write-through tiers and those
+  tiers wrote what they hold in memory. ``close`` waits at most ``CLOSE_WAIT_S`` for promotions and the
+  write-through queue (what is left then is logged and skipped), never hanging on a tier.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -61,10 +71,16 @@ from kvtier.removals import RemovalLog, Removals
 from kvtier.stats import StoreStats, TierStats
 from kvtier.tiers import LowerTier, build_chain
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
+from kvtier.write_through import WriteThroughQueue
 
 # The longest an ``acquire`` without a timeout waits for its promotions: a tier that never answers must not
 # hang the caller (nor a daemon's session and its shutdown).
 PROMOTION_WAIT_S = 30.0
+# The longest ``close`` waits for promotions and for the write-through queue, in all: a tier that never answers
+# must not hang a daemon's shutdown.
+CLOSE_WAIT_S = 30.0
+
+_LOG = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from kvtier.disk import DiskTier
@@ -161,9 +177,6 @@ class Store:
             )
         self._lock = threading.RLock()
         self._closed = False
-        # Write-throughs running outside the lock (they read arena slots): close waits for them.
-        self._writing_through = 0
-        self._written_through = threading.Condition(self._lock)
         self._counters = dict.fromkeys(
             ("lookups", "hit_blocks", "miss_blocks", "put_blocks", "put_deduplicated_blocks", "put_failed_blocks",
              "get_blocks", "get_failed_blocks", "bytes_put", "bytes_got", "host_hit_blocks", "promoted_blocks",
@@ -189,6 +202,11 @@ class Store:
         self.transfer = transfer or make_transfer_engine(self.config.transfer)
         self._poll = self.transfer.poll if self.transfer.completes_on_poll else None
         self._epochs = KeyEpochs(self.disk)
+        self._through: WriteThroughQueue | None = None
+        if any(tier.write_mode == "through" for tier in self.lower.tiers):
+            # Half the pool at most: the pinned slots are slots the host cannot evict for new puts.
+            queue_slots = min(self.config.host.write_through_queue_bytes // self.slot_bytes, num_slots // 2)
+            self._through = WriteThroughQueue(queue_slots, self._offer_through, self._unpin)
 
     # -- keys ---------------------------------------------------------------------------------------
 
@@ -319,39 +337,32 @@ class Store:
                 self._counters["put_blocks"] += len(keys)
                 self._counters["bytes_put"] += len(keys) * self.layout.block_bytes
                 pinned = self._pin_for_write_through(keys)
-            self._write_through(pinned)
+            self._queue_write_through(pinned)
             job.part_done()
 
         return on_done
 
-    @property
-    def _writes_through(self) -> bool:
-        return any(tier.write_mode == "through" for tier in self.lower.tiers)
-
     def _pin_for_write_through(self, keys: Sequence[bytes]) -> list[tuple[bytes, int]]:
         """Under the lock: read-pin the committed ``keys`` for the write-through tiers (none without one)."""
-        if not self._writes_through:
+        if self._through is None:
             return []
-        # The read pin keeps the slot's bytes in place until every tier has sent or copied them: a remote
-        # tier sends straight from the slot (at most remote.queue_bytes of slots pinned), never copying
-        # 2 MiB on the caller's thread.
+        # The read pin keeps the slot's bytes in place until every tier has copied or sent them: the queue's
+        # thread offers from the slot, and a remote tier sends straight from it (at most remote.queue_bytes
+        # of slots pinned), so nobody copies 2 MiB on the committing thread.
         slots = [(key, self.host.acquire([key])[0]) for key in keys]
-        pinned = [(key, slot) for key, slot in slots if slot is not None]
-        self._writing_through += bool(pinned)
-        return pinned
+        return [(key, slot) for key, slot in slots if slot is not None]
 
-    def _write_through(self, pinned: list[tuple[bytes, int]]) -> None:
-        """Outside the lock: offer pinned blocks to the write-through tiers. A local disk tier waits for room
-        when its writer is behind (and checksums each block): lookups and loads must not wait behind it."""
-        if not pinned:
-            return
-        try:
-            for key, slot in pinned:
-                self.lower.write_through(key, self.host.payload(slot), functools.partial(self._unpin, key))
-        finally:
-            with self._lock:
-                self._writing_through -= 1
-                self._written_through.notify_all()
+    def _queue_write_through(self, pinned: list[tuple[bytes, int]]) -> None:
+        """Outside the lock: hand pinned blocks to the write-through queue, waiting for room at most
+        ``host.write_through_wait_ms`` (the queue unpins and counts what it skips)."""
+        if self._through is not None and pinned:
+            self._through.put(pinned, time.monotonic() + self.config.host.write_through_wait_ms / 1000)
+
+    def _offer_through(self, key: bytes, slot: int) -> None:
+        """On the queue's thread: offer a pinned block to the write-through tiers; the chain unpins it once
+        no tier borrows it (also when a tier raises). A local disk tier checksums and copies it here, and
+        waits for room when its writer is behind."""
+        self.lower.write_through(key, self.host.payload(slot), functools.partial(self._unpin, key))
 
     def _unpin(self, key: bytes) -> None:
         with self._lock:
@@ -517,7 +528,7 @@ class Store:
             self._counters["put_blocks"] += len(reservation.keys)
             self._counters["bytes_put"] += len(reservation.keys) * self.layout.block_bytes
             pinned = self._pin_for_write_through(reservation.keys)
-        self._write_through(pinned)
+        self._queue_write_through(pinned)
 
     def abort(self, reservation: Reservation) -> None:
         with self._lock:
@@ -601,16 +612,21 @@ class Store:
             raise ClosedError("the store is closed")
 
     def flush(self) -> None:
-        """Write what the lower tiers hold in memory (the disk tier's open region, the remote tier's queue)."""
+        """Offer every block committed so far to the write-through tiers, then write what the lower tiers hold
+        in memory (the disk tier's open region, the remote tier's queue)."""
         with self._lock:
             self._check_open()
-        # Outside the lock: a remote tier gives lent host slots back (under this lock) before it returns.
+        # Outside the lock: the queue's thread unpins under it, and a remote tier gives lent host slots back
+        # (under it too) before it returns.
+        if self._through is not None:
+            self._through.drain()
         self.lower.flush()
 
     def stats(self) -> StoreStats:
         with self._lock:
             host = self.host.stats()
             c = self._counters
+            through = self._through.stats() if self._through is not None else None
             tiers = {
                 "host": TierStats(
                     name="host", capacity_blocks=host.capacity_blocks, used_blocks=host.used_blocks,
@@ -622,7 +638,9 @@ class Store:
                                              "slot_bytes": self.slot_bytes,
                                              "promoted_blocks": c["promoted_blocks"],
                                              "promotion_failed_blocks": c["promotion_failed_blocks"],
-                                             "demoted_blocks": c["demoted_blocks"]})),
+                                             "demoted_blocks": c["demoted_blocks"],
+                                             "write_through_queued_blocks": through.queued_blocks if through
+                                             else 0})),
             }
             tiers.update(self.lower.stats())
             return StoreStats(
@@ -631,22 +649,35 @@ class Store:
                 put_failed_blocks=c["put_failed_blocks"], get_blocks=c["get_blocks"],
                 get_failed_blocks=c["get_failed_blocks"], bytes_put=c["bytes_put"], bytes_got=c["bytes_got"],
                 tiers=MappingProxyType(tiers),
+                write_through_skipped_blocks=through.skipped_blocks if through else 0,
+                write_through_failed_blocks=through.failed_blocks if through else 0,
             )
 
     def close(self) -> None:
-        """Finish queued copies and promotions, flush and close the lower tiers, release the arena. Idempotent."""
+        """Finish queued copies, promotions and write-throughs (waiting at most ``CLOSE_WAIT_S`` for the last
+        two), flush and close the lower tiers, release the arena. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             promotions = list(self._promotions.items())
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        unsettled = 0
         for key, future in promotions:
-            future.exception()
-            self._settle_promotion(key, future)
+            with contextlib.suppress(TimeoutError):
+                future.exception(max(0.0, deadline - time.monotonic()))
+            if future.done():
+                self._settle_promotion(key, future)
+            else:  # its callback settles it if the read ever ends; the arena outlives the tier's reads
+                unsettled += 1
+        if unsettled:
+            _LOG.warning("store close: %d promotion(s) still reading after %.0f s, left behind", unsettled,
+                         CLOSE_WAIT_S)
+        # The copies' completions queue their write-throughs: the queue closes after them.
         self.transfer.close()
         with self._lock:
             self._closed = True
-            while self._writing_through:
-                self._written_through.wait()
+        if self._through is not None:
+            self._through.close(deadline)
         # Outside the lock: a tier's last reads resolve futures whose callbacks take it.
         self.lower.close()
         self.arena.close(unlink=True)

@@ -78,6 +78,12 @@ def test_write_budget_in_drive_writes_per_day_or_bytes_per_second() -> None:
             DiskConfig(write_budget_dwpd=bad)  # type: ignore[arg-type]
 
 
+def test_the_write_through_queue_is_sized_in_bytes_and_waited_for_in_milliseconds() -> None:
+    config = load_config(None, {"host.write_through_queue_bytes": "64MiB", "host.write_through_wait_ms": "0"})
+    assert config.host.write_through_queue_bytes == 64 << 20 and config.host.write_through_wait_ms == 0
+    assert HostConfig().write_through_queue_bytes == 256 << 20 and HostConfig().write_through_wait_ms == 100
+
+
 def test_writeback_buffer_is_whole_regions_at_least_three() -> None:
     assert DiskConfig(region_bytes="64MiB", writeback_buffer_bytes="1GiB").writeback_regions == 16
     assert DiskConfig(region_bytes="64MiB", writeback_buffer_bytes="100MiB").writeback_regions == 3
@@ -92,6 +98,8 @@ def test_writeback_buffer_is_whole_regions_at_least_three() -> None:
     ({"host.capacity_bytes": "0"}, "host.capacity_bytes"), ({"remote.timeout_ms": "1.5"}, "remote.timeout_ms"),
     ({"daemon.default_disk": "1"}, "daemon.default_disk"), ({"disk.paths": "[1, 2]"}, "disk.paths"),
     ({"daemon.layout": "{num_layers = 2}"}, "daemon.layout"), ({"disk.codec": "true"}, "disk.codec"),
+    ({"host.write_through_queue_bytes": "0"}, "host.write_through_queue_bytes"),
+    ({"host.write_through_wait_ms": "-1"}, "host.write_through_wait_ms"),
 ])
 def test_overrides_are_checked_by_type_and_range_naming_the_key(overrides: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -2,7 +2,9 @@
 
 Metrics (all prefixed ``kvtier_``): ``hit_blocks_total{tier}``, ``miss_blocks_total``, ``lookups_total``,
 ``put_blocks_total``, ``put_deduplicated_blocks_total``, ``put_failed_blocks_total``, ``get_blocks_total``,
-``get_failed_blocks_total``, ``tier_bytes_read_total{tier}``, ``tier_bytes_written_total{tier}``,
+``get_failed_blocks_total``, ``write_through_skipped_blocks_total`` (committed blocks not written through: the
+write-through queue stayed full past ``host.write_through_wait_ms``), ``write_through_failed_blocks_total``
+(write-through offers that raised), ``tier_bytes_read_total{tier}``, ``tier_bytes_written_total{tier}``,
 ``evicted_blocks_total{tier}``, ``admissions_rejected_total`` (all refusals), ``disk_refused_blocks_total{cause}``
 (``admission``, ``buffer_full``: the write-back buffer was full, ``over_budget``, ``degraded``: refused while a
 write or index fault lasts), ``disk_errors_total{kind}`` (``full``: no space on a data file's or the index's
@@ -121,7 +123,9 @@ def _store_families(stats: dict[str, Any] | None) -> Iterator[Metric]:
     for name, doc in (("lookups", "Lookup calls"), ("miss_blocks", "Blocks a lookup did not find"),
                       ("put_blocks", "Blocks stored"), ("put_deduplicated_blocks", "Puts of blocks already present"),
                       ("put_failed_blocks", "Blocks a put could not store"), ("get_blocks", "Blocks read"),
-                      ("get_failed_blocks", "Blocks a get could not return")):
+                      ("get_failed_blocks", "Blocks a get could not return"),
+                      ("write_through_skipped_blocks", "Committed blocks not written through (queue full)"),
+                      ("write_through_failed_blocks", "Write-through offers that raised")):
         yield CounterMetricFamily(f"kvtier_{name}", doc, value=stats[name])
     per_tier = {
         "hit_blocks": (CounterMetricFamily, "Blocks a lookup found, by tier"),

@@ -74,6 +74,8 @@ def render(data: dict[str, Any]) -> str:
                                            f"{stats['put_failed_blocks']})"),
             ("get blocks (failed)", f"{stats['get_blocks']} ({stats['get_failed_blocks']})"),
             ("bytes put / got", f"{_size(stats['bytes_put'])} / {_size(stats['bytes_got'])}"),
+            ("write-through skipped / failed", f"{stats['write_through_skipped_blocks']} / "
+                                               f"{stats['write_through_failed_blocks']}"),
         ])
         header = f"  {'tier':<6}{'used':>10}{'capacity':>10}{'occupancy':>10}{'hits':>10}{'evicted':>10}" \
                  f"{'read':>12}{'written':>12}"

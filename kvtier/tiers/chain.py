@@ -6,7 +6,7 @@ Promises:
 - ``write_through`` offers a committed block to every tier in write-through mode, lending the payload to
   shared tiers (released once none holds it); ``demote`` offers an
   evicted block, without waiting, to every tier that does not hold it yet. A tier's refusal or failure
-  never stops the others.
+  never stops the others (a write-through raises the first failure once every tier was offered the block).
 - Hits are counted per tier as the store reports them; ``stats`` maps each tier's name to its ``TierStats``.
 - ``close`` closes every tier, nearest first, even when one fails.
 """
@@ -85,13 +85,19 @@ class TierChain:
         until ``release()``, called once when no tier borrows it any more: shared tiers send it from there
         instead of copying it on the caller's thread."""
         holds = _Holds(release)
+        errors: list[Exception] = []
         try:
             for tier in self.tiers:
                 if tier.write_mode == "through":
                     holds.add()
-                    tier.offer(key, payload, wait=tier.local, release=holds.done)
+                    try:
+                        tier.offer(key, payload, wait=tier.local, release=holds.done)
+                    except Exception as exc:  # offer the others first, then report the first failure
+                        errors.append(exc)
         finally:
             holds.done()
+        if errors:
+            raise errors[0]
 
     def demote(self, key: bytes, payload: torch.Tensor) -> bool:
         """Offer an evicted block to every tier lacking it; whether any took it."""

@@ -14,7 +14,8 @@ def test_disk_refusals_are_exported_by_cause() -> None:
                                              "degraded_rejected": 11, "disk_full_errors": 2, "io_errors": 1,
                                              "admitting": False, "fault": "full"}}
     stats: dict[str, Any] = {name: 0 for name in ("lookups", "miss_blocks", "put_blocks", "put_deduplicated_blocks",
-                                                  "put_failed_blocks", "get_blocks", "get_failed_blocks")}
+                                                  "put_failed_blocks", "get_blocks", "get_failed_blocks",
+                                                  "write_through_skipped_blocks", "write_through_failed_blocks")}
     stats["tiers"] = {"host": {**tier, "detail": {}}, "disk": tier}
     families = {family.name: family for family in _store_families(stats)}
     refused = {sample.labels["cause"]: sample.value for sample in families["kvtier_disk_refused_blocks"].samples}

@@ -128,6 +128,7 @@ def test_a_store_whose_remote_went_away_keeps_serving_from_its_host(
     assert all(torch.equal(a, b) for a, b in zip(restore(store, keys), saved, strict=True))
     remote = store.stats().tiers["remote"].detail
     assert remote["up"] is False and remote["faults"] >= 1
+    store.flush()  # the last put's blocks may still be in the write-through queue
     assert store.stats().tiers["host"].detail["pinned_blocks"] == 0  # nothing stays lent to a dead server
 
 
