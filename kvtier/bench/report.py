@@ -280,8 +280,8 @@ def per_call_section(records: Sequence[dict[str, Any]]) -> list[str]:
     slower = [f"{op} of a {r['per_call']} chunk ({r[f'{op}_vs_lmcache']}x LMCache's)" for r in ran
               for op in ("put", "get") if is_number(r.get(f"{op}_vs_lmcache")) and r[f"{op}_vs_lmcache"] > 1]
     if slower:
-        lines += ["", "kvtier is the slower on: " + "; ".join(slower) + "."]
-    return [*lines, ""]
+        lines += ["kvtier is the slower on: " + "; ".join(slower) + "."]
+    return lines if lines[-1] == "" else [*lines, ""]
 
 
 def peers_verdicts(ran: Sequence[dict[str, Any]]) -> list[str]:
