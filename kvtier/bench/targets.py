@@ -77,6 +77,24 @@ def _per_call(results: Results) -> Iterator[Target]:
         yield Target("host tier", "one chunk per call: put and get <= 1.2x the better raw copy", "", NOT_MEASURED)
 
 
+def _per_call_peers(results: Results) -> Iterator[Target]:
+    """One chunk per put or get (issue 26): below LMCache's, measured in the same rounds (``bench peers``)."""
+    target = "one chunk per call: put and get below LMCache's (same process, same rounds)"
+    found = False
+    for record in results.records("peers"):
+        put, get = number(record, "put_vs_lmcache"), number(record, "get_vs_lmcache")
+        if "per_call" not in record or put is None or get is None:
+            continue
+        found = True
+        ms = {name: record.get(name) for name in ("put_ms", "get_ms", "lmcache_put_ms", "lmcache_get_ms")}
+        yield Target("host tier vs LMCache", target,
+                     f"{record['per_call'].upper()}-like: put {put:.2f}x, get {get:.2f}x LMCache's (kvtier put "
+                     f"{ms['put_ms']} ms, get {ms['get_ms']} ms; LMCache {ms['lmcache_put_ms']} ms, "
+                     f"{ms['lmcache_get_ms']} ms)", _status(max(put, get) < 1.0))
+    if not found:
+        yield Target("host tier vs LMCache", target, "", NOT_MEASURED)
+
+
 def _disk(results: Results) -> Iterator[Target]:
     target = "write and read >= 0.9x raw O_DIRECT on the same filesystem"
     found = False
@@ -256,5 +274,6 @@ def _gpu_speedups(results: Results) -> Iterator[Target]:
 
 def check_targets(results: Results) -> list[Target]:
     """Every target against ``results`` (see the module docstring)."""
-    return [target for check in (_host, _disk, _daemon, _remote, _replay, _ttft) for target in check(results)]
+    return [target for check in (_host, _per_call_peers, _disk, _daemon, _remote, _replay, _ttft)
+            for target in check(results)]
 

@@ -165,3 +165,17 @@ def test_gpu_check_targets_and_the_cpu_restore_enter_the_table(tmp_path: Path) -
     assert by_target["vLLM worker load >= 0.8x raw"].status == NOT_MEASURED
     cpu = by_target["on the CPU, restore from the host tier >= 0.5x a raw copy of the same bytes"]
     assert cpu.status == MISSED and "0.42x" in cpu.measured
+
+
+def test_the_per_call_comparison_with_lmcache_is_a_target(tmp_path: Path) -> None:
+    records = [{"per_call": "1b", "status": "ok", "put_vs_lmcache": 0.95, "get_vs_lmcache": 0.9, "put_ms": 0.5,
+                "get_ms": 0.4, "lmcache_put_ms": 0.53, "lmcache_get_ms": 0.44},
+               {"per_call": "7b", "status": "ok", "put_vs_lmcache": 1.1, "get_vs_lmcache": 0.9},
+               {"per_call": "all", "status": "not run", "error": "ModuleNotFoundError: lmcache"},
+               {"peer": "none", "status": "ok"}]
+    steps = [{"step": "peers", "benchmark": "peers", "records": records}]
+    (tmp_path / "run.json").write_text(json.dumps({"command": "kvtier bench all", "steps": steps}))
+    (tmp_path / "peers.json").write_text(json.dumps(steps[0]))
+    targets = [t for t in check_targets(load_results(tmp_path)) if t.area == "host tier vs LMCache"]
+    assert [t.status for t in targets] == [MET, MISSED]
+    assert targets[0].measured.startswith("1B-like: put 0.95x, get 0.90x LMCache's (kvtier put 0.5 ms")
