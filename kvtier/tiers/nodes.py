@@ -11,7 +11,9 @@ Promises:
   for a key whose node is down or unknown. It never raises.
 - A fault (refused, dropped or timed-out connection) marks only that node down; the other nodes serve on.
   ``revive`` pings the down nodes whose backoff expired, each with its own backoff (``reconnect_min_ms``
-  doubling to ``reconnect_max_ms``), reset only by that node's own answer. Each change of a node's state,
+  doubling to ``reconnect_max_ms``), reset only by that node's own answer; a cluster node is back only once
+  it also says ``cluster_state:ok`` (a restarted master answers PING while it still refuses writes with
+  CLUSTERDOWN). Each change of a node's state,
   and of the whole tier's, is logged once.
 - MOVED and ASK replies are followed once within the same call; a MOVED marks the slot map stale and the
   next ``revive`` refreshes it (a cluster also refreshes it while a node is down: a replica may take over).
@@ -236,8 +238,22 @@ class Nodes:
                 waits.append(self._refresh_at)
         return min([*waits, self._watch_at])
 
+    def _probe(self, node: Node) -> None:
+        """Raise unless ``node`` answers and, in a cluster, serves its slots (see the module promises)."""
+        node.client.ping()
+        if self._cluster:
+            info = node.client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+            if isinstance(info, dict):
+                state = str(info.get("cluster_state", ""))
+            else:
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                state = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                              if line.startswith("cluster_state:")), "")
+            if state != "ok":
+                raise redis.ConnectionError(f"the node answers but is not serving yet (cluster_state:{state})")
+
     def _ping(self, nodes: list[Node]) -> None:
-        futures = [self._pool.submit(node.client.ping) for node in nodes]
+        futures = [self._pool.submit(self._probe, node) for node in nodes]
         deadline = time.monotonic() + self._wait_s
         for node, future in zip(nodes, futures, strict=True):
             try:

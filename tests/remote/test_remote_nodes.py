@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
+import redis
 import torch
 from redis.crc import key_slot
 from remote_blocks import block_key, random_block, read_block
 
+from kvtier.config import RemoteConfig
 from kvtier.layout import KVLayout
+from kvtier.tiers.nodes import Nodes
+from kvtier.tiers.redis_client import RequestCounter
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.servers import LocalServers
 
@@ -172,3 +177,17 @@ def test_a_hung_node_being_pinged_never_holds_up_writes_to_the_live_nodes(fresh_
             fresh_cluster.resume(1)
     finally:
         tier.close()
+
+
+@pytest.mark.parametrize("info", [b"cluster_state:fail\r\ncluster_slots_assigned:16384\r\n", {"cluster_state": "fail"}])
+def test_a_cluster_node_that_answers_but_does_not_serve_stays_down(info: object) -> None:
+    """A restarted master answers PING while it still refuses writes (CLUSTERDOWN): it is not back yet."""
+    nodes = Nodes(RemoteConfig(urls=("redis://127.0.0.1:1",), mode="cluster"), RequestCounter())
+    replies = {"ok": b"cluster_state:ok\r\n", "fail": info}
+    state = ["fail"]
+    client = SimpleNamespace(ping=lambda: True, execute_command=lambda *args: replies[state[0]])
+    node = SimpleNamespace(client=client)
+    with pytest.raises(redis.ConnectionError, match="cluster_state:fail"):
+        nodes._probe(node)  # type: ignore[arg-type]
+    state[0] = "ok"
+    nodes._probe(node)  # type: ignore[arg-type]
