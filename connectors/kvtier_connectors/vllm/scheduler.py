@@ -252,7 +252,7 @@ class SchedulerSide:
         # A prompt of whole chunks: the last chunk loads too, and vLLM computes its last token over it. A
         # drafter's KV at the hit's last position was computed over the next token of whoever saved it: vLLM
         # computes that position again, over this request's next token.
-        end_tokens = min((first_chunk + num_hit) * self.block_tokens - self.eagle_drafts, request.num_tokens - 1)
+        end_tokens = min((first_chunk + num_hit) * self.block_tokens - int(self.eagle_drafts), request.num_tokens - 1)
         if end_tokens <= num_computed_tokens:
             self._hits.pop(request.request_id, None)
             return 0, False
