@@ -7,8 +7,6 @@ covers the ranks that write nothing: a load that fails on rank 1 alone drops ran
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 vllm = pytest.importorskip("vllm")
@@ -26,6 +24,8 @@ from test_vllm_commit_rule import (  # noqa: E402
 from vllm.config import ModelConfig  # noqa: E402
 from vllm_harness import BLOCK, LAYERS, Engine, write_model_dir  # noqa: E402
 
+from kvtier.store import Store  # noqa: E402
+
 __all__ = ["engines", "model_config"]  # fixtures used here
 
 
@@ -35,11 +35,19 @@ def one_kv_head(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
     return ModelConfig(model=str(path), dtype="float32", seed=0, skip_tokenizer_init=True)
 
 
-def assert_every_rank_restored(engine: Engine, req_id: str, tokens: list[int]) -> None:
+def assert_stored_once_and_restored_on_every_rank(engine: Engine, store: Store, tokens: list[int]) -> None:
+    """Save ``tokens``' whole chunks (one block each in the store, whatever the ranks), then restore them into
+    every rank, value for value what a recompute writes."""
+    store_prefix_then_forget(engine, tokens)
+    assert store.stats().tiers["host"].used_blocks == len(tokens) // BLOCK
+    reader = engine.add("reader", tokens)
+    engine.step()
+    assert reader.num_computed_tokens == len(tokens)
     for rank in range(engine.tp_size):
         for layer_index in range(len(LAYERS)):
-            assert engine.kv_of(req_id, len(tokens), layer_index, rank) == \
+            assert engine.kv_of("reader", len(tokens), layer_index, rank) == \
                 engine.expected_kv(tokens, layer_index, rank)
+    engine.run_until_done(reader)
 
 
 def test_replicated_kv_heads_are_stored_once_and_restored_on_every_rank(one_kv_head: ModelConfig,
@@ -48,19 +56,13 @@ def test_replicated_kv_heads_are_stored_once_and_restored_on_every_rank(one_kv_h
     engine, store = make_engine(one_kv_head, engines, tp_size=2, num_kv_heads=1)
     assert engine.kv_replicas == 2
     tokens = prompt(31, 4 * BLOCK + 1)
-    store_prefix_then_forget(engine, tokens)
+    assert_stored_once_and_restored_on_every_rank(engine, store, tokens)
     assert all(chunk_key(engine, tokens, c, rank=0) == chunk_key(engine, tokens, c, rank=1) for c in range(4))
-    assert store.stats().tiers["host"].used_blocks == 4
     assert sum(data.get("saved_chunks", 0) for data in engine.stats) == 4
-    reader = engine.add("reader", tokens)
-    engine.step()
-    assert reader.num_computed_tokens == len(tokens)
-    assert_every_rank_restored(engine, "reader", tokens)
-    engine.run_until_done(reader)
 
 
-def test_keys_of_a_replicated_head_are_those_of_the_rank_that_holds_it_alone(
-        one_kv_head: ModelConfig, engines: list[Engine], tmp_path: Path) -> None:
+def test_keys_of_a_replicated_head_are_those_of_the_rank_that_holds_it_alone(one_kv_head: ModelConfig,
+                                                                            engines: list[Engine]) -> None:
     """The key names the KV a rank holds: TP=2 over one KV head shares TP=1's keys (the same KV)."""
     replicated, _ = make_engine(one_kv_head, engines, tp_size=2, num_kv_heads=1)
     alone, _ = make_engine(one_kv_head, engines, tp_size=1, num_kv_heads=1)
@@ -70,14 +72,7 @@ def test_keys_of_a_replicated_head_are_those_of_the_rank_that_holds_it_alone(
 
 def test_latent_kv_is_restored_on_every_rank(model_config: ModelConfig, engines: list[Engine]) -> None:
     engine, store = make_engine(model_config, engines, tp_size=2, mla=True)
-    tokens = prompt(33, 3 * BLOCK + 1)
-    store_prefix_then_forget(engine, tokens)
-    assert store.stats().tiers["host"].used_blocks == 3
-    reader = engine.add("reader", tokens)
-    engine.step()
-    assert reader.num_computed_tokens == len(tokens)
-    assert_every_rank_restored(engine, "reader", tokens)
-    engine.run_until_done(reader)
+    assert_stored_once_and_restored_on_every_rank(engine, store, prompt(33, 3 * BLOCK + 1))
 
 
 def test_a_latent_load_failing_on_the_rank_that_writes_nothing_drops_the_writers_saves(
