@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvtier import native
 from kvtier.arena import HostArena
 from kvtier.errors import InvalidInputError
 from kvtier.native import KERNEL_SOURCE, PagedKV, byte_rows, load_kernels
@@ -374,3 +375,41 @@ def test_a_launch_uploads_its_tables_once_from_host_arrays_and_sizes_its_grid(mo
     assert native.grid_size(10**6, touches_host=True) == native.LINK_GRID < 64
     assert native.grid_size(10**6, touches_host=False) == native.DEVICE_GRID
     assert native.grid_size(3, touches_host=True) == 3
+
+
+@pytest.mark.parametrize("torch_chunk_bytes", [1, 1 << 40], ids=["torch", "numpy"])
+@pytest.mark.parametrize("pages_per_chunk", [1, 2])
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3, 4, 5, 6, 7], [1, 3, 5, 7, 9, 0, 2, 4], [6, 2, 3, 4, 9, 8, 7, 0],
+                                   [4, 5, 0, 1, 2, 3, 9, 8]])
+def test_runs_of_chunks_copy_in_one_call_with_the_same_bytes(monkeypatch: pytest.MonkeyPatch, slots: list[int],
+                                                             pages_per_chunk: int, torch_chunk_bytes: int) -> None:
+    """Chunks whose ids continue and whose slots step evenly move in one strided copy (torch's or NumPy's).
+
+    Block ids with a break inside a chunk (``[3, 1]``) and slots that change step split the runs; the bytes
+    equal the per-segment torch path's, from a 3-D plane tensor as from a list of segments.
+    """
+    monkeypatch.setattr(native, "TORCH_CHUNK_BYTES", torch_chunk_bytes)
+    planes = torch.randn(6, NUM_BLOCKS, 4, 8, generator=torch.Generator().manual_seed(7)).view(torch.uint8)
+    planes = planes.view(6, NUM_BLOCKS, -1)
+    fast, reference = PagedKV(planes), PagedKV([s.clone() for s in planes.unbind(0)], use_numpy=False)
+    assert fast._pages is not None and fast.num_segments == 6 and len(fast.segments) == 6
+    num_chunks = 8 // pages_per_chunk
+    ids = [4, 5, 6, 7, 8, 9, 3, 1][: num_chunks * pages_per_chunk]
+    chosen = slots[:num_chunks]
+    width = fast.chunk_bytes(pages_per_chunk)
+    got, expected = _rows(10, width), _rows(10, width)
+    fast.gather_to_slots(ids, got, chosen, pages_per_chunk)
+    reference.gather_to_slots(ids, expected, chosen, pages_per_chunk)
+    assert torch.equal(got, expected)
+    targets = [10, 11, 5, 6, 0, 2, 9, 8][: num_chunks * pages_per_chunk]
+    fast.scatter_from_slots(targets, got, chosen, pages_per_chunk, segments=range(1, 5))
+    reference.scatter_from_slots(targets, expected, chosen, pages_per_chunk, segments=range(1, 5))
+    assert all(torch.equal(a, b) for a, b in zip(planes.unbind(0), reference.segments, strict=True))
+
+
+def test_a_plane_tensor_is_checked_once() -> None:
+    planes = torch.zeros(4, NUM_BLOCKS, 64, dtype=torch.uint8)
+    for bad in (planes.view(torch.int8), planes[:, :, ::2], planes[:0], planes[0]):
+        with pytest.raises(InvalidInputError):
+            PagedKV(bad)
+    assert PagedKV(planes).chunk_bytes(2) == 2 * 4 * 64

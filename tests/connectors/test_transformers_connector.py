@@ -28,7 +28,12 @@ from kvtier_connectors.transformers import (
     model_id_for,
     random_model,
 )
-from kvtier_connectors.transformers.contract import RecordingStore, compare_logits, restored_kv_identical
+from kvtier_connectors.transformers.contract import (
+    RecordingStore,
+    compare_logits,
+    kv_prefix_equal,
+    restored_kv_identical,
+)
 from kvtier_connectors.transformers.exact import verify
 from kvtier_connectors.transformers.models import ARCHITECTURES, transformers_version_supported
 
@@ -155,6 +160,20 @@ def test_batch_of_equal_rows_restores_the_common_prefix(store: Store) -> None:
     again = connector.prefill(ids)
     assert again.restored_tokens == 48
     assert_matches_recompute(again.logits[:, -1], full_logits(model, ids), model)
+
+
+def test_a_restore_reuses_the_memory_an_earlier_cache_gave_up_and_never_one_in_use(llama: Any, store: Store) -> None:
+    """The restored tensors are freed at the cache's first forward: the next restore writes that memory."""
+    connector = TransformersConnector(llama, store)
+    ids, other = tokens(56), tokens(56, seed=2)
+    saved = {prompt: connector.prefill(prompt).cache for prompt in (ids, other)}
+    kept = connector.restore(ids)  # held by the caller: its memory is never handed out again
+    for prompt in (other, ids, other):
+        result = connector.prefill(prompt)
+        assert result.restored_tokens == 40
+        assert kv_prefix_equal(result.cache, saved[prompt], 40)
+    assert kv_prefix_equal(kept.cache, saved[ids], 40)
+    assert connector.restore_buffers.reused == 2 and connector.restore_buffers.allocated == 2
 
 
 def test_padded_batch_is_refused(llama: Any, store: Store) -> None:

@@ -35,7 +35,9 @@ Promises:
   ``[block tokens, head dim]`` of one head). A restore is one ``scatter_from_slots`` into one
   ``[layer, plane, head, row, tokens, dim]`` tensor whose slices are the cache's K and V (one kernel launch
   on CUDA, reading the registered arena in place; one NumPy copy per block on the CPU); the leases are
-  released once the launch completed (a CUDA event; the forward is queued meanwhile). A save is one
+  released once the launch completed (a CUDA event; the forward is queued meanwhile). On the CPU that
+  tensor is memory an earlier restore's cache gave up where there is some (``restore_buffers``, up to
+  ``idle_restore_bytes`` kept idle): written without a page fault per page. A save is one
   ``gather_to_slots`` per batch row straight from the cache tensors; on CUDA it runs on a side stream after
   the forward, and the slots are committed once its event completed (checked on the next restore or
   save, or by ``wait_saves``). No step waits for the device: the kernels' address and index tables go up
@@ -57,7 +59,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import transformers
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
@@ -77,6 +78,7 @@ from kvtier import (
 )
 from kvtier.layout import dtype_name
 from kvtier.native import PagedKV
+from kvtier_connectors.transformers.buffers import DEFAULT_MAX_IDLE_BYTES, RestoreBuffers
 from kvtier_connectors.transformers.exact import MIN_ROWS
 from kvtier_connectors.transformers.models import SUPPORTED_TRANSFORMERS, transformers_version_supported
 
@@ -250,7 +252,7 @@ class TransformersConnector:
     """Restores and saves prompt prefixes of one transformers model through one kvtier store."""
 
     def __init__(self, model: Any, store: BlockStore, *, model_id: str | None = None,
-                 min_tail_tokens: int = MIN_ROWS) -> None:
+                 min_tail_tokens: int = MIN_ROWS, idle_restore_bytes: int = DEFAULT_MAX_IDLE_BYTES) -> None:
         if not transformers_version_supported():
             raise UnsupportedModelError(
                 f"transformers {transformers.__version__} is not in the tested range {SUPPORTED_TRANSFORMERS}")
@@ -258,6 +260,8 @@ class TransformersConnector:
             raise InvalidInputError(f"min_tail_tokens must be at least 1, got {min_tail_tokens}")
         self.min_tail_tokens = min_tail_tokens
         self.model = model
+        # CPU restores write memory that earlier restores' caches gave up (see ``buffers``).
+        self.restore_buffers = RestoreBuffers(idle_restore_bytes)
         self.store = store
         self.layout = store.layout
         expected = kv_layout(model, store.layout.block_tokens)
@@ -387,7 +391,7 @@ class TransformersConnector:
         self._settle(wait=True)
 
     def _planes(self, kv: torch.Tensor, num_rows: int) -> PagedKV:
-        """``kv`` (``[layer, plane, head, row, tokens, dim]``) seen as one segment per (layer, plane, head).
+        """``kv`` (``[layer, plane, head, row, tokens, dim]``, contiguous) as one segment per (layer, plane, head).
 
         A page is one block's tokens of one head (``[block tokens, dim]``), block id ``row * blocks + b``:
         a chunk (block ``b`` of row ``row``) in segment order is exactly a stored block, so a block moves
@@ -395,9 +399,15 @@ class TransformersConnector:
         """
         layout = self.layout
         pages = num_rows * (kv.shape[4] // layout.block_tokens)
-        segments = [kv[layer, plane, head].view(torch.uint8).view(pages, -1)
-                    for layer in range(layout.num_layers) for plane in range(2) for head in range(layout.num_kv_heads)]
-        return PagedKV(segments)
+        return PagedKV(kv.view(torch.uint8).view(layout.num_layers * 2 * layout.num_kv_heads, pages, -1))
+
+    def _kv_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape`` in the layout's dtype, on the model's device."""
+        dtype, device = self.layout.torch_dtype, self.model.device
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return self.restore_buffers.take(nbytes).view(dtype).view(shape)
 
     def _fill(self, cache: DynamicCache, leases: list[Lease], num_blocks: int,
               num_tokens: int) -> torch.cuda.Event | None:
@@ -410,8 +420,7 @@ class TransformersConnector:
         layout = self.layout
         slots = [slot for lease in leases for slot in lease.slots[:num_blocks]]
         tokens = num_blocks * layout.block_tokens
-        kv = _empty((layout.num_layers, 2, layout.num_kv_heads, len(leases), tokens, layout.head_dim),
-                    layout.torch_dtype, self.model.device)
+        kv = self._kv_tensor((layout.num_layers, 2, layout.num_kv_heads, len(leases), tokens, layout.head_dim))
         self._planes(kv, len(leases)).scatter_from_slots(range(len(slots)), self._rows_of(leases), slots)
         event = None
         if kv.device.type == "cuda":
@@ -596,14 +605,3 @@ class TransformersConnector:
         generate_kwargs[self.cache_kwarg] = restored.cache
         return self.model.generate(input_ids, logits_processor=processors, **generate_kwargs)
 
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor; on the CPU allocated by NumPy, which advises transparent huge pages.
-
-    A restore writes a fresh buffer as large as the prefix: with 4 KiB pages its first touch costs a page
-    fault per page (about 8x the copy itself on a VM here), with 2 MiB pages 512x fewer.
-    """
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
