@@ -23,6 +23,7 @@ from kvtier.errors import (
     ConfigError,
     DirectoryLockedError,
     DiskError,
+    FlushTimeoutError,
     FormatVersionError,
     InvalidInputError,
     JobTimeoutError,
@@ -43,9 +44,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KEY_BYTES", "AuthError", "BlockHasher", "Client", "CapacityError", "ClosedError", "ConfigError", "DaemonConfig",
-    "DirectoryLockedError", "DiskConfig", "DiskError", "FormatVersionError", "HostConfig", "InvalidInputError",
-    "Job", "JobResult", "JobTimeoutError", "KVLayout", "KvtierError", "LayoutMismatchError", "Lease",
-    "LookupResult", "Namespace", "ProtocolError", "RemoteConfig", "Reservation", "ServerError", "StaleHandleError",
-    "Store", "StoreConfig", "StoreStats", "Tier", "TierStats", "TransferConfig", "TransferError", "load_config",
-    "open_store",
+    "DirectoryLockedError", "DiskConfig", "DiskError", "FlushTimeoutError", "FormatVersionError", "HostConfig",
+    "InvalidInputError", "Job", "JobResult", "JobTimeoutError", "KVLayout", "KvtierError", "LayoutMismatchError",
+    "Lease", "LookupResult", "Namespace", "ProtocolError", "RemoteConfig", "Reservation", "ServerError",
+    "StaleHandleError", "Store", "StoreConfig", "StoreStats", "Tier", "TierStats", "TransferConfig", "TransferError",
+    "load_config", "open_store",
 ]

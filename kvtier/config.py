@@ -243,6 +243,9 @@ class DaemonConfig:
     pool_cap_bytes: PositiveSize = 32 * GiB
     # With [disk] paths empty, the daemon keeps a disk tier in the user's data directory; false: no disk tier.
     default_disk: bool = True
+    # The longest a client waits on one socket operation with the daemon (a stalled daemon is then a
+    # ProtocolError and the connection is reopened); above an acquire's longest wait for promotions.
+    request_timeout_ms: Positive = 60_000
     # Clients (kvtier.daemon.open_store): "" opens an embedded store; "unix" (the default socket),
     # "unix:/path/to.sock" or "tcp://host:port" connects to a daemon.
     connect: str = ""

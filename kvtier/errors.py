@@ -10,6 +10,7 @@
     ├── ClosedError            the store, tier or client was closed by its owner
     ├── TransferError          a copy between memories failed
     ├── JobTimeoutError        a wait on a job ran out of time (also a TimeoutError)
+    ├── FlushTimeoutError      a flush did not finish by its deadline (also a TimeoutError)
     ├── DiskError              the disk tier (or one write or index commit of it) failed
     │   ├── DiskFullError          no space on the filesystem of a data file or of the index
     │   │   └── IndexFullError         the index's LMDB map is used up (``disk.index_map_bytes``)
@@ -109,3 +110,7 @@ class StaleHandleError(ProtocolError, InvalidInputError):
 
 class JobTimeoutError(KvtierError, TimeoutError):
     """A wait on a job ran out of time; the job goes on and may still be waited on."""
+
+
+class FlushTimeoutError(KvtierError, TimeoutError):
+    """A flush did not finish by its deadline (a drive or server not keeping up); the writes go on."""

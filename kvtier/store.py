@@ -61,7 +61,14 @@ import torch
 from kvtier.arena import PAGE_BYTES, HostArena, round_up
 from kvtier.config import StoreConfig
 from kvtier.epochs import KeyEpochs
-from kvtier.errors import CapacityError, ClosedError, ConfigError, InvalidInputError, StaleHandleError
+from kvtier.errors import (
+    CapacityError,
+    ClosedError,
+    ConfigError,
+    FlushTimeoutError,
+    InvalidInputError,
+    StaleHandleError,
+)
 from kvtier.host import HostTier
 from kvtier.job import Job
 from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_keys
@@ -79,6 +86,8 @@ PROMOTION_WAIT_S = 30.0
 # The longest ``close`` waits for promotions and for the write-through queue, in all: a tier that never answers
 # must not hang a daemon's shutdown.
 CLOSE_WAIT_S = 30.0
+# How long ``flush`` waits by default: a whole write-back buffer written at a slow drive's pace.
+FLUSH_WAIT_S = 120.0
 
 _LOG = logging.getLogger(__name__)
 
@@ -611,16 +620,21 @@ class Store:
         if self._closed:
             raise ClosedError("the store is closed")
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float = FLUSH_WAIT_S) -> None:
         """Offer every block committed so far to the write-through tiers, then write what the lower tiers hold
-        in memory (the disk tier's open region, the remote tier's queue)."""
+        in memory (the disk tier's open region, the remote tier's queue).
+
+        Done within ``timeout_s``, else ``FlushTimeoutError`` (a drive or server not keeping up; what is
+        queued is still written, and a later flush waits for it).
+        """
         with self._lock:
             self._check_open()
+        deadline = time.monotonic() + timeout_s
         # Outside the lock: the queue's thread unpins under it, and a remote tier gives lent host slots back
         # (under it too) before it returns.
-        if self._through is not None:
-            self._through.drain()
-        self.lower.flush()
+        if self._through is not None and not self._through.drain(deadline):
+            raise FlushTimeoutError(f"blocks were still queued for the write-through tiers after {timeout_s:g} s")
+        self.lower.flush(deadline)
 
     def stats(self) -> StoreStats:
         with self._lock:

@@ -87,11 +87,16 @@ class WriteThroughQueue:
             self._unpin(key)
         return len(skipped)
 
-    def drain(self) -> None:
-        """Wait until every pair queued so far was offered or skipped."""
+    def drain(self, deadline: float) -> bool:
+        """Wait until every pair queued so far was offered or skipped, at most until ``deadline``
+        (``time.monotonic``); whether it drained."""
         with self._cond:
             while self._queued_locked():
-                self._cond.wait()
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    return False
+                self._cond.wait(left_s)
+            return True
 
     def close(self, deadline: float) -> bool:
         """Refuse new pairs, offer the queued ones until ``deadline``, stop the thread; whether it drained.

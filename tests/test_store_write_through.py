@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from support import random_blocks
 
 import kvtier.store
 from kvtier import DiskConfig, HostConfig, KVLayout, Store, StoreConfig, Tier, TransferConfig
-from kvtier.errors import DiskFullError
+from kvtier.errors import DiskFullError, FlushTimeoutError
 from kvtier.tiers.disk import DiskAdapter
 
 # Generous bounds on waits that end at once when the code is right: they only keep a broken build from hanging.
@@ -122,6 +123,22 @@ def test_flush_waits_for_the_queue_and_a_restart_finds_the_blocks(layout: KVLayo
     with through_store(layout, tmp_path) as reopened:
         assert reopened.lookup(keys).tiers == (Tier.DISK,) * 3
         assert all(torch.equal(o, b) for o, b in zip(read(reopened, keys), blocks, strict=True))
+
+
+def test_a_flush_past_its_deadline_raises_and_a_later_flush_finds_the_blocks(
+        layout: KVLayout, tmp_path: Path, gated: tuple[Store, Gate]) -> None:
+    store, gate = gated
+    keys, blocks = keys_for(store, 2), random_blocks(layout, 2)
+    commit(store, keys, blocks)
+    assert gate.entered.wait(WAIT_S)
+    started = time.monotonic()
+    with pytest.raises(FlushTimeoutError):
+        store.flush(timeout_s=0.2)
+    assert time.monotonic() - started < 5
+    gate.opened.set()
+    store.flush()
+    disk = store.disk
+    assert disk is not None and all(disk.contains(key) for key in keys)
 
 
 def test_a_full_queue_holds_the_commit_until_room(layout: KVLayout, tmp_path: Path,

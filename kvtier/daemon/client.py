@@ -58,6 +58,7 @@ from kvtier.errors import (
     DirectoryLockedError,
     DiskError,
     DiskFullError,
+    FlushTimeoutError,
     FormatVersionError,
     IndexDamagedError,
     IndexFullError,
@@ -73,12 +74,12 @@ from kvtier.keys import BlockHasher, HashAlgo, Namespace, check_key, check_keys
 from kvtier.layout import KVLayout
 from kvtier.removals import Removals
 from kvtier.stats import StoreStats
-from kvtier.store import Handle, Lease, LookupResult, Reservation, Tier, as_bytes, check_keys_and_blocks
+from kvtier.store import FLUSH_WAIT_S, Handle, Lease, LookupResult, Reservation, Tier, as_bytes, check_keys_and_blocks
 from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
 
 _ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
     AuthError, CapacityError, InvalidInputError, LayoutMismatchError, ConfigError, DiskError, DiskFullError,
-    IndexFullError, IndexDamagedError, FormatVersionError, DirectoryLockedError)}
+    IndexFullError, IndexDamagedError, FormatVersionError, DirectoryLockedError, FlushTimeoutError)}
 _TIERS = {tier.value: tier for tier in Tier}
 # Room left in a payload frame for the msgpack envelope and the keys.
 _FRAME_SLACK_BYTES = 64 * 1024
@@ -134,8 +135,12 @@ class Connection:
         self.arena_name: str | None = self.hello.get("arena")
         self.generation = f"{self.arena_name}#{next(_CONNECTION_SERIALS)}"
 
-    def call(self, op: str, **fields: Any) -> Message:
-        """The ok reply to one request; an error reply raises (see the module promises)."""
+    def call(self, op: str, *, wait_s: float | None = None, **fields: Any) -> Message:
+        """The ok reply to one request; an error reply raises (see the module promises).
+
+        ``wait_s``: this request's deadline per socket operation, for a request the daemon may work on for
+        longer than the connection's own (a flush).
+        """
         with self._lock:
             if self._closed:
                 raise ClosedError("the client is closed")
@@ -143,13 +148,19 @@ class Connection:
                 raise ProtocolError(f"the connection to the daemon is broken: {self._broken}")
             self._next_id += 1
             request_id = self._next_id
+            usual_s = self._sock.gettimeout()
             try:
+                if wait_s is not None:
+                    self._sock.settimeout(wait_s)
                 self._sock.sendall(pack({"v": VERSION, "op": op, "id": request_id, **fields}))
                 # Replies are sized by the requests we chunk; the slack covers keys and envelope.
                 reply = read_frame(self._sock, self.max_frame_bytes + _FRAME_SLACK_BYTES)
             except (OSError, ProtocolError) as exc:
                 self._broken = str(exc)
                 raise ProtocolError(f"the connection to the daemon broke: {exc}") from exc
+            finally:
+                if wait_s is not None:
+                    self._sock.settimeout(usual_s)
             if reply is None:
                 self._broken = "closed by the daemon"
                 raise ProtocolError("the daemon closed the connection")
@@ -180,9 +191,12 @@ class Client:
         self.layout = layout
         self.config = config or StoreConfig()
         target = address or self.config.daemon.connect or "unix"
+        # Every socket operation with the daemon ends within this: a stalled daemon is a ProtocolError.
+        self.timeout_s = timeout if timeout is not None else self.config.daemon.request_timeout_ms / 1000
 
         def connect() -> Connection:
-            return Connection(target, self.config, layout=layout, namespace=namespace, token=token, timeout=timeout)
+            return Connection(target, self.config, layout=layout, namespace=namespace, token=token,
+                              timeout=self.timeout_s)
 
         self._connect = connect
         self._conn = self._connect()
@@ -570,9 +584,10 @@ class Client:
     def stats(self) -> StoreStats:
         return stats_from_dict(self._call("stats")["stats"])
 
-    def flush(self) -> None:
-        """Ask the daemon to write its disk tier's open region now."""
-        self._call("flush")
+    def flush(self, timeout_s: float = FLUSH_WAIT_S) -> None:
+        """Ask the daemon to write what its lower tiers hold in memory now; done within ``timeout_s``, else
+        ``FlushTimeoutError`` (see ``Store.flush``)."""
+        self._live().call("flush", timeout_s=timeout_s, wait_s=timeout_s + self.timeout_s)
 
     def close(self) -> None:
         """Finish running jobs, then disconnect and unmap the arena. Idempotent."""

@@ -25,7 +25,7 @@ from kvtier.epochs import check_scope
 from kvtier.errors import AuthError, InvalidInputError, LayoutMismatchError, ProtocolError
 from kvtier.keys import check_keys
 from kvtier.layout import KVLayout
-from kvtier.store import Lease, Reservation, Store
+from kvtier.store import FLUSH_WAIT_S, Lease, Reservation, Store
 
 if TYPE_CHECKING:
     from kvtier.daemon.server import Daemon
@@ -241,7 +241,10 @@ class Session:
         return {"data": data}
 
     def _flush(self, message: Message) -> dict[str, Any]:
-        self._require_store().flush()
+        timeout_s = message.get("timeout_s", FLUSH_WAIT_S)
+        if not isinstance(timeout_s, int | float) or not 0 < timeout_s <= FLUSH_WAIT_S:
+            raise InvalidInputError(f"'timeout_s' must be a number of seconds in (0, {FLUSH_WAIT_S:g}]")
+        self._require_store().flush(float(timeout_s))
         return {}
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -43,7 +44,7 @@ from typing import Any
 
 import lmdb
 
-from kvtier.errors import DiskError, DiskFullError, IndexDamagedError, IndexFullError
+from kvtier.errors import DiskError, DiskFullError, FlushTimeoutError, IndexDamagedError, IndexFullError
 
 
 class RegionState(IntEnum):
@@ -190,9 +191,10 @@ class DiskIndex:
             self._queue.append((ticket, change))
             return ticket
 
-    def wait(self, ticket: int | None = None) -> None:
+    def wait(self, ticket: int | None = None, deadline: float | None = None) -> None:
         """Block until the change of ``ticket`` (default: every change queued so far) is committed; raise the
-        error of an attempt that held it and failed after this call began (the change stays queued)."""
+        error of an attempt that held it and failed after this call began (the change stays queued), or
+        ``FlushTimeoutError`` once ``deadline`` (``time.monotonic``) passed while another thread commits."""
         with self._cond:
             if ticket is None:
                 ticket = self._next_ticket - 1
@@ -202,7 +204,10 @@ class DiskIndex:
                 if failure is not None and failure[0] > started and failure[1] >= ticket:
                     raise failure[2]
                 if self._committing:
-                    self._cond.wait()
+                    left_s = None if deadline is None else deadline - time.monotonic()
+                    if left_s is not None and left_s <= 0:
+                        raise FlushTimeoutError("the disk index did not commit by the flush's deadline")
+                    self._cond.wait(left_s)
                     continue
                 batch = list(self._queue)
                 self._committing = True

@@ -106,6 +106,7 @@ from kvtier.errors import (
     DirectoryLockedError,
     DiskError,
     DiskFullError,
+    FlushTimeoutError,
     FormatVersionError,
     IndexDamagedError,
     IndexFullError,
@@ -507,12 +508,15 @@ class DiskTier:
             self._check_open()
             return self._pool.submit(self._read_into, check_key(key), view)
 
-    def flush(self) -> None:
-        """Seal the open region, write it and wait until every written region (and drop) is in the index."""
+    def flush(self, deadline: float | None = None) -> None:
+        """Seal the open region, write it and wait until every written region (and drop) is in the index.
+
+        ``deadline`` (``time.monotonic``): past it ``FlushTimeoutError``, the writes going on.
+        """
         with self._lock:
             self._check_open()
-            self._flush_locked()
-        self._wait_index()
+            self._flush_locked(deadline)
+        self._wait_index(deadline)
 
     def drop(self, key: bytes) -> None:
         with self._lock:
@@ -637,11 +641,14 @@ class DiskTier:
             region.streamed = region.used
         self._sealer.submit(self._write_region, region)
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, deadline: float | None = None) -> None:
         if not self._opening:
             self._seal_locked()
         while any(region.buffer is not None and region is not self._open for region in self._regions):
-            self._cond.wait()
+            left_s = None if deadline is None else deadline - time.monotonic()
+            if left_s is not None and left_s <= 0:
+                raise FlushTimeoutError("the disk tier's regions were not written by the flush's deadline")
+            self._cond.wait(left_s)
 
     def _open_region_locked(self) -> _Region:
         """A region to fill: a clean one, else the oldest sealed one evicted (hot blocks reinserted)."""
@@ -992,11 +999,11 @@ class DiskTier:
             assert self._index is not None
             self._index.enqueue(Forget(keys=(key,)))
 
-    def _wait_index(self) -> None:
+    def _wait_index(self, deadline: float | None = None) -> None:
         """Wait until every queued index change is committed; a failure degrades the tier."""
         assert self._index is not None
         try:
-            self._index.wait()
+            self._index.wait(deadline=deadline)
         except DiskError as exc:
             with self._lock:
                 self._fail_locked(exc, self.config.paths[0])

@@ -114,9 +114,10 @@ class TierChain:
     def count_hits(self, name: str, num_blocks: int) -> None:
         self._hits[name] += num_blocks
 
-    def flush(self) -> None:
+    def flush(self, deadline: float) -> None:
+        """Flush every tier by ``deadline`` (``time.monotonic``), else ``FlushTimeoutError``."""
         for tier in self.tiers:
-            tier.flush()
+            tier.flush(deadline)
 
     def stats(self) -> dict[str, TierStats]:
         return {tier.name: tier.stats(self._hits[tier.name]) for tier in self.tiers}

@@ -51,8 +51,8 @@ class DiskAdapter:
     def on_access(self, keys: Sequence[bytes], hit_flags: Sequence[bool]) -> None:
         self.tier.on_access(keys, hit_flags)
 
-    def flush(self) -> None:
-        self.tier.flush()
+    def flush(self, deadline: float | None = None) -> None:
+        self.tier.flush(deadline)
 
     def stats(self, hit_blocks: int) -> TierStats:
         disk = self.tier.stats()

@@ -50,7 +50,7 @@ from kvtier.config import RemoteConfig
 from kvtier.disk.codec import ZstdCodec
 from kvtier.disk.device import tensor_view
 from kvtier.disk.format import HEADER_BYTES
-from kvtier.errors import ClosedError, ConfigError, InvalidInputError
+from kvtier.errors import ClosedError, ConfigError, FlushTimeoutError, InvalidInputError
 from kvtier.keys import check_key
 from kvtier.layout import KVLayout
 from kvtier.stats import TierStats
@@ -271,14 +271,19 @@ class RemoteTier:
     def on_access(self, keys: Sequence[bytes], hit_flags: Sequence[bool]) -> None:
         """Nothing to learn: what stays on the server is the server's eviction policy's choice."""
 
-    def flush(self) -> None:
+    def flush(self, deadline: float | None = None) -> None:
         """Wait until every queued block was sent or dropped, or the writer made no progress for a timeout
-        (a batch takes at most ``timeout_ms`` + ``connect_timeout_ms``: the writer is then stuck)."""
+        (a batch takes at most ``timeout_ms`` + ``connect_timeout_ms``: the writer is then stuck); past
+        ``deadline`` (``time.monotonic``, if given) ``FlushTimeoutError``, the queue going on."""
         with self._lock:
             while (self._queued or self._writing) and not self._closed:
-                if time.monotonic() - self._progress_at > 2 * self._wait_s + 1:
+                now = time.monotonic()
+                if now - self._progress_at > 2 * self._wait_s + 1:
                     return
-                self._cond.wait(0.1)
+                if deadline is not None and now >= deadline:
+                    raise FlushTimeoutError(f"the remote tier still had {self._queued} block(s) queued at the "
+                                            "flush's deadline")
+                self._cond.wait(0.1 if deadline is None else min(0.1, deadline - now))
 
     def stats(self, hit_blocks: int) -> TierStats:
         nodes = self._nodes.counts()

@@ -69,7 +69,10 @@ def test_errors_of_one_request_leave_the_connection_open(daemon: DaemonProc, kit
                           ({"op": "lookup", "keys": "not a list"}, "InvalidInputError"),
                           ({"op": "commit", "keys": [kit.key_of(1)]}, "InvalidInputError"),
                           ({"op": "put", "keys": [kit.key_of(1)], "data": [b"x"]}, "InvalidInputError"),
-                          ({"op": "acquire", "keys": [], "timeout": "soon"}, "InvalidInputError")):
+                          ({"op": "acquire", "keys": [], "timeout": "soon"}, "InvalidInputError"),
+                          ({"op": "flush", "timeout_s": 0}, "InvalidInputError"),
+                          ({"op": "flush", "timeout_s": 1e9}, "InvalidInputError"),
+                          ({"op": "flush", "timeout_s": "later"}, "InvalidInputError")):
             reply = request(sock, {"v": VERSION, "id": 9, **bad})
             assert (reply["status"], reply["kind"], reply["id"]) == ("error", kind, 9), reply
         assert request(sock, {"v": VERSION, "op": "lookup", "id": 10, "keys": []})["num_blocks"] == 0

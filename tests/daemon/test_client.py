@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import threading
+import time
 import urllib.request
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from kvtier import AuthError, InvalidInputError, KVLayout, LayoutMismatchError, Store, StoreConfig, Tier
+from kvtier import (
+    AuthError,
+    InvalidInputError,
+    KVLayout,
+    LayoutMismatchError,
+    ProtocolError,
+    Store,
+    StoreConfig,
+    Tier,
+)
 from kvtier.config import DaemonConfig
 from kvtier.daemon import Client, open_store, stats_cmd
 
@@ -155,3 +166,25 @@ def test_kvtier_stats_prints_a_table_and_json(daemon: DaemonProc, capsys: pytest
     assert data["stats"]["tiers"]["host"]["capacity_blocks"] == 256
     args.socket = daemon.socket_path + ".absent"
     assert stats_cmd.run(args, StoreConfig()) == 1
+
+
+def test_a_stalled_daemon_is_a_protocol_error_within_the_configured_deadline(daemon: DaemonProc, kit: Kit) -> None:
+    """No call waits forever on a daemon that stopped answering (SIGSTOP, as a starved process behaves):
+    ``daemon.request_timeout_ms`` bounds each socket operation, and the next call after it resumes reconnects."""
+    config = StoreConfig(daemon=DaemonConfig(request_timeout_ms=300))
+    keys = [kit.key_of(i, "stalled") for i in range(2)]
+    with Client(kit.layout, config, address=daemon.address) as client:
+        assert client.timeout_s == 0.3
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ProtocolError):
+                client.lookup(keys)
+            with pytest.raises(ProtocolError):  # a flush waits for its own timeout plus the connection's
+                client.flush(timeout_s=0.2)
+            assert time.monotonic() - started < 10
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert client.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
+        client.flush()
+        assert client.lookup(keys).num_blocks == 2

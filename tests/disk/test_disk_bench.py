@@ -53,9 +53,9 @@ def test_the_raw_run_with_the_tiers_threads_runs_next_to_the_tier_in_both_orders
         runs.append(f"raw {'write' if write else 'read'} {threads}t")
         return raw_io(path, total, io_bytes, threads, direct, write)
 
-    def logged_flush(tier: DiskTier) -> None:
+    def logged_flush(tier: DiskTier, deadline: float | None = None) -> None:
         runs.append("tier write")
-        flush(tier)
+        flush(tier, deadline)
 
     def logged_read_all(*args: object) -> None:
         runs.append("tier read")

@@ -17,6 +17,7 @@ import pytest
 from kvtier.config import DiskConfig
 from kvtier.disk import DiskTier, MemoryDevice
 from kvtier.disk import tier as tier_module
+from kvtier.errors import FlushTimeoutError
 
 if TYPE_CHECKING:
     from conftest import DiskKit
@@ -171,6 +172,24 @@ def test_offer_without_wait_refuses_while_the_drive_is_behind(kit: DiskKit, disk
         tier.flush()
         kit.assert_holds(tier, range(3 * kit.per_region))
         assert tier.offer(kit.key(999), kit.payload(999), wait=False)
+
+
+def test_a_flush_past_its_deadline_raises_while_the_drive_is_behind(kit: DiskKit, disk_config: Config) -> None:
+    devices: list[GatedDevice] = []
+
+    def factory(path: str, size: int, direct: bool) -> GatedDevice:
+        devices.append(GatedDevice(size, direct))
+        return devices[-1]
+
+    with DiskTier(disk_config(), kit.layout, device_factory=factory) as tier:
+        kit.fill(tier, range(kit.per_region + 2))
+        started = time.monotonic()
+        with pytest.raises(FlushTimeoutError):
+            tier.flush(time.monotonic() + 0.2)
+        assert time.monotonic() - started < 5
+        devices[0].gate.set()
+        tier.flush(time.monotonic() + 30)
+        kit.assert_holds(tier, range(kit.per_region + 2))
 
 
 def test_an_index_damaged_while_running_refuses_until_a_restart_which_rebuilds_it(
