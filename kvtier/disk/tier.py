@@ -58,7 +58,9 @@ Promises:
 - Payload I/O goes straight between the files and the caller's tensors (O_DIRECT where supported); only
   the zstd codec, when enabled, stages bytes in between.
 - Thread-safe. ``close`` is idempotent; every other call after it raises ``ClosedError`` (``stats`` still
-  answers).
+  answers). ``close`` returns within ``timeout_s`` (default ``CLOSE_WAIT_S``): a drive that has not finished
+  the last writes and reads by then is left to the tier's threads (logged once), and the files, the index and
+  the directory lock stay open until the process exits, never unmapped under a write still running.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ from kvtier.keys import check_key
 from kvtier.layout import KVLayout
 
 _LOG = logging.getLogger(__name__)
+# How long ``close`` waits for the last region writes, index commits and reads.
+CLOSE_WAIT_S = 30.0
 # The fewest region buffers: one region fills while two are written (a write also waits on fdatasync and an
 # index commit): with two, the drive sat idle during those waits and writes reached about 0.6x of raw.
 _PREFAULTED_REGIONS = 3
@@ -541,17 +545,37 @@ class DiskTier:
                              admitting=not self._fault, fault=self._fault, direct_io=self.direct_io,
                              **self._counters)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Write the open region, wait for the tier's threads and release the files; see the module promises."""
+        deadline = time.monotonic() + timeout_s
         with self._lock:
             if self._closed:
                 return
-            self._flush_locked()
-            self._closed = True
-        self._writer.shutdown(wait=True)
-        self._sealer.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
-        self._wait_index()
-        self._release()
+            try:
+                self._flush_locked(deadline)
+                written = True
+            except FlushTimeoutError:
+                written = False
+            finally:
+                self._closed = True
+        # The executors' own shutdown cannot time out: one thread waits for all three, joined with the deadline.
+        stopper = threading.Thread(target=self._stop_threads, name="kvtier-disk-close", daemon=True)
+        stopper.start()
+        stopper.join(max(0.0, deadline - time.monotonic()))
+        try:
+            if written and not stopper.is_alive():
+                self._wait_index(deadline)
+                self._release()
+                return
+        except FlushTimeoutError:
+            pass
+        _LOG.warning("disk tier %s: the drive did not finish its writes or reads within %.0f s of close; its "
+                     "files and directory lock stay open until they do or the process exits",
+                     self.config.paths[0], timeout_s)
+
+    def _stop_threads(self) -> None:
+        for executor in (self._writer, self._sealer, self._pool):
+            executor.shutdown(wait=True)
 
     def __enter__(self) -> DiskTier:
         return self

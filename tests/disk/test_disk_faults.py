@@ -192,6 +192,25 @@ def test_a_flush_past_its_deadline_raises_while_the_drive_is_behind(kit: DiskKit
         kit.assert_holds(tier, range(kit.per_region + 2))
 
 
+def test_close_returns_by_its_deadline_while_the_drive_is_stuck(kit: DiskKit, disk_config: Config,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    devices: list[GatedDevice] = []
+
+    def factory(path: str, size: int, direct: bool) -> GatedDevice:
+        devices.append(GatedDevice(size, direct))
+        return devices[-1]
+
+    tier = DiskTier(disk_config(), kit.layout, device_factory=factory)
+    kit.fill(tier, range(kit.per_region + 2))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="kvtier.disk.tier"):
+        tier.close(timeout_s=0.3)
+    assert time.monotonic() - started < 5
+    assert any("did not finish" in record.message for record in caplog.records)
+    tier.close()  # idempotent
+    devices[0].gate.set()  # the drive comes back: the threads it held finish
+
+
 def test_an_index_damaged_while_running_refuses_until_a_restart_which_rebuilds_it(
         disk_config: Config, kit: DiskKit, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tier_module, "_FIRST_RETRY_S", 0.2)
