@@ -10,7 +10,9 @@ blocks, so an id names a block and its whole prefix). Each request is replayed a
    put into host RAM (recomputed, or promoted from disk), evicting as the host policy chooses. An evicted
    block the disk does not hold is offered to the disk and written if admission says so (write-back).
 
-The disk is a region log: blocks are appended to an open region of ``blocks_per_region`` blocks; when
+The disk is a region log: blocks are appended to an open region of ``blocks_per_region`` blocks (fewer on a
+disk of less than ``min_regions`` regions: ``disk_blocks // min_regions``, at least one, as the store's tier
+shrinks its regions, ``DiskConfig.scaled_region_bytes``); when
 every region is used, the oldest sealed region is evicted whole, and each of its blocks read from disk at
 least ``reinsert_hits`` times since written is appended again (a write) instead of dropped (0: never),
 unless host RAM holds it then (``left_to_host``): host and disk mostly hold different blocks, and the
@@ -292,16 +294,19 @@ class TieredResult:
 def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: str = "s3fifo",
                   admission: str | AdmissionPolicy = "adaptive",
                   blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION, reinsert_hits: int = DiskConfig.reinsert_hits,
-                  drive: DriveModel | None = None) -> TieredResult:
+                  drive: DriveModel | None = None, min_regions: int = DiskConfig.min_regions) -> TieredResult:
     """Replay ``trace`` through host RAM (``policy``) over a region-log disk (0 blocks: no disk tier), on the
     trace's clock through ``drive`` if given."""
     if host_blocks < 1 or disk_blocks < 0:
         raise ConfigError(f"host_blocks must be >= 1 and disk_blocks >= 0, got {host_blocks} and {disk_blocks}")
+    if min_regions < 1:
+        raise ConfigError(f"min_regions must be >= 1, got {min_regions}")
     if drive is not None and len(trace.timestamps_ms) != len(trace.requests):
         raise ConfigError("a clocked replay needs a trace with a timestamp on every request")
     clock = _Drive(drive) if drive is not None and disk_blocks else None
     host = make_policy(policy, host_blocks)
-    disk = RegionLog(disk_blocks, blocks_per_region, reinsert_hits, host) if disk_blocks else None
+    region_blocks = max(1, min(blocks_per_region, disk_blocks // min_regions))
+    disk = RegionLog(disk_blocks, region_blocks, reinsert_hits, host) if disk_blocks else None
     admit: AdmissionPolicy | None = None
     if disk_blocks:
         admit = make_admission(admission, disk_blocks) if isinstance(admission, str) else admission

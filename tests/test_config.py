@@ -91,6 +91,17 @@ def test_writeback_buffer_is_whole_regions_at_least_three() -> None:
         DiskConfig(writeback_buffer_bytes=0)
 
 
+def test_a_small_tier_scales_its_regions_to_min_regions() -> None:
+    disk = DiskConfig(paths=("/tmp/a",), capacity_bytes="1GiB", region_bytes="64MiB", min_regions=128)
+    assert disk.scaled_region_bytes(4 << 20) == 8 << 20  # 128 regions of 8 MiB instead of 16 of 64 MiB
+    assert disk.scaled_region_bytes(16 << 20) == 16 << 20  # never below one entry
+    two_paths = DiskConfig(paths=("/tmp/a", "/tmp/b"), capacity_bytes="1GiB", min_regions=128)
+    assert two_paths.scaled_region_bytes(4096) == 16 << 20  # 64 regions a path
+    assert DiskConfig(capacity_bytes="16GiB", min_regions=128).scaled_region_bytes(4096) == 64 << 20
+    with pytest.raises(ConfigError, match="min_regions"):
+        DiskConfig(min_regions=0)
+
+
 @pytest.mark.parametrize(("overrides", "key"), [
     ({"host.pin": "'false'"}, "host.pin"), ({"host.prefault": "2"}, "host.prefault"),
     ({"daemon.max_frame_bytes": "10"}, "daemon.max_frame_bytes"), ({"disk.io_threads": "0"}, "disk.io_threads"),

@@ -122,6 +122,17 @@ def test_tiered_replay_by_hand_admit_all() -> None:
     assert (result.disk_offers, result.disk_admitted, result.block_hit_ratio) == (2, 2, 0.5)
 
 
+def test_tiered_replay_scales_regions_down_to_min_regions_as_the_tier_does() -> None:
+    # Host 1 block (LRU) over a 4-block disk: 1-5 are written as 6 arrives. One region of 4 is evicted whole
+    # to make room for 5; four regions of 1 lose only block 1, so 3 still hits.
+    trace = Trace([[1], [2], [3], [4], [5], [6], [3]])
+    settings: dict[str, Any] = {"policy": "lru", "admission": "admit_all", "blocks_per_region": 4, "reinsert_hits": 0}
+    assert replay_tiered(trace, 1, 4, min_regions=1, **settings).disk_hits == 0
+    assert replay_tiered(trace, 1, 4, min_regions=4, **settings).disk_hits == 1
+    with pytest.raises(ConfigError, match="min_regions"):
+        replay_tiered(trace, 1, 4, min_regions=0)
+
+
 def test_tiered_replay_by_hand_reject_first() -> None:
     # r1's eviction of 2 is its first sighting: rejected. r2: 1 hits in host, 2 misses; evicting 1, then 2,
     # offers blocks sighted twice: both written, too late for a hit.

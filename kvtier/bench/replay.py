@@ -11,8 +11,9 @@ Promises:
 - Capacities are given in blocks or as a share of the trace's unique blocks (``int(frac * unique)``),
   exactly one of the two per tier; anything else is a ``ConfigError``. A trace that cannot be read or
   parsed is an ``InvalidInputError`` naming the file and line.
-- The policy, admission and reinsertion default to the configuration's (``host.policy``,
-  ``disk.admission``, ``disk.reinsert_hits``) on the command line, and to the store's defaults in Python.
+- The policy, admission, reinsertion and fewest regions default to the configuration's (``host.policy``,
+  ``disk.admission``, ``disk.reinsert_hits``, ``disk.min_regions``: a small disk's regions shrink to give it
+  that many, as the store's tier does) on the command line, and to the store's defaults in Python.
 - ``run_table`` (``--table``) replays each trace, files and generated shapes (``kvtier.bench.traces``,
   seeded), at each disk size (default 1, 2, 5, 10 and 20% of its unique blocks, host 0.5%) and reports
   per row kvtier, LRU, S3-FIFO, ARC and Belady at the same total capacity, admit-all's hits, the writes
@@ -84,7 +85,8 @@ def run_replay(trace_path: str | Path, *, block_tokens: int = TRACE_BLOCK_TOKENS
                block_bytes: int = DEFAULT_BLOCK_BYTES, time_scale: float = 1.0,
                writeback_buffer_bytes: int = DiskConfig.writeback_buffer_bytes,
                write_budget_bytes_per_s: float = 0.0, write_budget_dwpd: float = 0.0, drive_bytes: int = 0,
-               write_budget_burst_s: float = DiskConfig.write_budget_burst_s) -> dict[str, Any]:
+               write_budget_burst_s: float = DiskConfig.write_budget_burst_s,
+               min_regions: int = DiskConfig.min_regions) -> dict[str, Any]:
     """Replay the trace at ``trace_path``; see the module docstring for what the dict holds."""
     started = time.perf_counter()
     trace = load_trace(trace_path, block_tokens)
@@ -94,7 +96,7 @@ def run_replay(trace_path: str | Path, *, block_tokens: int = TRACE_BLOCK_TOKENS
         reinsert_hits=reinsert_hits, baselines=baselines, drive_write_bytes_per_s=drive_write_bytes_per_s,
         block_bytes=block_bytes, time_scale=time_scale, writeback_buffer_bytes=writeback_buffer_bytes,
         write_budget_bytes_per_s=write_budget_bytes_per_s, write_budget_dwpd=write_budget_dwpd,
-        drive_bytes=drive_bytes, write_budget_burst_s=write_budget_burst_s)
+        drive_bytes=drive_bytes, write_budget_burst_s=write_budget_burst_s, min_regions=min_regions)
     result["block_tokens"] = block_tokens
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
@@ -107,7 +109,8 @@ def replay_trace(trace: Trace, name: str, *, host_blocks: int | None = None, hos
                  drive_write_bytes_per_s: float = 0.0, block_bytes: int = DEFAULT_BLOCK_BYTES,
                  time_scale: float = 1.0, writeback_buffer_bytes: int = DiskConfig.writeback_buffer_bytes,
                  write_budget_bytes_per_s: float = 0.0, write_budget_dwpd: float = 0.0, drive_bytes: int = 0,
-                 write_budget_burst_s: float = DiskConfig.write_budget_burst_s) -> dict[str, Any]:
+                 write_budget_burst_s: float = DiskConfig.write_budget_burst_s,
+                 min_regions: int = DiskConfig.min_regions) -> dict[str, Any]:
     """``run_replay`` on a trace already in memory, named ``name`` in the result."""
     unique = trace.unique_blocks
     host = _capacity(host_blocks, host_frac, unique, "host", 1)
@@ -122,7 +125,8 @@ def replay_trace(trace: Trace, name: str, *, host_blocks: int | None = None, hos
         drive = DriveModel(block_bytes, drive_write_bytes_per_s, writeback_buffer_bytes, budget, time_scale,
                            write_budget_burst_s)
     tiered = replay_tiered(trace, host, disk, policy=policy, admission=admission,
-                           blocks_per_region=blocks_per_region, reinsert_hits=reinsert_hits, drive=drive)
+                           blocks_per_region=blocks_per_region, reinsert_hits=reinsert_hits, drive=drive,
+                           min_regions=min_regions)
     result: dict[str, Any] = {
         "trace": name,
         "requests": tiered.requests,
@@ -134,6 +138,7 @@ def replay_trace(trace: Trace, name: str, *, host_blocks: int | None = None, hos
         "admission": admission,
         "blocks_per_region": blocks_per_region,
         "reinsert_hits": reinsert_hits,
+        "min_regions": min_regions,
         "block_hit_ratio": round(tiered.block_hit_ratio, 4),
         "host_hit_ratio": round(tiered.host_hit_ratio, 4),
         "disk_hit_ratio": round(tiered.disk_hit_ratio, 4),
@@ -154,7 +159,7 @@ def replay_trace(trace: Trace, name: str, *, host_blocks: int | None = None, hos
         total = host + disk
         admit_all = tiered if admission == "admit_all" else replay_tiered(
             trace, host, disk, policy=policy, admission="admit_all", blocks_per_region=blocks_per_region,
-            reinsert_hits=reinsert_hits)
+            reinsert_hits=reinsert_hits, min_regions=min_regions)
         ratios = {name: replay_single(trace, total, name) for name in BASELINE_POLICIES}
         ratios["belady"] = replay_belady(trace, total)
         result["baseline_capacity_blocks"] = total
@@ -167,7 +172,8 @@ def replay_trace(trace: Trace, name: str, *, host_blocks: int | None = None, hos
 def run_table(traces: Sequence[tuple[str, Trace]], *, host_frac: float = 0.005,
               disk_fracs: Sequence[float] = DISK_FRACS, policy: str = HostConfig.policy,
               admission: str = DiskConfig.admission, blocks_per_region: int = DEFAULT_BLOCKS_PER_REGION,
-              reinsert_hits: int = DiskConfig.reinsert_hits) -> list[dict[str, Any]]:
+              reinsert_hits: int = DiskConfig.reinsert_hits,
+              min_regions: int = DiskConfig.min_regions) -> list[dict[str, Any]]:
     """One row per trace and disk size: kvtier, the classics and Belady at the same total capacity, the
     writes against admit-all's, and whether the row meets the targets (module docstring)."""
     rows: list[dict[str, Any]] = []
@@ -175,7 +181,7 @@ def run_table(traces: Sequence[tuple[str, Trace]], *, host_frac: float = 0.005,
         for frac in disk_fracs:
             result = replay_trace(trace, name, host_frac=host_frac, disk_frac=frac, policy=policy,
                                   admission=admission, blocks_per_region=blocks_per_region,
-                                  reinsert_hits=reinsert_hits)
+                                  reinsert_hits=reinsert_hits, min_regions=min_regions)
             ratios = result["baselines"]
             best = max(BASELINE_POLICIES, key=lambda policy_name: ratios[policy_name])
             hit = result["block_hit_ratio"]
@@ -230,7 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default=None, help="host eviction policy (default: host.policy)")
     parser.add_argument("--admission", default=None, help="disk admission policy (default: disk.admission)")
     parser.add_argument("--blocks-per-region", type=int, default=DEFAULT_BLOCKS_PER_REGION,
-                        help="blocks per disk region, the unit of eviction")
+                        help="blocks per disk region, the unit of eviction (fewer on a disk of less than "
+                             "disk.min_regions regions)")
     parser.add_argument("--reinsert-hits", type=int, default=None,
                         help="disk reads that earn a block reinsertion (default: disk.reinsert_hits; 0: never)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the single-tier and admit-all baselines")
@@ -267,7 +274,7 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
         disk_blocks=args.disk_blocks, disk_frac=args.disk_frac, policy=args.policy or config.host.policy,
         admission=args.admission or config.disk.admission, blocks_per_region=args.blocks_per_region,
         reinsert_hits=config.disk.reinsert_hits if args.reinsert_hits is None else args.reinsert_hits,
-        baselines=not args.no_baselines, **_clock_settings(args, config.disk))
+        baselines=not args.no_baselines, min_regions=config.disk.min_regions, **_clock_settings(args, config.disk))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -307,7 +314,8 @@ def _run_table(args: argparse.Namespace, config: StoreConfig) -> int:
     rows = run_table(traces, host_frac=0.005 if args.host_frac is None else args.host_frac, disk_fracs=fracs,
                      policy=args.policy or config.host.policy, admission=args.admission or config.disk.admission,
                      blocks_per_region=args.blocks_per_region,
-                     reinsert_hits=config.disk.reinsert_hits if args.reinsert_hits is None else args.reinsert_hits)
+                     reinsert_hits=config.disk.reinsert_hits if args.reinsert_hits is None else args.reinsert_hits,
+                     min_regions=config.disk.min_regions)
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 

@@ -1,7 +1,10 @@
 """The disk tier: a log of fixed regions over one or more data files, with a persistent LMDB index.
 
 Modelled on CacheLib Navy's BlockCache. Each data path holds one preallocated file cut into regions of
-``region_bytes``; region ``r`` lives in path ``r % len(paths)`` (striping). Offered blocks are appended to
+``region_bytes``, or smaller ones on a tier that would have fewer than ``min_regions`` regions
+(``DiskConfig.scaled_region_bytes``: a region is the unit of eviction, and evicting a large share of a small
+tier at once costs hits; the size used is the one recorded in the layout); region ``r`` lives in path
+``r % len(paths)`` (striping). Offered blocks are appended to
 an in-memory region buffer. The region is marked OPEN in the index when it opens; while it fills, each
 ``_STREAM_BYTES`` appended are written behind the appends (in order, on the writer threads), so the drive
 works during the fill instead of after it (with the first region written only once full, a burst ran at
@@ -234,7 +237,7 @@ class DiskTier:
                  device_factory: DeviceFactory = FileDevice) -> None:
         if not config.paths:
             raise ConfigError("disk.paths is empty: the disk tier needs at least one directory")
-        self.config, self.layout, self._admission = config, layout, admission
+        self.layout, self._admission = layout, admission
         # Set by the owner: whether a tier above (host RAM) holds a key. Called under the tier's lock, so it
         # must not take a lock of its own (``HostTier.holds``).
         self.held_above: Callable[[bytes], bool] | None = None
@@ -246,6 +249,9 @@ class DiskTier:
         if self._max_entry > config.region_bytes:
             raise ConfigError(f"disk.region_bytes ({config.region_bytes}) cannot hold one block entry "
                               f"({self._max_entry} bytes with its header page)")
+        # A small tier gets smaller regions, at least disk.min_regions of them (DiskConfig.scaled_region_bytes).
+        config = replace(config, region_bytes=config.scaled_region_bytes(self._max_entry))
+        self.config = config
         self._num_paths = len(config.paths)
         self._regions_per_path = config.capacity_bytes // config.region_bytes
         num_regions = self._num_paths * self._regions_per_path

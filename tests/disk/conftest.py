@@ -69,11 +69,12 @@ def kit() -> DiskKit:
 
 @pytest.fixture
 def disk_config(tmp_path: Path) -> Callable[..., DiskConfig]:
-    """``disk_config(**overrides)``: 4 regions of 256 KiB in ``tmp_path/disk``."""
+    """``disk_config(**overrides)``: 4 regions of 256 KiB in ``tmp_path/disk`` (``min_regions`` 1: the regions
+    as given, not scaled down)."""
 
     def make(**overrides: Any) -> DiskConfig:
         fields: dict[str, Any] = {"paths": (str(tmp_path / "disk"),), "capacity_bytes": 4 * DiskKit.region,
-                                  "region_bytes": DiskKit.region, "io_threads": 2, **overrides}
+                                  "region_bytes": DiskKit.region, "min_regions": 1, "io_threads": 2, **overrides}
         return DiskConfig(**fields)
 
     return make

@@ -94,6 +94,29 @@ def test_fifo_eviction_leaves_blocks_held_above_to_the_tier_above(disk_config: C
         assert tier.contains(kit.key(5)) and not tier.contains(kit.key(3))
 
 
+def test_a_small_tier_gets_min_regions_smaller_regions_and_evicts_fewer_blocks_at_once(
+        disk_config: Config, kit: DiskKit) -> None:
+    # 1 MiB in 16 regions of 64 KiB (3 entries of 20 KiB each) instead of 4 of 256 KiB (12 each).
+    cfg = disk_config(min_regions=16)
+    with DiskTier(cfg, kit.layout) as tier:
+        assert tier.config.region_bytes == 64 * 1024 and tier.capacity_blocks == 16 * 3
+        kit.fill(tier, range(49))  # the 49th block evicts the oldest region: blocks 0-2 only
+        assert not any(tier.contains(kit.key(i)) for i in range(3))
+        kit.assert_holds(tier, range(3, 49))
+        tier.flush()
+    with DiskTier(cfg, kit.layout) as tier:  # the scaled size is the layout: a reopen serves what was sealed
+        kit.assert_holds(tier, range(3, 48))
+    with pytest.raises(DiskError, match="region_bytes=65536"):
+        DiskTier(disk_config(min_regions=1), kit.layout)
+
+
+def test_region_scaling_never_goes_below_one_entry(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(min_regions=1000), kit.layout) as tier:
+        assert tier.config.region_bytes == 20 * 1024 and tier.capacity_blocks == 51
+        kit.fill(tier, range(60))
+        kit.assert_holds(tier, range(9, 60))
+
+
 def test_a_single_region_tier_still_cycles(disk_config: Config, kit: DiskKit) -> None:
     with DiskTier(disk_config(capacity_bytes=kit.region, reinsert_hits=0), kit.layout) as tier:
         kit.fill(tier, range(3 * kit.per_region))
@@ -157,7 +180,8 @@ def test_drop_forgets_a_block_in_memory_and_on_disk(disk_config: Config, kit: Di
 
 def test_striped_paths_and_zstd(tmp_path: Path, kit: DiskKit) -> None:
     paths = (str(tmp_path / "a"), str(tmp_path / "b"))
-    cfg = DiskConfig(paths=paths, capacity_bytes=2 * kit.region, region_bytes=kit.region, codec="zstd")
+    cfg = DiskConfig(paths=paths, capacity_bytes=2 * kit.region, region_bytes=kit.region, min_regions=1,
+                     codec="zstd")
     kv = [torch.randn(kit.block // 2, generator=torch.Generator().manual_seed(i)).round(decimals=1)
           .to(torch.bfloat16).view(torch.uint8)
           for i in range(40)]
@@ -168,7 +192,8 @@ def test_striped_paths_and_zstd(tmp_path: Path, kit: DiskKit) -> None:
         written = tier.stats().bytes_written
         assert written < 40 * (kit.block + 4096)  # compressed entries take fewer pages
     assert all((Path(p) / "kvtier-data.bin").stat().st_size == 2 * kit.region for p in paths)
-    with DiskTier(DiskConfig(paths=paths, capacity_bytes=2 * kit.region, region_bytes=kit.region), kit.layout) as tier:
+    with DiskTier(DiskConfig(paths=paths, capacity_bytes=2 * kit.region, region_bytes=kit.region, min_regions=1),
+                  kit.layout) as tier:
         dst = aligned_tensor(kit.block)
         for i, block in enumerate(kv):  # codec "none" now: zstd entries still decode
             assert tier.read_into(kit.key(i), dst) and torch.equal(dst, block)
