@@ -432,7 +432,11 @@ class DiskTier:
             raise LayoutMismatchError(f"{where} holds blocks of layout {found.get('layout')!r}, not "
                                       f"{self.layout.fingerprint!r}; set disk.wipe_incompatible to start empty")
         raise DiskError(f"{where} was created with region_bytes={found.get('region_bytes')} and "
-                        f"{found.get('num_paths')} path(s); set disk.wipe_incompatible to start empty")
+                        f"{found.get('num_paths')} path(s), this configuration gives "
+                        f"region_bytes={expected.get('region_bytes')} and {expected.get('num_paths')} (a tier "
+                        f"smaller than disk.min_regions x disk.region_bytes gets smaller regions; a directory "
+                        f"written before min_regions existed opens with disk.min_regions = 1); set "
+                        f"disk.wipe_incompatible to start empty")
 
     # -- public API -----------------------------------------------------------------------------------
 

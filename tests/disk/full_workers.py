@@ -64,7 +64,9 @@ def tier(mount: str) -> None:
     log = StringIO()
     handler = logging.StreamHandler(log)
     logging.getLogger("kvtier.disk.tier").addHandler(handler)
-    config = DiskConfig(paths=(f"{mount}/disk",), capacity_bytes="4MiB", region_bytes="256KiB", io_threads=2)
+    # 16 regions of 32 blocks, as the test counts them (not the smaller regions min_regions would give).
+    config = DiskConfig(paths=(f"{mount}/disk",), capacity_bytes="4MiB", region_bytes="256KiB", io_threads=2,
+                        min_regions=1)
     stored = range(2 * PER_REGION)
     with DiskTier(config, LAYOUT) as disk:
         for i in stored:
@@ -119,7 +121,8 @@ def daemon(mount: str) -> None:
     # A host pool of 64 blocks: most blocks are read back from the disk tier.
     proc = subprocess.Popen([sys.executable, "-m", "kvtier.daemon", "--set", "host.prefault=false",
                              "--set", "disk.write_mode=through", "--set", "disk.capacity_bytes=4MiB",
-                             "--set", "disk.region_bytes=256KiB", "--set", "disk.admission=admit_all",
+                             "--set", "disk.region_bytes=256KiB", "--set", "disk.min_regions=1",
+                             "--set", "disk.admission=admit_all",
                              "--set", "disk.writeback_buffer_bytes=768KiB", "serve", "--socket", socket_path,
                              "--pool", "256KiB", "--disk", f"{mount}/disk", "--metrics-port", "0", "--layout",
                              "num_layers=2,num_kv_heads=2,head_dim=8,dtype=float32,block_tokens=4"])

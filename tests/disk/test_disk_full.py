@@ -57,7 +57,7 @@ def test_a_full_index_map_refuses_new_blocks_and_evictions_make_room(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(tier_module, "_FIRST_RETRY_S", 0.2)
     config = DiskConfig(paths=(str(tmp_path),), capacity_bytes="16MiB", region_bytes="256KiB", io_threads=2,
-                        index_map_bytes="128KiB", admission="admit_all", reinsert_hits=0)
+                        index_map_bytes="128KiB", admission="admit_all", reinsert_hits=0, min_regions=1)
     with DiskTier(config, LAYOUT) as disk, caplog.at_level(logging.WARNING, logger="kvtier.disk.tier"):
         offered = 0
         while disk.stats().fault == "" and offered < 64 * PER_REGION:  # 64 regions: more than the map holds
