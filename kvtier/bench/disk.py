@@ -146,8 +146,10 @@ def _one_repeat(root: str, layout: KVLayout, total_bytes: int, region_bytes: int
     sources = [torch.randint(0, 256, (block_bytes,), dtype=torch.uint8) for _ in range(_SOURCES)]
     keys = [i.to_bytes(16, "little") for i in range(num_blocks)]
     per_region = region_bytes // entry_bytes(block_bytes)
+    # Sized to the run (no eviction), with regions of ``region_bytes`` as a tier of a real drive has them
+    # (min_regions=1: a tier this small would otherwise be cut into smaller regions).
     config = DiskConfig(paths=(os.path.join(root, "tier"),), region_bytes=region_bytes,
-                        capacity_bytes=(-(-num_blocks // per_region) + 1) * region_bytes,  # no eviction
+                        capacity_bytes=(-(-num_blocks // per_region) + 1) * region_bytes, min_regions=1,
                         io_threads=io_threads, direct_io="auto" if direct else "off")
     # Twice as many reads in flight as the tier has I/O threads: a thread that finishes one finds the next
     # queued, so the drive sees ``io_threads`` at a time, as raw does (the store submits a whole prefix's
