@@ -335,11 +335,11 @@ class PagedKV:
 
     @staticmethod
     def _check_segments(segments: Sequence[torch.Tensor]) -> None:
-        first = segments[0] if segments else None
+        first = segments[0]
         for index, segment in enumerate(segments):
             if segment.dtype != torch.uint8 or segment.dim() != 2 or segment.stride(1) != 1:
                 raise InvalidInputError(f"segment {index} must be a (num_blocks, page_bytes) uint8 row view")
-            if first is not None and (segment.shape != first.shape or segment.device != first.device):
+            if segment.shape != first.shape or segment.device != first.device:
                 raise InvalidInputError(
                     f"segment {index} is {tuple(segment.shape)} on {segment.device}, "
                     f"segment 0 is {tuple(first.shape)} on {first.device}"

@@ -587,7 +587,7 @@ class Client:
     def flush(self, timeout_s: float = FLUSH_WAIT_S) -> None:
         """Ask the daemon to write what its lower tiers hold in memory now; done within ``timeout_s``, else
         ``FlushTimeoutError`` (see ``Store.flush``)."""
-        self._live().call("flush", timeout_s=timeout_s, wait_s=timeout_s + self.timeout_s)
+        self._call("flush", timeout_s=timeout_s, wait_s=timeout_s + self.timeout_s)
 
     def close(self) -> None:
         """Finish running jobs, then disconnect and unmap the arena. Idempotent."""

@@ -47,6 +47,15 @@ import lmdb
 from kvtier.errors import DiskError, DiskFullError, FlushTimeoutError, IndexDamagedError, IndexFullError
 
 
+def wait_by(cond: threading.Condition, deadline: float | None, what: str) -> None:
+    """``cond.wait()`` (its lock held) until ``deadline`` (``time.monotonic``; ``None``: none); past it
+    ``FlushTimeoutError`` saying ``what`` was not done by the flush's deadline."""
+    left_s = None if deadline is None else deadline - time.monotonic()
+    if left_s is not None and left_s <= 0:
+        raise FlushTimeoutError(f"{what} by the flush's deadline")
+    cond.wait(left_s)
+
+
 class RegionState(IntEnum):
     OPEN = 1
     SEALED = 2
@@ -204,10 +213,7 @@ class DiskIndex:
                 if failure is not None and failure[0] > started and failure[1] >= ticket:
                     raise failure[2]
                 if self._committing:
-                    left_s = None if deadline is None else deadline - time.monotonic()
-                    if left_s is not None and left_s <= 0:
-                        raise FlushTimeoutError("the disk index did not commit by the flush's deadline")
-                    self._cond.wait(left_s)
+                    wait_by(self._cond, deadline, "the disk index did not commit")
                     continue
                 batch = list(self._queue)
                 self._committing = True

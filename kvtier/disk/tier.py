@@ -102,7 +102,7 @@ from kvtier.disk.format import (
     parse_header,
     round_up,
 )
-from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
+from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion, wait_by
 from kvtier.disk.index_check import damage, walk_fault
 from kvtier.disk.rebuild import scan_regions
 from kvtier.errors import (
@@ -679,10 +679,7 @@ class DiskTier:
         if not self._opening:
             self._seal_locked()
         while any(region.buffer is not None and region is not self._open for region in self._regions):
-            left_s = None if deadline is None else deadline - time.monotonic()
-            if left_s is not None and left_s <= 0:
-                raise FlushTimeoutError("the disk tier's regions were not written by the flush's deadline")
-            self._cond.wait(left_s)
+            wait_by(self._cond, deadline, "the disk tier's regions were not written")
 
     def _open_region_locked(self) -> _Region:
         """A region to fill: a clean one, else the oldest sealed one evicted (hot blocks reinserted)."""

@@ -34,7 +34,7 @@ Promises:
   code path (``PagedKV`` with one segment per layer, K/V plane and head, a page being one block's
   ``[block tokens, head dim]`` of one head). A restore is one ``scatter_from_slots`` into one
   ``[layer, plane, head, row, tokens, dim]`` tensor whose slices are the cache's K and V (one kernel launch
-  on CUDA, reading the registered arena in place; one NumPy copy per block on the CPU); the leases are
+  on CUDA, reading the registered arena in place; one strided copy per run of blocks on the CPU); the leases are
   released once the launch completed (a CUDA event; the forward is queued meanwhile). On the CPU that
   tensor is memory an earlier restore's cache gave up where there is some (``restore_buffers``, up to
   ``idle_restore_bytes`` kept idle): written without a page fault per page. A save is one
@@ -406,7 +406,7 @@ class TransformersConnector:
         dtype, device = self.layout.torch_dtype, self.model.device
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         return self.restore_buffers.take(nbytes).view(dtype).view(shape)
 
     def _fill(self, cache: DynamicCache, leases: list[Lease], num_blocks: int,
@@ -414,7 +414,7 @@ class TransformersConnector:
         """Restore the leased blocks into ``cache``; on CUDA, the event after which the leases may go.
 
         One copy of each block from its slot into the cache's layout, shared by every device: one kernel
-        launch on CUDA (reading the registered arena in place), one NumPy copy per block on the CPU. Each
+        launch on CUDA (reading the registered arena in place), one strided copy per run of blocks on the CPU. Each
         layer's K and V are views of one ``[layer, plane, head, row, tokens, dim]`` tensor.
         """
         layout = self.layout
