@@ -156,6 +156,8 @@ def _one_repeat(root: str, layout: KVLayout, total_bytes: int, region_bytes: int
     # promotions at once). With only ``io_threads`` in flight, each completion's round trip through the
     # caller left a thread idle: 0.87x of raw at 256 KiB for the same pool reading raw blocks.
     slots = [aligned_tensor(block_bytes) for _ in range(_READS_IN_FLIGHT_PER_THREAD * io_threads)]
+    for slot in slots:  # touched, as a store's prefaulted arena slots are: a first touch is not a read
+        slot.fill_(0)
     caller = torch.empty(block_bytes, dtype=torch.uint8).numpy()
     seconds: dict[str, float] = {}
     with DiskTier(config, layout) as tier:

@@ -11,8 +11,11 @@ single-threaded copy alone.
   not counted there.
 - Per call (``per_call``): one chunk per call, as a connector moves one request's new block, for a
   Llama-3.2-1B-like chunk (16 layers x 8 KV heads x 64 dims, bf16, 256 tokens: 8 MiB) and a 7B-like one
-  (32 x 8 x 128: 32 MiB): the median milliseconds of ``put([key], [chunk]).wait()`` (fresh keys) and of
-  ``get``, against both raw copies of one chunk, in rounds that take turns going first (the load drifts).
+  (32 x 8 x 128: 32 MiB): the median milliseconds of ``put([key], [chunk]).wait()`` (fresh keys, derived
+  before the timing) and of ``get``, against both raw copies of one chunk, in rounds that take turns going
+  first (the load drifts). A put's raw copies (``raw_put_*``) write chunk buffers in turn, as many as the
+  slots its puts cycle through, so that both write memory no call wrote recently; a get's (``raw_*``) copy
+  between the same four chunks the gets read, as warm in the caches as those.
 - First fill (``first_fill_*``): a new store of ``--first-fill-mib`` filled with 1 MiB blocks once its
   background prefault finished (``first_fill``; ``first_fill_prefault_s`` is how long the prefault took
   from opening), right as it opens, racing the prefault (``first_fill_at_open``), and with no prefault
@@ -26,6 +29,7 @@ Prints one JSON object (``--json``) or a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -110,20 +114,28 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
     num_sources = 4
     sources = [torch.randn(layout.block_numel).to(layout.torch_dtype) for _ in range(num_sources)]
     outputs = [torch.empty_like(src) for src in sources]
+    # A put writes a slot no call wrote recently (its puts cycle through the store's other slots), a get reads
+    # one of the chunks read back: the put's raw copy writes a sink in turn, as many as those slots, the get's
+    # writes ``outputs`` (four chunks, partly in the CPU's last-level cache, as the chunks a get reads are).
+    sinks = [torch.empty_like(sources[0]) for _ in range(2 * calls + 2)]
+    sink_turns = itertools.count()
     # LRU with room for the chunks read back and two rounds of fresh puts (rounds take turns going first, so two
     # put rounds may fall between two get rounds): the chunks read back are never evicted.
     config = StoreConfig(host=HostConfig(capacity_bytes=(2 * calls + num_sources + 2) * (layout.block_bytes + 4096),
                                          policy="lru"),
                          transfer=TransferConfig(backend="cpu", num_workers=num_workers))
-    times: dict[str, list[float]] = {name: [] for name in ("raw_1t", "raw_threads", "put", "get",
+    times: dict[str, list[float]] = {name: [] for name in ("raw_1t", "raw_threads", "raw_put_1t", "raw_put_threads",
+                                                           "put", "get",
                                                            *(f"{p}_{op}" for p in peers for op in ("put", "get")))}
     with Store(layout, config) as store, RawCopier(1) as single, RawCopier(num_workers) as threaded:
         store.arena.wait_prepared()
         hasher = store.hasher("bench-per-call")
-        fresh = iter(range(10**9))
+        # Keys derived before the timing, as a connector has them from its lookup: a put is timed, not a hash.
+        num_puts = (rounds + 2) * calls + 3 * num_sources
+        fresh = iter(hasher.keys(np.arange(num_puts * layout.block_tokens, dtype=np.int64)))
 
         def put(i: int) -> bytes:
-            key = hasher.keys([next(fresh)] * layout.block_tokens)[0]
+            key = next(fresh)
             if not store.put([key], [sources[i % num_sources]]).wait().ok:
                 raise RuntimeError("the per-call benchmark lost a put")
             return key
@@ -137,6 +149,9 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
         steps: dict[str, Callable[[int], object]] = {
             "raw_1t": lambda i: single.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
             "raw_threads": lambda i: threaded.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
+            "raw_put_1t": lambda i: single.copy([sinks[next(sink_turns) % len(sinks)]], [sources[i % num_sources]]),
+            "raw_put_threads": lambda i: threaded.copy([sinks[next(sink_turns) % len(sinks)]],
+                                                       [sources[i % num_sources]]),
             "put": put, "get": get}
         peer_resident = {name: [peer.put(source) for source in sources] for name, peer in peers.items()}
         for name, peer in peers.items():
@@ -165,15 +180,16 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
                     raise RuntimeError(f"the per-call benchmark read other bytes back from {name}")
     ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     best = min(ms["raw_1t"], ms["raw_threads"])
-    result = {"chunk_bytes": layout.block_bytes, "raw_1t_ms": round(ms["raw_1t"], 3),
-              "raw_threads_ms": round(ms["raw_threads"], 3), "put_ms": round(ms["put"], 3),
-              "get_ms": round(ms["get"], 3), "put_vs_raw": round(ms["put"] / best, 3),
-              "get_vs_raw": round(ms["get"] / best, 3), "put_vs_raw_1t": round(ms["put"] / ms["raw_1t"], 3),
+    best_put = min(ms["raw_put_1t"], ms["raw_put_threads"])
+    result = {"chunk_bytes": layout.block_bytes, **{f"{name}_ms": round(ms[name], 3) for name in (
+                  "raw_1t", "raw_threads", "raw_put_1t", "raw_put_threads", "put", "get")},
+              "put_vs_raw": round(ms["put"] / best_put, 3), "get_vs_raw": round(ms["get"] / best, 3),
+              "put_vs_raw_1t": round(ms["put"] / ms["raw_put_1t"], 3),
               "get_vs_raw_1t": round(ms["get"] / ms["raw_1t"], 3)}
     for name in peers:
         for op in ("put", "get"):
             result[f"{name}_{op}_ms"] = round(ms[f"{name}_{op}"], 3)
-            result[f"{name}_{op}_vs_raw"] = round(ms[f"{name}_{op}"] / best, 3)
+            result[f"{name}_{op}_vs_raw"] = round(ms[f"{name}_{op}"] / (best_put if op == "put" else best), 3)
             result[f"{op}_vs_{name}"] = round(ms[op] / ms[f"{name}_{op}"], 3)
     return result
 
@@ -305,11 +321,13 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
               f"memcpy; {result['first_fill_at_open_vs_memcpy']}x racing the prefault, "
               f"{result['first_fill_no_prefault_vs_memcpy']}x without it)")
     for name in args.per_call_layouts if args.per_call_rounds else ():
-        row = {field: result[f"per_call_{name}_{field}"] for field in ("chunk_bytes", "raw_1t_ms", "raw_threads_ms",
-                                                                     "put_ms", "get_ms", "put_vs_raw", "get_vs_raw")}
-        print(f"one {name} chunk ({row['chunk_bytes']} B) per call: put {row['put_ms']} ms, get {row['get_ms']} ms; "
-              f"raw {row['raw_1t_ms']} ms (1 thread), {row['raw_threads_ms']} ms ({args.workers} threads); "
-              f"put {row['put_vs_raw']}x, get {row['get_vs_raw']}x the better raw copy")
+        row = {field: result[f"per_call_{name}_{field}"] for field in (
+            "chunk_bytes", "raw_1t_ms", "raw_threads_ms", "raw_put_1t_ms", "raw_put_threads_ms", "put_ms", "get_ms",
+            "put_vs_raw", "get_vs_raw")}
+        print(f"one {name} chunk ({row['chunk_bytes']} B) per call: put {row['put_ms']} ms (raw "
+              f"{row['raw_put_1t_ms']} ms 1 thread, {row['raw_put_threads_ms']} ms {args.workers} threads: "
+              f"{row['put_vs_raw']}x), get {row['get_ms']} ms (raw {row['raw_1t_ms']} ms, {row['raw_threads_ms']} ms: "
+              f"{row['get_vs_raw']}x the better raw copy)")
     print(f"keys of {result['prompt_tokens']} tokens: derive {result['key_derive_ms']} ms, "
           f"lookup {result['lookup_ms']} ms")
     return 0

@@ -349,7 +349,8 @@ def per_call_line(record: dict[str, Any]) -> str:
     if record.get("status") != "ok":
         return f"{name}: not run: {record.get('error')}"
     return (f"{name}: put kvtier {record['put_ms']} ms / LMCache {record['lmcache_put_ms']} ms, get kvtier "
-            f"{record['get_ms']} ms / LMCache {record['lmcache_get_ms']} ms, raw copy {record['raw_1t_ms']} ms")
+            f"{record['get_ms']} ms / LMCache {record['lmcache_get_ms']} ms, raw copy {record['raw_put_1t_ms']} ms "
+            f"(put), {record['raw_1t_ms']} ms (get)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

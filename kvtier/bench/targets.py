@@ -67,11 +67,12 @@ def _per_call(results: Results) -> Iterator[Target]:
             if put is None or get is None:
                 continue
             found = True
-            figures = {field: number(record, f"per_call_{name}_{field}")
-                       for field in ("put_ms", "get_ms", "raw_1t_ms", "raw_threads_ms")}
+            figures = {field: number(record, f"per_call_{name}_{field}") for field in (
+                "put_ms", "get_ms", "raw_1t_ms", "raw_threads_ms", "raw_put_1t_ms", "raw_put_threads_ms")}
             yield Target("host tier", f"one {name.upper()}-like chunk per call: put and get <= 1.2x the better raw",
-                         f"put {put:.2f}x, get {get:.2f}x (put {figures['put_ms']} ms, get {figures['get_ms']} ms; raw "
-                         f"{figures['raw_1t_ms']} ms 1 thread, {figures['raw_threads_ms']} ms N threads)",
+                         f"put {put:.2f}x ({figures['put_ms']} ms; raw {figures['raw_put_1t_ms']} ms 1 thread, "
+                         f"{figures['raw_put_threads_ms']} ms N threads), get {get:.2f}x ({figures['get_ms']} ms; "
+                         f"raw {figures['raw_1t_ms']} ms, {figures['raw_threads_ms']} ms)",
                          _status(max(put, get) <= 1.2))
     if not found:
         yield Target("host tier", "one chunk per call: put and get <= 1.2x the better raw copy", "", NOT_MEASURED)

@@ -15,7 +15,8 @@ costs one futex wake, not a Python ``Condition`` round (``PriorityQueue``), whic
 large part of a one-block call. ``Transfer.help`` runs one share of the job that no worker has picked up yet on
 the calling thread: a caller about to wait copies instead of sleeping while a worker wakes up (tens to hundreds
 of microseconds on a loaded VM), so a one-chunk put or get that is waited for costs about what the same
-bytes cost copied by that many threads.
+bytes cost copied by that many threads. That share (the last) is ``WAITER_SHARE_WEIGHT`` times the others, so
+the waiter usually finishes last and completes the job itself rather than being woken.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ _Task = tuple[Callable[[], None], _CpuTransfer]
 # A share smaller than this costs more to hand to another thread than to copy on the one that has it.
 MIN_SHARE_BYTES = 1 << 20
 _SHARE_ALIGN = 4096
+# The last share, the one ``help`` runs on a waiting caller, is this much larger than the workers': a worker
+# starts its share only after a wake-up, so the waiter finishes last and completes the job on its own thread
+# instead of sleeping until a worker's completion wakes it (20-40 us a call on a loaded VM). Where memory
+# bandwidth, not a thread, is the limit, the larger share costs no time: the waiter copies alone at the end.
+WAITER_SHARE_WEIGHT = 1.3
 
 
 def _as_bytes(tensor: torch.Tensor) -> npt.NDArray[np.uint8]:
@@ -107,14 +113,16 @@ def _memmove_all(segments: Sequence[tuple[int, int, int]], owners: object) -> No
         memmove(dst, src, nbytes)
 
 
-def cut_segments(dsts: Sequence[int], srcs: Sequence[int], nbytes: int,
-                 num_shares: int) -> list[list[tuple[int, int, int]]]:
-    """The copies of ``nbytes`` from each ``srcs[i]`` to ``dsts[i]``, as ``num_shares`` runs of equal bytes.
+def cut_segments(dsts: Sequence[int], srcs: Sequence[int], nbytes: int, num_shares: int,
+                 last_share_weight: float = 1.0) -> list[list[tuple[int, int, int]]]:
+    """The copies of ``nbytes`` from each ``srcs[i]`` to ``dsts[i]``, as ``num_shares`` runs of bytes: equal ones,
+    but the last ``last_share_weight`` times the others.
 
     A block may be split between two shares; cuts fall on ``_SHARE_ALIGN`` boundaries of the job's bytes.
     """
     total = len(dsts) * nbytes
-    bounds = [min(total, total * i // num_shares // _SHARE_ALIGN * _SHARE_ALIGN) for i in range(num_shares)]
+    weight = num_shares - 1 + last_share_weight
+    bounds = [min(total, int(total * i / weight) // _SHARE_ALIGN * _SHARE_ALIGN) for i in range(num_shares)]
     shares: list[list[tuple[int, int, int]]] = []
     for start, stop in itertools.pairwise([*bounds, total]):
         segments: list[tuple[int, int, int]] = []
@@ -174,8 +182,9 @@ class CpuTransferEngine(TransferEngine):
                       else (slot_addresses, block_addresses))
         owners = (rows, list(blocks))
         num_shares = max(1, min(self._num_workers, len(blocks) * nbytes // MIN_SHARE_BYTES))
-        return self._queue_shares([functools.partial(_memmove_all, segments, owners)
-                                   for segments in cut_segments(dsts, srcs, nbytes, num_shares)], direction, on_done)
+        shares = cut_segments(dsts, srcs, nbytes, num_shares, WAITER_SHARE_WEIGHT)
+        return self._queue_shares([functools.partial(_memmove_all, segments, owners) for segments in shares],
+                                  direction, on_done)
 
     def _queue_shares(self, shares: list[Callable[[], None]], direction: Direction,
                       on_done: DoneCallback) -> Transfer:

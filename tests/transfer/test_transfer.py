@@ -16,7 +16,7 @@ from kvtier.transfer import (
     TransferEngine,
     make_transfer_engine,
 )
-from kvtier.transfer.cpu import MIN_SHARE_BYTES, cut_segments
+from kvtier.transfer.cpu import MIN_SHARE_BYTES, WAITER_SHARE_WEIGHT, cut_segments
 
 
 def run_job(engine: TransferEngine, pairs: list[tuple[torch.Tensor, torch.Tensor]],
@@ -180,13 +180,18 @@ def test_cuda_submit_blocks_is_one_launch_and_round_trips(monkeypatch: pytest.Mo
         arena.close()
 
 
-@pytest.mark.parametrize("num_blocks, nbytes, num_shares", [(1, 3 * 2**20 + 4096, 2), (3, 2**20 + 512, 3),
-                                                            (5, 4096, 2), (2, 100, 1)])
-def test_cut_segments_cover_every_byte_once(num_blocks: int, nbytes: int, num_shares: int) -> None:
+@pytest.mark.parametrize("num_blocks, nbytes, num_shares, weight", [
+    (1, 3 * 2**20 + 4096, 2, 1.0), (3, 2**20 + 512, 3, 1.0), (5, 4096, 2, 1.0), (2, 100, 1, 1.0),
+    (1, 8 * 2**20, 2, WAITER_SHARE_WEIGHT), (3, 2**20 + 512, 3, 1.3), (5, 4096, 2, 1.3)])
+def test_cut_segments_cover_every_byte_once(num_blocks: int, nbytes: int, num_shares: int, weight: float) -> None:
     dsts = [10**9 * (i + 1) for i in range(num_blocks)]
     srcs = [10**9 * (i + 1) + 5 * 10**8 for i in range(num_blocks)]
-    shares = cut_segments(dsts, srcs, nbytes, num_shares)
+    shares = cut_segments(dsts, srcs, nbytes, num_shares, weight)
     assert len(shares) == num_shares
+    sizes = [sum(length for _, _, length in share) for share in shares]
+    # Every share but the last about equal; the last (a waiter's) ``weight`` times them, to a page.
+    assert max(sizes[:-1], default=0) - min(sizes[:-1], default=0) <= 4096
+    assert sizes[:-1] == [] or abs(sizes[-1] - weight * sizes[0]) <= 2 * 4096 * weight
     covered = sorted((dst, length, src - dst) for share in shares for dst, src, length in share)
     for i, dst in enumerate(dsts):  # each block's bytes, contiguous and in order, src at the same offset
         runs = [(d, n) for d, n, shift in covered if dst <= d < dst + nbytes and shift == srcs[i] - dst]
