@@ -254,6 +254,16 @@ def test_sliding_window_within_the_window_is_exact_and_past_it_refused() -> None
         assert_matches_recompute(again.logits[:, -1], full_logits(model, ids), model)
         with pytest.raises(UnsupportedModelError, match="sliding window of 40"):
             connector.prefill(tokens(40))
+        # A restore's cache, copied from the template, is the config's: same kinds, windows and attributes,
+        # new layers each time (none shared with the template or an earlier restore).
+        built, expected = connector._restore_cache(), connector.new_cache()
+        assert [type(layer) for layer in built.layers] == [type(layer) for layer in expected.layers]
+        assert [getattr(layer, "sliding_window", None) for layer in built.layers] == [
+            getattr(layer, "sliding_window", None) for layer in expected.layers]
+        assert {k: v for k, v in vars(built).items() if k != "layers"} == {
+            k: v for k, v in vars(expected).items() if k != "layers"}
+        assert not {id(layer) for layer in built.layers} & {id(layer) for layer in connector._restore_cache().layers}
+        assert connector.device == model.device
 
 
 def test_unknown_cache_layers_are_refused(llama: Any, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,6 +50,7 @@ Promises:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -269,7 +270,13 @@ class TransformersConnector:
             raise LayoutMismatchError(f"the store's layout {store.layout} is not the model's KV layout {expected}")
         self.model_id = model_id or model_id_for(model)
         self.hasher = store.hasher(self.model_id)
+        # ``model.device`` walks the model's modules (~20 us, twice a restore): one parameter says the same
+        # (transformers reads the first one's device too), and follows ``model.to``, which moves it in place.
+        self._device_probe: torch.Tensor = next(model.parameters())
         self.windows = self._check_cache_layers()
+        # An empty cache built from the config once; each restore copies it with fresh layers of the same kinds
+        # (``DynamicCache(config=)`` reads the config's layer types again: ~0.1 ms a restore).
+        self._empty_cache = DynamicCache(config=self.model.config)
         self.cache_kwarg = cache_kwarg(model)
         # The arena is registered with CUDA on the model's device (a store that cannot pin, such as a
         # test double, is copied through the same kernels' correct fallback).
@@ -301,6 +308,19 @@ class TransformersConnector:
     def new_cache(self) -> DynamicCache:
         """An empty cache shaped like the one ``generate`` would build for this model."""
         return DynamicCache(config=self.model.config)
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (that of its first parameter, as ``model.device`` says, without its module walk)."""
+        return self._device_probe.device
+
+    def _restore_cache(self) -> DynamicCache:
+        """``new_cache()``, from the template built at construction: the same attributes, new layers of the
+        kinds ``_check_cache_layers`` accepted (full attention, or a sliding window of the same size)."""
+        cache = copy.copy(self._empty_cache)
+        cache.layers = [DynamicLayer() if window is None else DynamicSlidingWindowLayer(sliding_window=window)
+                        for window in self.windows]
+        return cache
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -335,10 +355,11 @@ class TransformersConnector:
         # Saves of earlier requests become readable here (their copies finished long ago in practice).
         self._settle(wait=True)
         start = None
-        if self.model.device.type == "cuda":
+        device = self.device
+        if device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
-            start.record(torch.cuda.current_stream(self.model.device))
-        cache = self.new_cache()
+            start.record(torch.cuda.current_stream(device))
+        cache = self._restore_cache()
         max_tokens = input_ids.shape[1] - self.min_tail_tokens
         if max_tokens <= 0:
             return Restored(cache, 0, 0, (), time.perf_counter() - started)
@@ -403,7 +424,7 @@ class TransformersConnector:
 
     def _kv_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised contiguous tensor of ``shape`` in the layout's dtype, on the model's device."""
-        dtype, device = self.layout.torch_dtype, self.model.device
+        dtype, device = self.layout.torch_dtype, self.device
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         nbytes = math.prod(shape) * dtype.itemsize
