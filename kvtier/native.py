@@ -296,8 +296,8 @@ class PagedKV:
             self._planes: torch.Tensor | None = planes
             self._segments: list[torch.Tensor] | None = None
             self.num_segments = int(planes.shape[0])
-            bases = planes.data_ptr() + np.arange(self.num_segments, dtype=np.int64) * planes.stride(0)
-            row_strides = np.full(self.num_segments, planes.stride(1), dtype=np.int64)
+            # Built at the first launch: a CPU copy (a restore, once per request) never reads the tables.
+            self._table_cache: np.ndarray | None = None
             first = planes[0]
         else:
             if not segments:
@@ -305,8 +305,8 @@ class PagedKV:
             self._check_segments(segments)
             self._planes, self._segments = None, list(segments)
             self.num_segments = len(segments)
-            bases = np.array([s.data_ptr() for s in segments], dtype=np.int64)
-            row_strides = np.array([s.stride(0) for s in segments], dtype=np.int64)
+            self._table_cache = np.stack([np.array([s.data_ptr() for s in segments], dtype=np.int64),
+                                          np.array([s.stride(0) for s in segments], dtype=np.int64)])
             first = segments[0]
         self.num_blocks = int(first.shape[0])
         self.page_bytes = int(first.shape[1])
@@ -318,12 +318,24 @@ class PagedKV:
         self.backend: Backend = (
             "cuda" if kernels is not None else "numpy" if use_numpy and self.device.type == "cpu" else "torch"
         )
-        # Each segment's base address and row stride (bytes), uploaded with the indices at every launch.
-        self._tables = np.stack([bases, row_strides])
-        self._vector = self.page_bytes % 16 == 0 and not (self._tables % 16).any()
         self._pages: np.ndarray | None = None
         if self.backend == "numpy":
             self._pages = self._planes.numpy() if self._planes is not None else self._regular_pages(first)
+
+    @property
+    def _tables(self) -> np.ndarray:
+        """Each segment's base address and row stride (bytes), uploaded with the indices at every launch."""
+        if self._table_cache is None:
+            assert self._planes is not None
+            planes, count = self._planes, self.num_segments
+            self._table_cache = np.stack([planes.data_ptr() + np.arange(count, dtype=np.int64) * planes.stride(0),
+                                          np.full(count, planes.stride(1), dtype=np.int64)])
+        return self._table_cache
+
+    @property
+    def _vector(self) -> bool:
+        """Whether every page and segment row is 16-byte aligned (the kernels may move 16 bytes at a time)."""
+        return self.page_bytes % 16 == 0 and not (self._tables % 16).any()
 
     @property
     def segments(self) -> list[torch.Tensor]:
@@ -414,10 +426,16 @@ class PagedKV:
         chosen = range(self.num_segments) if segments is None else segments
         if chosen.step != 1 or not 0 <= chosen.start <= chosen.stop <= self.num_segments:
             raise InvalidInputError(f"segments must be a contiguous range within [0, {self.num_segments}]")
-        ids = torch.as_tensor(block_ids, dtype=torch.int64, device="cpu").reshape(-1)
+        if isinstance(block_ids, range) and block_ids.step == 1:
+            # A restore's ids (every page of a new cache, in order): bounded by its ends, no reduction over them.
+            ids = torch.arange(block_ids.start, max(block_ids.start, block_ids.stop), dtype=torch.int64)
+            low, high = block_ids.start, block_ids.stop - 1
+        else:
+            ids = torch.as_tensor(block_ids, dtype=torch.int64, device="cpu").reshape(-1)
+            low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
         if pages_per_chunk <= 0 or ids.numel() % pages_per_chunk:
             raise InvalidInputError(f"{ids.numel()} block ids do not make whole chunks of {pages_per_chunk}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
+        if ids.numel() and (low < 0 or high >= self.num_blocks):
             raise InvalidInputError(f"a block id lies outside [0, {self.num_blocks})")
         return ids, chosen
 
@@ -445,7 +463,12 @@ class PagedKV:
         slots = torch.as_tensor(slot_ids, dtype=torch.int64, device="cpu").reshape(-1)
         if slots.numel() != num_chunks:
             raise InvalidInputError(f"{slots.numel()} slot ids for {num_chunks} chunks")
-        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= rows.shape[0]):
+        if not slots.numel():
+            return slots
+        # A lease's slots come as a list: bounded in Python, without two reductions over a new tensor.
+        low, high = ((min(slot_ids), max(slot_ids)) if isinstance(slot_ids, list)
+                     else (int(slots.min()), int(slots.max())))
+        if low < 0 or high >= rows.shape[0]:
             raise InvalidInputError(f"a slot id lies outside [0, {rows.shape[0]})")
         if unique and torch.unique(slots).numel() != slots.numel():
             raise InvalidInputError("a slot id appears twice in one gather")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,6 +250,9 @@ def test_slot_arguments_are_checked_before_copying() -> None:
         lambda: paged.scatter_from_slots([0, 1], torch.zeros(4096, dtype=torch.uint8).as_strided(
             (3, paged.chunk_bytes()), (8, 1)), [0, 1]),  # rows overlap
         lambda: paged.scatter_from_slots([0, NUM_BLOCKS], rows, [0, 1]),  # block id out of range
+        lambda: paged.scatter_from_slots(range(NUM_BLOCKS - 1, NUM_BLOCKS + 1), rows, [0, 1]),  # a range past the end
+        lambda: paged.scatter_from_slots(range(-1, 1), rows, [0, 1]),  # a range before the start
+        lambda: paged.scatter_from_slots(range(0, 2), rows, torch.tensor([0, 3])),  # a tensor slot out of range
     ]
     for call in bad_calls:
         with pytest.raises(InvalidInputError):
@@ -263,7 +267,22 @@ def test_empty_slot_list_is_a_no_op() -> None:
     rows = _rows(2, paged.chunk_bytes())
     paged.gather_to_slots([], rows, [])
     paged.scatter_from_slots([], rows, [])
+    paged.scatter_from_slots(range(3, 3), rows, [])
     assert torch.count_nonzero(rows) == 0
+
+
+def test_range_ids_copy_what_the_same_ids_as_a_list_copy() -> None:
+    """A range of block ids (a restore's) takes a shortcut through the checks, not through the copy."""
+    layers = _layers(2)
+    paged = _paged(layers)
+    rows = _rows(4, paged.chunk_bytes())
+    paged.gather_to_slots([2, 3, 4], rows, [3, 0, 1])
+    for ids in (range(5, 8), range(5, 11, 2)):
+        got, expected = [layer.clone() for layer in layers], [layer.clone() for layer in layers]
+        PagedKV([byte_rows(layer, NUM_BLOCKS) for layer in got]).scatter_from_slots(ids, rows, [3, 0, 1])
+        PagedKV([byte_rows(layer, NUM_BLOCKS) for layer in expected]).scatter_from_slots(list(ids), rows,
+                                                                                          torch.tensor([3, 0, 1]))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 @pytest.mark.gpu
@@ -331,8 +350,6 @@ def test_a_launch_uploads_its_tables_once_from_host_arrays_and_sizes_its_grid(mo
     chunks are host memory, the full grid between device buffers."""
     import contextlib
     import types
-
-    import numpy as np
 
     from kvtier import native
 
@@ -413,3 +430,6 @@ def test_a_plane_tensor_is_checked_once() -> None:
         with pytest.raises(InvalidInputError):
             PagedKV(bad)
     assert PagedKV(planes).chunk_bytes(2) == 2 * 4 * 64
+    # The kernels' tables, built lazily for a plane tensor, are those of the same segments passed one by one.
+    lazy, listed = PagedKV(planes, use_kernel=False), PagedKV(list(planes.unbind(0)), use_kernel=False)
+    assert np.array_equal(lazy._tables, listed._tables) and lazy._vector == listed._vector
