@@ -11,6 +11,10 @@ Promises:
 - ``close`` never unmaps memory a view still uses: the mapping goes with the last view taken from it.
 - An arena created without a name has no file: its memory lives exactly as long as the mapping, and a
   crash leaks nothing. A named arena is unlinked by ``close(unlink=True)`` of its creator.
+- A named arena's creator holds a shared ``flock`` on its file from the moment it creates it until
+  ``close``; the kernel drops it when the process dies however it dies. ``remove_if_abandoned`` unlinks a
+  file only when nobody holds that lock and the file is older than ``ABANDONED_AFTER_S``: a live arena is
+  never removed, whichever PID namespace (container) its creator runs in, where a process id says nothing.
 - ``prepare`` starts one background thread that prefaults the arena (``madvise(MADV_POPULATE_WRITE)``:
   pages allocated and mapped without a byte changed, so a fill racing it is never overwritten) in
   slot-aligned steps from the last chunk down, away from the low slots a fresh host tier hands out first.
@@ -31,11 +35,13 @@ Promises:
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +52,9 @@ from kvtier.errors import ClosedError, ConfigError
 
 PAGE_BYTES = 4096
 _SHM_DIR = Path("/dev/shm")
+# A file younger than this is never taken for abandoned: its creator may not hold its lock yet (it takes it
+# right after creating the file, microseconds later).
+ABANDONED_AFTER_S = 10.0
 # linux/mman.h: populate page tables as write faults would, without writing (Linux 5.14+).
 _MADV_POPULATE_WRITE = 23
 _PREFAULT_STEP_BYTES = 16 * 1024 * 1024
@@ -81,11 +90,13 @@ class HostArena:
         self._pin_devices: set[int] = set()
         self._pin_thread: threading.Thread | None = None
         self._prefault_thread: threading.Thread | None = None
+        # The creator's open file of a named arena, holding its lock (see the module docstring).
+        self._lock_fd: int | None = None
         if create and name is None:
             # Nobody attaches to an unnamed arena: anonymous shared memory, outside /dev/shm and its size limit.
             self._mmap = mmap.mmap(-1, self.total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         else:
-            self._mmap = _map_shm(_SHM_DIR / self.name, self.total_bytes, create)
+            self._mmap, self._lock_fd = _map_shm(_SHM_DIR / self.name, self.total_bytes, create)
         # Through NumPy, every view holds an export of the mapping: ``close`` then leaves it mapped until the
         # last view is gone (``torch.frombuffer`` holds none, and a view used after close would fault).
         self.tensor = torch.from_numpy(np.frombuffer(self._mmap, dtype=np.uint8))
@@ -213,10 +224,14 @@ class HostArena:
             log.debug("arena %s still has views; the mapping is released with them", self.name)
         if unlink and self._owner:
             (_SHM_DIR / self.name).unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # after the unlink: a cleaner never sees the file unlocked before it goes
+            self._lock_fd = None
 
 
-def _map_shm(path: Path, total_bytes: int, create: bool) -> mmap.mmap:
-    """Map the shared-memory file ``path``; a created one gets all of its pages at once (or ``ConfigError``)."""
+def _map_shm(path: Path, total_bytes: int, create: bool) -> tuple[mmap.mmap, int | None]:
+    """Map the shared-memory file ``path``; a created one gets all of its pages at once (or ``ConfigError``)
+    and is returned with its open descriptor, which holds the creator's lock (closed: the lock goes)."""
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
     try:
         fd = os.open(path, flags, 0o600)
@@ -224,15 +239,39 @@ def _map_shm(path: Path, total_bytes: int, create: bool) -> mmap.mmap:
         raise ConfigError(f"cannot {'create' if create else 'attach'} shared memory {path}: {exc}") from exc
     try:
         if create:
+            fcntl.flock(fd, fcntl.LOCK_SH)
             os.ftruncate(fd, total_bytes)
             _allocate(fd, path, total_bytes)
         elif os.fstat(fd).st_size < total_bytes:
             raise ConfigError(f"shared memory {path} is smaller than {total_bytes} bytes")
-        return mmap.mmap(fd, total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mapping = mmap.mmap(fd, total_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         if create:
             path.unlink(missing_ok=True)
+        os.close(fd)
         raise
+    if create:
+        return mapping, fd
+    os.close(fd)
+    return mapping, None
+
+
+def remove_if_abandoned(path: Path, min_age_s: float = ABANDONED_AFTER_S) -> bool:
+    """Unlink the named arena file ``path`` if its creator is gone (nobody holds its lock) and it is older
+    than ``min_age_s``; whether it was removed. A file that cannot be opened or locked is left alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if time.time() - os.fstat(fd).st_ctime < min_age_s:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its creator is alive, in this PID namespace or another
+            return False
+        path.unlink(missing_ok=True)
+        return True
     finally:
         os.close(fd)
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from kvtier import ClosedError, ConfigError
-from kvtier.arena import HostArena
+from kvtier.arena import HostArena, remove_if_abandoned
 
 
 def test_slots_are_page_aligned_views() -> None:
@@ -63,3 +65,40 @@ def test_two_processes_share_the_same_bytes() -> None:
     finally:
         arena.close(unlink=True)
     assert not (Path("/dev/shm") / name).exists()
+
+
+def test_a_named_arena_is_locked_by_its_creator_until_it_closes() -> None:
+    name = f"kvtier-test-lock-{os.getpid()}-{secrets.token_hex(4)}"
+    path = Path("/dev/shm") / name
+    arena = HostArena(2, 4096, name=name)
+    attached = HostArena(2, 4096, name=name, create=False)
+    try:
+        assert not remove_if_abandoned(path, min_age_s=0) and path.exists()  # its creator holds the lock
+        attached.close()
+        assert not remove_if_abandoned(path, min_age_s=0) and path.exists()  # an attachment never held it
+    finally:
+        arena.close()  # the lock goes with the creator (as when it dies), the file stays
+    try:
+        assert not remove_if_abandoned(path) and path.exists()  # too young to be taken for abandoned
+        assert remove_if_abandoned(path, min_age_s=0) and not path.exists()
+        assert not remove_if_abandoned(path, min_age_s=0)  # gone: nothing to do
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_a_killed_creator_leaves_its_arena_unlocked() -> None:
+    name = f"kvtier-test-killed-{os.getpid()}-{secrets.token_hex(4)}"
+    path = Path("/dev/shm") / name
+    code = ("import sys, time; from kvtier.arena import HostArena; HostArena(2, 4096, name=sys.argv[1]); "
+            "print('ready', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, name], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        assert not remove_if_abandoned(path, min_age_s=0)
+        child.kill()
+        child.wait(30)
+        assert remove_if_abandoned(path, min_age_s=0) and not path.exists()
+    finally:
+        child.kill()
+        child.wait(30)
+        path.unlink(missing_ok=True)

@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from kvtier.arena import ABANDONED_AFTER_S, remove_if_abandoned
 from kvtier.config import StoreConfig
 from kvtier.daemon.metrics import DaemonCollector, LatencyHistograms, MetricsServer
 from kvtier.daemon.protocol import OPS, Message, default_socket_path, error, ok, pack, read_frame, stats_to_dict
@@ -340,8 +341,13 @@ def _disk_summary(store: Store) -> str:
                      if any(word in key for word in ("direct", "capacity", "used", "recovered", "region")))
 
 
-def _remove_stale_arenas() -> None:
-    """Unlink the arenas of daemons of this user that died without cleaning up (SIGKILL, OOM)."""
+def _remove_stale_arenas(min_age_s: float = ABANDONED_AFTER_S) -> None:
+    """Unlink the arenas of daemons of this user that died without cleaning up (SIGKILL, OOM).
+
+    The process id in the name only spares a live daemon of this PID namespace (one of an older kvtier holds
+    no lock); a daemon in another container sharing ``/dev/shm`` has an unrelated id here, and its arena is
+    spared by the lock it holds (``kvtier.arena.remove_if_abandoned``).
+    """
     for path in _SHM_DIR.glob("kvtier-daemon-*"):
         try:
             pid = int(path.name.split("-")[2])
@@ -349,7 +355,7 @@ def _remove_stale_arenas() -> None:
                 continue
             os.kill(pid, 0)
         except ProcessLookupError:
-            log.info("removing the arena of dead daemon %d: %s", pid, path)
-            path.unlink(missing_ok=True)
+            if remove_if_abandoned(path, min_age_s):
+                log.info("removed the arena of dead daemon %d: %s", pid, path)
         except (ValueError, IndexError, OSError):
             continue

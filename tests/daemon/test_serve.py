@@ -137,3 +137,26 @@ def test_a_store_that_cannot_open_is_a_typed_error_to_every_client(make_daemon: 
     assert daemon.stats()["daemon"]["error_replies"] == {"DiskError": 2}
     log = daemon.log()
     assert "Traceback" not in log and "internal error" not in log and "cannot open the store" in log
+
+
+def test_only_abandoned_arenas_of_dead_daemons_are_removed_at_start() -> None:
+    from kvtier.arena import HostArena
+    from kvtier.daemon.server import _remove_stale_arenas
+
+    shm = Path("/dev/shm")
+    unused_pid = 2**22 + 1  # above the largest pid_max Linux allows: no process has it, here or anywhere
+    tag = os.urandom(4).hex()
+    # A live daemon in another PID namespace (a container sharing /dev/shm): its id means nothing here, it
+    # holds its arena's lock. Simulated by an arena this process created under that id.
+    elsewhere = HostArena(1, 4096, name=f"kvtier-daemon-{unused_pid}-{tag}a")
+    dead = shm / f"kvtier-daemon-{unused_pid}-{tag}b"  # its daemon died: nobody holds the lock
+    dead.write_bytes(b"")
+    older_live = shm / f"kvtier-daemon-{os.getpid()}-{tag}c"  # an older kvtier's live daemon: no lock, id alive
+    older_live.write_bytes(b"")
+    try:
+        _remove_stale_arenas(min_age_s=0)
+        assert (shm / elsewhere.name).exists() and older_live.exists() and not dead.exists()
+    finally:
+        elsewhere.close(unlink=True)
+        for path in (dead, older_live):
+            path.unlink(missing_ok=True)
