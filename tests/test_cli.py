@@ -32,14 +32,15 @@ def test_bench_host_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -
             "key_derive_us_per_block", "first_fill_gbps", "first_fill_vs_memcpy", "first_fill_at_open_vs_memcpy",
             "first_fill_no_prefault_vs_memcpy"} <= set(result)
     # The ratio is against the better raw copy (one thread or as many as the store's workers).
-    best = max(result["memcpy_gbps"][0], result["memcpy_threads_gbps"][0])
+    best = max(result["memcpy_gbps"][0], result["memcpy_threads_gbps"][0], result["torch_copy_gbps"][0])
     assert result["put_vs_memcpy"][0] == round(result["host_put_gbps"][0] / best, 3)
     assert result["per_call_1b_chunk_bytes"] == 16 * 8 * 64 * 2 * 2 * 256
     assert {"per_call_1b_put_ms", "per_call_1b_get_ms", "per_call_1b_raw_1t_ms", "per_call_1b_raw_threads_ms",
-            "per_call_1b_raw_put_1t_ms", "per_call_1b_raw_put_threads_ms", "per_call_1b_put_vs_raw",
+            "per_call_1b_raw_put_1t_ms", "per_call_1b_raw_put_threads_ms", "per_call_1b_raw_torch_ms",
+            "per_call_1b_raw_put_torch_ms", "torch_copy_gbps", "per_call_1b_put_vs_raw",
             "per_call_1b_get_vs_raw"} <= set(result)
     # A put against the raw copies into cold buffers, a get against those between warm ones.
-    raw_put = min(result["per_call_1b_raw_put_1t_ms"], result["per_call_1b_raw_put_threads_ms"])
+    raw_put = min(result[f"per_call_1b_raw_put_{way}_ms"] for way in ("1t", "threads", "torch"))
     assert abs(result["per_call_1b_put_vs_raw"] - result["per_call_1b_put_ms"] / raw_put) < 0.02
     assert "per_call_7b_put_ms" not in result
 

@@ -1,10 +1,11 @@
 """``kvtier bench host``: host-tier put/get against raw copies of the same bytes, per call and in batches.
 
-Baselines, measured in the same run (``kvtier.bench.rawcopy``): ``memcpy_gbps``, a single-threaded copy, and
+Baselines, measured in the same run (``kvtier.bench.rawcopy``): ``memcpy_gbps``, a single-threaded copy,
 ``memcpy_threads_gbps``, the same bytes cut across as many threads as the store's transfer workers (the
-caller copying one part). Every ``*_vs_memcpy`` ratio is against the better of the two, so a ratio near 1
-means kvtier copies as fast as the machine does with its threads; ``*_vs_memcpy_1t`` is against the
-single-threaded copy alone.
+caller copying one part), and ``torch_copy_gbps``, ``Tensor.copy_`` with torch's intra-op pool set to that
+many threads. Every ``*_vs_memcpy`` ratio is against the best of the three, so a ratio near 1 means kvtier
+copies as fast as the machine does with its threads; ``*_vs_memcpy_1t`` is against the single-threaded
+copy alone.
 
 - Batches: for each block size, ``Store.put`` of fresh keys and ``Store.get`` back into caller tensors, one
   call for the whole batch. The arena is written once before timing, so page faults of a fresh mapping are
@@ -15,7 +16,8 @@ single-threaded copy alone.
   before the timing) and of ``get``, against both raw copies of one chunk, in rounds that take turns going
   first (the load drifts). A put's raw copies (``raw_put_*``) write chunk buffers in turn, as many as the
   slots its puts cycle through, so that both write memory no call wrote recently; a get's (``raw_*``) copy
-  between the same four chunks the gets read, as warm in the caches as those.
+  between the same four chunks the gets read, as warm in the caches as those. Each is timed three ways
+  (1 thread, N memmove threads, torch's ``copy_`` on N threads); ratios are against the fastest.
 - First fill (``first_fill_*``): a new store of ``--first-fill-mib`` filled with 1 MiB blocks once its
   background prefault finished (``first_fill``; ``first_fill_prefault_s`` is how long the prefault took
   from opening), right as it opens, racing the prefault (``first_fill_at_open``), and with no prefault
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from kvtier.bench.common import gbps, median_seconds
-from kvtier.bench.rawcopy import RawCopier
+from kvtier.bench.rawcopy import RawCopier, TorchCopier
 from kvtier.config import HostConfig, StoreConfig, TransferConfig
 from kvtier.layout import KVLayout
 from kvtier.store import Store
@@ -66,10 +68,11 @@ def measure_copies(block_bytes: int, total_bytes: int, repeats: int, num_workers
     sources = [torch.randn(layout.block_numel).to(torch.float16) for _ in range(num_blocks)]
     outputs = [torch.empty_like(src) for src in sources]
 
-    with RawCopier(1) as single, RawCopier(num_workers) as threaded:
+    with RawCopier(1) as single, RawCopier(num_workers) as threaded, TorchCopier(num_workers) as pooled:
         single.copy(outputs, sources)  # touch the destination pages, as the arena's are below
         memcpy_s = median_seconds(lambda: single.copy(outputs, sources), repeats)
         threads_s = median_seconds(lambda: threaded.copy(outputs, sources), repeats)
+        torch_s = median_seconds(lambda: pooled.copy(outputs, sources), repeats)
     config = StoreConfig(host=HostConfig(capacity_bytes=2 * num_blocks * layout.block_bytes + 4096 * num_blocks),
                          transfer=TransferConfig(backend="cpu", num_workers=num_workers))
     with Store(layout, config) as store:
@@ -92,7 +95,13 @@ def measure_copies(block_bytes: int, total_bytes: int, repeats: int, num_workers
             raise RuntimeError("the host benchmark lost blocks: the arena is too small for its working set")
     moved = num_blocks * layout.block_bytes
     return {"memcpy_gbps": gbps(moved, memcpy_s), "memcpy_threads_gbps": gbps(moved, threads_s),
-            "host_put_gbps": gbps(moved, put_s), "host_get_gbps": gbps(moved, get_s)}
+            "torch_copy_gbps": gbps(moved, torch_s), "host_put_gbps": gbps(moved, put_s),
+            "host_get_gbps": gbps(moved, get_s)}
+
+
+# The raw copies of a get's chunk and of a put's (into cold buffers): 1 thread, N memmove threads, torch on N.
+_RAW_GET = ("raw_1t", "raw_threads", "raw_torch")
+_RAW_PUT = ("raw_put_1t", "raw_put_threads", "raw_put_torch")
 
 
 class PerCallPeer(Protocol):
@@ -124,10 +133,10 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
     config = StoreConfig(host=HostConfig(capacity_bytes=(2 * calls + num_sources + 2) * (layout.block_bytes + 4096),
                                          policy="lru"),
                          transfer=TransferConfig(backend="cpu", num_workers=num_workers))
-    times: dict[str, list[float]] = {name: [] for name in ("raw_1t", "raw_threads", "raw_put_1t", "raw_put_threads",
-                                                           "put", "get",
+    times: dict[str, list[float]] = {name: [] for name in (*_RAW_GET, *_RAW_PUT, "put", "get",
                                                            *(f"{p}_{op}" for p in peers for op in ("put", "get")))}
-    with Store(layout, config) as store, RawCopier(1) as single, RawCopier(num_workers) as threaded:
+    with (Store(layout, config) as store, RawCopier(1) as single, RawCopier(num_workers) as threaded,
+          TorchCopier(num_workers) as pooled):
         store.arena.wait_prepared()
         hasher = store.hasher("bench-per-call")
         # Keys derived before the timing, as a connector has them from its lookup: a put is timed, not a hash.
@@ -149,9 +158,11 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
         steps: dict[str, Callable[[int], object]] = {
             "raw_1t": lambda i: single.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
             "raw_threads": lambda i: threaded.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
+            "raw_torch": lambda i: pooled.copy([outputs[i % num_sources]], [sources[i % num_sources]]),
             "raw_put_1t": lambda i: single.copy([sinks[next(sink_turns) % len(sinks)]], [sources[i % num_sources]]),
             "raw_put_threads": lambda i: threaded.copy([sinks[next(sink_turns) % len(sinks)]],
                                                        [sources[i % num_sources]]),
+            "raw_put_torch": lambda i: pooled.copy([sinks[next(sink_turns) % len(sinks)]], [sources[i % num_sources]]),
             "put": put, "get": get}
         peer_resident = {name: [peer.put(source) for source in sources] for name, peer in peers.items()}
         for name, peer in peers.items():
@@ -179,10 +190,10 @@ def measure_per_call(layout: KVLayout, rounds: int, calls: int, num_workers: int
                 if not torch.equal(out, source):
                     raise RuntimeError(f"the per-call benchmark read other bytes back from {name}")
     ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    best = min(ms["raw_1t"], ms["raw_threads"])
-    best_put = min(ms["raw_put_1t"], ms["raw_put_threads"])
-    result = {"chunk_bytes": layout.block_bytes, **{f"{name}_ms": round(ms[name], 3) for name in (
-                  "raw_1t", "raw_threads", "raw_put_1t", "raw_put_threads", "put", "get")},
+    best = min(ms[name] for name in _RAW_GET)
+    best_put = min(ms[name] for name in _RAW_PUT)
+    result = {"chunk_bytes": layout.block_bytes,
+              **{f"{name}_ms": round(ms[name], 3) for name in (*_RAW_GET, *_RAW_PUT, "put", "get")},
               "put_vs_raw": round(ms["put"] / best_put, 3), "get_vs_raw": round(ms["get"] / best, 3),
               "put_vs_raw_1t": round(ms["put"] / ms["raw_put_1t"], 3),
               "get_vs_raw_1t": round(ms["get"] / ms["raw_1t"], 3)}
@@ -260,11 +271,11 @@ def run_host_bench(block_sizes: list[int], total_bytes: int, repeats: int, num_w
         "repeats": repeats,
         "transfer_workers": num_workers,
         **{name: [row[name] for row in copies]
-           for name in ("host_put_gbps", "host_get_gbps", "memcpy_gbps", "memcpy_threads_gbps")},
+           for name in ("host_put_gbps", "host_get_gbps", "memcpy_gbps", "memcpy_threads_gbps", "torch_copy_gbps")},
     }
     for op in ("put", "get"):
-        result[f"{op}_vs_memcpy"] = [round(row[f"host_{op}_gbps"] / max(row["memcpy_gbps"], row["memcpy_threads_gbps"]),
-                                           3) for row in copies]
+        result[f"{op}_vs_memcpy"] = [round(row[f"host_{op}_gbps"] / max(
+            row["memcpy_gbps"], row["memcpy_threads_gbps"], row["torch_copy_gbps"]), 3) for row in copies]
         result[f"{op}_vs_memcpy_1t"] = [round(row[f"host_{op}_gbps"] / row["memcpy_gbps"], 3) for row in copies]
     for name in per_call_layouts if per_call_rounds else ():
         row = measure_per_call(PER_CALL_LAYOUTS[name], per_call_rounds, per_call_calls, num_workers)
@@ -309,25 +320,25 @@ def run(args: argparse.Namespace, config: StoreConfig) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{'block':>10} {'raw 1t GB/s':>12} {'raw Nt GB/s':>12} {'put GB/s':>10} {'get GB/s':>10} {'put/raw':>8} "
-          f"{'get/raw':>8}")
+    print(f"{'block':>10} {'raw 1t GB/s':>12} {'raw Nt GB/s':>12} {'torch GB/s':>11} {'put GB/s':>10} {'get GB/s':>10} "
+          f"{'put/raw':>8} {'get/raw':>8}")
     rows = zip(result["block_bytes"], result["memcpy_gbps"], result["memcpy_threads_gbps"],  # type: ignore[call-overload]
-               result["host_put_gbps"], result["host_get_gbps"], result["put_vs_memcpy"], result["get_vs_memcpy"],
-               strict=True)
-    for size, raw, raw_threads, put, get, put_ratio, get_ratio in rows:
-        print(f"{size:>10} {raw:>12} {raw_threads:>12} {put:>10} {get:>10} {put_ratio:>8} {get_ratio:>8}")
+               result["torch_copy_gbps"], result["host_put_gbps"], result["host_get_gbps"], result["put_vs_memcpy"],
+               result["get_vs_memcpy"], strict=True)
+    for size, raw, raw_threads, pooled, put, get, put_ratio, get_ratio in rows:
+        print(f"{size:>10} {raw:>12} {raw_threads:>12} {pooled:>11} {put:>10} {get:>10} {put_ratio:>8} {get_ratio:>8}")
     if "first_fill_gbps" in result:
         print(f"first fill of a fresh arena: {result['first_fill_gbps']} GB/s ({result['first_fill_vs_memcpy']}x "
               f"memcpy; {result['first_fill_at_open_vs_memcpy']}x racing the prefault, "
               f"{result['first_fill_no_prefault_vs_memcpy']}x without it)")
     for name in args.per_call_layouts if args.per_call_rounds else ():
         row = {field: result[f"per_call_{name}_{field}"] for field in (
-            "chunk_bytes", "raw_1t_ms", "raw_threads_ms", "raw_put_1t_ms", "raw_put_threads_ms", "put_ms", "get_ms",
-            "put_vs_raw", "get_vs_raw")}
+            "chunk_bytes", "raw_1t_ms", "raw_threads_ms", "raw_torch_ms", "raw_put_1t_ms", "raw_put_threads_ms",
+            "raw_put_torch_ms", "put_ms", "get_ms", "put_vs_raw", "get_vs_raw")}
         print(f"one {name} chunk ({row['chunk_bytes']} B) per call: put {row['put_ms']} ms (raw "
-              f"{row['raw_put_1t_ms']} ms 1 thread, {row['raw_put_threads_ms']} ms {args.workers} threads: "
-              f"{row['put_vs_raw']}x), get {row['get_ms']} ms (raw {row['raw_1t_ms']} ms, {row['raw_threads_ms']} ms: "
-              f"{row['get_vs_raw']}x the better raw copy)")
+              f"{row['raw_put_1t_ms']} / {row['raw_put_threads_ms']} / {row['raw_put_torch_ms']} ms: 1 thread, "
+              f"{args.workers} threads, torch: {row['put_vs_raw']}x), get {row['get_ms']} ms (raw {row['raw_1t_ms']} / "
+              f"{row['raw_threads_ms']} / {row['raw_torch_ms']} ms: {row['get_vs_raw']}x the best raw copy)")
     print(f"keys of {result['prompt_tokens']} tokens: derive {result['key_derive_ms']} ms, "
           f"lookup {result['lookup_ms']} ms")
     return 0

@@ -41,10 +41,11 @@ _ONE_TABLE = ("replay", "ttft", "disk")
 # What each benchmark measures, in the order of the page; any other benchmark follows under its own name.
 SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "host": ("Host tier", "Put and get through the store (CPU transfer engine) against raw copies of the same "
-             "block-sized tensors in the same run (one thread, and as many threads as the store's workers; ratios "
-             "against the better), by block size; one 1B-like (8 MiB) and 7B-like (32 MiB) chunk per call "
-             "(`per_call_*`, ms; a put against raw copies into buffers taken in turn, as cold as its slots, "
-             "`raw_put_*`), key derivation and lookup of a long prompt.",
+             "block-sized tensors in the same run (one thread, as many memmove threads as the store's workers, and "
+             "torch's `copy_` on that many intra-op threads; ratios against the best), by block size; one "
+             "1B-like (8 MiB) and 7B-like (32 MiB) chunk per call (`per_call_*`, ms; a put against raw copies "
+             "into buffers taken in turn, as cold as its slots, `raw_put_*`), key derivation and lookup of a long "
+             "prompt.",
              ("tier_throughput.png",)),
     "disk": ("Disk tier", "Write, read and restore through the disk tier against O_DIRECT I/O of the same "
              "bytes on the same filesystem, same run, by block size, tier and raw taking turns going first: raw "
@@ -274,12 +275,13 @@ def per_call_section(records: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["One chunk per call, kvtier's `Store` against LMCache's storage manager over its CPU backend, in one "
              "process with raw copies of the chunk in the same rounds (`kvtier.bench.peers_calls`; median ms):", ""]
     ran = [r for r in records if r.get("status") == "ok"]
-    lines += _table(["chunk", "MiB", "raw put copy, 1 / N threads", "kvtier put", "LMCache put",
-                     "raw get copy, 1 / N threads", "kvtier get", "LMCache get", "put kvtier / LMCache",
+    lines += _table(["chunk", "MiB", "raw put copy, 1 / N threads / torch", "kvtier put", "LMCache put",
+                     "raw get copy, 1 / N threads / torch", "kvtier get", "LMCache get", "put kvtier / LMCache",
                      "get kvtier / LMCache"],
                     [(r["per_call"], _mib(r.get("chunk_bytes")),
-                      f"{r.get('raw_put_1t_ms')} / {r.get('raw_put_threads_ms')}", r.get("put_ms"),
-                      r.get("lmcache_put_ms"), f"{r.get('raw_1t_ms')} / {r.get('raw_threads_ms')}", r.get("get_ms"),
+                      f"{r.get('raw_put_1t_ms')} / {r.get('raw_put_threads_ms')} / {r.get('raw_put_torch_ms')}",
+                      r.get("put_ms"), r.get("lmcache_put_ms"),
+                      f"{r.get('raw_1t_ms')} / {r.get('raw_threads_ms')} / {r.get('raw_torch_ms')}", r.get("get_ms"),
                       r.get("lmcache_get_ms"), r.get("put_vs_lmcache"), r.get("get_vs_lmcache"))
                      for r in ran])
     lines += [f"- Not run: {_cell(r.get('error'), 400)}" for r in records if r.get("status") != "ok"]

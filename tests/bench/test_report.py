@@ -76,10 +76,12 @@ def test_per_call_and_prefix_lookup_targets_read_the_new_fields(tmp_path: Path) 
             "memcpy_gbps": [10.0], "memcpy_threads_gbps": [12.0], "transfer_workers": 2,
             **{f"per_call_1b_{f}": v for f, v in (("put_vs_raw", 1.1), ("get_vs_raw", 1.05), ("put_ms", 0.9),
                                                    ("get_ms", 0.85), ("raw_1t_ms", 0.8), ("raw_threads_ms", 0.82),
-                                                   ("raw_put_1t_ms", 0.81), ("raw_put_threads_ms", 0.83))},
+                                                   ("raw_put_1t_ms", 0.81), ("raw_put_threads_ms", 0.83),
+                                                   ("raw_torch_ms", 0.79), ("raw_put_torch_ms", 0.8))},
             **{f"per_call_7b_{f}": v for f, v in (("put_vs_raw", 1.3), ("get_vs_raw", 1.0), ("put_ms", 4.0),
                                                    ("get_ms", 3.1), ("raw_1t_ms", 3.1), ("raw_threads_ms", 3.2),
-                                                   ("raw_put_1t_ms", 3.1), ("raw_put_threads_ms", 3.2))}}
+                                                   ("raw_put_1t_ms", 3.1), ("raw_put_threads_ms", 3.2),
+                                                   ("raw_torch_ms", 3.0), ("raw_put_torch_ms", 3.0))}}
     disk = [{"benchmark": "disk", "block_bytes": 262144, "write_vs_raw": 0.92, "read_vs_raw": 0.95,
              "lookup_disk_vs_host": ratio, "lookup_disk_us": 50.0, "lookup_host_us": 42.0} for ratio in (1.4, 1.19)]
     steps = [{"step": "host", "benchmark": "host", "records": [host]},

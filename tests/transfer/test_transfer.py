@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -235,6 +237,7 @@ def test_help_runs_one_queued_share_on_the_waiting_thread() -> None:
     done_on: list[str] = []
     one = engine.submit_blocks(rows, [0], [block[: nbytes // 2].clone()], Direction.STORE,
                                lambda e: done_on.append(threading.current_thread().name))
+    assert vars(one)["whole"] is None  # blocks under WHOLE_MIN_BLOCK_BYTES: copied in shares only
     one.help()  # one share, no worker free: the caller copies it and runs on_done
     assert one.done() and done_on == [threading.current_thread().name]
     assert torch.equal(rows[0, : nbytes // 2], block[: nbytes // 2])
@@ -245,10 +248,68 @@ def test_help_runs_one_queued_share_on_the_waiting_thread() -> None:
     for g in gates:  # both workers busy
         engine.submit([], Direction.STORE, _waits_for(g))
     results: list[BaseException | None] = []
-    two = engine.submit_blocks(rows, [1], [block], Direction.STORE, results.append)  # two shares
-    two.help()  # takes one share only: the other waits for a worker
-    assert not two.done() and torch.equal(rows[1, nbytes // 2 :], block[nbytes // 2 :])
+    two = engine.submit_blocks(rows, [1], [block], Direction.STORE, results.append)  # two shares, both queued
+    two.help()  # every share still queued: the waiter copies the whole job (torch) and completes it
+    assert two.done() and results == [None] and torch.equal(rows[1], block)
+    out = torch.empty_like(block)
+    back = engine.submit_blocks(rows, [1], [out], Direction.LOAD, results.append)
+    back.help()
+    assert back.done() and results == [None, None] and torch.equal(out, block)
+    # Another thread waiting takes one share only (a torch pool per waiting thread would crowd the cores).
+    other = engine.submit_blocks(rows, [0], [block], Direction.STORE, results.append)
+    helper = threading.Thread(target=other.help)
+    helper.start()
+    helper.join(30)
+    assert not other.done() and torch.equal(rows[0, -(nbytes // 2):], block[-(nbytes // 2):])
     for g in gates:
         g.set()
-    assert two.wait(30) and results == [None] and torch.equal(rows[1], block)
+    assert other.wait(30) and torch.equal(rows[0], block)
+    engine.close()
+
+
+def test_help_runs_one_share_when_a_worker_started_the_job() -> None:
+    engine = CpuTransferEngine(1)
+    started, gate = threading.Event(), threading.Event()
+    ran_on: list[str] = []
+    whole: list[int] = []
+
+    def first() -> None:
+        started.set()
+        gate.wait(10)
+
+    results: list[BaseException | None] = []
+    transfer = engine._queue_shares([first, lambda: ran_on.append(threading.current_thread().name)],
+                                    Direction.STORE, results.append, lambda: whole.append(1))
+    assert started.wait(10)  # the worker holds the first share
+    transfer.help()
+    assert ran_on == [threading.current_thread().name] and not whole and not transfer.done()
+    gate.set()
+    assert transfer.wait(10) and results == [None]
+    engine.close()
+
+
+def test_help_puts_shares_back_with_tokens_when_a_worker_takes_one_meanwhile() -> None:
+    engine = CpuTransferEngine(0)  # no worker: the queue is the test's
+
+    class Racing(deque[Any]):
+        """The second removal finds its task gone, as when a worker popped it between two removals."""
+
+        removals = 0
+
+        def remove(self, value: Any) -> None:
+            Racing.removals += 1
+            if Racing.removals == 2:
+                raise ValueError("taken meanwhile")
+            super().remove(value)
+
+    engine._work = (Racing(), deque())
+    ran: list[str] = []
+    whole: list[int] = []
+    transfer = engine._queue_shares([lambda: ran.append("first"), lambda: ran.append("second")], Direction.LOAD,
+                                    lambda error: None, lambda: whole.append(1))
+    transfer.help()
+    # Nothing taken for good but the share ``help`` ran; the other is back in the queue with a token of its own.
+    assert not whole and len(engine._work[0]) == 1 and engine._tokens.qsize() == 3
+    engine._work[0].popleft()[0]()
+    assert sorted(ran) == ["first", "second"]
     engine.close()
