@@ -313,3 +313,17 @@ def test_help_puts_shares_back_with_tokens_when_a_worker_takes_one_meanwhile() -
     engine._work[0].popleft()[0]()
     assert sorted(ran) == ["first", "second"]
     engine.close()
+
+
+def test_a_whole_job_that_fails_reaches_its_callback_once() -> None:
+    engine = CpuTransferEngine(0)  # no worker: every share stays queued for the waiter
+    results: list[BaseException | None] = []
+
+    def broken() -> None:
+        raise OSError("copy failed")
+
+    transfer = engine._queue_shares([lambda: None, lambda: None], Direction.STORE, results.append, broken)
+    transfer.help()
+    assert transfer.done() and len(results) == 1 and isinstance(results[0], OSError)
+    assert not engine._work[Direction.STORE]  # both shares taken, none left to run again
+    engine.close()
