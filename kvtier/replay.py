@@ -4,8 +4,9 @@ A trace is the Mooncake format (one JSON object a line; ``hash_ids``: chained pr
 blocks, so an id names a block and its whole prefix). Each request is replayed as the store serves it:
 
 1. Lookup: the request's leading run of blocks present in host RAM or on disk are hits (host first); a disk
-   hit is read into host RAM (promotion) and keeps its disk copy. Every block referenced, hit or not, is
-   reported to the admission policy (``on_access``), in request order.
+   hit is read into host RAM (promotion) and keeps its disk copy, unless the admission policy said
+   ``exclusive`` when the request arrived: then the disk drops it (``DiskTier.moved_to_host``). Every block
+   referenced, hit or not, is reported to the admission policy (``on_access``), in request order.
 2. Then the request's blocks are referenced deepest first: a block in host RAM is touched, any other is
    put into host RAM (recomputed, or promoted from disk), evicting as the host policy chooses. An evicted
    block the disk does not hold is offered to the disk and written if admission says so (write-back).
@@ -16,8 +17,9 @@ shrinks its regions, ``DiskConfig.scaled_region_bytes``); when
 every region is used, the oldest sealed region is evicted whole, and each of its blocks read from disk at
 least ``reinsert_hits`` times since written is appended again (a write) instead of dropped (0: never),
 unless host RAM holds it then (``left_to_host``): host and disk mostly hold different blocks, and the
-host's eviction offers the block again when it leaves RAM (adaptively exclusive caching; dropping the
-disk copy at the hit instead leaves a dead slot until its region goes, which measured worse).
+host's eviction offers the block again when it leaves RAM. A block dropped at the hit (``exclusive``)
+leaves a dead slot until its region goes, unless the region is sealed and left without a live block:
+then it is free at once (``regions_freed``), as in the store's tier.
 
 With a ``DriveModel`` the replay has a clock: request ``i`` arrives at its trace timestamp (times
 ``time_scale``), its evictions happen at that instant (the engine puts at memory speed), and an admitted
@@ -49,7 +51,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections import deque
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,12 +148,15 @@ class RegionLog:
         self.held_above = held_above
         self._where: dict[int, int] = {}
         self._reads: dict[int, int] = {}
-        self._sealed: deque[tuple[int, list[int]]] = deque()
+        self._sealed: dict[int, list[int]] = {}
+        self._live: dict[int, int] = {}
         self._open: list[int] = []
         self._open_id = 0
         self.blocks_written = 0
         self.blocks_reinserted = 0
         self.left_to_host = 0
+        self.blocks_moved_to_host = 0
+        self.regions_freed = 0
 
     def __contains__(self, key: int) -> bool:
         return key in self._where
@@ -163,6 +167,17 @@ class RegionLog:
     def read(self, key: int) -> None:
         """Count a read of a stored ``key`` (a disk hit) towards its reinsertion."""
         self._reads[key] += 1
+
+    def drop(self, key: int) -> None:
+        """Forget a stored ``key`` (it moved to host RAM); a sealed region left without a live block is free."""
+        region = self._where.pop(key)
+        del self._reads[key]
+        self.blocks_moved_to_host += 1
+        self._live[region] -= 1
+        if not self._live[region] and region in self._sealed:
+            del self._sealed[region]
+            del self._live[region]
+            self.regions_freed += 1
 
     def write(self, key: int) -> int:
         """Append ``key`` (not stored), evicting the oldest region first if every region is used; returns the
@@ -175,17 +190,24 @@ class RegionLog:
 
     def _append(self, key: int) -> None:
         self._where[key] = self._open_id
+        self._live[self._open_id] = self._live.get(self._open_id, 0) + 1
         self._reads[key] = 0
         self._open.append(key)
         self.blocks_written += 1
 
     def _seal(self) -> None:
-        self._sealed.append((self._open_id, self._open))
+        if self._live.get(self._open_id):
+            self._sealed[self._open_id] = self._open
+        else:  # every block left it while it was open: free once written
+            self._live.pop(self._open_id, None)
+            self.regions_freed += 1
         self._open_id += 1
         self._open = []
         if len(self._sealed) < self.num_regions:
             return
-        region_id, keys = self._sealed.popleft()
+        region_id = next(iter(self._sealed))
+        keys = self._sealed.pop(region_id)
+        del self._live[region_id]
         for key in keys:
             if self._where.get(key) != region_id:
                 continue  # reinserted since: this slot is stale
@@ -274,6 +296,8 @@ class TieredResult:
     disk_admitted: int
     # Read blocks a region eviction did not reinsert because host RAM held them then.
     disk_left_to_host: int = 0
+    # Blocks read into host RAM that left the disk then (the admission ran it exclusive of host RAM).
+    disk_moved_to_host: int = 0
     # Admitted blocks a clocked replay could not write (zero without a clock).
     dropped_buffer_full: int = 0
     dropped_over_budget: int = 0
@@ -309,13 +333,14 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
     disk = RegionLog(disk_blocks, region_blocks, reinsert_hits, host) if disk_blocks else None
     admit: AdmissionPolicy | None = None
     if disk_blocks:
-        admit = make_admission(admission, disk_blocks) if isinstance(admission, str) else admission
+        admit = make_admission(admission, disk_blocks, region_blocks) if isinstance(admission, str) else admission
     elif isinstance(admission, str):
         make_admission(admission, 1)  # an unknown name is an error even without a disk tier
     host_hits = disk_hits = offers = admitted = 0
     for number, request in enumerate(trace.requests):
         if clock is not None:
             clock.advance(trace.timestamps_ms[number])
+        exclusive = admit is not None and admit.exclusive
         run = 0
         for key in request:
             if key in host:
@@ -323,6 +348,8 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
             elif disk is not None and key in disk:
                 disk_hits += 1
                 disk.read(key)
+                if exclusive:
+                    disk.drop(key)
             else:
                 break
             run += 1
@@ -347,8 +374,8 @@ def replay_tiered(trace: Trace, host_blocks: int, disk_blocks: int, *, policy: s
             host.insert(key)
     return TieredResult(len(trace.requests), trace.referenced_blocks, host_hits, disk_hits,
                         disk.blocks_written if disk else 0, disk.blocks_reinserted if disk else 0, offers, admitted,
-                        disk.left_to_host if disk else 0, clock.dropped_buffer_full if clock else 0,
-                        clock.dropped_over_budget if clock else 0)
+                        disk.left_to_host if disk else 0, disk.blocks_moved_to_host if disk else 0,
+                        clock.dropped_buffer_full if clock else 0, clock.dropped_over_budget if clock else 0)
 
 
 def _leading_run(request: Sequence[int], present: Container[int]) -> int:

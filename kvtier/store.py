@@ -25,7 +25,9 @@ Promises:
 - A get returns exactly the bytes that were put under a key, or reports that index as failed; a lower-tier
   block that fails its checksum is a failed index and a counter, never data.
 - Blocks move down on host eviction (to every lower tier lacking them) and on commit (to the tiers in
-  write-through mode), and up from the nearest tier holding them (promotion); the lower copy stays valid.
+  write-through mode), and up from the nearest tier holding them (promotion); the lower copy stays valid,
+  but for a disk tier whose admission runs it exclusive of host RAM: it drops its copy once the host's copy
+  is committed (``DiskTier.moved_to_host``), and the host's eviction offers the block again.
 - A lookup waits on the network at most once per lower tier, bounded by that tier's timeout; nothing else
   the store does on the caller's thread waits on the network, but ``acquire``, for promotions, at most its
   ``timeout`` (``PROMOTION_WAIT_S`` without one).
@@ -503,10 +505,13 @@ class Store:
             if self._promotions.get(key) is not future:
                 return
             del self._promotions[key]
-            del self._promotion_tiers[key]
+            tier = self._promotion_tiers.pop(key)
             if not future.cancelled() and future.exception() is None and future.result():
                 self.host.commit([key])
                 self._counters["promoted_blocks"] += 1
+                if tier is Tier.DISK and not self._closed and (disk := self.disk) is not None:
+                    # Only now, with the host copy committed, may the disk drop its copy (if it runs exclusive).
+                    disk.moved_to_host(key)
             else:
                 self.host.abort([key])
                 self._counters["promotion_failed_blocks"] += 1

@@ -12,6 +12,7 @@ import pytest
 
 from kvtier.bench.replay import format_table, run_replay, run_table
 from kvtier.bench.traces import SHAPES, generate, write_trace
+from kvtier.disk.admission import AdmitAll
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier.replay import DriveModel, RegionLog, Trace, load_trace, replay_belady, replay_single, replay_tiered
 
@@ -90,6 +91,23 @@ def test_region_log_leaves_blocks_host_ram_holds_to_host_ram() -> None:
     assert (1 not in log, 2 in log, log.blocks_reinserted, log.left_to_host) == (True, True, 1, 1)
 
 
+def test_region_log_frees_a_sealed_region_left_without_a_live_block() -> None:
+    log = RegionLog(6, blocks_per_region=2, reinsert_hits=0)
+    for key in (1, 2, 3, 4, 5):  # regions [1, 2] and [3, 4] sealed, 5 in the open one
+        log.write(key)
+    log.drop(3)
+    assert log.regions_freed == 0  # 4 still lives there
+    log.drop(4)
+    log.write(6)
+    log.write(7)  # seals [5, 6]: two regions sealed of three, so [1, 2] stays (it would go with [3, 4] held)
+    assert (1 in log, 2 in log, log.regions_freed, log.blocks_moved_to_host) == (True, True, 1, 2)
+    log.write(8)
+    log.drop(7)
+    log.drop(8)
+    log.write(9)  # the open region [7, 8] lost every block: freed at its seal, not kept until its turn
+    assert (1 in log, log.regions_freed, sorted(k for k in range(10) if k in log)) == (True, 2, [1, 2, 5, 6, 9])
+
+
 def test_region_log_without_reinsertion_and_smaller_than_a_region() -> None:
     log = RegionLog(3, blocks_per_region=16, reinsert_hits=0)
     for key in range(4):
@@ -120,6 +138,21 @@ def test_tiered_replay_by_hand_admit_all() -> None:
     result = replay_tiered(Trace([[1, 2], [1, 2]]), 1, 4, policy="lru", admission="admit_all", blocks_per_region=4)
     assert (result.host_hits, result.disk_hits, result.disk_blocks_written) == (1, 1, 2)
     assert (result.disk_offers, result.disk_admitted, result.block_hit_ratio) == (2, 2, 0.5)
+
+
+class _ExclusiveAdmitAll(AdmitAll):
+    @property
+    def exclusive(self) -> bool:
+        return True
+
+
+def test_tiered_replay_by_hand_exclusive() -> None:
+    # As admit-all by hand, but r2's disk hit on 2 drops the disk's copy: evicting 1 writes 1, then evicting 2
+    # offers it again (the disk no longer holds it) and writes it: one write more, the same hits.
+    result = replay_tiered(Trace([[1, 2], [1, 2]]), 1, 4, policy="lru", admission=_ExclusiveAdmitAll(),
+                           blocks_per_region=4)
+    assert (result.host_hits, result.disk_hits, result.disk_moved_to_host) == (1, 1, 1)
+    assert (result.disk_offers, result.disk_admitted, result.disk_blocks_written) == (3, 3, 3)
 
 
 def test_tiered_replay_scales_regions_down_to_min_regions_as_the_tier_does() -> None:

@@ -20,6 +20,7 @@ from kvtier import (
     Tier,
     TransferConfig,
 )
+from kvtier.disk.admission import AdmitAll
 
 
 def disk_store(layout: KVLayout, path: Path, num_slots: int = 4, **disk: object) -> Store:
@@ -62,6 +63,32 @@ def test_host_evictions_are_demoted_and_promoted_back(layout: KVLayout, tmp_path
         assert disk is not None and disk.held_above is not None
         assert [disk.held_above(key) for key in keys] == [store.host.holds(key) for key in keys]
         assert any(disk.held_above(key) for key in keys) and not all(disk.held_above(key) for key in keys)
+
+
+def test_an_exclusive_disk_drops_a_promoted_block_once_host_ram_holds_it(layout: KVLayout, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(AdmitAll, "exclusive", True)  # the adaptive policy's answer where exclusivity pays
+    with disk_store(layout, tmp_path) as store:
+        disk = store.disk
+        assert disk is not None
+        keys = keys_for(store, 10)
+        blocks = random_blocks(layout, 10)
+        for start in range(0, 6, 2):  # a 4-slot host: blocks 0 and 1 go to disk
+            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
+        assert [disk.contains(key) for key in keys[:2]] == [True, True]
+        out, failed = read_all(store, keys[:2])  # promoted: committed in host RAM, then dropped from disk
+        assert failed == () and all(torch.equal(o, b) for o, b in zip(out, blocks[:2], strict=True))
+        assert [disk.contains(key) for key in keys[:2]] == [False, False]
+        assert store.contains(keys[0]) is Tier.HOST and disk.stats().blocks_moved_to_host == 2
+        assert store.removed_since(0).keys == ()  # host RAM holds them: nothing left the store
+        for start in range(6, 10, 2):  # 4 new blocks evict 0 and 1 again: offered to the disk again
+            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
+        assert [store.contains(key) for key in keys[:2]] == [Tier.DISK, Tier.DISK]
+        store.flush()
+    monkeypatch.setattr(AdmitAll, "exclusive", False)
+    with disk_store(layout, tmp_path) as store:  # the disk's second copies survive a restart
+        out, failed = read_all(store, keys[:2])
+        assert failed == () and all(torch.equal(o, b) for o, b in zip(out, blocks[:2], strict=True))
 
 
 def test_write_through_survives_a_restart(layout: KVLayout, tmp_path: Path) -> None:

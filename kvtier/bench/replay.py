@@ -147,6 +147,7 @@ def replay_trace(trace: Trace, name: str, *, host_blocks: int | None = None, hos
         "disk_offers": tiered.disk_offers,
         "disk_admitted": tiered.disk_admitted,
         "disk_left_to_host": tiered.disk_left_to_host,
+        "disk_moved_to_host": tiered.disk_moved_to_host,
     }
     if drive is not None:
         result.update({"block_bytes": block_bytes, "drive_write_bytes_per_s": drive.write_bytes_per_s,

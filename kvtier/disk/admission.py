@@ -9,14 +9,20 @@ evicts a block the disk does not hold. Policies, by name (``make_admission``):
   remembered in a ghost list of ``4 x`` the disk's capacity in keys: a first sighting costs one recompute,
   and blocks seen only once (most of a trace's blocks) never reach flash.
 - ``adaptive`` (the default): fills an empty disk, then runs ``reject_first`` or ``admit_all``, whichever
-  a shadow simulation of both on a sample of the keys says gives more hits. See ``AdaptiveAdmission``.
+  a shadow simulation of both on a sample of the keys says gives more hits, each on a disk inclusive or
+  exclusive of host RAM (``exclusive``), as its own shadows of both say. See ``AdaptiveAdmission``.
+
+``exclusive`` (``False`` but for ``adaptive``) tells the disk tier whether a block read into host RAM should
+leave the disk now: host and disk then hold different blocks, and host RAM's eviction offers the block again.
 
 ``hit`` is in the contract for policies that learn from hits; these learn from sightings and from the order
 of lookups, which the shadow simulation replays itself.
 
 Promises:
 - Both calls are O(1) amortised and never raise; memory is bounded by a multiple of the disk's capacity in
-  blocks and never exceeds ``MAX_TRACKED_KEYS`` ghost entries plus ``SHADOW_BLOCKS`` per shadow.
+  blocks and never exceeds ``MAX_TRACKED_KEYS`` ghost entries plus ``SHADOW_BLOCKS`` keys per shadow (an
+  exclusive shadow also remembers the slots of its dropped keys until their region goes: at most its
+  capacity plus the late offers in its regions).
 - Answers depend only on the calls made so far (no clock, no randomness, no knowledge of the future). Key
   sampling hashes bytes keys by their leading bytes and other keys by ``hash()``, so int ids and
   content-addressed (bytes) keys get the same answers in every process.
@@ -25,6 +31,7 @@ Promises:
 
 from __future__ import annotations
 
+import bisect
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -75,6 +82,11 @@ class AdmissionPolicy(ABC):
     def admit(self, key: Hashable) -> bool:
         """The host tier evicted ``key`` and the disk does not hold it: should the disk write it?"""
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether the disk should now drop its copy of a block read into host RAM (see the module docstring)."""
+        return False
+
 
 class AdmitAll(AdmissionPolicy):
     name = "admit_all"
@@ -117,19 +129,50 @@ class _Sighting:
         self.last_offer = -1
 
 
-class _Shadow:
-    """A region-log stand-in for the disk under one admission choice: a FIFO of sampled keys (with their
-    reads and write time) whose blocks read ``REINSERT_HITS`` times go round again, as the disk tier
-    reinserts them; with its score."""
+class _Shadow(ABC):
+    """A stand-in for the disk under one admission choice, on sampled keys, with its score: ``keys`` maps each
+    key it holds to ``[reads since written, when written or where]``."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, admit_all: bool) -> None:
+        self.admit_all = admit_all
         self.keys: OrderedDict[Hashable, list[int]] = OrderedDict()
         self.hits = 0.0
         self.writes = 0.0
-        # Hits this shadow scored and the other did not: the only hits that tell the choices apart.
-        self.wins = 0.0
         self.alive = False
+
+    def writes_offer(self, seen_twice: bool) -> bool:
+        """Whether this shadow's admission choice writes an offered block."""
+        return self.admit_all or seen_twice or not self.full
+
+    @property
+    @abstractmethod
+    def full(self) -> bool:
+        """Whether every slot is used (reject-first admits only blocks seen twice then)."""
+
+    @abstractmethod
+    def would_hold(self, written_at: int) -> bool:
+        """Whether a block written at ``written_at`` would not have been evicted yet."""
+
+    @abstractmethod
+    def write(self, key: Hashable, now: int) -> None:
+        """Store ``key`` as written at ``now`` (in the past for a late offer), evicting as the disk would."""
+
+    @abstractmethod
+    def read(self, key: Hashable) -> None:
+        """A lookup read the stored ``key`` (a hit)."""
+
+    def halve(self) -> None:
+        self.hits /= 2
+        self.writes /= 2
+
+
+class _InclusiveShadow(_Shadow):
+    """The disk keeping its copy of a block read into host RAM: a FIFO of keys whose blocks read
+    ``REINSERT_HITS`` times go round again, as the disk tier reinserts them."""
+
+    def __init__(self, capacity: int, admit_all: bool) -> None:
+        super().__init__(admit_all)
+        self.capacity = capacity
 
     def write(self, key: Hashable, now: int) -> None:
         if key in self.keys:
@@ -147,24 +190,125 @@ class _Shadow:
         return len(self.keys) >= self.capacity
 
     def would_hold(self, written_at: int) -> bool:
-        """Whether a block written at ``written_at`` would not have been evicted yet."""
         return not self.full or written_at >= next(iter(self.keys.values()))[1]
 
     def read(self, key: Hashable) -> None:
         self.keys[key][0] += 1
 
-    def halve(self) -> None:
-        self.hits /= 2
-        self.writes /= 2
-        self.wins /= 2
+
+class _ShadowRegion:
+    """A region of an exclusive shadow: its blocks still there, when it was opened, every key written to it."""
+
+    __slots__ = ("keys", "live", "opened_at")
+
+    def __init__(self, opened_at: int) -> None:
+        self.live = 0
+        self.opened_at = opened_at
+        self.keys: list[Hashable] = []
+
+
+class _ExclusiveShadow(_Shadow):
+    """The disk dropping its copy of a block read into host RAM (host RAM's eviction offers it again): a log
+    of regions of ``region_blocks`` slots, the disk's. A dropped block's slot stays used until its region is
+    evicted (oldest first, when a write needs room), unless the region is left without a live block: then it
+    is free at once, as in the disk tier. A block offered late (``write`` with a past time: it left host RAM
+    then, unoffered) goes into the region that was open then and takes its room from the oldest region now;
+    appended at the head instead, it would outlive its lap, and the policy would favour exclusivity only
+    because the running inclusive disk held such blocks when host RAM dropped them."""
+
+    def __init__(self, capacity: int, admit_all: bool, region_blocks: int) -> None:
+        super().__init__(admit_all)
+        self.region_blocks = max(1, min(region_blocks, capacity))
+        self.capacity = max(1, capacity // self.region_blocks) * self.region_blocks
+        # Regions, oldest first, the open one last, by id.
+        self._regions: OrderedDict[int, _ShadowRegion] = OrderedDict({0: _ShadowRegion(0)})
+        self._open_id = 0
+        self._sealed_slots = 0
+        # When each region from _first_id on was opened (ascending): where a late write goes.
+        self._starts: list[int] = [0]
+        self._first_id = 0
+        # Blocks written before this time were in regions evicted since.
+        self._horizon = 0
+
+    @property
+    def full(self) -> bool:
+        return self._sealed_slots + len(self._regions[self._open_id].keys) >= self.capacity
+
+    def would_hold(self, written_at: int) -> bool:
+        return written_at >= self._horizon
+
+    def write(self, key: Hashable, now: int) -> None:
+        if key in self.keys:
+            return
+        if now >= self._regions[self._open_id].opened_at:
+            self._append(key, now)
+        else:
+            region_id = self._first_id + max(0, bisect.bisect_right(self._starts, now) - 1)
+            while region_id not in self._regions:
+                region_id += 1  # that region was freed: the next one still there (the open one at the latest)
+            region = self._regions[region_id]
+            region.live += 1
+            region.keys.append(key)
+            self.keys[key] = [0, region_id]
+            self.writes += 1
+            if region_id != self._open_id:
+                self._sealed_slots += 1
+        self._make_room()
+
+    def _append(self, key: Hashable, now: int) -> None:
+        """Into the open region; a full one is sealed first (freed if every block left it while open)."""
+        region = self._regions[self._open_id]
+        if len(region.keys) >= self.region_blocks:
+            if region.live:
+                self._sealed_slots += len(region.keys)
+            else:
+                del self._regions[self._open_id]
+            self._open_id += 1
+            region = _ShadowRegion(max(now, region.opened_at))
+            self._regions[self._open_id] = region
+            self._starts.append(region.opened_at)
+        region.live += 1
+        region.keys.append(key)
+        self.keys[key] = [0, self._open_id]
+        self.writes += 1
+
+    def _make_room(self) -> None:
+        while self._sealed_slots + self.region_blocks > self.capacity:
+            region_id, region = self._regions.popitem(last=False)
+            self._sealed_slots -= len(region.keys)
+            self._horizon = self._starts[region_id + 1 - self._first_id]
+            for key in region.keys:
+                entry = self.keys.get(key)
+                if entry is not None and entry[1] == region_id:
+                    del self.keys[key]  # never read since written: a read dropped it
+        oldest = next(iter(self._regions))
+        if oldest - self._first_id > len(self._regions):
+            del self._starts[:oldest - self._first_id]
+            self._first_id = oldest
+
+    def read(self, key: Hashable) -> None:
+        """A hit: the block moves to host RAM and leaves this disk."""
+        _, region_id = self.keys.pop(key)
+        region = self._regions[region_id]
+        region.live -= 1
+        if not region.live and region_id != self._open_id:
+            del self._regions[region_id]
+            self._sealed_slots -= len(region.keys)
 
 
 _REJECT_FIRST, _ADMIT_ALL = 0, 1
+# An exclusive shadow's index: its admission choice's plus this.
+_EXCLUSIVE = 2
+# The pairs of shadows compared: the admission choices (reject-first inclusive against admit-all either
+# way), and each choice inclusive against exclusive.
+_PAIRS: Final = ((_REJECT_FIRST, _ADMIT_ALL), (_REJECT_FIRST, _ADMIT_ALL + _EXCLUSIVE),
+                 (_REJECT_FIRST, _REJECT_FIRST + _EXCLUSIVE), (_ADMIT_ALL, _ADMIT_ALL + _EXCLUSIVE))
 _MODE_NAMES: Final = ("reject_first", "admit_all")
 
 
 class AdaptiveAdmission(AdmissionPolicy):
-    """Follows reject-first or admit-all, whichever a shadow simulation of both says hits more.
+    """Follows reject-first or admit-all, whichever a shadow simulation of both says hits more, each on a disk
+    inclusive or exclusive of host RAM, whichever its own two shadows say.
 
     Why a shadow and not a split of the real keys (set dueling): KV blocks are prefix chains, and a lookup
     hits only up to its first missing block, so admitting a random part of a chain wastes the writes and
@@ -189,13 +333,25 @@ class AdaptiveAdmission(AdmissionPolicy):
     ``min_gain_per_write`` hits (flash endurance is the budget being spent); it switches back when
     reject-first leads by that test or the extra writes stop paying half that. Why not a margin on all
     hits: blocks both choices hit (shared prompts) are most hits, and they hide a real difference.
+
+    Exclusivity (``exclusive``): each admission choice also runs on an exclusive shadow, a log of the disk's
+    regions (``region_blocks``) that drops a block when a lookup reads it (host RAM holds it then) and frees a
+    region left without a live block. Each choice is exclusive while its exclusive shadow leads its inclusive
+    one by the same test, with ``exclusive_gain_per_write`` hits for each extra block written (the extra
+    writes are rewrites of blocks read, which bring nothing new to the disk), and inclusive again when that
+    lead goes or stops paying half. Why: with host RAM a good share of host plus disk, the blocks both hold
+    waste the disk (most hits then come back within a lap of host RAM); with a disk many times host RAM,
+    keeping the copy is a second chance for a block read, which the log's reinsertion keeps. Admit-all is
+    weighed against reject-first as admit-all now runs (inclusive or exclusive), and reject-first as it
+    runs inclusive: exclusive, reject-first rewrites every block read (each seen twice), nearly admit-all's
+    writes, and compared so the switch to admit-all would wait on half of admit-all.
     """
 
     name = "adaptive"
 
     def __init__(self, disk_capacity_blocks: int, *, ghost_factor: int = GHOST_FACTOR,
                  shadow_blocks: int = SHADOW_BLOCKS, z: float = 2.0, min_gain_per_write: float = 0.1,
-                 window_factor: int = 16) -> None:
+                 exclusive_gain_per_write: float = 0.2, window_factor: int = 16, region_blocks: int = 1) -> None:
         _check_capacity(disk_capacity_blocks)
         self.ghost_capacity = min(ghost_factor * disk_capacity_blocks, MAX_TRACKED_KEYS)
         self._capacity = disk_capacity_blocks
@@ -203,17 +359,28 @@ class AdaptiveAdmission(AdmissionPolicy):
         self._sample_below = int(rate * (1 << 64))
         self._sample_all = rate >= 1.0
         shadow_capacity = max(1, round(disk_capacity_blocks * rate))
-        self._shadows = (_Shadow(shadow_capacity), _Shadow(shadow_capacity))
+        # Reject-first and admit-all inclusive of host RAM, then each exclusive (indexed by _REJECT_FIRST and
+        # _ADMIT_ALL, plus _EXCLUSIVE).
+        self._shadows: tuple[_InclusiveShadow | _ExclusiveShadow, ...] = (
+            _InclusiveShadow(shadow_capacity, False), _InclusiveShadow(shadow_capacity, True),
+            _ExclusiveShadow(shadow_capacity, False, region_blocks),
+            _ExclusiveShadow(shadow_capacity, True, region_blocks))
+        # For each pair compared, the sampled lookups that hit in one shadow and not the other: [the first's,
+        # the second's].
+        self._wins = {pair: [0.0, 0.0] for pair in _PAIRS}
         self._window = window_factor * shadow_capacity
         self._z = z
         self._min_gain_per_write = min_gain_per_write
+        self._exclusive_gain_per_write = exclusive_gain_per_write
         self._ghost: OrderedDict[Hashable, _Sighting] = OrderedDict()
         self._now = 0
         self._prev: Hashable = None
         self._host_age = 0.0
         self._sampled_since_halving = 0
         self._mode = _REJECT_FIRST
+        self._exclusive = [False, False]  # per admission choice
         self.switches = 0
+        self.exclusive_switches = 0
         self.offers = 0
         self.admitted = 0
 
@@ -223,8 +390,12 @@ class AdaptiveAdmission(AdmissionPolicy):
         return _MODE_NAMES[self._mode]
 
     @property
+    def exclusive(self) -> bool:
+        return self._exclusive[self._mode]
+
+    @property
     def tracked_keys(self) -> int:
-        """Keys held in memory: the ghost list plus both shadows (bounded, see the module docstring)."""
+        """Keys held in memory: the ghost list plus the shadows (bounded, see the module docstring)."""
         return len(self._ghost) + sum(len(shadow.keys) for shadow in self._shadows)
 
     def _sampled(self, key: Hashable) -> bool:
@@ -262,9 +433,8 @@ class AdaptiveAdmission(AdmissionPolicy):
             self._score(key, in_host)
 
     def _offer_to_shadows(self, key: Hashable, seen_twice: bool, written_at: int) -> None:
-        rf, aa = self._shadows
-        for shadow, writes in ((rf, seen_twice or not rf.full), (aa, True)):
-            if writes and key not in shadow.keys and shadow.would_hold(written_at):
+        for shadow in self._shadows:
+            if shadow.writes_offer(seen_twice) and key not in shadow.keys and shadow.would_hold(written_at):
                 shadow.write(key, written_at)
 
     def _score(self, key: Hashable, in_host: bool) -> None:
@@ -275,30 +445,42 @@ class AdaptiveAdmission(AdmissionPolicy):
                 shadow.hits += 1
                 if on_disk:
                     shadow.read(key)
-        rf, aa = self._shadows
-        if rf.alive != aa.alive:
-            (aa if aa.alive else rf).wins += 1
+        shadows = self._shadows
+        for (first, second), wins in self._wins.items():
+            if shadows[first].alive != shadows[second].alive:
+                wins[shadows[second].alive] += 1
         self._sampled_since_halving += 1
         if self._sampled_since_halving >= self._window:
             self._sampled_since_halving = 0
-            for shadow in self._shadows:
+            for shadow in shadows:
                 shadow.halve()
+            for wins in self._wins.values():
+                wins[0] /= 2
+                wins[1] /= 2
         self._decide()
 
     def _decide(self) -> None:
-        rf, aa = self._shadows
+        admit_all = _ADMIT_ALL + _EXCLUSIVE * self._exclusive[_ADMIT_ALL]
+        if self._switches(self._mode == _ADMIT_ALL, _REJECT_FIRST, admit_all, self._min_gain_per_write):
+            self._mode = _ADMIT_ALL - self._mode
+            self.switches += 1
+        for mode in (_REJECT_FIRST, _ADMIT_ALL):
+            if self._switches(self._exclusive[mode], mode, mode + _EXCLUSIVE, self._exclusive_gain_per_write):
+                self._exclusive[mode] = not self._exclusive[mode]
+                self.exclusive_switches += 1
+
+    def _switches(self, costly_now: bool, cheap: int, costly: int, gain_per_write: float) -> bool:
+        """Whether to leave shadow ``cheap``'s choice for shadow ``costly``'s (the one that writes more) or,
+        ``costly_now``, the other way round."""
         # A sign test on the hits that differ: if neither choice were better, each differing hit would be
         # either shadow's with even odds, and the lead would stay within z standard deviations.
-        lead = aa.wins - rf.wins
-        noise = self._z * math.sqrt(aa.wins + rf.wins + 1)
-        extra_writes = max(1.0, aa.writes - rf.writes)
-        if self._mode == _REJECT_FIRST:
-            if lead > noise and lead >= self._min_gain_per_write * extra_writes:
-                self._mode = _ADMIT_ALL
-                self.switches += 1
-        elif -lead > noise or lead < self._min_gain_per_write / 2 * extra_writes:
-            self._mode = _REJECT_FIRST
-            self.switches += 1
+        cheap_wins, costly_wins = self._wins[cheap, costly]
+        lead = costly_wins - cheap_wins
+        noise = self._z * math.sqrt(cheap_wins + costly_wins + 1)
+        extra_writes = max(1.0, self._shadows[costly].writes - self._shadows[cheap].writes)
+        if not costly_now:
+            return lead > noise and lead >= gain_per_write * extra_writes
+        return -lead > noise or lead < gain_per_write / 2 * extra_writes
 
     def admit(self, key: Hashable) -> bool:
         sighting = self._ghost.get(key)
@@ -315,15 +497,16 @@ class AdaptiveAdmission(AdmissionPolicy):
         return admitted
 
 
-def make_admission(name: str, disk_capacity_blocks: int) -> AdmissionPolicy:
-    """A new admission policy of the given name for a disk of ``disk_capacity_blocks`` blocks."""
+def make_admission(name: str, disk_capacity_blocks: int, region_blocks: int = 1) -> AdmissionPolicy:
+    """A new admission policy of the given name for a disk of ``disk_capacity_blocks`` blocks in regions of
+    ``region_blocks`` (what an exclusive disk frees at once when every block in one has left)."""
     if name == "admit_all":
         _check_capacity(disk_capacity_blocks)
         return AdmitAll()
     if name == "reject_first":
         return RejectFirst(disk_capacity_blocks)
     if name == "adaptive":
-        return AdaptiveAdmission(disk_capacity_blocks)
+        return AdaptiveAdmission(disk_capacity_blocks, region_blocks=region_blocks)
     raise ConfigError(f"unknown disk admission policy {name!r}; choose one of {list(ADMISSIONS)}")
 
 

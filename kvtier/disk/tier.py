@@ -15,7 +15,11 @@ writer threads never wait for a sync or a commit, so the next region's parts kee
 Space comes back by evicting whole regions, oldest sealed first (FIFO); a block read at least
 ``reinsert_hits`` times since it was written is read back and copied into the new open region instead of
 dropped (on the I/O pool when a demotion needs the region: see ``offer``), unless ``held_above(key)`` says
-host RAM holds it (the host's eviction offers it again: host and disk mostly hold different blocks).
+host RAM holds it (the host's eviction offers it again: host and disk mostly hold different blocks). While
+the admission policy says ``exclusive``, ``moved_to_host(key)`` (the store calls it once host RAM committed
+a copy read from here) drops the disk's copy, so host and disk hold different blocks from the hit on. A
+sealed region left without a live block by any removal is free space at once (its slot goes back to the
+clean pool); otherwise a removed block's space comes back when its region is evicted.
 ``on_forget(keys)`` hears of every key the tier stops holding (the store's removal log).
 
 The region buffers are the write-back buffer (``disk.writeback_buffer_bytes``, at least 3 regions; 3 are
@@ -155,6 +159,9 @@ class Admission(Protocol):
 
     def admit(self, key: Hashable) -> bool: ...
 
+    @property
+    def exclusive(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class DiskStats:
@@ -171,6 +178,8 @@ class DiskStats:
     torn_regions_discarded: int
     regions_evicted: int
     blocks_reinserted: int
+    blocks_moved_to_host: int
+    regions_freed: int
     admissions_rejected: int
     budget_rejected: int
     busy_rejected: int
@@ -183,8 +192,8 @@ class DiskStats:
 
 
 _COUNTERS = ("bytes_written", "bytes_read", "hits", "misses", "checksum_failures", "torn_regions_discarded",
-             "regions_evicted", "blocks_reinserted", "admissions_rejected", "budget_rejected", "busy_rejected",
-             "io_errors", "disk_full_errors", "degraded_rejected")
+             "regions_evicted", "blocks_reinserted", "blocks_moved_to_host", "regions_freed", "admissions_rejected",
+             "budget_rejected", "busy_rejected", "io_errors", "disk_full_errors", "degraded_rejected")
 
 
 class _Region:
@@ -537,6 +546,18 @@ class DiskTier:
             self._check_open()
             self._drop_locked(key)
 
+    def moved_to_host(self, key: bytes) -> bool:
+        """Host RAM committed its copy of ``key``, read from this tier: drop this tier's copy if the admission
+        policy runs the disk exclusive of host RAM (host RAM's eviction offers the block again); returns
+        whether it was dropped. The caller must hold a committed host copy: this copy is then not the last."""
+        with self._lock:
+            self._check_open()
+            if self._admission is None or not self._admission.exclusive or key not in self._entries:
+                return False
+            self._drop_locked(key)
+            self._counters["blocks_moved_to_host"] += 1
+            return True
+
     def read_epochs(self) -> dict[str, int]:
         """The store's key epochs recorded in this tier's index (``kvtier.epochs``)."""
         assert self._index is not None
@@ -824,6 +845,7 @@ class DiskTier:
             self._counters["bytes_written"] += region.used
             self._fifo.append(region.id)
             self._release_buffer_locked(region)
+            self._free_if_empty_locked(region)
         try:
             self._index.wait(ticket)
         except DiskError as exc:
@@ -1022,13 +1044,30 @@ class DiskTier:
 
     def _drop_locked(self, key: bytes) -> None:
         entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._forgotten_locked([key])
-        if entry is not None and self._regions[entry.loc.region].buffer is None:
+        if entry is None:
+            return
+        self._forgotten_locked([key])
+        region = self._regions[entry.loc.region]
+        if region.buffer is None:
             # On disk: forget it in the index too (committed with the next batch). Still in memory: its
             # region's commit skips keys no longer in the table.
             assert self._index is not None
             self._index.enqueue(Forget(keys=(key,)))
+            self._free_if_empty_locked(region)
+
+    def _free_if_empty_locked(self, region: _Region) -> None:
+        """A sealed region left without a live block goes back to the clean pool (its record leaves the index
+        with the next commit): waiting for its turn in the FIFO would hold dead space a lap. One being read
+        waits for that turn, as the reader needs the slot unchanged."""
+        if region.readers or any((entry := self._entries.get(key)) is not None and entry.loc.region == region.id
+                                 for key in region.keys) or region.id not in self._fifo:
+            return
+        self._fifo.remove(region.id)
+        region.keys = []
+        assert self._index is not None
+        self._index.enqueue(Forget(regions=(region.id,)))
+        self._counters["regions_freed"] += 1
+        self._clean.append(region.id)
 
     def _wait_index(self, deadline: float | None = None) -> None:
         """Wait until every queued index change is committed; a failure degrades the tier."""

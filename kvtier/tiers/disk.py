@@ -15,6 +15,7 @@ import torch
 from kvtier.config import DiskConfig
 from kvtier.disk import DiskTier
 from kvtier.disk.admission import make_admission
+from kvtier.disk.format import entry_bytes
 from kvtier.layout import KVLayout
 from kvtier.stats import TierStats
 from kvtier.tiers.base import WriteMode
@@ -28,7 +29,10 @@ class DiskAdapter:
 
     def __init__(self, config: DiskConfig, layout: KVLayout, slot_bytes: int) -> None:
         capacity_blocks = config.capacity_bytes * len(config.paths) // slot_bytes
-        self.tier = DiskTier(config, layout, make_admission(config.admission, max(1, capacity_blocks)))
+        entry = entry_bytes(layout.block_bytes)
+        # The tier's regions (scaled down on a small tier): what an exclusive disk frees once every block left.
+        region_blocks = max(1, config.scaled_region_bytes(entry) // entry)
+        self.tier = DiskTier(config, layout, make_admission(config.admission, max(1, capacity_blocks), region_blocks))
         self.write_mode: WriteMode = config.write_mode
 
     def contains(self, key: bytes) -> bool:

@@ -16,12 +16,14 @@ from kvtier.layout import KVLayout
 
 
 class StandInAdmission:
-    """Admits what ``decide`` says (everything by default) and records every call."""
+    """Admits what ``decide`` says (everything by default), runs the disk ``exclusive`` of host RAM when told
+    (not by default), and records every call."""
 
     name = "stand_in"
 
-    def __init__(self, decide: Callable[[Hashable], bool] = lambda key: True) -> None:
+    def __init__(self, decide: Callable[[Hashable], bool] = lambda key: True, exclusive: bool = False) -> None:
         self.decide = decide
+        self.exclusive = exclusive
         self.accesses: list[tuple[Hashable, bool]] = []
         self.offered: list[Hashable] = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import subprocess
@@ -33,6 +34,10 @@ def test_make_admission_builds_each_named_policy() -> None:
 def test_make_admission_refuses_unknown_names_and_bad_capacities(name: str, capacity: int) -> None:
     with pytest.raises(ConfigError):
         make_admission(name, capacity)
+
+
+def test_only_adaptive_ever_runs_the_disk_exclusive() -> None:
+    assert not any(make_admission(name, 10).exclusive for name in ("admit_all", "reject_first", "adaptive"))
 
 
 def test_admit_all_admits_unseen_keys() -> None:
@@ -71,7 +76,7 @@ def test_adaptive_memory_stays_bounded() -> None:
         policy.on_access(key, False)
         policy.on_access(key, True)
         policy.admit(key)
-    assert policy.tracked_keys <= policy.ghost_capacity + 2 * SHADOW_BLOCKS
+    assert policy.tracked_keys <= policy.ghost_capacity + 4 * SHADOW_BLOCKS  # four shadows
 
 
 def test_adaptive_fills_an_empty_disk_then_starts_as_reject_first() -> None:
@@ -142,6 +147,35 @@ def test_adaptive_stays_reject_first_when_one_off_blocks_would_flood_the_disk() 
     assert adaptive.block_hit_ratio >= reject_first.block_hit_ratio - 0.01
     assert adaptive.block_hit_ratio > admit_all.block_hit_ratio
     assert adaptive.disk_blocks_written < admit_all.disk_blocks_written / 3
+
+
+def _uniform(docs: int, count: int, seed: int = 1) -> list[list[int]]:
+    """``count`` requests, each for one of ``docs`` documents picked uniformly."""
+    rng = random.Random(seed)
+    pool = _documents(0, docs)
+    return [pool[rng.randrange(docs)] for _ in range(count)]
+
+
+def test_adaptive_runs_the_disk_exclusive_where_host_ram_is_a_good_share_of_both() -> None:
+    # 100 blocks read uniformly over host RAM of 40 and a disk of 60: only a disk holding other blocks than
+    # host RAM's holds them all. Inclusive, the copies of host RAM's blocks waste the disk.
+    trace = Trace(_uniform(25, 4000))
+    policy = AdaptiveAdmission(60)
+    assert not policy.exclusive  # a disk starts inclusive of host RAM
+    exclusive = replay_tiered(trace, 40, 60, admission=policy)
+    inclusive = replay_tiered(trace, 40, 60, admission=AdaptiveAdmission(60, exclusive_gain_per_write=math.inf))
+    assert policy.exclusive and policy.exclusive_switches >= 1
+    assert exclusive.disk_moved_to_host > 0 and inclusive.disk_moved_to_host == 0
+    assert exclusive.block_hit_ratio > 0.97 and exclusive.block_hit_ratio > inclusive.block_hit_ratio + 0.1
+
+
+def test_adaptive_keeps_the_disk_inclusive_when_it_is_many_times_host_ram() -> None:
+    # The same blocks over host RAM of 8 and a disk of 200: the disk holds them all either way, so dropping a
+    # copy read would only rewrite it when host RAM evicts it.
+    policy = AdaptiveAdmission(200)
+    result = replay_tiered(Trace(_uniform(25, 4000)), 8, 200, admission=policy)
+    assert (policy.exclusive, policy.exclusive_switches, result.disk_moved_to_host) == (False, 0, 0)
+    assert result.disk_blocks_written == 100
 
 
 def test_adaptive_beats_both_fixed_choices_when_the_workload_changes() -> None:

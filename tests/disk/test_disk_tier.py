@@ -313,6 +313,44 @@ def test_growing_the_capacity_keeps_the_blocks(disk_config: Config, kit: DiskKit
         kit.assert_holds(tier, range(kit.per_region))
 
 
+def test_an_exclusive_read_drops_the_disk_copy_and_the_host_eviction_offers_it_again(disk_config: Config,
+                                                                                     kit: DiskKit) -> None:
+    admission = kit.admission(exclusive=True)
+    with DiskTier(disk_config(), kit.layout, admission) as tier:
+        kit.fill(tier, range(2 * kit.per_region))
+        tier.flush()
+        assert kit.read(tier, 3) is not None  # promoted: host RAM committed its copy, then tells the tier
+        assert tier.moved_to_host(kit.key(3)) and not tier.contains(kit.key(3)) and kit.read(tier, 3) is None
+        assert not tier.moved_to_host(kit.key(3))  # no copy left to drop
+        kit.fill(tier, range(3, 4))  # host RAM evicts it: offered, admitted and written again
+        assert admission.offered.count(kit.key(3)) == 2
+        tier.flush()
+        admission.exclusive = False
+        assert not tier.moved_to_host(kit.key(4)) and tier.contains(kit.key(4))  # inclusive: the copy stays
+        assert tier.stats().blocks_moved_to_host == 1
+    with DiskTier(disk_config(), kit.layout) as tier:  # the index recorded the drop, then the new copy
+        kit.assert_holds(tier, range(2 * kit.per_region))
+
+
+def test_a_sealed_region_left_without_a_live_block_is_free_at_once(disk_config: Config, kit: DiskKit) -> None:
+    with DiskTier(disk_config(reinsert_hits=0), kit.layout, kit.admission(exclusive=True)) as tier:
+        kit.fill(tier, range(4 * kit.per_region))  # every region used, the last one open
+        tier.flush()
+        for i in range(kit.per_region - 1):
+            assert tier.moved_to_host(kit.key(i))
+        assert tier.stats().regions_freed == 0  # one live block left in the oldest region
+        tier.drop(kit.key(kit.per_region - 1))  # any removal frees it
+        assert tier.stats().regions_freed == 1
+        kit.fill(tier, range(100, 100 + kit.per_region))  # into the freed region: nothing else is evicted
+        assert tier.stats().regions_evicted == 0
+        kit.assert_holds(tier, range(kit.per_region, 4 * kit.per_region))
+        tier.flush()
+    with DiskTier(disk_config(), kit.layout) as tier:
+        assert not any(tier.contains(kit.key(i)) for i in range(kit.per_region))
+        kit.assert_holds(tier, range(kit.per_region, 4 * kit.per_region))
+        kit.assert_holds(tier, range(100, 100 + kit.per_region))
+
+
 def test_a_key_dropped_and_offered_again_in_one_region(disk_config: Config, kit: DiskKit) -> None:
     with DiskTier(disk_config(reinsert_hits=0), kit.layout) as tier:
         kit.fill(tier, range(2))
