@@ -1,7 +1,11 @@
-"""Shared fixtures: a small layout, a store factory, and the ``gpu`` marker's skip."""
+"""Shared fixtures: a small layout, a store factory, the ``gpu`` marker's skip, and a data directory of the
+session's own (the daemon's default disk tier never lands in the user's)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +13,16 @@ import torch
 from support import StoreFactory
 
 from kvtier import HostConfig, KVLayout, Store, StoreConfig, TransferConfig
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # XDG_DATA_HOME reaches the daemons the tests start too: a default disk tier is the session's, not one
+    # left in ~/.local/share by an earlier run (with other free space, so other regions).
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="kvtier-test-data-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["XDG_DATA_HOME"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,7 +3,9 @@
 Modelled on CacheLib Navy's BlockCache. Each data path holds one preallocated file cut into regions of
 ``region_bytes``, or smaller ones on a tier that would have fewer than ``min_regions`` regions
 (``DiskConfig.scaled_region_bytes``: a region is the unit of eviction, and evicting a large share of a small
-tier at once costs hits; the size used is the one recorded in the layout); region ``r`` lives in path
+tier at once costs hits). A directory keeps the region size it was written with while that is at most
+``region_bytes`` and fits the capacity (a default capacity that follows the drive's free space, or a raised
+one, changes the scaled size; the blocks stay readable); region ``r`` lives in path
 ``r % len(paths)`` (striping). Offered blocks are appended to
 an in-memory region buffer. The region is marked OPEN in the index when it opens; while it fills, each
 ``_STREAM_BYTES`` appended are written behind the appends (in order, on the writer threads), so the drive
@@ -258,13 +260,11 @@ class DiskTier:
         if self._max_entry > config.region_bytes:
             raise ConfigError(f"disk.region_bytes ({config.region_bytes}) cannot hold one block entry "
                               f"({self._max_entry} bytes with its header page)")
-        # A small tier gets smaller regions, at least disk.min_regions of them (DiskConfig.scaled_region_bytes).
-        config = replace(config, region_bytes=config.scaled_region_bytes(self._max_entry))
+        # The region size is settled once the index says what the directory was cut into (``_cut``).
         self.config = config
         self._num_paths = len(config.paths)
-        self._regions_per_path = config.capacity_bytes // config.region_bytes
-        num_regions = self._num_paths * self._regions_per_path
-        self.capacity_blocks = num_regions * (config.region_bytes // self._max_entry)
+        self._regions_per_path = 0
+        self.capacity_blocks = 0
         # Always able to decode: a directory may hold zstd entries written before codec was set to "none".
         self._zstd = ZstdCodec(layout.torch_dtype.itemsize)
         self._compress = config.codec == "zstd"
@@ -284,15 +284,14 @@ class DiskTier:
         self._opening = False
         self._opening_in_background = False
         self._local = threading.local()
-        self._regions = [_Region(region_id) for region_id in range(num_regions)]
+        self._regions: list[_Region] = []
         self._entries: dict[bytes, _Entry] = {}
         self._fifo: deque[int] = deque()
         self._clean: deque[int] = deque()
         self._open: _Region | None = None
         self._next_seq = 1
-        self._free_buffers = [np.frombuffer(aligned_buffer(config.region_bytes, populate=True), dtype=np.uint8)
-                              for _ in range(_PREFAULTED_REGIONS)]
-        self._unallocated_buffers = config.writeback_regions - _PREFAULTED_REGIONS
+        self._free_buffers: list[_Bytes] = []
+        self._unallocated_buffers = 0
         self._lock_fds: list[int] = []
         self._devices: list[Device] = []
         self._created_files: list[str] = []
@@ -301,8 +300,9 @@ class DiskTier:
         self._index_map_bytes = 0
         try:
             self._lock_directories()
-            self._open_devices(device_factory)
             self._open_index()
+            self._cut(self._region_bytes_of_directory())
+            self._open_devices(device_factory)
             try:
                 self._recover()
             except IndexDamagedError as exc:  # LMDB found it corrupt: as good as truncated
@@ -338,6 +338,43 @@ class DiskTier:
             except BlockingIOError as exc:
                 raise DirectoryLockedError(f"the disk directory {path} is in use by another process") from exc
 
+    def _region_bytes_of_directory(self) -> int:
+        """The region size to open with: the one the directory was written with, where it is at most
+        ``disk.region_bytes``, holds an entry and fits the capacity; otherwise ``scaled_region_bytes``.
+
+        ``min_regions`` scales a small tier's regions with its capacity, and the daemon's default capacity
+        follows the free space of its filesystem: without this, a restart after the drive filled or a
+        raised capacity found the directory cut differently and refused to open (or wiped it)."""
+        assert self._index is not None
+        scaled = self.config.scaled_region_bytes(self._max_entry)
+        try:
+            found = self._index.read_meta()
+        except IndexDamagedError:
+            return scaled  # ``_recover`` meets the damage again and rebuilds the index
+        if not found or any(found.get(name) != value for name, value in (
+                ("format_version", FORMAT_VERSION), ("layout", self.layout.fingerprint),
+                ("num_paths", self._num_paths))):
+            return scaled
+        recorded = found.get("region_bytes")
+        if (not isinstance(recorded, int) or recorded == scaled or recorded % PAGE_BYTES
+                or not self._max_entry <= recorded <= min(self.config.region_bytes, self.config.capacity_bytes)):
+            return scaled
+        _LOG.info("disk directory %s keeps the %d KiB regions it was written with (this configuration would "
+                  "cut %d KiB ones into an empty directory; disk.wipe_incompatible starts it empty)",
+                  self.config.paths[0], recorded // 1024, scaled // 1024)
+        return recorded
+
+    def _cut(self, region_bytes: int) -> None:
+        """Size the tier's tables and region buffers for regions of ``region_bytes``."""
+        self.config = replace(self.config, region_bytes=region_bytes)
+        self._regions_per_path = self.config.capacity_bytes // region_bytes
+        num_regions = self._num_paths * self._regions_per_path
+        self.capacity_blocks = num_regions * (region_bytes // self._max_entry)
+        self._regions = [_Region(region_id) for region_id in range(num_regions)]
+        self._free_buffers = [np.frombuffer(aligned_buffer(region_bytes, populate=True), dtype=np.uint8)
+                              for _ in range(_PREFAULTED_REGIONS)]
+        self._unallocated_buffers = self.config.writeback_regions - _PREFAULTED_REGIONS
+
     def _open_devices(self, factory: DeviceFactory) -> None:
         size = self._regions_per_path * self.config.region_bytes
         for path in self.config.paths:
@@ -364,7 +401,7 @@ class DiskTier:
     def _open_index(self) -> None:
         directory = os.path.join(self.config.paths[0], _INDEX_DIR)
         # Room for an entry record per page of capacity; LMDB only maps address space, the file grows on use.
-        map_size = self.config.index_map_bytes or max(64 << 20, len(self._regions) * self.config.region_bytes
+        map_size = self.config.index_map_bytes or max(64 << 20, self._num_paths * self.config.capacity_bytes
                                                       // PAGE_BYTES * 256)
         # LMDB maps its file: a truncated one would be a SIGBUS, not an error; and it aborts the process on some
         # damaged pages: every record is read in a child first.
@@ -442,10 +479,10 @@ class DiskTier:
                                       f"{self.layout.fingerprint!r}; set disk.wipe_incompatible to start empty")
         raise DiskError(f"{where} was created with region_bytes={found.get('region_bytes')} and "
                         f"{found.get('num_paths')} path(s), this configuration gives "
-                        f"region_bytes={expected.get('region_bytes')} and {expected.get('num_paths')} (a tier "
-                        f"smaller than disk.min_regions x disk.region_bytes gets smaller regions; a directory "
-                        f"written before min_regions existed opens with disk.min_regions = 1); set "
-                        f"disk.wipe_incompatible to start empty")
+                        f"region_bytes={expected.get('region_bytes')} and {expected.get('num_paths')} (a "
+                        f"directory keeps its regions only while they are at most disk.region_bytes and fit "
+                        f"disk.capacity_bytes, and keeps its number of paths); set disk.wipe_incompatible to "
+                        f"start empty")
 
     # -- public API -----------------------------------------------------------------------------------
 

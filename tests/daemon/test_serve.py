@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from kvtier import ConfigError, DaemonConfig, DiskError, HostConfig, ProtocolError, StoreConfig, Tier
+from kvtier import (
+    ConfigError,
+    DaemonConfig,
+    DiskConfig,
+    DiskError,
+    HostConfig,
+    ProtocolError,
+    Store,
+    StoreConfig,
+    Tier,
+    TransferConfig,
+)
 from kvtier.cli import main as daemon_main
+from kvtier.daemon import serve_cmd
 from kvtier.daemon.server import Daemon
 
 if TYPE_CHECKING:
@@ -160,3 +175,26 @@ def test_only_abandoned_arenas_of_dead_daemons_are_removed_at_start() -> None:
         elsewhere.close(unlink=True)
         for path in (dead, older_live):
             path.unlink(missing_ok=True)
+
+
+def test_the_default_disk_reopens_with_its_blocks_after_the_free_space_changed(
+        tmp_path: Path, kit: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default tier's capacity is half the free space of the user's data directory, and a small tier's
+    # regions scale with its capacity: a restart after the drive filled up must still open the directory.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    keys = [kit.key_of(i, "default-disk") for i in range(12)]
+    for free_bytes in (1 << 30, 768 << 20, 2 << 30):
+        monkeypatch.setattr(shutil, "disk_usage",
+                            lambda _path, free=free_bytes: SimpleNamespace(total=2 * free, used=free, free=free))
+        disk = dataclasses.replace(serve_cmd._default_disk(DiskConfig()), write_mode="through",
+                                   admission="admit_all")
+        assert disk.paths == (str(tmp_path / "kvtier" / "disk"),) and disk.capacity_bytes == free_bytes // 2
+        config = StoreConfig(host=HostConfig(capacity_bytes=1 << 20), disk=disk,
+                             transfer=TransferConfig(backend="cpu"))
+        with Store(kit.layout, config) as store:
+            assert store.lookup(keys, prefetch=False).tiers == (Tier.DISK,) * (12 if free_bytes != 1 << 30 else 0)
+            assert store.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
+            store.flush()
+            out = [torch.empty(kit.layout.block_shape) for _ in keys]
+            assert store.get(keys, out).wait(10).ok
+            assert all(torch.equal(got, kit.block_for(key)) for got, key in zip(out, keys, strict=True))

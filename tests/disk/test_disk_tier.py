@@ -104,10 +104,40 @@ def test_a_small_tier_gets_min_regions_smaller_regions_and_evicts_fewer_blocks_a
         assert not any(tier.contains(kit.key(i)) for i in range(3))
         kit.assert_holds(tier, range(3, 49))
         tier.flush()
-    with DiskTier(cfg, kit.layout) as tier:  # the scaled size is the layout: a reopen serves what was sealed
+    with DiskTier(cfg, kit.layout) as tier:  # a reopen serves what was sealed
         kit.assert_holds(tier, range(3, 48))
-    with pytest.raises(DiskError, match="region_bytes=65536"):
-        DiskTier(disk_config(min_regions=1), kit.layout)
+
+
+@pytest.mark.parametrize("reopen", [{"min_regions": 1}, {"capacity_bytes": 2 * 1024 * 1024},
+                                    {"capacity_bytes": 640 * 1024}])
+def test_a_directory_keeps_its_scaled_regions_when_the_scaling_changes(disk_config: Config, kit: DiskKit,
+                                                                      reopen: dict[str, int]) -> None:
+    # Written as 16 regions of 64 KiB; reopened where the configuration scales to 256 KiB (no scaling, or a
+    # doubled capacity: the daemon's default capacity follows the drive's free space) or to 40 KiB (a
+    # smaller capacity). The blocks stay readable, and the tier goes on in 64 KiB regions.
+    with DiskTier(disk_config(min_regions=16), kit.layout) as tier:
+        kit.fill(tier, range(30))
+        tier.flush()
+    with DiskTier(disk_config(**{"min_regions": 16, **reopen}), kit.layout) as tier:
+        assert tier.config.region_bytes == 64 * 1024
+        assert tier.capacity_blocks == reopen.get("capacity_bytes", 1024 * 1024) // (64 * 1024) * 3
+        kit.assert_holds(tier, range(min(30, tier.capacity_blocks // 3 * 3)))
+        kit.fill(tier, range(100, 100 + tier.capacity_blocks))  # and it cycles in them
+        tier.flush()
+        kit.assert_holds(tier, range(100 + tier.capacity_blocks - 3, 100 + tier.capacity_blocks))
+
+
+def test_regions_larger_than_region_bytes_or_the_capacity_are_refused_or_wiped(disk_config: Config,
+                                                                               kit: DiskKit) -> None:
+    with DiskTier(disk_config(), kit.layout) as tier:  # 256 KiB regions
+        kit.fill(tier, range(13))
+        tier.flush()
+    with pytest.raises(DiskError, match=r"region_bytes=262144 .* region_bytes=131072"):
+        DiskTier(disk_config(region_bytes=128 * 1024), kit.layout)  # an explicit bound below the directory's
+    with pytest.raises(DiskError, match=r"region_bytes=262144 .* region_bytes=131072"):
+        DiskTier(disk_config(capacity_bytes=128 * 1024, region_bytes=128 * 1024), kit.layout)
+    with DiskTier(disk_config(region_bytes=128 * 1024, wipe_incompatible=True), kit.layout) as tier:
+        assert tier.config.region_bytes == 128 * 1024 and tier.stats().used_blocks == 0
 
 
 def test_region_scaling_never_goes_below_one_entry(disk_config: Config, kit: DiskKit) -> None:
@@ -287,7 +317,7 @@ def test_foreign_layout_version_or_geometry_is_refused_unless_wiped(disk_config:
     with pytest.raises(LayoutMismatchError):
         DiskTier(disk_config(), other)
     with pytest.raises(DiskError, match="region_bytes"):
-        DiskTier(disk_config(region_bytes=2 * kit.region, capacity_bytes=4 * kit.region), kit.layout)
+        DiskTier(disk_config(region_bytes=kit.region // 2), kit.layout)
     monkeypatch.setattr(tier_module, "FORMAT_VERSION", 99)
     with pytest.raises(FormatVersionError):
         DiskTier(disk_config(), kit.layout)

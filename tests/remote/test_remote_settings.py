@@ -102,7 +102,7 @@ def test_the_daemon_start_line_shows_no_password(fresh_single: Callable[..., Loc
     url = f"redis://:{URL_PASSWORD}@127.0.0.1:{servers.ports[0]}"
     command = [sys.executable, "-m", "kvtier.daemon", "--log-level", "INFO", "--set", f"remote.urls={url}",
                "--set", f"remote.key_prefix=s{os.getpid()}", "serve", "--socket", f"{workdir}/d.sock", "--pool",
-               "256KiB", "--metrics-port", "0", "--layout",
+               "256KiB", "--no-disk", "--metrics-port", "0", "--layout",
                "num_layers=2,num_kv_heads=2,head_dim=8,dtype=float16,block_tokens=4"]
     log_path = Path(workdir) / "daemon.log"
     with open(log_path, "wb") as log:
