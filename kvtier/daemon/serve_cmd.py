@@ -2,7 +2,9 @@
 
 Promises:
 - With no configuration at all it runs: a host pool of half the available RAM (and of free ``/dev/shm``),
-  at most ``daemon.pool_cap_bytes``; a disk tier in ``<user data dir>/kvtier/disk`` unless ``--no-disk``;
+  at most ``daemon.pool_cap_bytes``; a disk tier in ``<user data dir>/kvtier/disk`` unless ``--no-disk``
+  (half the free space there, its own file counted as free, so a restart finds the same tier; none on a
+  drive with less than two regions free);
   a remote tier only with ``[remote] urls`` (TOML or ``--set remote.urls=...``);
   the socket in the user's runtime directory; the layout of the first client.
 - Settings come from the defaults, then the ``--config`` TOML file and ``--set`` overrides, then this
@@ -26,6 +28,7 @@ import threading
 
 from kvtier.config import DiskConfig, StoreConfig, parse_bytes
 from kvtier.daemon.server import Daemon
+from kvtier.disk.tier import data_file_bytes
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.layout import KVLayout
 from kvtier.tiers.redis_client import redact
@@ -109,13 +112,19 @@ def resolve_config(args: argparse.Namespace, config: StoreConfig) -> StoreConfig
 
 
 def _default_disk(disk: DiskConfig) -> DiskConfig:
-    """The disk tier in the user's data directory, no larger than half the free space there."""
+    """The disk tier in the user's data directory: half the space free there, counting the tier's own data
+    file as free (without it, every restart halved the tier and dropped the blocks beyond), in whole
+    ``region_bytes``, at most ``disk.capacity_bytes``; none where that is less than one region."""
     import platformdirs
 
     path = platformdirs.user_data_path("kvtier") / "disk"
     path.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(path).free
-    capacity = max(disk.region_bytes, min(disk.capacity_bytes, free // 2 // disk.region_bytes * disk.region_bytes))
+    available = shutil.disk_usage(path).free + data_file_bytes(str(path))
+    capacity = min(disk.capacity_bytes, available // 2 // disk.region_bytes * disk.region_bytes)
+    if capacity < disk.region_bytes:
+        log.warning("no disk tier: %s has %.0f MiB free, less than two regions of disk.region_bytes (set "
+                    "disk.paths and disk.capacity_bytes to use a disk tier there anyway)", path, available / 2**20)
+        return dataclasses.replace(disk, paths=())
     return dataclasses.replace(disk, paths=(str(path),), capacity_bytes=capacity)
 
 

@@ -240,6 +240,15 @@ class _TokenBucket:
         return True
 
 
+def data_file_bytes(path: str) -> int:
+    """Bytes of the drive the tier's data file in ``path`` holds (0 if there is none): space that the tier
+    would take again if it opened there, so a capacity sized from the free space counts it as free."""
+    try:
+        return os.stat(os.path.join(path, _DATA_FILE)).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
 class DiskTier:
     """See the module docstring. ``admission=None`` admits every offered block. ``device_factory(path,
     size_bytes, direct_io)`` opens each data file (tests pass one that returns ``MemoryDevice``s)."""

@@ -32,6 +32,7 @@ from kvtier import (
 from kvtier.cli import main as daemon_main
 from kvtier.daemon import serve_cmd
 from kvtier.daemon.server import Daemon
+from kvtier.disk.tier import data_file_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -179,22 +180,34 @@ def test_only_abandoned_arenas_of_dead_daemons_are_removed_at_start() -> None:
 
 def test_the_default_disk_reopens_with_its_blocks_after_the_free_space_changed(
         tmp_path: Path, kit: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The default tier's capacity is half the free space of the user's data directory, and a small tier's
-    # regions scale with its capacity: a restart after the drive filled up must still open the directory.
+    # The default tier is half the free space of the user's data directory, its own file counted as free,
+    # and a small tier's regions scale with its capacity. ``drive_free`` is what the drive would have free
+    # without the tier's file: a restart on an unchanged drive finds the same capacity (a second start used
+    # to halve it), and one after the drive filled up or emptied still opens the directory with its blocks.
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    path = tmp_path / "kvtier" / "disk"
     keys = [kit.key_of(i, "default-disk") for i in range(12)]
-    for free_bytes in (1 << 30, 768 << 20, 2 << 30):
-        monkeypatch.setattr(shutil, "disk_usage",
-                            lambda _path, free=free_bytes: SimpleNamespace(total=2 * free, used=free, free=free))
+    for start, drive_free in enumerate((1 << 30, 1 << 30, 640 << 20, 2 << 30)):
+        free = drive_free - data_file_bytes(str(path))
+        monkeypatch.setattr(shutil, "disk_usage", lambda _path, free=free: SimpleNamespace(free=free))
         disk = dataclasses.replace(serve_cmd._default_disk(DiskConfig()), write_mode="through",
                                    admission="admit_all")
-        assert disk.paths == (str(tmp_path / "kvtier" / "disk"),) and disk.capacity_bytes == free_bytes // 2
+        assert disk.paths == (str(path),) and disk.capacity_bytes == drive_free // 2
         config = StoreConfig(host=HostConfig(capacity_bytes=1 << 20), disk=disk,
                              transfer=TransferConfig(backend="cpu"))
         with Store(kit.layout, config) as store:
-            assert store.lookup(keys, prefetch=False).tiers == (Tier.DISK,) * (12 if free_bytes != 1 << 30 else 0)
+            assert store.lookup(keys, prefetch=False).tiers == (Tier.DISK,) * (12 if start else 0)
             assert store.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
             store.flush()
             out = [torch.empty(kit.layout.block_shape) for _ in keys]
             assert store.get(keys, out).wait(10).ok
             assert all(torch.equal(got, kit.block_for(key)) for got, key in zip(out, keys, strict=True))
+
+
+def test_no_default_disk_on_a_drive_with_less_than_two_regions_free(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: SimpleNamespace(free=100 << 20))
+    assert serve_cmd._default_disk(DiskConfig()).paths == ()
+    assert "no disk tier" in caplog.text
+    assert serve_cmd._default_disk(DiskConfig(region_bytes="32MiB")).capacity_bytes == 32 << 20
