@@ -171,6 +171,20 @@ class HostTier:
                 slots.append(entry.slot)
             return slots
 
+    def acquire_run(self, keys: Sequence[bytes]) -> list[int]:
+        """Pin the longest leading run of ready ``keys`` for reading; their slots (the keys after it untouched)."""
+        with self._lock:
+            slots: list[int] = []
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry.state is not SlotState.READY:
+                    break
+                entry.readers += 1
+                self._pinned.add(key)
+                self._policy.touch(key)
+                slots.append(entry.slot)
+            return slots
+
     def release(self, keys: Sequence[bytes]) -> None:
         """Drop one read pin of each key (each must have been acquired)."""
         with self._lock:

@@ -407,17 +407,19 @@ class PagedKV:
         The first ``chunk_bytes(pages_per_chunk)`` bytes of each chosen row are written, in ``gather``'s
         order; the rest of the row is left as it is. A slot id may appear only once.
         """
-        ids, chosen = self._check_ids(block_ids, pages_per_chunk, segments)
-        slots = self._check_slots(rows, slot_ids, ids.numel() // pages_per_chunk, pages_per_chunk, unique=True)
-        self._copy(True, ids, rows, slots, pages_per_chunk, chosen)
+        if not self._copy_listed(True, block_ids, rows, slot_ids, pages_per_chunk, segments):
+            ids, chosen = self._check_ids(block_ids, pages_per_chunk, segments)
+            slots = self._check_slots(rows, slot_ids, ids.numel() // pages_per_chunk, pages_per_chunk, unique=True)
+            self._copy(True, ids, rows, slots, pages_per_chunk, chosen)
 
     def scatter_from_slots(self, block_ids: Sequence[int] | torch.Tensor, rows: torch.Tensor,
                            slot_ids: Sequence[int] | torch.Tensor, pages_per_chunk: int = 1,
                            segments: range | None = None) -> None:
         """Copy row ``slot_ids[c]`` of ``rows`` (laid out as ``gather_to_slots`` writes it) into chunk ``c``'s pages."""
-        ids, chosen = self._check_ids(block_ids, pages_per_chunk, segments)
-        slots = self._check_slots(rows, slot_ids, ids.numel() // pages_per_chunk, pages_per_chunk, unique=False)
-        self._copy(False, ids, rows, slots, pages_per_chunk, chosen)
+        if not self._copy_listed(False, block_ids, rows, slot_ids, pages_per_chunk, segments):
+            ids, chosen = self._check_ids(block_ids, pages_per_chunk, segments)
+            slots = self._check_slots(rows, slot_ids, ids.numel() // pages_per_chunk, pages_per_chunk, unique=False)
+            self._copy(False, ids, rows, slots, pages_per_chunk, chosen)
 
     # -- checks -----------------------------------------------------------------------------------------
 
@@ -451,15 +453,7 @@ class PagedKV:
 
     def _check_slots(self, rows: torch.Tensor, slot_ids: Sequence[int] | torch.Tensor, num_chunks: int,
                      pages_per_chunk: int, unique: bool) -> torch.Tensor:
-        chunk_bytes = self.chunk_bytes(pages_per_chunk)
-        if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.stride(1) != 1 or rows.shape[1] < chunk_bytes:
-            raise InvalidInputError(
-                f"rows must be a (num_slots, >= {chunk_bytes}) uint8 view with dense rows, "
-                f"got {rows.dtype} {tuple(rows.shape)} strides {rows.stride()}"
-            )
-        if rows.shape[0] > 1 and rows.stride(0) < chunk_bytes:
-            raise InvalidInputError(f"rows overlap: row stride {rows.stride(0)} B < chunk {chunk_bytes} B")
-        self._check_device(rows, "rows")
+        self._check_rows(rows, pages_per_chunk)
         slots = torch.as_tensor(slot_ids, dtype=torch.int64, device="cpu").reshape(-1)
         if slots.numel() != num_chunks:
             raise InvalidInputError(f"{slots.numel()} slot ids for {num_chunks} chunks")
@@ -473,6 +467,17 @@ class PagedKV:
         if unique and torch.unique(slots).numel() != slots.numel():
             raise InvalidInputError("a slot id appears twice in one gather")
         return slots
+
+    def _check_rows(self, rows: torch.Tensor, pages_per_chunk: int) -> None:
+        chunk_bytes = self.chunk_bytes(pages_per_chunk)
+        if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.stride(1) != 1 or rows.shape[1] < chunk_bytes:
+            raise InvalidInputError(
+                f"rows must be a (num_slots, >= {chunk_bytes}) uint8 view with dense rows, "
+                f"got {rows.dtype} {tuple(rows.shape)} strides {rows.stride()}"
+            )
+        if rows.shape[0] > 1 and rows.stride(0) < chunk_bytes:
+            raise InvalidInputError(f"rows overlap: row stride {rows.stride(0)} B < chunk {chunk_bytes} B")
+        self._check_device(rows, "rows")
 
     def _check_device(self, chunks: torch.Tensor, what: str) -> None:
         if chunks.device != self.device and chunks.device.type != "cpu":
@@ -494,7 +499,11 @@ class PagedKV:
         grid = self._grid(rows, pages_per_chunk)
         if self._pages is not None and rows.device.type == "cpu" and (
                 slots is not None or ids.numel() // pages_per_chunk < len(chosen)):
-            self._copy_chunks(gather, ids.numpy(), grid, None if slots is None else slots.numpy(),
+            per_chunk = ids.numpy().reshape(-1, pages_per_chunk)
+            # Chunks whose block ids are one run first..first+n-1 can be sliced rather than fancy-indexed.
+            dense = (per_chunk - per_chunk[:, :1] == np.arange(pages_per_chunk)).all(axis=1)
+            rows_of = list(range(per_chunk.shape[0])) if slots is None else slots.tolist()
+            self._copy_chunks(gather, per_chunk, per_chunk[:, 0].tolist(), rows_of, dense.tolist(), grid,
                               pages_per_chunk, chosen)
             return
         if self.backend == "numpy" and rows.device.type == "cpu":
@@ -535,36 +544,60 @@ class PagedKV:
                 chunks = grid[:, index] if grid_slots is None else grid[:, index].index_select(0, grid_slots)
                 self.segments[index].index_copy_(0, device_ids, chunks.reshape(-1, self.page_bytes).to(self.device))
 
-    def _copy_chunks(self, gather: bool, ids: np.ndarray, grid: torch.Tensor, slots: np.ndarray | None,
-                     pages_per_chunk: int, chosen: range) -> None:
+    def _copy_listed(self, gather: bool, block_ids: Sequence[int] | torch.Tensor, rows: torch.Tensor,
+                     slot_ids: Sequence[int] | torch.Tensor, pages_per_chunk: int, segments: range | None) -> bool:
+        """A restore's or a save's call (every page of consecutive blocks, one per slot of a list, all segments,
+        host pages and rows) copied run by run from the Python lists, checked by their bounds; whether it was.
+
+        The general path turns the ids and slots into tensors and arrays first: about 15 more calls, which
+        after a model's forward (the CPU caches cold) cost 5-20 us each, as much as copying a small prefix.
+        """
+        if not (isinstance(block_ids, range) and block_ids.step == 1 and isinstance(slot_ids, list)
+                and pages_per_chunk == 1 and segments is None and self._pages is not None
+                and rows.device.type == "cpu"):
+            return False
+        self._check_rows(rows, 1)
+        if len(slot_ids) != len(block_ids):
+            raise InvalidInputError(f"{len(slot_ids)} slot ids for {len(block_ids)} chunks")
+        if not slot_ids:
+            return True
+        if block_ids.start < 0 or block_ids.stop > self.num_blocks:
+            raise InvalidInputError(f"a block id lies outside [0, {self.num_blocks})")
+        if min(slot_ids) < 0 or max(slot_ids) >= rows.shape[0]:
+            raise InvalidInputError(f"a slot id lies outside [0, {rows.shape[0]})")
+        if gather and len(set(slot_ids)) != len(slot_ids):
+            raise InvalidInputError("a slot id appears twice in one gather")
+        self._copy_chunks(gather, None, list(block_ids), slot_ids, [True] * len(slot_ids), self._grid(rows, 1), 1,
+                          range(self.num_segments))
+        return True
+
+    def _copy_chunks(self, gather: bool, per_chunk: np.ndarray | None, firsts: list[int], rows: list[int],
+                     dense: list[bool], grid: torch.Tensor, pages_per_chunk: int, chosen: range) -> None:
         """Copy chunks between the evenly spaced pages and their rows, one call per run of chunks.
 
-        A run is consecutive chunks whose block ids continue one another and whose rows lie at one
-        constant step (a prefix saved into a fresh pool, or a contiguous staging buffer): one strided copy
-        moves it, whatever its length. A run of at least ``TORCH_CHUNK_BYTES`` goes through torch's
-        ``copy_``, which splits it over its intra-op threads (18-24 GB/s against NumPy's 12-17 out of the
-        CPU caches, 2 cores); a smaller one through NumPy, for which the fan-out would cost more than the copy.
+        Chunk ``c`` starts at block ``firsts[c]`` and sits in row ``rows[c]``; ``dense[c]``: its block ids
+        are ``firsts[c]`` on, one after another (else ``per_chunk[c]`` lists them). A run is consecutive
+        chunks whose block ids continue one another and whose rows lie at one constant step (a prefix saved
+        into a fresh pool, or a contiguous staging buffer): one strided copy moves it, whatever its length.
+        A run of at least ``TORCH_CHUNK_BYTES`` goes through torch's ``copy_``, which splits it over its
+        intra-op threads (18-24 GB/s against NumPy's 12-17 out of the CPU caches, 2 cores); a smaller one
+        through NumPy, for which the fan-out would cost more than the copy.
         """
         assert self._pages is not None
-        per_chunk = ids.reshape(-1, pages_per_chunk)
-        firsts = per_chunk[:, 0]
-        rows = np.arange(firsts.size) if slots is None else slots
-        # Chunks whose block ids are one run first..first+n-1 can be sliced rather than fancy-indexed.
-        dense = (per_chunk - per_chunk[:, :1] == np.arange(pages_per_chunk)).all(axis=1)
         chunk_bytes = len(chosen) * pages_per_chunk * self.page_bytes
-        for start, count, step in _runs(firsts.tolist(), rows.tolist(), dense.tolist(), pages_per_chunk):
-            row = int(rows[start])
+        for start, count, step in _runs(firsts, rows, dense, pages_per_chunk):
+            row = rows[start]
             # (chunk, segment, page in chunk, byte) on the rows' side.
             where = (slice(row, row + (count - 1) * step + 1, step), slice(chosen.start, chosen.stop))
             shape = (count, len(chosen), pages_per_chunk, self.page_bytes)
-            chunk_ids = None if dense[start] else per_chunk[start]
+            chunk_ids = None if dense[start] or per_chunk is None else per_chunk[start]
             if count * chunk_bytes >= TORCH_CHUNK_BYTES:
                 pages = torch.from_numpy(self._pages)[chosen.start:chosen.stop]
                 ids_of = None if chunk_ids is None else torch.from_numpy(chunk_ids)
-                _copy_run(gather, pages, grid[where].reshape(shape), int(firsts[start]), ids_of, torch.Tensor.copy_)
+                _copy_run(gather, pages, grid[where].reshape(shape), firsts[start], ids_of, torch.Tensor.copy_)
             else:
                 pages_np = self._pages[chosen.start:chosen.stop]
-                _copy_run(gather, pages_np, grid.numpy()[where].reshape(shape), int(firsts[start]), chunk_ids,
+                _copy_run(gather, pages_np, grid.numpy()[where].reshape(shape), firsts[start], chunk_ids,
                           lambda target, source: np.copyto(target, source))
 
     def _grid(self, rows: torch.Tensor, pages_per_chunk: int) -> torch.Tensor:

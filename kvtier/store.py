@@ -558,9 +558,10 @@ class Store:
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
-            wanted = frozenset(keys)
+            absent = [key for key, ready in zip(keys, self.host.ready_flags(keys), strict=True) if not ready]
+            wanted = frozenset(keys) if absent else frozenset()
             pending = {key: self._promotions.get(key) or self._start_promotion(key, protected=wanted)
-                       for key in keys if not self.host.is_ready(key)}
+                       for key in absent}
         deadline = time.monotonic() + (PROMOTION_WAIT_S if timeout is None else timeout)
         for key, future in pending.items():
             if future is not None:
@@ -570,14 +571,8 @@ class Store:
                     self._settle_promotion(key, future)
         with self._lock:
             self._check_open()
-            run: list[bytes] = []
-            slots: list[int] = []
-            for key in keys:
-                slot = self.host.acquire([key])[0]
-                if slot is None:
-                    break
-                run.append(key)
-                slots.append(slot)
+            slots = self.host.acquire_run(keys)
+            run = keys[:len(slots)]
             self._counters["get_blocks"] += len(run)
             self._counters["bytes_got"] += len(run) * self.layout.block_bytes
             return Lease(tuple(run), tuple(slots), self.arena.name)

@@ -41,6 +41,18 @@ def test_reserve_commit_acquire_release(tier: HostTier) -> None:
     assert tier.payload(slots[0]).numel() == 100
 
 
+def test_acquire_run_pins_the_leading_ready_run_and_leaves_the_keys_after_it(tier: HostTier) -> None:
+    put(tier, 1, 2)
+    tier.reserve([key(5)])  # being written: not readable
+    assert tier.acquire_run([key(1), key(3), key(2)]) == tier.acquire([key(1)])
+    assert tier.stats().pinned_blocks == 1 and tier.acquire_run([key(5), key(2)]) == []
+    tier.release([key(1)])
+    tier.release([key(1)])
+    assert tier.stats().pinned_blocks == 0
+    with pytest.raises(InvalidInputError):
+        tier.release([key(2)])  # never pinned: the run stopped at key 3
+
+
 def test_eviction_demotes_with_bytes_in_place(tier: HostTier) -> None:
     put(tier, 1, 2, 3)
     put(tier, 4)  # store [1, 2, 3] then 4 -> evicts [1]

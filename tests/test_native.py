@@ -433,3 +433,51 @@ def test_a_plane_tensor_is_checked_once() -> None:
     # The kernels' tables, built lazily for a plane tensor, are those of the same segments passed one by one.
     lazy, listed = PagedKV(planes, use_kernel=False), PagedKV(list(planes.unbind(0)), use_kernel=False)
     assert np.array_equal(lazy._tables, listed._tables) and lazy._vector == listed._vector
+
+
+@pytest.mark.parametrize("torch_chunk_bytes", [1, 1 << 40], ids=["torch", "numpy"])
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3, 4, 5], [9, 7, 5, 0, 2, 4], [6, 2, 3, 4, 9, 8]])
+def test_a_range_of_ids_with_a_list_of_slots_copies_from_the_lists_with_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch, slots: list[int], torch_chunk_bytes: int) -> None:
+    """A restore's call (a range of ids, a lease's list of slots, host pages) skips the tensors of ids and
+    slots, never the bytes: they equal the per-segment torch path's."""
+    monkeypatch.setattr(native, "TORCH_CHUNK_BYTES", torch_chunk_bytes)
+    planes = torch.randn(6, NUM_BLOCKS, 4, 8, generator=torch.Generator().manual_seed(3)).view(torch.uint8)
+    planes = planes.view(6, NUM_BLOCKS, -1)
+    fast, reference = PagedKV(planes), PagedKV([s.clone() for s in planes.unbind(0)], use_numpy=False)
+    got, expected = _rows(10, fast.chunk_bytes()), _rows(10, fast.chunk_bytes())
+    general = PagedKV._copy
+    monkeypatch.setattr(PagedKV, "_copy", lambda *args: pytest.fail("took the general path"))
+    fast.gather_to_slots(range(2, 8), got, slots)
+    monkeypatch.setattr(PagedKV, "_copy", general)
+    reference.gather_to_slots(list(range(2, 8)), expected, torch.tensor(slots))
+    assert torch.equal(got, expected)
+    fast.scatter_from_slots(range(6, 12), got, list(reversed(slots)))
+    reference.scatter_from_slots(list(range(6, 12)), expected, torch.tensor(list(reversed(slots))))
+    assert all(torch.equal(a, b) for a, b in zip(planes.unbind(0), reference.segments, strict=True))
+
+
+def test_a_range_of_ids_with_a_list_of_slots_is_checked_before_copying() -> None:
+    planes = torch.randn(4, NUM_BLOCKS, 16, generator=torch.Generator().manual_seed(4)).view(torch.uint8)
+    planes = planes.view(4, NUM_BLOCKS, -1)
+    paged, before = PagedKV(planes), planes.clone()
+    rows = _rows(3, paged.chunk_bytes())
+    bad_calls = [
+        lambda: paged.gather_to_slots(range(2), rows, [0, 3]),  # slot out of range
+        lambda: paged.gather_to_slots(range(2), rows, [-1, 0]),
+        lambda: paged.gather_to_slots(range(2), rows, [1, 1]),  # one slot twice
+        lambda: paged.gather_to_slots(range(2), rows, [0]),  # chunk count mismatch
+        lambda: paged.scatter_from_slots(range(NUM_BLOCKS - 1, NUM_BLOCKS + 1), rows, [0, 1]),  # past the end
+        lambda: paged.scatter_from_slots(range(-1, 1), rows, [0, 1]),  # before the start
+        lambda: paged.scatter_from_slots(range(2), rows[:, : paged.chunk_bytes() - 1], [0, 1]),  # too narrow
+        lambda: paged.scatter_from_slots(range(2), rows.view(torch.int8), [0, 1]),  # wrong dtype
+        lambda: paged.scatter_from_slots(range(2), torch.zeros(4096, dtype=torch.uint8).as_strided(
+            (3, paged.chunk_bytes()), (8, 1)), [0, 1]),  # rows overlap
+    ]
+    for call in bad_calls:
+        with pytest.raises(InvalidInputError):
+            call()
+    assert torch.equal(planes, before) and torch.count_nonzero(rows) == 0
+    paged.scatter_from_slots(range(3, 3), rows, [])  # nothing to copy
+    paged.scatter_from_slots(range(2), rows, [1, 1])  # one slot read twice: allowed
+    assert torch.equal(planes[:, 0], planes[:, 1])

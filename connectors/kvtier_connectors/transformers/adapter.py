@@ -447,10 +447,11 @@ class TransformersConnector:
         if kv.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record(torch.cuda.current_stream(kv.device))
-        layers: list[Any] = list(cache.layers)
-        for layer_index, layer in enumerate(layers):
-            # [head, row, tokens, dim] -> [row, head, tokens, dim]: a view (contiguous for one row).
-            keys, values = (kv[layer_index, plane].transpose(0, 1)[:, :, :num_tokens] for plane in range(2))
+        # [layer, plane, head, row, tokens, dim] -> [row, head, tokens, dim] per layer and plane: views
+        # (contiguous for one row), cut for every layer at once (slicing each layer's took ~40 ops a restore).
+        planes = (pair.unbind(0) for pair in kv.transpose(2, 3)[..., :num_tokens, :].unbind(0))
+        layers: list[Any] = cache.layers
+        for layer, (keys, values) in zip(layers, planes, strict=True):
             if type(layer) is DynamicLayer:
                 # Set directly: ``update`` would concatenate onto an empty tensor, a second full copy.
                 layer.lazy_initialization(keys, values)
