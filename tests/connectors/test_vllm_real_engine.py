@@ -174,6 +174,29 @@ def test_embedded_store_under_the_default_engine_then_a_restart_from_disk(work: 
     record("ttft_ms_restart_computed", second, 1, slice(1, None, 2))
 
 
+def test_tensor_parallel_ranks_each_restore_their_own_shard(work: Path, model: str) -> None:
+    """Two tensor-parallel workers (vLLM's CPU engine, one core each) with the default embedded store, under
+    async scheduling (vLLM's default where it runs on GPUs): each rank saves and restores its own half of the
+    heads, and the tokens are those of the same engine without kvtier (a rank served the other's shard would
+    change them: the model's weights are scaled for that)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("two tensor-parallel workers need two CPUs")
+    # vLLM binds each worker's threads to a NUMA node of its own unless told which CPUs to use.
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+    spec = {"model": model, "tensor_parallel_size": 2, "async_scheduling": True, "phases": [phase("a", "b")]}
+    plain = run_engine(work, "tp2-baseline", spec, env)
+    cached = run_engine(work, "tp2-kvtier", {**spec, "extra": {"config": {"host": {"capacity_bytes": "64MiB"}}},
+                                             "stats": "engine"}, env)
+    assert plain["async_scheduling"] and cached["async_scheduling"]
+    assert [output["tokens"] for output in cached["phases"][0]] == [o["tokens"] for o in plain["phases"][0]]
+    a, b = cached["phases"][0]
+    assert a["cached"] == 0 and b["cached"] == CHUNKS * BLOCK
+    # One block a rank and chunk: both ranks saved the shared prefix, and both were served it.
+    stats = cached["stats"]
+    assert stats["put_blocks"] == 2 * CHUNKS and stats["hit_blocks"] >= 2 * CHUNKS
+
+
 @pytest.fixture
 def daemon(work: Path) -> Iterator[str]:
     socket_path = str(work / "kvtier.sock")

@@ -10,10 +10,13 @@ statistics where the spec says where to read them (``stats``: ``"embedded"`` for
 ``drop_after_lookup`` (in-process engines only): the connector's store is a ``Store`` that deletes the chosen
 chunk of the first lookup that finds at least that many chunks, right after answering it, so the load that
 follows misses a block the scheduler was promised. ``async_scheduling`` turns vLLM's async scheduling on,
-which its CPU platform otherwise turns off. ``switch_interval`` sets the interpreter's switch interval once the
-engine is built (for measurements). ``verify_kv`` (in-process engines only) checks every copy between vLLM's
-paged KV and kvtier's slots as it happens: after each save's gather and each load's scatter, the pages are
-gathered again and compared with the slot's bytes (``torch.equal``), counted in the result's ``kv_checks``.
+which its CPU platform otherwise turns off (in the configuration the engine core gets, in process or not;
+the result's ``async_scheduling`` says what the engine ran with). ``tensor_parallel_size`` runs that many
+worker processes (the caller binds their threads: ``VLLM_CPU_OMP_THREADS_BIND``). ``switch_interval`` sets
+the interpreter's switch interval once the engine is built (for measurements). ``verify_kv`` (in-process
+engines only) checks every copy between vLLM's paged KV and kvtier's slots as it happens: after each save's
+gather and each load's scatter, the pages are gathered again and compared with the slot's bytes
+(``torch.equal``), counted in the result's ``kv_checks``.
 """
 
 from __future__ import annotations
@@ -146,13 +149,15 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     llm = LLM(model=spec["model"], dtype="bfloat16", seed=0, enable_prefix_caching=False, enforce_eager=True,
               compilation_config={"mode": 0}, max_model_len=4096,
-              max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), **kwargs)
+              max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096),
+              tensor_parallel_size=spec.get("tensor_parallel_size", 1), **kwargs)
     result: dict[str, Any] = {"init_s": time.perf_counter() - started, "phases": []}
     if spec.get("switch_interval"):
         # For measurements: the interpreter's switch interval the requests run under (in-process engines).
         sys.setswitchinterval(float(spec["switch_interval"]))
     engine_id = str(llm.llm_engine.vllm_config.instance_id)
     result["engine_id"] = engine_id
+    result["async_scheduling"] = bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling)
     for phase in spec["phases"]:
         params = SamplingParams(max_tokens=phase.get("max_tokens", 8), temperature=0.0)
         outputs = []
