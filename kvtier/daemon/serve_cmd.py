@@ -4,7 +4,8 @@ Promises:
 - With no configuration at all it runs: a host pool of half the available RAM (and of free ``/dev/shm``),
   at most ``daemon.pool_cap_bytes``; a disk tier in ``<user data dir>/kvtier/disk`` unless ``--no-disk``
   (half the free space there, its own file counted as free, so a restart finds the same tier; none on a
-  drive with less than two regions free);
+  drive with less than two regions free; started empty, with a warning, where it holds another layout or
+  format: a daemon started for another model serves it instead of refusing it);
   a remote tier only with ``[remote] urls`` (TOML or ``--set remote.urls=...``);
   the socket in the user's runtime directory; the layout of the first client.
 - Settings come from the defaults, then the ``--config`` TOML file and ``--set`` overrides, then this
@@ -125,7 +126,9 @@ def _default_disk(disk: DiskConfig) -> DiskConfig:
         log.warning("no disk tier: %s has %.0f MiB free, less than two regions of disk.region_bytes (set "
                     "disk.paths and disk.capacity_bytes to use a disk tier there anyway)", path, available / 2**20)
         return dataclasses.replace(disk, paths=())
-    return dataclasses.replace(disk, paths=(str(path),), capacity_bytes=capacity)
+    # The directory is the daemon's, not one the user chose: a daemon started for another model (another KV
+    # layout) or by another kvtier version starts it empty instead of refusing every client.
+    return dataclasses.replace(disk, paths=(str(path),), capacity_bytes=capacity, wipe_incompatible=True)
 
 
 def run(args: argparse.Namespace, config: StoreConfig) -> int:

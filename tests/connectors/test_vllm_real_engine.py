@@ -17,6 +17,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,22 +175,44 @@ def test_embedded_store_under_the_default_engine_then_a_restart_from_disk(work: 
     record("ttft_ms_restart_computed", second, 1, slice(1, None, 2))
 
 
-def test_tensor_parallel_ranks_each_restore_their_own_shard(work: Path, model: str) -> None:
-    """Two tensor-parallel workers (vLLM's CPU engine, one core each) with the default embedded store, under
-    async scheduling (vLLM's default where it runs on GPUs): each rank saves and restores its own half of the
-    heads, and the tokens are those of the same engine without kvtier (a rank served the other's shard would
-    change them: the model's weights are scaled for that)."""
+def _tp2_env() -> dict[str, str]:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("two tensor-parallel workers need two CPUs")
     # vLLM binds each worker's threads to a NUMA node of its own unless told which CPUs to use.
-    env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
-    spec = {"model": model, "tensor_parallel_size": 2, "async_scheduling": True, "phases": [phase("a", "b")]}
-    plain = run_engine(work, "tp2-baseline", spec, env)
-    cached = run_engine(work, "tp2-kvtier", {**spec, "extra": {"config": {"host": {"capacity_bytes": "64MiB"}}},
-                                             "stats": "engine"}, env)
-    assert plain["async_scheduling"] and cached["async_scheduling"]
-    assert [output["tokens"] for output in cached["phases"][0]] == [o["tokens"] for o in plain["phases"][0]]
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+
+
+TP2_SPEC = {"tensor_parallel_size": 2, "async_scheduling": True, "phases": [phase("a", "b")]}
+
+
+@pytest.fixture(scope="module")
+def tp2_baseline(work: Path, model: str) -> list[list[int]]:
+    """Greedy tokens of prompts a and b on a TP = 2 engine without the connector (its all-reduce sums in
+    another order than one worker's matmuls: its own baseline)."""
+    plain = run_engine(work, "tp2-baseline", {"model": model, **TP2_SPEC}, _tp2_env())
+    assert plain["async_scheduling"]
+    return [output["tokens"] for output in plain["phases"][0]]
+
+
+@pytest.mark.parametrize("store", ["embedded", "daemon"])
+def test_tensor_parallel_ranks_each_restore_their_own_shard(work: Path, model: str, tp2_baseline: list[list[int]],
+                                                            request: pytest.FixtureRequest, store: str) -> None:
+    """Two tensor-parallel workers (vLLM's CPU engine, one core each) under async scheduling (vLLM's default
+    where it runs on GPUs), with the default embedded store (the engine's private daemon) or one ``kvtier
+    serve`` shared by the ranks: each rank saves and restores its own half of the heads, and the tokens are
+    those of the same engine without kvtier (a rank served the other's shard would change them: the model's
+    weights are scaled for that)."""
+    if store == "daemon":
+        socket_path = request.getfixturevalue("daemon")
+        extra: dict[str, Any] = {"store": "daemon", "config": {"daemon": {"connect": f"unix:{socket_path}"}}}
+        stats_from = socket_path
+    else:
+        extra, stats_from = {"config": {"host": {"capacity_bytes": "64MiB"}}}, "engine"
+    cached = run_engine(work, f"tp2-{store}", {"model": model, **TP2_SPEC, "extra": extra, "stats": stats_from},
+                        _tp2_env())
+    assert cached["async_scheduling"]
+    assert [output["tokens"] for output in cached["phases"][0]] == tp2_baseline
     a, b = cached["phases"][0]
     assert a["cached"] == 0 and b["cached"] == CHUNKS * BLOCK
     # One block a rank and chunk: both ranks saved the shared prefix, and both were served it.
@@ -202,7 +225,8 @@ def daemon(work: Path) -> Iterator[str]:
     socket_path = str(work / "kvtier.sock")
     # A small disk tier: the default (16 GiB, preallocated) would not fit every CI machine.
     proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "--set", "disk.capacity_bytes=256MiB", "serve",
-                             "--socket", socket_path, "--pool", "64MiB", "--disk", str(work / "daemon-disk"),
+                             "--socket", socket_path, "--pool", "64MiB", "--disk",
+                             tempfile.mkdtemp(prefix="daemon-disk-", dir=work),
                              "--metrics-port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "connectors")])})

@@ -23,6 +23,7 @@ from kvtier import (
     DiskConfig,
     DiskError,
     HostConfig,
+    LayoutMismatchError,
     ProtocolError,
     Store,
     StoreConfig,
@@ -202,6 +203,26 @@ def test_the_default_disk_reopens_with_its_blocks_after_the_free_space_changed(
             out = [torch.empty(kit.layout.block_shape) for _ in keys]
             assert store.get(keys, out).wait(10).ok
             assert all(torch.equal(got, kit.block_for(key)) for got, key in zip(out, keys, strict=True))
+
+
+def test_the_default_disk_starts_empty_for_another_model(tmp_path: Path, kit: Kit, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # A configured directory of another layout is refused (the user chose it); the daemon's own is taken over.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: SimpleNamespace(free=1 << 30))
+    disk = dataclasses.replace(serve_cmd._default_disk(DiskConfig()), write_mode="through", admission="admit_all")
+    config = StoreConfig(host=HostConfig(capacity_bytes=1 << 20), disk=disk, transfer=TransferConfig(backend="cpu"))
+    keys = [kit.key_of(i, "model-a") for i in range(4)]
+    with Store(kit.layout, config) as store:
+        assert store.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
+        store.flush()
+    other = dataclasses.replace(kit.layout, num_layers=kit.layout.num_layers + 1)
+    with pytest.raises(LayoutMismatchError):
+        Store(other, dataclasses.replace(config, disk=dataclasses.replace(disk, wipe_incompatible=False)))
+    with Store(other, config) as store:
+        assert "wiping it" in caplog.text and store.lookup(keys, prefetch=False).num_blocks == 0
+    with Store(kit.layout, config) as store:  # and the first model's blocks are gone, never misread
+        assert store.lookup(keys, prefetch=False).num_blocks == 0
 
 
 def test_no_default_disk_on_a_drive_with_less_than_two_regions_free(
