@@ -554,7 +554,7 @@ class PagedKV:
         """
         if not (isinstance(block_ids, range) and block_ids.step == 1 and isinstance(slot_ids, list)
                 and pages_per_chunk == 1 and segments is None and self._pages is not None
-                and rows.device.type == "cpu"):
+                and rows.device.type == "cpu" and all(type(slot) is int for slot in slot_ids)):
             return False
         self._check_rows(rows, 1)
         if len(slot_ids) != len(block_ids):

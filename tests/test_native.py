@@ -478,6 +478,8 @@ def test_a_range_of_ids_with_a_list_of_slots_is_checked_before_copying() -> None
         with pytest.raises(InvalidInputError):
             call()
     assert torch.equal(planes, before) and torch.count_nonzero(rows) == 0
+    with pytest.raises(InvalidInputError):  # slots that are not ints take the general path's checks
+        paged.scatter_from_slots(range(2), rows, [0, 3.0])
     paged.scatter_from_slots(range(3, 3), rows, [])  # nothing to copy
     paged.scatter_from_slots(range(2), rows, [1, 1])  # one slot read twice: allowed
     assert torch.equal(planes[:, 0], planes[:, 1])
