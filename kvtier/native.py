@@ -67,17 +67,24 @@ TORCH_CHUNK_BYTES = 256 * 1024
 _UPLOAD_LANES = 8
 
 
-@functools.cache
-def _kernel_module() -> Any | None:
-    """The compiled CuPy module of ``native/gather_scatter.cu``, or ``None`` where CuPy, CUDA or the source is missing.
+_KERNEL_NAMES = ("kvtier_gather", "kvtier_scatter", "kvtier_copy_blocks")
 
-    Compiled once per process (CuPy also caches the binary on disk).
+
+@functools.cache
+def _kernel_module() -> dict[str, Any] | None:
+    """The kernels of ``native/gather_scatter.cu`` by name, compiled and loaded, or ``None`` where CuPy, CUDA
+    or the source is missing or the kernels do not build or load.
+
+    Compiled once per process (CuPy also caches the binary on disk). CuPy (>= 8) compiles and loads a
+    ``RawModule`` at its first ``get_function``, not when it is made: that is done here, so that a missing
+    NVRTC or a driver error means the torch path rather than an error from every copy.
     """
     if not KERNEL_SOURCE.is_file() or not torch.cuda.is_available():
         return None
     try:
         cupy = importlib.import_module("cupy")
-        return cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",))
+        module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",))
+        return {name: module.get_function(name) for name in _KERNEL_NAMES}
     except Exception as exc:
         # An unusable CuPy (no driver, a CUDA mismatch, NVRTC missing) means the torch path, not a crash.
         logging.getLogger(__name__).warning("gather/scatter kernels unavailable, using torch copies: %s", exc)
@@ -87,15 +94,15 @@ def _kernel_module() -> Any | None:
 @functools.cache
 def load_kernels() -> tuple[Any, Any] | None:
     """The compiled ``(gather, scatter)`` CuPy kernels, or ``None`` where CuPy, CUDA or the source is missing."""
-    module = _kernel_module()
-    return None if module is None else (module.get_function("kvtier_gather"), module.get_function("kvtier_scatter"))
+    kernels = _kernel_module()
+    return None if kernels is None else (kernels["kvtier_gather"], kernels["kvtier_scatter"])
 
 
 @functools.cache
 def load_copy_kernel() -> Any | None:
     """The compiled whole-block copy kernel (``kvtier_copy_blocks``), or ``None`` as for ``load_kernels``."""
-    module = _kernel_module()
-    return None if module is None else module.get_function("kvtier_copy_blocks")
+    kernels = _kernel_module()
+    return None if kernels is None else kernels["kvtier_copy_blocks"]
 
 
 def grid_size(work_items: int, touches_host: bool) -> int:

@@ -22,6 +22,9 @@ Promises:
 - Every argument is checked before anything changes: bad keys, blocks of another dtype, shape or byte
   size raise ``InvalidInputError``; a closed store raises ``ClosedError``.
 - A put of a key already present (or being written) is deduplicated: counted, not copied again.
+- A copy that fails, or cannot even be queued (a closed engine, a kernel that does not launch), fails its
+  indices of the job: a put's reservations are aborted (a later put of the keys stores them), a get's pins
+  released, and the job ends (``kvtier.transfer.submit_or_fail``).
 - A get returns exactly the bytes that were put under a key, or reports that index as failed; a lower-tier
   block that fails its checksum is a failed index and a counter, never data.
 - Blocks move down on host eviction (to every lower tier lacking them) and on commit (to the tiers in
@@ -79,7 +82,7 @@ from kvtier.policies import make_policy
 from kvtier.removals import RemovalLog, Removals
 from kvtier.stats import StoreStats, TierStats
 from kvtier.tiers import LowerTier, build_chain
-from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
+from kvtier.transfer import Direction, TransferEngine, make_transfer_engine, submit_or_fail
 from kvtier.write_through import WriteThroughQueue
 
 # The longest an ``acquire`` without a timeout waits for its promotions: a tier that never answers must not
@@ -328,9 +331,10 @@ class Store:
         # callback never waits for us. One job for the whole call (one submission: a kernel launch on CUDA);
         # the engine splits it across its workers, and the slots are committed when it completed.
         if stored:
-            job.add_helper(self.transfer.submit_blocks(self._rows, slots, [blocks[i] for i in stored],
-                                                       Direction.STORE,
-                                                       self._on_put_done(job, stored, [keys[i] for i in stored])).help)
+            copy = submit_or_fail(self.transfer, self._rows, slots, [blocks[i] for i in stored], Direction.STORE,
+                                  self._on_put_done(job, stored, [keys[i] for i in stored]))
+            if copy is not None:
+                job.add_helper(copy.help)
         return job.seal()
 
     def _present_or_writing(self, key: bytes) -> bool:
@@ -456,11 +460,11 @@ class Store:
                     self._counters["get_failed_blocks"] += len(keys)
             job.part_done(indices if error is not None else ())
 
-        if after is None:
-            copy = self.transfer.submit_blocks(self._rows, acquired, dsts, Direction.LOAD, on_done)
-        else:
-            copy = self.transfer.submit_blocks(self._rows, acquired, dsts, Direction.LOAD, on_done, after=after)
-        job.add_helper(copy.help)
+        # A copy that cannot be queued releases its pins and fails its part (a promotion's callback must
+        # not raise: its job would never end).
+        copy = submit_or_fail(self.transfer, self._rows, acquired, dsts, Direction.LOAD, on_done, after=after)
+        if copy is not None:
+            job.add_helper(copy.help)
 
     def _after_promotion(self, job: Job, index: int, key: bytes, block: torch.Tensor,
                          after: object | None) -> Callable[[Future[bool]], None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import numpy as np
@@ -483,3 +485,25 @@ def test_a_range_of_ids_with_a_list_of_slots_is_checked_before_copying() -> None
     paged.scatter_from_slots(range(3, 3), rows, [])  # nothing to copy
     paged.scatter_from_slots(range(2), rows, [1, 1])  # one slot read twice: allowed
     assert torch.equal(planes[:, 0], planes[:, 1])
+
+
+def test_kernels_that_do_not_build_or_load_mean_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CuPy compiles and loads a module at its first ``get_function``: an NVRTC or driver error there is the
+    torch path (``None``), never an error from every copy."""
+
+    class Module:
+        def __init__(self, **_: object) -> None:
+            pass
+
+        def get_function(self, name: str) -> object:
+            raise RuntimeError(f"nvrtc: cannot compile {name}")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=Module))
+    for cached in (native._kernel_module, native.load_kernels, native.load_copy_kernel):
+        cached.cache_clear()
+    try:
+        assert native.load_kernels() is None and native.load_copy_kernel() is None
+    finally:
+        for cached in (native._kernel_module, native.load_kernels, native.load_copy_kernel):
+            cached.cache_clear()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from support import StoreFactory, random_blocks
@@ -14,7 +16,10 @@ from kvtier import (
     Store,
     StoreConfig,
     Tier,
+    TransferConfig,
 )
+from kvtier.errors import TransferError
+from kvtier.transfer import CpuTransferEngine, Transfer
 
 
 def keys_for(store: Store, num_blocks: int, first_token: int = 0) -> list[bytes]:
@@ -199,3 +204,32 @@ def test_cuda_blocks_round_trip(make_store: StoreFactory, layout: KVLayout) -> N
         assert all(torch.equal(o, b) for o, b in zip(out, blocks, strict=True))
     finally:
         store.close()
+
+
+class _RefusingEngine(CpuTransferEngine):
+    """A CPU engine whose ``submit_blocks`` raises while ``refuse`` is set, as a launch that fails on CUDA."""
+
+    refuse = False
+
+    def submit_blocks(self, *args: Any, **kwargs: Any) -> Transfer:
+        if self.refuse:
+            raise TransferError("the copy kernel did not launch")
+        return super().submit_blocks(*args, **kwargs)
+
+
+def test_a_copy_that_cannot_be_queued_fails_its_blocks_and_holds_no_slot(layout: KVLayout) -> None:
+    engine = _RefusingEngine(2)
+    config = StoreConfig(host=HostConfig(capacity_bytes=8 * 4096, policy="lru"), transfer=TransferConfig(backend="cpu"))
+    with Store(layout, config, transfer=engine) as store:
+        keys, blocks = keys_for(store, 3), random_blocks(layout, 3)
+        assert store.put(keys[:2], blocks[:2]).wait(10).ok
+        engine.refuse = True
+        assert store.put(keys[2:], blocks[2:]).wait(10).failed == (0,)  # its reservation aborted, not held
+        out = [torch.empty(layout.block_shape) for _ in keys[:2]]
+        assert store.get(keys[:2], out).wait(10).failed == (0, 1)  # its pins released
+        assert store.stats().put_failed_blocks == 1 and store.stats().get_failed_blocks == 2
+        engine.refuse = False
+        assert store.put(keys[2:], blocks[2:]).wait(10).ok  # stored now, not taken for a duplicate
+        assert store.get(keys, [*out, torch.empty(layout.block_shape)]).wait(10).ok
+        assert all(torch.equal(got, block) for got, block in zip(out, blocks, strict=False))
+        assert store.host.stats().pinned_blocks == 0

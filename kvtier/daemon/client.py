@@ -75,7 +75,7 @@ from kvtier.layout import KVLayout
 from kvtier.removals import Removals
 from kvtier.stats import StoreStats
 from kvtier.store import FLUSH_WAIT_S, Handle, Lease, LookupResult, Reservation, Tier, as_bytes, check_keys_and_blocks
-from kvtier.transfer import Direction, TransferEngine, make_transfer_engine
+from kvtier.transfer import Direction, TransferEngine, make_transfer_engine, submit_or_fail
 
 _ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
     AuthError, CapacityError, InvalidInputError, LayoutMismatchError, ConfigError, DiskError, DiskFullError,
@@ -388,8 +388,8 @@ class Client:
             job.add_parts()
             # One submission for every block, as the embedded store does (one kernel launch on CUDA). The
             # slots are resolved in the arena of the connection that reserved them, never a newer one.
-            self.transfer.submit_blocks(arena.rows(), reply["slots"], [blocks[i] for i in indices],
-                                        Direction.STORE, self._finish_put(job, indices, reserved, conn, arena))
+            submit_or_fail(self.transfer, arena.rows(), reply["slots"], [blocks[i] for i in indices],
+                           Direction.STORE, self._finish_put(job, indices, reserved, conn, arena))
         return job.seal()
 
     def _finish_put(self, job: Job, indices: list[int], keys: list[bytes], conn: Connection,
@@ -429,9 +429,8 @@ class Client:
             indices = [i for i, _ in leased]
             self._pin_for_blocks(blocks)
             job.add_parts()
-            self.transfer.submit_blocks(arena.rows(), [slot for _, slot in leased], [blocks[i] for i in indices],
-                                        Direction.LOAD,
-                                        self._finish_get(job, indices, [keys[i] for i in indices], conn, arena))
+            submit_or_fail(self.transfer, arena.rows(), [slot for _, slot in leased], [blocks[i] for i in indices],
+                           Direction.LOAD, self._finish_get(job, indices, [keys[i] for i in indices], conn, arena))
         return job.seal()
 
     def _finish_get(self, job: Job, indices: list[int], keys: list[bytes], conn: Connection,

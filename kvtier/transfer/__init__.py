@@ -6,7 +6,7 @@ import torch
 
 from kvtier.config import TransferConfig
 from kvtier.errors import ConfigError
-from kvtier.transfer.base import CopyPair, Direction, DoneCallback, Transfer, TransferEngine
+from kvtier.transfer.base import CopyPair, Direction, DoneCallback, Transfer, TransferEngine, submit_or_fail
 from kvtier.transfer.cpu import CpuTransferEngine
 
 
@@ -25,4 +25,4 @@ def make_transfer_engine(config: TransferConfig) -> TransferEngine:
 
 
 __all__ = ["CopyPair", "CpuTransferEngine", "Direction", "DoneCallback", "Transfer", "TransferEngine",
-           "make_transfer_engine"]
+           "make_transfer_engine", "submit_or_fail"]

@@ -28,12 +28,15 @@ Promises:
 from __future__ import annotations
 
 import enum
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
 
 from kvtier.errors import InvalidInputError
+
+_LOG = logging.getLogger(__name__)
 
 CopyPair = tuple[torch.Tensor, torch.Tensor]
 DoneCallback = Callable[[BaseException | None], None]
@@ -107,6 +110,24 @@ class TransferEngine(ABC):
     @abstractmethod
     def close(self) -> None:
         """Finish queued jobs and stop; idempotent."""
+
+
+def submit_or_fail(engine: TransferEngine, rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor],
+                   direction: Direction, on_done: DoneCallback, *, after: object | None = None) -> Transfer | None:
+    """``engine.submit_blocks(...)``, except that an error while queuing the job (a closed engine, a kernel that
+    would not launch, no device memory for its tables) goes to ``on_done`` at once, as a failed copy's would,
+    and ``None`` is returned: the caller's reservations are aborted or its pins released there, and its job's
+    part ends instead of waiting forever. Bad arguments (``InvalidInputError``) are raised too, after that."""
+    try:
+        if after is None:
+            return engine.submit_blocks(rows, slots, blocks, direction, on_done)
+        return engine.submit_blocks(rows, slots, blocks, direction, on_done, after=after)
+    except Exception as exc:
+        _LOG.warning("a copy of %d block(s) could not be queued: %s", len(blocks), exc)
+        on_done(exc)
+        if isinstance(exc, InvalidInputError):
+            raise
+        return None
 
 
 def check_pairs(pairs: Sequence[CopyPair]) -> None:
