@@ -159,31 +159,28 @@ class HostTier:
     def acquire(self, keys: Sequence[bytes]) -> list[int | None]:
         """Pin each ready key for reading and return its slot (``None`` where the key is not ready)."""
         with self._lock:
-            slots: list[int | None] = []
-            for key in keys:
-                entry = self._entries.get(key)
-                if entry is None or entry.state is not SlotState.READY:
-                    slots.append(None)
-                    continue
-                entry.readers += 1
-                self._pinned.add(key)
-                self._policy.touch(key)
-                slots.append(entry.slot)
-            return slots
+            return [self._pin(key) for key in keys]
 
     def acquire_run(self, keys: Sequence[bytes]) -> list[int]:
         """Pin the longest leading run of ready ``keys`` for reading; their slots (the keys after it untouched)."""
         with self._lock:
             slots: list[int] = []
             for key in keys:
-                entry = self._entries.get(key)
-                if entry is None or entry.state is not SlotState.READY:
+                slot = self._pin(key)
+                if slot is None:
                     break
-                entry.readers += 1
-                self._pinned.add(key)
-                self._policy.touch(key)
-                slots.append(entry.slot)
+                slots.append(slot)
             return slots
+
+    def _pin(self, key: bytes) -> int | None:
+        """Under the lock: read-pin ``key`` if it is ready; its slot, else ``None``."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not SlotState.READY:
+            return None
+        entry.readers += 1
+        self._pinned.add(key)
+        self._policy.touch(key)
+        return entry.slot
 
     def release(self, keys: Sequence[bytes]) -> None:
         """Drop one read pin of each key (each must have been acquired)."""
