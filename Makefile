@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/kvtier demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check kvtier connectors tests bench
+	$(BIN)/ruff check kvtier connectors tests bench setup.py
 	$(BIN)/mypy
 
 test: $(STAMP) lint native-check redis-server

@@ -14,16 +14,17 @@ i.e. one kvtier block when the chunk covers its tokens.
 Promises:
 - On CUDA with CuPy importable and ``native/gather_scatter.cu`` present, one kernel launch on torch's
   current stream moves everything (asynchronous, like any kernel), after one upload of its address and
-  index tables from a page-locked buffer (``upload_table``: no pageable upload, so no hidden wait for the
-  stream). A launch that touches host memory runs on ``LINK_GRID`` CUDA blocks (enough to saturate the
-  host link from a few SMs, leaving the rest to the model); one between device buffers on up to
-  ``DEVICE_GRID``. The chunks may be device memory or
+  index tables from a page-locked buffer (``upload_table``: no pageable upload, and a buffer is reused only
+  once its last copy completed, so no hidden wait for the stream). A launch that touches host memory runs
+  on ``LINK_GRID`` CUDA blocks (enough to saturate the host link from a few SMs, leaving the rest to the
+  model); one between device buffers on up to ``DEVICE_GRID``. The chunks may be device memory or
   page-locked host memory that the device can address (``torch.empty(..., pin_memory=True)`` or a
   ``HostArena`` registered by its background pinning): the kernel reads and writes it over the bus, zero
   copy. Host memory that is not (yet) registered is never handed to the kernel: the call then takes a
   correct, slower path through a device buffer and a pageable copy, which waits for the copy (``fallbacks``
-  counts such calls). Whether rows are registered is asked of the driver for the first and last byte used,
-  which suffices for one pinned allocation and for an arena (registered in ascending chunks).
+  counts such calls). Whether rows are registered is asked of the driver, on the pages' device (never
+  torch's current one, which would make a context on another GPU), for the first and last byte used, which
+  suffices for one pinned allocation and for an arena (registered in ascending chunks).
 - Everywhere else a fallback gives the same bytes synchronously: NumPy fancy indexing over the same memory
   for pages in host memory, torch ``index_select`` / ``index_copy_`` on any other device (a GPU without
   CuPy). ``backend`` says which one an instance uses.
@@ -36,6 +37,7 @@ Promises:
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import logging
@@ -50,7 +52,16 @@ import torch
 from kvtier.errors import InvalidInputError
 
 Backend = Literal["cuda", "numpy", "torch"]
-KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "native" / "gather_scatter.cu"
+
+
+def _kernel_source(name: str) -> Path:
+    """A kernel's source: inside the package where a wheel put it (``setup.py``), else the tree's ``native/``."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "_kernels" / name
+    return packaged if packaged.is_file() else package.parent / "native" / name
+
+
+KERNEL_SOURCE = _kernel_source("gather_scatter.cu")
 _THREADS = 256
 # A copy that reads or writes host memory waits on the bus, not on the SMs: this many CUDA blocks (each
 # thread keeps four 16-byte loads in flight: 256 KiB in all, several times what PCIe Gen5 x16 holds in
@@ -63,8 +74,9 @@ DEVICE_GRID = 8192
 _PIECE_BYTES = 64 * 1024
 # On the CPU, a chunk this large is copied by torch's intra-op threads rather than by NumPy on one.
 TORCH_CHUNK_BYTES = 256 * 1024
-# Pinned upload buffers per device, reused in turn (see ``upload_table``).
-_UPLOAD_LANES = 8
+# Pinned upload buffers a device may have in flight before an upload waits (see ``PinnedUploads``): far
+# more than a step queues (a vLLM save of every layer of a deep model, each a launch).
+_MAX_UPLOAD_LANES = 256
 
 
 _KERNEL_NAMES = ("kvtier_gather", "kvtier_scatter", "kvtier_copy_blocks")
@@ -127,9 +139,18 @@ def launch_copy_blocks(kernel: Any, pointers: torch.Tensor, num_blocks: int, nby
 
 
 class _UploadLane:
-    def __init__(self) -> None:
-        self.host: torch.Tensor | None = None
-        self.event: torch.cuda.Event | None = None
+    def __init__(self, host: torch.Tensor, event: Any) -> None:
+        self.host = host
+        # Recorded after the lane's last copy: the buffer is written again only once it completed.
+        self.event = event
+
+
+def _pinned_int64(size: int) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int64, pin_memory=True)
+
+
+def _cuda_event() -> Any:
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
 
 
 class PinnedUploads:
@@ -137,38 +158,56 @@ class PinnedUploads:
 
     An upload from pageable memory makes CUDA stage it and wait for the stream (a hidden host sync, and
     impossible under graph capture); a pinned buffer allocated per launch costs a ``cudaHostAlloc``. So
-    each device has ``_UPLOAD_LANES`` pinned buffers used in turn: a buffer is written again only after the
-    event behind its last copy completed (by then long done, ``_UPLOAD_LANES`` uploads later), and grows
-    (doubling) only when a table does not fit. Thread-safe.
+    each device keeps pinned buffers (lanes), oldest first: an upload takes the oldest lane whose last copy
+    completed (its event), and adds a lane while none has, so a stream queued far ahead of the GPU (a save
+    of many layers) never makes the host wait. Only past ``max_lanes`` in flight on one device does an
+    upload wait for the oldest (``waits`` counts them). A lane grows (doubling) only when a table does not
+    fit. Thread-safe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_lanes: int = _MAX_UPLOAD_LANES,
+                 pinned: Callable[[int], torch.Tensor] = _pinned_int64,
+                 new_event: Callable[[], Any] = _cuda_event) -> None:
+        self.max_lanes = max_lanes
+        self._pinned = pinned
+        self._new_event = new_event
         self._lock = threading.Lock()
-        self._lanes: dict[torch.device, list[_UploadLane]] = {}
-        self._turn: dict[torch.device, int] = {}
+        self._lanes: dict[torch.device, collections.deque[_UploadLane]] = {}
+        self.waits = 0
+
+    def lanes(self, device: torch.device) -> int:
+        """Pinned buffers this device has (in flight or free)."""
+        with self._lock:
+            return len(self._lanes.get(device, ()))
 
     def upload(self, table: np.ndarray, device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
         """``table`` (int64, any shape) as a device tensor, copied on ``stream``; allocated on ``stream``."""
         values = np.ascontiguousarray(table, dtype=np.int64)
         with self._lock:
-            lanes = self._lanes.setdefault(device, [_UploadLane() for _ in range(_UPLOAD_LANES)])
-            turn = self._turn.get(device, 0)
-            self._turn[device] = (turn + 1) % _UPLOAD_LANES
-            lane = lanes[turn]
-            if lane.event is not None:
-                lane.event.synchronize()
-            if lane.host is None or lane.host.numel() < values.size:
-                size = max(values.size, 2 * (0 if lane.host is None else lane.host.numel()), 1024)
-                lane.host = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            lane = self._claim(device, values.size)
             host = lane.host[: values.size]
             host.numpy()[...] = values.reshape(-1)
             with torch.cuda.stream(stream):
                 out = torch.empty(values.shape, dtype=torch.int64, device=device)
                 out.view(-1).copy_(host, non_blocking=True)
-                if lane.event is None:
-                    lane.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 lane.event.record(stream)
+            self._lanes[device].append(lane)
         return out
+
+    def _claim(self, device: torch.device, size: int) -> _UploadLane:
+        """A lane no copy still reads, of at least ``size`` items, taken off the device's queue (lock held)."""
+        lanes = self._lanes.setdefault(device, collections.deque())
+        if lanes and lanes[0].event.query():
+            lane = lanes.popleft()
+        elif len(lanes) < self.max_lanes:
+            lane = _UploadLane(self._pinned(max(size, 1024)), self._new_event())
+        else:
+            self.waits += 1
+            lane = lanes.popleft()
+            lane.event.synchronize()
+        if lane.host.numel() < size:
+            lane.host = self._pinned(max(size, 2 * lane.host.numel()))
+        return lane
 
 
 _uploads = PinnedUploads()
@@ -179,15 +218,15 @@ def upload_table(table: np.ndarray, device: torch.device, stream: torch.cuda.Str
     return _uploads.upload(table, device, stream)
 
 
-def host_mapped(pointer: int, device: torch.device | None = None) -> bool:
+def host_mapped(pointer: int, device: torch.device) -> bool:
     """Whether host address ``pointer`` is page-locked and mapped at the same address on ``device`` (UVA).
 
-    Asked with ``device`` current (default: torch's current device), so that the question never makes a
-    CUDA context on another GPU.
+    Asked with ``device`` current (torch's current device only for a ``cuda`` device without an index),
+    so that the question never makes a CUDA context on another GPU.
     """
     try:
         cupy = importlib.import_module("cupy")
-        index = torch.cuda.current_device() if device is None or device.index is None else device.index
+        index = torch.cuda.current_device() if device.index is None else device.index
         with cupy.cuda.Device(index):
             attributes = cupy.cuda.runtime.pointerGetAttributes(pointer)
     except Exception:
@@ -198,8 +237,7 @@ def host_mapped(pointer: int, device: torch.device | None = None) -> bool:
     return int(memory_type) == int(host_type) and int(attributes.devicePointer) == pointer
 
 
-def rows_addressable(rows: torch.Tensor, first_row: int, last_row: int, nbytes: int,
-                     device: torch.device | None = None) -> bool:
+def rows_addressable(rows: torch.Tensor, first_row: int, last_row: int, nbytes: int, device: torch.device) -> bool:
     """Whether ``device`` addresses rows ``first_row..last_row`` (``nbytes`` of the last) of host ``rows``.
 
     Asks the driver about the first and last byte: enough for one pinned allocation and for an arena,
@@ -615,9 +653,8 @@ class PagedKV:
 
     def _addressable(self, rows: torch.Tensor, slots: torch.Tensor | None, pages_per_chunk: int) -> bool:
         """Whether the device can address the host rows this call touches (registered, mapped at the same address)."""
-        if slots is None:
-            return rows_addressable(rows, 0, rows.shape[0] - 1, self.chunk_bytes(pages_per_chunk))
-        return rows_addressable(rows, int(slots.min()), int(slots.max()), self.chunk_bytes(pages_per_chunk))
+        first, last = (0, rows.shape[0] - 1) if slots is None else (int(slots.min()), int(slots.max()))
+        return rows_addressable(rows, first, last, self.chunk_bytes(pages_per_chunk), self.device)
 
     def _copy_via_device(self, gather: bool, ids: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None,
                          pages_per_chunk: int, chosen: range) -> None:

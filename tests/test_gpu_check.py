@@ -36,7 +36,7 @@ TINY_MODEL = ("--hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128 
               "--repeats 1")
 
 
-def _summary(tmp_path: Path, runner: FakeRunner, *extra: str) -> tuple[int, dict[str, Any]]:
+def _summary(tmp_path: Path, runner: gpu_check.Runner, *extra: str) -> tuple[int, dict[str, Any]]:
     status = main(["--out", str(tmp_path), "--device", "cpu", "--store-mib", "8", "--cache-blocks", "32",
                    "--repeats", "1", *SMALL_DECODE, *extra], runner=runner)
     return status, json.loads((tmp_path / "gpu-check.json").read_text())
@@ -66,6 +66,30 @@ def test_a_benchmark_that_raises_is_an_error_not_a_crash(tmp_path: Path, monkeyp
     runner = FakeRunner({"pytest": Completed(0, "1 passed in 1s\n", "")})
     status, summary = _summary(tmp_path, runner, "--skip", "gather", "decode_during_save", "vllm_worker", "ttft")
     assert status == 1 and summary["store"] == {"error": "RuntimeError: no memory"}
+
+
+def test_a_check_killed_mid_way_leaves_the_sections_it_finished(tmp_path: Path) -> None:
+    """A device lent for a few minutes kills a check at its limit: the summary on disk after each section
+    holds every section finished so far, marked incomplete, and is never a torn file."""
+    seen: list[dict[str, Any]] = []
+
+    class Killed(Exception):
+        pass
+
+    def runner(command: Sequence[str], timeout_s: float) -> Completed:
+        on_disk = json.loads((tmp_path / "gpu-check.json").read_text())
+        seen.append(on_disk)
+        if "kvtier_connectors.vllm.bench_worker" in command:
+            raise Killed
+        return Completed(0, "1 passed in 1s\n", "")
+
+    with pytest.raises(Killed):
+        _summary(tmp_path, runner, "--skip", "store", "gather", "decode_during_save")
+    assert [on_disk["complete"] for on_disk in seen] == [False, False]
+    assert "pytest_gpu" not in seen[0] and "pytest_gpu" in seen[1] and "vllm_worker" not in seen[1]
+    left = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert left["complete"] is False and left["pytest_gpu"]["returncode"] == 0
+    assert not list(tmp_path.glob("*.partial"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the summary of a machine without CUDA")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
 import sys
 import types
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,6 +144,88 @@ def test_empty_block_list_is_a_no_op() -> None:
 def test_kernel_source_ships_with_the_package() -> None:
     assert KERNEL_SOURCE.is_file()
     assert "kvtier_gather" in KERNEL_SOURCE.read_text()
+
+
+def test_a_built_wheel_carries_the_kernel_and_an_install_of_it_finds_it(tmp_path: Path) -> None:
+    """A non-editable install has no ``native/`` beside the package: without the kernel in the wheel every
+    CUDA copy would silently take the torch path."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        tree.mkdir(exist_ok=True)
+        shutil.copy(root / name, tree / name)
+    for name in ("kvtier", "connectors", "native"):
+        shutil.copytree(root / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheels"), str(tree)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheels").glob("kvtier-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read("kvtier/_kernels/gather_scatter.cu") == KERNEL_SOURCE.read_bytes()
+        archive.extractall(tmp_path / "site")
+    found = subprocess.run([sys.executable, "-c", "import kvtier.native as n; print(n.KERNEL_SOURCE)"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == tmp_path / "site" / "kvtier" / "_kernels" / "gather_scatter.cu"
+
+
+class _Event:
+    """A CUDA event stand-in: complete once the test says so (or once waited for)."""
+
+    def __init__(self) -> None:
+        self.done, self.recorded, self.waited = True, 0, False
+
+    def record(self, stream: object) -> None:
+        self.done, self.recorded = False, self.recorded + 1
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = self.waited = True
+
+
+def _uploads_on_the_cpu(monkeypatch: pytest.MonkeyPatch, max_lanes: int) -> tuple[native.PinnedUploads, list[_Event]]:
+    """``PinnedUploads`` with CPU buffers and recording events; the "device" copy lands in CPU memory."""
+    events: list[_Event] = []
+
+    def new_event() -> _Event:
+        events.append(_Event())
+        return events[-1]
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: real_empty(*args, **{**kwargs, "device": "cpu"}))
+    uploads = native.PinnedUploads(max_lanes, pinned=lambda size: real_empty(size, dtype=torch.int64),
+                                   new_event=new_event)
+    return uploads, events
+
+
+def test_an_upload_never_waits_for_an_earlier_copy_while_lanes_are_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream queued far ahead of the GPU (a save of many layers) never makes an upload wait on the host:
+    a buffer whose copy has not run is never written, a new one is taken instead; a buffer whose copy ran
+    is reused (oldest first), and only past ``max_lanes`` in flight does an upload wait."""
+    uploads, events = _uploads_on_the_cpu(monkeypatch, max_lanes=4)
+    device, stream = torch.device("cuda", 0), object()
+    tables = [np.arange(i, i + 5) for i in range(6)]
+    outs = [uploads.upload(tables[i], device, stream) for i in range(4)]
+    assert uploads.lanes(device) == 4 and uploads.waits == 0 and not any(e.waited for e in events)
+    assert all(np.array_equal(out.numpy(), table) for out, table in zip(outs, tables, strict=False))
+    events[1].done = True  # not the oldest: the oldest still in flight
+    uploads.upload(tables[4], device, stream)
+    assert uploads.waits == 1 and events[0].waited and uploads.lanes(device) == 4
+    events[0].done = events[2].done = True
+    uploads.upload(tables[5], device, stream)
+    assert uploads.waits == 1 and len(events) == 4  # the oldest lane, done, was reused
+    # A table larger than a buffer grows it; other devices have lanes of their own.
+    big = np.arange(5000)
+    for event in events:
+        event.done = True
+    assert np.array_equal(uploads.upload(big, device, stream).numpy(), big)
+    uploads.upload(tables[0], torch.device("cuda", 1), stream)
+    assert uploads.lanes(torch.device("cuda", 1)) == 1 and uploads.lanes(device) == 4
 
 
 def _cuda_kernels_available() -> bool:
@@ -376,18 +464,21 @@ def test_a_launch_uploads_its_tables_once_from_host_arrays_and_sizes_its_grid(mo
     fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
         Device=lambda index: contextlib.nullcontext(), ExternalStream=lambda pointer: contextlib.nullcontext()))
     monkeypatch.setattr(native, "upload_table", upload)
-    monkeypatch.setattr(native, "rows_addressable", lambda *args: True)
+    asked: list[torch.device] = []
+    monkeypatch.setattr(native, "rows_addressable", lambda *args: asked.append(args[-1]) or True)
     monkeypatch.setattr(native.importlib, "import_module", lambda name: fake_cupy)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
     monkeypatch.setattr(torch, "tensor", no_device_tensor)
     layers = _layers(3)
     paged = _paged(layers, use_kernel=False)
     paged._kernels = (kernel, kernel)
-    paged.device = torch.device("cuda", 0)
+    paged.device = torch.device("cuda", 1)
     monkeypatch.setattr(PagedKV, "_check_device", lambda self, chunks, what: None)
     ids = list(range(NUM_BLOCKS))
     paged.gather_to_slots(ids, _rows(NUM_BLOCKS, paged.chunk_bytes()), list(reversed(ids)))
     assert len(uploads) == 1 and len(launches) == 1
+    # The driver is asked on the pages' GPU, not torch's current one (a context on GPU 0 for cuda:1).
+    assert asked == [torch.device("cuda", 1)]
     table = uploads[0]
     assert table.size == 2 * 3 + 2 * NUM_BLOCKS and list(table[6:6 + NUM_BLOCKS]) == ids
     assert launches[0][0] == (native.grid_size(NUM_BLOCKS * 3, touches_host=True),)

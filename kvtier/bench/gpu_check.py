@@ -15,7 +15,9 @@ failing that, the last line that parses as a JSON object.
 Promises:
 - One file, ``<out>/gpu-check.json``, is always written, whatever fails: a section that raised, exited
   non-zero, timed out or printed no JSON holds ``{"error": ..., ...}`` instead of figures, and the others
-  still run. ``targets`` compares the figures found with the issue's targets (``null`` where absent).
+  still run. It is rewritten (atomically) after every section, with ``"complete": false`` until the last
+  one ran, so a check killed at a device's time limit still leaves the sections it finished. ``targets``
+  compares the figures found with the issue's targets (``null`` where absent).
 - Nothing is installed or downloaded; modules kvtier needs that are missing are listed in ``environment``.
 - The exit status is 0 when the gpu tests passed and the in-process benchmarks ran, else 1.
 """
@@ -223,10 +225,13 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_check(args: argparse.Namespace, runner: Runner = run_subprocess) -> dict[str, Any]:
+def run_check(args: argparse.Namespace, runner: Runner = run_subprocess,
+              on_section: Callable[[dict[str, Any]], object] = lambda summary: None) -> dict[str, Any]:
+    """Every section in turn; ``on_section`` sees the summary so far after each one."""
     started = time.perf_counter()
     summary: dict[str, Any] = {"benchmark": "gpu-check", "unix_time": int(time.time()), "device_arg": args.device,
-                               "environment": environment()}
+                               "complete": False, "environment": environment()}
+    on_section(summary)
     chosen = [name for name in SECTIONS if name not in args.skip]
     device_ok = args.device != "cuda" or torch.cuda.is_available()
     for name in SECTIONS:
@@ -261,19 +266,24 @@ def run_check(args: argparse.Namespace, runner: Runner = run_subprocess) -> dict
             summary[name] = json_section(runner, [
                 sys.executable, "-m", "kvtier.cli", "bench", "ttft", "--device", args.device, "--dtype", "bfloat16",
                 "--prompt-tokens", args.prompt_tokens, "--json", *shlex.split(args.ttft_args)], args.timeout_s)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        on_section(summary)
     summary["targets"] = targets(summary)
     in_process_ok = all("error" not in summary[name] for name in ("store", "gather", "decode_during_save")
                         if name in chosen)
     tests_ok = "pytest_gpu" not in chosen or bool(summary["pytest_gpu"].get("ok"))
     summary["ok"] = device_ok and in_process_ok and tests_ok
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["complete"] = True
     return summary
 
 
 def write_summary(summary: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "gpu-check.json"
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    partial.replace(path)
     return path
 
 
@@ -299,7 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> int:
     args = parse_args(argv)
-    summary = run_check(args, runner)
+    summary = run_check(args, runner, on_section=lambda so_far: write_summary(so_far, args.out))
     path = write_summary(summary, args.out)
     print(json.dumps({"summary": str(path), "ok": summary["ok"], "seconds": summary["seconds"]}))
     return 0 if summary["ok"] else 1

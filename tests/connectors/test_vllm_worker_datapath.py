@@ -215,7 +215,7 @@ class FakeEvent:
 
     def record(self, stream: object = None) -> None:
         # On the pages' device's stream, or on the worker's own load stream.
-        assert stream == "stream of cuda:0" or isinstance(stream, FakeStream), "recorded on a stream of the device"
+        assert str(stream).startswith("stream of cuda:") or isinstance(stream, FakeStream), "on a device stream"
 
     def query(self) -> bool:
         return FakeEvent.done
@@ -246,6 +246,34 @@ def test_commits_and_releases_wait_for_the_copies_events(rig: Rig, monkeypatch: 
     FakeEvent.done = True
     rig.worker.get_finished(set())
     assert rig.store.host.stats().pinned_blocks == 0
+
+
+def test_shutdown_waits_for_each_copy_by_its_event_and_never_releases_under_a_running_one(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Shutdown waits for the queued copies by their own events (a device-wide synchronize would wait on
+    torch's current GPU only, not a cache on ``cuda:1``), in order, up to its deadline; a copy still running
+    then keeps its slots (its lease stays pinned) and the worker says so."""
+    assert rig.worker.paged is not None
+    monkeypatch.setattr(rig.worker.paged, "device", torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: pytest.fail("a device-wide sync"))
+    monkeypatch.setattr(FakeEvent, "done", False)
+    hashes = rig.hashes(4, 17)
+    rig.worker.wait_for_save(StepPlan(saves=[SaveSpec("a", hashes, (0, 1, 2, 3))]))
+    rig.worker.settle([Verdict(0)])
+    rig.worker.start_load_kv(StepPlan(step=1))
+    assert rig.worker.pending_copies() == 1
+    started = time.monotonic()
+    with caplog.at_level("WARNING"):
+        rig.worker.shutdown(timeout_s=0.05)
+    assert 0.05 <= time.monotonic() - started < 5
+    assert "still running on the GPU" in caplog.text
+    # The save's copy never completed: not committed, and its slots still held (never reused under it).
+    assert rig.store.lookup(rig.keys.keys(hashes), prefetch=False).num_blocks == 0
+    assert rig.store.host.stats().writing_blocks == 4
+    assert rig.worker.pending_copies() == 0
+    FakeEvent.done = True
 
 
 def test_micro_batches_on_two_threads_save_each_page_as_finally_written(rig: Rig) -> None:

@@ -40,8 +40,9 @@ Promises:
   saved before its micro-batch wrote it. CUDA events are recorded on the cache's device's stream.
 - ``step`` is the step of the last plan seen (``KvtierWorkerMeta`` reports it to the scheduler side).
 - No staging buffer, no pinned allocation and no host copy on the way; nothing waits for the device,
-  except ``shutdown``, which waits for every queued copy, aborts what has no verdict, and releases every
-  lease.
+  except ``shutdown``, which waits for every queued copy (each by its own event, on whatever GPU it runs;
+  at most ``timeout_s``), aborts what has no verdict, and releases every lease. A copy still running at
+  the deadline keeps its slots: they are never released (or reused) under it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +65,10 @@ from kvtier_connectors.vllm.settings import BlockStore, ChunkKeys, VllmGeometry
 from kvtier_connectors.vllm.specs import LoadSpec, StepPlan, Verdict
 
 log = logging.getLogger(__name__)
+
+# How long ``shutdown`` waits for the copies still queued on the device, and how often it looks.
+SHUTDOWN_WAIT_S = 30.0
+_SHUTDOWN_POLL_S = 0.001
 # The longest a synchronous load (which holds the step's forward) waits for its chunks' reads from disk.
 SYNC_LOAD_WAIT_S = 1.0
 _EMPTY_LEASE = Lease((), ())
@@ -495,7 +501,8 @@ class WorkerSide:
         """Chunks gathered and waiting for their step's verdict."""
         return len(self._owner)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = SHUTDOWN_WAIT_S) -> None:
+        deadline = time.monotonic() + timeout_s
         self._pool.shutdown(wait=True)
         # No verdict will come: what is staged is never committed.
         for step, staged in self._staged.items():
@@ -506,8 +513,13 @@ class WorkerSide:
             self._release(future.result(), self.load_store)
             self.failed_chunks += len(spec.chunk_hashes)
         self._async_loads, self._scattering = {}, {}
-        if self._pending and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        for _, action in self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for index, (event, action) in enumerate(pending):
+            while event is not None and not event.query():  # type: ignore[no-untyped-call]
+                if time.monotonic() >= deadline:
+                    log.warning("kvtier: %d copies still running on the GPU after %.0f s at shutdown; their "
+                                "slots stay held", len(pending) - index, timeout_s)
+                    return
+                time.sleep(_SHUTDOWN_POLL_S)
             action()
-        self._pending = []
