@@ -26,6 +26,9 @@ Promises:
   gone raise ``StaleHandleError``, its ``release`` / ``abort`` do nothing (the daemon dropped them with the
   connection), a put whose commit cannot reach the same connection fails its blocks, and a get whose lease
   cannot be released on the same connection fails its blocks (the lease may have lapsed during the copy).
+- A replaced connection (broken by a timeout, reopened) stays open until no copy or handle of it is
+  outstanding (``parked_connections``): the daemon frees a connection's reserved and leased slots when it
+  closes, and a put still copying into a freed slot would overwrite another writer's committed block.
 - ``slot_rows()`` is the mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (Unix only). With
   ``host.pin`` set, the mapping is registered with CUDA in this process, on the device of its first copy
   to or from a GPU (``pin_for``; the daemon itself never registers it nor makes a CUDA context).
@@ -210,6 +213,9 @@ class Client:
         # Every arena mapped, by name, and the keys each has outstanding (held by a copy or a handle).
         self._arenas: dict[str, HostArena] = {}
         self._holds: dict[str, Counter[bytes]] = {}
+        # The same holds by connection generation, and the replaced connections kept open for theirs.
+        self._conn_holds: dict[str, Counter[bytes]] = {}
+        self._parked: dict[str, Connection] = {}
         self._arena_lock = threading.Lock()
         self._reconnect_lock = threading.Lock()
         self._backoff_s = RECONNECT_MIN_S
@@ -249,20 +255,42 @@ class Client:
             if arena is None:
                 raise StaleHandleError(f"the arena of connection {conn.generation} is no longer mapped")
             self._holds[arena.name].update(keys)
+            self._conn_holds.setdefault(conn.generation, Counter()).update(keys)
             return arena
 
-    def _drop(self, arena_name: str | None, keys: Sequence[bytes]) -> None:
-        """End the holds of ``keys`` on ``arena_name`` (each at most once); unmap a replaced arena left unused."""
+    def _drop(self, generation: str, keys: Sequence[bytes]) -> None:
+        """End the holds of ``keys`` taken on connection ``generation`` (each at most once); close that connection
+        if it was replaced and nothing of it is left; unmap a replaced arena left unused."""
+        arena_name = generation.rpartition("#")[0]
         with self._arena_lock:
-            holds = self._holds.get(arena_name or "")
-            if holds is None:
+            for holds in (self._holds.get(arena_name), self._conn_holds.get(generation)):
+                if holds is None:
+                    continue
+                for key in keys:
+                    left = holds.pop(key, 0) - 1
+                    if left > 0:
+                        holds[key] = left
+            if not self._conn_holds.get(generation, True):
+                del self._conn_holds[generation]
+            parked = self._parked.pop(generation, None) if generation not in self._conn_holds else None
+            if arena_name in self._holds:
+                self._unmap_if_unused(arena_name)
+        if parked is not None:
+            parked.close()
+
+    def _retire(self, conn: Connection) -> None:
+        """Close replaced ``conn`` now, or once the copies and handles of its slots are done (``_drop``)."""
+        with self._arena_lock:
+            if self._conn_holds.get(conn.generation):
+                self._parked[conn.generation] = conn
                 return
-            for key in keys:
-                if holds[key] > 0:
-                    holds[key] -= 1
-                    if not holds[key]:
-                        del holds[key]
-            self._unmap_if_unused(arena_name or "")
+        conn.close()
+
+    @property
+    def parked_connections(self) -> int:
+        """Replaced connections kept open until the copies into (or out of) their slots are done."""
+        with self._arena_lock:
+            return len(self._parked)
 
     def _unmap_if_unused(self, name: str) -> None:
         if (self.arena is not None and name == self.arena.name) or self._holds.get(name):
@@ -297,7 +325,7 @@ class Client:
         try:
             return conn, arena, conn.call(op, keys=keys, **fields)
         except BaseException:
-            self._drop(arena.name, keys)
+            self._drop(conn.generation, keys)
             raise
 
     def _live(self) -> Connection:
@@ -314,16 +342,20 @@ class Client:
                 raise ProtocolError(f"the daemon is unreachable; next attempt in {self._retry_at - now:.2f} s")
             try:
                 fresh = self._connect()
-                if fresh.hello["hash_algo"] != self.hash_algo or fresh.hello["slot_bytes"] != self.slot_bytes:
+                try:
+                    if fresh.hello["hash_algo"] != self.hash_algo or fresh.hello["slot_bytes"] != self.slot_bytes:
+                        raise ProtocolError("the restarted daemon hashes or lays out blocks differently")
+                    if not self.remote:
+                        self._map_arena(fresh.hello)
+                except BaseException:
+                    # Not kept: a session in the daemon (and a socket here) per failed attempt otherwise.
                     fresh.close()
-                    raise ProtocolError("the restarted daemon hashes or lays out blocks differently")
-                if not self.remote:
-                    self._map_arena(fresh.hello)
+                    raise
             except KvtierError:
                 self._retry_at = now + self._backoff_s
                 self._backoff_s = min(self._backoff_s * 2, RECONNECT_MAX_S)
                 raise
-            self._conn.close()
+            self._retire(self._conn)
             self._generations.add(fresh.generation)
             self._conn, self._backoff_s, self._retry_at = fresh, RECONNECT_MIN_S, 0.0
             self.reconnects += 1
@@ -381,7 +413,7 @@ class Client:
             return job.seal()
         index = {key: i for i, key in enumerate(keys)}
         reserved: list[bytes] = reply["keys"]
-        self._drop(arena.name, reply["skipped"])
+        self._drop(conn.generation, reply["skipped"])
         if reserved:
             indices = [index[key] for key in reserved]
             self._pin_for_blocks(blocks)
@@ -389,11 +421,11 @@ class Client:
             # One submission for every block, as the embedded store does (one kernel launch on CUDA). The
             # slots are resolved in the arena of the connection that reserved them, never a newer one.
             submit_or_fail(self.transfer, arena.rows(), reply["slots"], [blocks[i] for i in indices],
-                           Direction.STORE, self._finish_put(job, indices, reserved, conn, arena))
+                           Direction.STORE, self._finish_put(job, indices, reserved, conn))
         return job.seal()
 
-    def _finish_put(self, job: Job, indices: list[int], keys: list[bytes], conn: Connection,
-                    arena: HostArena) -> Callable[[BaseException | None], None]:
+    def _finish_put(self, job: Job, indices: list[int], keys: list[bytes],
+                    conn: Connection) -> Callable[[BaseException | None], None]:
         def on_done(error: BaseException | None) -> None:
             failed: list[int] = []
             try:
@@ -405,7 +437,7 @@ class Client:
             except KvtierError:
                 failed = indices
             finally:
-                self._drop(arena.name, keys)
+                self._drop(conn.generation, keys)
             job.part_done(failed)
 
         return on_done
@@ -423,18 +455,18 @@ class Client:
             return job.seal()
         slots: list[int | None] = reply["slots"]
         job.fail(i for i, slot in enumerate(slots) if slot is None)
-        self._drop(arena.name, [key for key, slot in zip(keys, slots, strict=True) if slot is None])
+        self._drop(conn.generation, [key for key, slot in zip(keys, slots, strict=True) if slot is None])
         leased = [(i, slot) for i, slot in enumerate(slots) if slot is not None]
         if leased:
             indices = [i for i, _ in leased]
             self._pin_for_blocks(blocks)
             job.add_parts()
             submit_or_fail(self.transfer, arena.rows(), [slot for _, slot in leased], [blocks[i] for i in indices],
-                           Direction.LOAD, self._finish_get(job, indices, [keys[i] for i in indices], conn, arena))
+                           Direction.LOAD, self._finish_get(job, indices, [keys[i] for i in indices], conn))
         return job.seal()
 
-    def _finish_get(self, job: Job, indices: list[int], keys: list[bytes], conn: Connection,
-                    arena: HostArena) -> Callable[[BaseException | None], None]:
+    def _finish_get(self, job: Job, indices: list[int], keys: list[bytes],
+                    conn: Connection) -> Callable[[BaseException | None], None]:
         def on_done(error: BaseException | None) -> None:
             # A release on the leasing connection proves the daemon held the lease for the whole copy; if that
             # connection is gone the daemon dropped the lease, maybe mid-copy: the bytes are not trusted.
@@ -444,7 +476,7 @@ class Client:
             except KvtierError:
                 released = False
             finally:
-                self._drop(arena.name, keys)
+                self._drop(conn.generation, keys)
             job.part_done(indices if error is not None or not released else ())
 
         return on_done
@@ -496,8 +528,8 @@ class Client:
     def reserve(self, keys: Sequence[bytes]) -> Reservation:
         """Reserve arena slots for the absent ``keys``; see ``Store.reserve``."""
         self._local_only("reserve")
-        conn, arena, reply = self._request_slots("reserve", check_keys(keys))
-        self._drop(arena.name, reply["skipped"])
+        conn, _, reply = self._request_slots("reserve", check_keys(keys))
+        self._drop(conn.generation, reply["skipped"])
         return Reservation(tuple(reply["keys"]), tuple(reply["slots"]), tuple(reply["skipped"]), conn.generation)
 
     def commit(self, reservation: Reservation) -> None:
@@ -520,8 +552,8 @@ class Client:
         """Pin the longest leading run of readable ``keys`` (promoting disk blocks first); see ``Store.acquire``."""
         self._local_only("acquire")
         checked = check_keys(keys)
-        conn, arena, reply = self._request_slots("acquire", checked, prefix=True, timeout=timeout)
-        self._drop(arena.name, checked[len(reply["keys"]):])
+        conn, _, reply = self._request_slots("acquire", checked, prefix=True, timeout=timeout)
+        self._drop(conn.generation, checked[len(reply["keys"]):])
         return Lease(tuple(reply["keys"]), tuple(slot for slot in reply["slots"] if slot is not None), conn.generation)
 
     def release(self, lease: Lease) -> None:
@@ -544,7 +576,7 @@ class Client:
             self.pin_for(device)
 
     def _drop_handle(self, handle: Handle) -> None:
-        self._drop(handle.generation.rpartition("#")[0], handle.keys)
+        self._drop(handle.generation, handle.keys)
 
     def slot_rows(self, handle: Handle | None = None) -> torch.Tensor:
         """The mapped arena as ``(num_slots, slot_bytes)`` uint8 rows: of ``handle``'s connection, which must
@@ -597,6 +629,10 @@ class Client:
             self._pool.shutdown(wait=True)
         self.transfer.close()
         self._conn.close()
+        with self._arena_lock:
+            parked, self._parked = list(self._parked.values()), {}
+        for conn in parked:
+            conn.close()
         with self._arena_lock:
             for arena in self._arenas.values():
                 arena.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from kvtier.epochs import check_scope
 from kvtier.errors import AuthError, InvalidInputError, LayoutMismatchError, ProtocolError
 from kvtier.keys import check_keys
 from kvtier.layout import KVLayout
-from kvtier.store import FLUSH_WAIT_S, Lease, Reservation, Store
+from kvtier.store import FLUSH_WAIT_S, PROMOTION_WAIT_S, Lease, Reservation, Store
 
 if TYPE_CHECKING:
     from kvtier.daemon.server import Daemon
@@ -171,9 +172,12 @@ class Session:
         store = self._require_store()
         slots: list[int | None] = [None] * len(keys)
         start = 0
+        # One deadline for the whole call: a get with many gaps on a tier that does not answer would otherwise
+        # wait the timeout once per gap.
+        deadline = time.monotonic() + (PROMOTION_WAIT_S if timeout is None else timeout)
         try:
             while start < len(keys):
-                lease = store.acquire(keys[start:], timeout)
+                lease = store.acquire(keys[start:], max(0.0, deadline - time.monotonic()))
                 self._leased.update(lease.keys)
                 self._leased_total += len(lease.keys)
                 slots[start : start + len(lease.slots)] = lease.slots

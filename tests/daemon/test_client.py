@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -15,6 +19,7 @@ import torch
 
 from kvtier import (
     AuthError,
+    ConfigError,
     InvalidInputError,
     KVLayout,
     LayoutMismatchError,
@@ -25,6 +30,8 @@ from kvtier import (
 )
 from kvtier.config import DaemonConfig
 from kvtier.daemon import Client, open_store, stats_cmd
+from kvtier.daemon.client import Connection
+from kvtier.transfer import CpuTransferEngine, Direction, DoneCallback, Transfer
 
 if TYPE_CHECKING:
     from conftest import DaemonProc, Kit
@@ -168,6 +175,16 @@ def test_kvtier_stats_prints_a_table_and_json(daemon: DaemonProc, capsys: pytest
     assert stats_cmd.run(args, StoreConfig()) == 1
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped: a thread inside a system call (a fresh daemon's disk
+    preallocation) stops only when the call returns, and may answer a request meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert time.monotonic() < deadline, "the daemon did not stop"
+        time.sleep(0.01)
+
+
 def test_a_stalled_daemon_is_a_protocol_error_within_the_configured_deadline(daemon: DaemonProc, kit: Kit) -> None:
     """No call waits forever on a daemon that stopped answering (SIGSTOP, as a starved process behaves):
     ``daemon.request_timeout_ms`` bounds each socket operation, and the next call after it resumes reconnects."""
@@ -175,7 +192,7 @@ def test_a_stalled_daemon_is_a_protocol_error_within_the_configured_deadline(dae
     keys = [kit.key_of(i, "stalled") for i in range(2)]
     with Client(kit.layout, config, address=daemon.address) as client:
         assert client.timeout_s == 0.3
-        daemon.proc.send_signal(signal.SIGSTOP)
+        _stop(daemon.proc.pid)
         try:
             started = time.monotonic()
             with pytest.raises(ProtocolError):
@@ -188,3 +205,86 @@ def test_a_stalled_daemon_is_a_protocol_error_within_the_configured_deadline(dae
         assert client.put(keys, [kit.block_for(key) for key in keys]).wait(10).ok
         client.flush()
         assert client.lookup(keys).num_blocks == 2
+
+
+class _GatedStores(CpuTransferEngine):
+    """Store copies wait for ``gate`` (a copy queued behind others on a stream); loads run at once."""
+
+    def __init__(self) -> None:
+        super().__init__(num_workers=1)
+        self.gate = threading.Event()
+
+    def submit_blocks(self, rows: torch.Tensor, slots: Sequence[int], blocks: Sequence[torch.Tensor],
+                      direction: Direction, on_done: DoneCallback, *, after: object | None = None) -> Transfer:
+        if direction is Direction.LOAD:
+            return super().submit_blocks(rows, slots, blocks, direction, on_done, after=after)
+
+        def copy_later() -> None:
+            self.gate.wait(30)
+            super(_GatedStores, self).submit_blocks(rows, slots, blocks, direction, on_done).wait()
+
+        threading.Thread(target=copy_later, daemon=True).start()
+        return _Pending()
+
+
+class _Pending(Transfer):
+    def done(self) -> bool:
+        return False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return False
+
+
+def test_a_put_still_copying_across_a_reconnect_never_lands_in_another_writers_block(
+        daemon: DaemonProc, kit: Kit) -> None:
+    """A put's copy outlives its connection (another call timed out; the next one reconnects). The old
+    connection stays open until the copy is done, so the daemon never frees the slot under it: another
+    client's put of another key, committed meanwhile, reads back its own bytes, and the first put fails."""
+    config = StoreConfig(daemon=DaemonConfig(request_timeout_ms=300))
+    engine = _GatedStores()
+    first, second = kit.key_of(0, "stale-copy"), kit.key_of(1, "stale-copy")
+    with (Client(kit.layout, config, address=daemon.address, transfer=engine) as slow,
+          Client(kit.layout, address=daemon.address) as other):
+        stale = slow.put([first], [torch.full(kit.layout.block_shape, 1.0, dtype=kit.layout.torch_dtype)])
+        _stop(daemon.proc.pid)
+        try:
+            with pytest.raises(ProtocolError):
+                slow.lookup([first])
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while slow.reconnects == 0 and time.monotonic() < deadline:
+            with contextlib.suppress(ProtocolError):  # inside the reconnect backoff
+                slow.lookup([first])
+        assert slow.reconnects == 1 and slow.parked_connections == 1
+        # The slot the stale copy will write is still reserved: another writer cannot be given it.
+        expected = torch.full(kit.layout.block_shape, 2.0, dtype=kit.layout.torch_dtype)
+        assert other.put([second], [expected]).wait(10).ok
+        engine.gate.set()
+        assert stale.wait(10).failed == (0,)
+        assert slow.parked_connections == 0
+        got = torch.empty_like(expected)
+        assert other.get([second], [got]).wait(10).ok and torch.equal(got, expected)
+
+
+def test_a_reconnect_that_cannot_map_the_new_arena_closes_its_connection(daemon: DaemonProc, kit: Kit,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each failed attempt would otherwise leave a session in the daemon and a socket here."""
+    with Client(kit.layout, address=daemon.address) as client:
+        closed: list[str] = []
+        real_close = Connection.close
+
+        def close(conn: Connection) -> None:
+            closed.append(conn.generation)
+            real_close(conn)
+
+        def cannot_map(hello: object) -> None:
+            raise ConfigError("no room in /dev/shm")
+
+        monkeypatch.setattr(Connection, "close", close)
+        monkeypatch.setattr(client, "_map_arena", cannot_map)
+        old = client._conn
+        old._broken = "timed out"  # as Connection.call marks a timed-out request
+        with pytest.raises(ConfigError):
+            client.lookup([kit.key_of(0, "remap")])
+        assert len(closed) == 1 and closed[0] != old.generation and client._conn is old
