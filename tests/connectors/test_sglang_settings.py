@@ -89,6 +89,8 @@ def test_keys_are_deterministic_and_distinct_per_namespace() -> None:
         PageKeys(settings, LAYOUT, Shard(tp_rank=1, tp_size=2)),
         PageKeys(settings, LAYOUT, Shard(pp_rank=1, pp_size=2)),
         PageKeys(settings, LAYOUT, Shard(cp_rank=1, cp_size=2)),
+        PageKeys(settings, LAYOUT, Shard(dcp_rank=0, dcp_size=2)),
+        PageKeys(settings, LAYOUT, Shard(dcp_rank=1, dcp_size=2)),
         PageKeys(StorageSettings(model_id="org/model", tenant_salt="t"), LAYOUT, Shard()),
         PageKeys(settings, LAYOUT, Shard(), "float8_e5m2"),
     ]
@@ -102,6 +104,18 @@ def test_a_replicated_shard_drops_the_tensor_parallel_rank() -> None:
 
     assert Shard.of(Config(), replicated=False) == Shard(tp_rank=1, tp_size=2)
     assert Shard.of(Config(), replicated=True) == Shard()
+
+
+def test_decode_context_parallel_ranks_of_an_mla_model_never_share_keys() -> None:
+    """With DCP each rank's latent page holds another share of the page's tokens: the DCP rank stays in the
+    keys of a replicated (MLA) shard, or one rank would load another's share."""
+    class Config:
+        tp_rank, tp_size, pp_rank, pp_size, attn_cp_rank, attn_cp_size, dcp_rank, dcp_size = 3, 4, 0, 1, 0, 1, 1, 2
+
+    assert Shard.of(Config(), replicated=True) == Shard(dcp_rank=1, dcp_size=2)
+    settings = StorageSettings(model_id="m")
+    ranks = [PageKeys(settings, LAYOUT, Shard(dcp_rank=rank, dcp_size=2)).keys(HASHES) for rank in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
 
 
 def test_a_hash_that_is_not_a_string_is_refused() -> None:

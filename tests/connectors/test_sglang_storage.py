@@ -291,3 +291,55 @@ def test_a_closed_backend_refuses_calls(backends: Callable[..., Any]) -> None:
     backend.close()
     with pytest.raises(ClosedError):
         backend.batch_exists(fresh_hashes(1))
+
+
+def test_a_daemon_gone_is_a_miss_never_an_exception_in_sglangs_threads(backends: Callable[..., Any]) -> None:
+    """SGLang's prefetch and backup threads end at an exception (and with them the other ranks' prefetch
+    and the host pages they hold): a stopped daemon answers every call as a miss, counted."""
+    daemon = sp.Daemon(sp.LAYOUT_ARGS["mha"], "--no-disk")
+    try:
+        pool = sp.mha_pool("page_first")
+        backend = backends(pool, **on_daemon(daemon))
+        hashes = fresh_hashes(2)
+        written = pool.alloc(2 * sp.PAGE_TOKENS)
+        sp.fill(pool, written, seed=9)
+        assert backend.batch_set_v1(hashes, written) == [True, True]
+    finally:
+        daemon.stop()
+    read = pool.alloc(2 * sp.PAGE_TOKENS)
+    assert backend.batch_exists(hashes) == 0
+    assert backend.batch_get_v1(hashes, read) == [False, False]
+    assert backend.batch_set_v1(fresh_hashes(2), read) == [False, False]
+    assert backend.store_failures == 3
+
+
+def test_a_page_whose_lease_lapsed_during_its_copy_is_a_miss(daemons: dict[str, sp.Daemon],
+                                                             backends: Callable[..., Any],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another SGLang thread's call times out and reopens the connection while a page is copied out of its
+    slot: the lease may have lapsed with the old connection (the client keeps that connection open while it
+    holds the lease, but a daemon may close it too), so the page is reported missing rather than trusted."""
+    pool = sp.mha_pool("page_first")
+    backend = backends(pool, **on_daemon(daemons["mha"]))
+    hashes = fresh_hashes(2)
+    written = pool.alloc(2 * sp.PAGE_TOKENS)
+    sp.fill(pool, written, seed=11)
+    assert backend.batch_set_v1(hashes, written) == [True, True]
+    client = backend.store
+    pages_type = type(backend.pages)
+    real_block = pages_type.block
+
+    def block_after_a_reconnect(pages: Any, view: torch.Tensor) -> torch.Tensor:
+        if client.reconnects == 0:
+            client._conn._broken = "timed out"  # as Connection.call marks a timed-out request
+            client.lookup(backend.page_keys.keys(hashes[:1]))  # the next call reopens the connection
+        return real_block(pages, view)
+
+    monkeypatch.setattr(pages_type, "block", block_after_a_reconnect)
+    # One page: its slot is resolved before the reconnect, which comes during its copy.
+    assert backend.batch_get_v1(hashes[:1], pool.alloc(sp.PAGE_TOKENS)) == [False]
+    assert client.reconnects == 1
+    monkeypatch.undo()
+    read = pool.alloc(2 * sp.PAGE_TOKENS)
+    assert backend.batch_get_v1(hashes, read) == [True, True]
+    assert_same_pages(pool, written, pool, read)

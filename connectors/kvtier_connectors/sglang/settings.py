@@ -187,13 +187,18 @@ class Shard:
     pp_size: int = 1
     cp_rank: int = 0
     cp_size: int = 1
+    # Decode context parallelism (MLA): each DCP rank's latent page holds its own share of the page's tokens.
+    dcp_rank: int = 0
+    dcp_size: int = 1
 
     @classmethod
     def of(cls, storage_config: Any, *, replicated: bool) -> Shard:
-        """The shard of SGLang's ``HiCacheStorageConfig``; ``replicated`` (MLA) drops the tensor-parallel rank."""
+        """The shard of SGLang's ``HiCacheStorageConfig``; ``replicated`` (MLA) drops the tensor-parallel rank
+        but keeps the DCP rank (SGLang releases before DCP have no ``dcp_size``: one shard)."""
         tp_rank, tp_size = (0, 1) if replicated else (storage_config.tp_rank, storage_config.tp_size)
         return cls(tp_rank, tp_size, storage_config.pp_rank, storage_config.pp_size, storage_config.attn_cp_rank,
-                   storage_config.attn_cp_size)
+                   storage_config.attn_cp_size, getattr(storage_config, "dcp_rank", 0),
+                   getattr(storage_config, "dcp_size", 1))
 
 
 class PageKeys:
@@ -206,6 +211,8 @@ class PageKeys:
         model = Namespace.for_layout(settings.model_id, layout, 0, 1, salt).encode()
         self.scope = "sglang/" + hashlib.sha256(_KEY_DOMAIN + model).hexdigest()[:32]
         shard_salt = f"{salt}:pp{shard.pp_rank}/{shard.pp_size}:cp{shard.cp_rank}/{shard.cp_size}"
+        if shard.dcp_size > 1:  # absent otherwise: the keys of every store written before DCP stay the same
+            shard_salt += f":dcp{shard.dcp_rank}/{shard.dcp_size}"
         namespace = Namespace.for_layout(settings.model_id, layout, shard.tp_rank, shard.tp_size, shard_salt)
         self._base = hashlib.sha256(_KEY_DOMAIN + namespace.encode()).digest()
         # (epoch, root) swapped as one object: the storage threads read it without a lock.

@@ -37,6 +37,13 @@ Promises:
   daemon the ranks share one store and MLA pages are written by SGLang's storage writer only.
 - ``get_stats`` returns SGLang's ``StorageMetrics`` (pages and GB/s of each read and write since the last
   call) when SGLang enables storage metrics, else ``None``.
+- A daemon that is gone, restarting or answering with an error is a miss, never an exception in SGLang's
+  prefetch and backup threads (one that raised would end the thread, and with it the other ranks' prefetch
+  and the host pages it holds): ``batch_exists`` counts the pages found before the failure, the batch calls
+  return ``True`` only for pages completed before it; logged at most once every ``_WARN_EVERY_S``.
+- A page read through the daemon counts only if its lease was still held when its copy ended (checked after
+  the copies, on the connection that leased it): a connection reopened meanwhile (another thread's call
+  timed out) lets the daemon give the slot to another writer, so those pages are a miss.
 - Argument errors (host indices that do not match the pages, hashes that are not strings) raise
   ``InvalidInputError`` before anything moves; calls before ``register_mem_pool_host`` or after ``close``
   raise ``ClosedError``.
@@ -44,6 +51,8 @@ Promises:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 from typing import Any
@@ -52,7 +61,14 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, PoolName
 
 from kvtier.daemon import Client
-from kvtier.errors import CapacityError, ClosedError, ConfigError, LayoutMismatchError, StaleHandleError
+from kvtier.errors import (
+    CapacityError,
+    ClosedError,
+    ConfigError,
+    LayoutMismatchError,
+    ProtocolError,
+    StaleHandleError,
+)
 from kvtier.store import Reservation
 from kvtier_connectors.sglang.pages import HostPages
 from kvtier_connectors.sglang.settings import (
@@ -66,6 +82,9 @@ from kvtier_connectors.sglang.settings import (
 )
 
 _DRAFT_POOLS = {PoolName.DRAFT, PoolName.DRAFT_INDEXER, PoolName.DRAFT_SWA}
+# A store that keeps failing (a daemon gone for a while) is logged at most this often.
+_WARN_EVERY_S = 30.0
+log = logging.getLogger(__name__)
 
 
 class KvtierStorage(HiCacheStorage):
@@ -82,6 +101,10 @@ class KvtierStorage(HiCacheStorage):
         # Without a tier below the host, a write never asks for more than the host holds.
         self.spills = False
         self.host_blocks = 0
+        # Store failures served as misses (a daemon gone or restarting), and when to log the next one.
+        self.store_failures = 0
+        self._failure_lock = threading.Lock()
+        self._next_warning = 0.0
         self._metrics_lock = threading.Lock()
         self._metrics: dict[str, list[float]] = {"prefetch_pgs": [], "backup_pgs": [], "prefetch_bandwidth": [],
                                                  "backup_bandwidth": []}
@@ -139,11 +162,15 @@ class KvtierStorage(HiCacheStorage):
         if not keys:
             return 0
         epoch = page_keys.epoch
-        found = store.lookup(page_keys.keys(keys), scope=page_keys.scope)
-        if found.epoch is not None and found.epoch != epoch:
-            # Another rank or process cleared this model's pages: count under the current epoch.
-            page_keys.at(found.epoch)
+        try:
             found = store.lookup(page_keys.keys(keys), scope=page_keys.scope)
+            if found.epoch is not None and found.epoch != epoch:
+                # Another rank or process cleared this model's pages: count under the current epoch.
+                page_keys.at(found.epoch)
+                found = store.lookup(page_keys.keys(keys), scope=page_keys.scope)
+        except ProtocolError as exc:
+            self._store_failed("batch_exists", exc)
+            return 0
         return found.num_blocks
 
     def exists(self, key: str) -> bool:
@@ -152,24 +179,32 @@ class KvtierStorage(HiCacheStorage):
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
         store, pages, page_keys = self._ready()
         starts = pages.page_starts(host_indices, len(keys))
-        block_keys = self._current_keys(store, page_keys, keys)
         chunk = max(1, self.host_blocks // 2)
         started = time.perf_counter()
         found = 0
-        while found < len(keys):
-            wanted = block_keys[found : found + chunk]
-            lease = store.acquire(wanted)
-            try:
-                # Slots resolve in the lease's own arena; a daemon restart since the acquire is a miss.
-                for slot, start in zip(lease.slots, starts[found:], strict=False):
-                    pages.view(start).copy_(pages.block(store.slot_view(slot, lease)))
-            except StaleHandleError:
-                break
-            finally:
-                store.release(lease)
-            found += len(lease.keys)
-            if len(lease.keys) < len(wanted):
-                break
+        try:
+            block_keys = self._current_keys(store, page_keys, keys)
+            while found < len(keys):
+                wanted = block_keys[found : found + chunk]
+                lease = store.acquire(wanted)
+                held = True
+                try:
+                    # Slots resolve in the lease's own arena; a daemon restart since the acquire is a miss.
+                    for slot, start in zip(lease.slots, starts[found:], strict=False):
+                        pages.view(start).copy_(pages.block(store.slot_view(slot, lease)))
+                    # The lease lasted through the copies: its connection was not reopened meanwhile.
+                    store.slot_rows(lease)
+                except StaleHandleError:
+                    held = False
+                finally:
+                    store.release(lease)
+                if not held:
+                    break
+                found += len(lease.keys)
+                if len(lease.keys) < len(wanted):
+                    break
+        except ProtocolError as exc:  # the pages of the failed lease are not counted
+            self._store_failed("batch_get_v1", exc)
         self._record("prefetch", found, started)
         return [True] * found + [False] * (len(keys) - found)
 
@@ -178,28 +213,44 @@ class KvtierStorage(HiCacheStorage):
         starts = pages.page_starts(host_indices, len(keys))
         if not self.writes:
             return [True] * len(keys)
-        block_keys = self._current_keys(store, page_keys, keys)
         limit = len(keys) if self.spills else min(len(keys), self.host_blocks)
         started = time.perf_counter()
         stored = 0
-        while stored < limit:
-            reservation, count = self._reserve_leading(store, block_keys[stored:limit])
-            if reservation is None:
-                break
-            start_of = dict(zip(block_keys[stored : stored + count], starts[stored : stored + count], strict=True))
-            try:
-                for key, slot in zip(reservation.keys, reservation.slots, strict=True):
-                    pages.block(store.slot_view(slot, reservation)).copy_(pages.view(start_of[key]))
-                store.commit(reservation)
-            except StaleHandleError:  # a daemon restart since the reserve: nothing more is stored
-                store.abort(reservation)
-                break
-            except BaseException:
-                store.abort(reservation)
-                raise
-            stored += count
+        try:
+            block_keys = self._current_keys(store, page_keys, keys)
+            while stored < limit:
+                reservation, count = self._reserve_leading(store, block_keys[stored:limit])
+                if reservation is None:
+                    break
+                start_of = dict(zip(block_keys[stored : stored + count], starts[stored : stored + count],
+                                    strict=True))
+                try:
+                    for key, slot in zip(reservation.keys, reservation.slots, strict=True):
+                        pages.block(store.slot_view(slot, reservation)).copy_(pages.view(start_of[key]))
+                    store.commit(reservation)
+                except StaleHandleError:  # a daemon restart since the reserve: nothing more is stored
+                    store.abort(reservation)
+                    break
+                except BaseException:
+                    with contextlib.suppress(ProtocolError):
+                        store.abort(reservation)
+                    raise
+                stored += count
+        except ProtocolError as exc:  # the pages of the failed reservation are not counted
+            self._store_failed("batch_set_v1", exc)
         self._record("backup", stored, started)
         return [True] * stored + [False] * (len(keys) - stored)
+
+    def _store_failed(self, call: str, error: ProtocolError) -> None:
+        """Count a store failure turned into a miss; log it at most once every ``_WARN_EVERY_S``."""
+        with self._failure_lock:
+            self.store_failures += 1
+            now = time.monotonic()
+            if now < self._next_warning:
+                return
+            self._next_warning = now + _WARN_EVERY_S
+        log.warning("kvtier: %s served as a miss: the store failed (%s: %s); %d such failures so far", call,
+                    type(error).__name__, error, self.store_failures)
 
     @staticmethod
     def _current_keys(store: BlockStore, page_keys: PageKeys, hashes: list[str]) -> list[bytes]:
