@@ -43,7 +43,7 @@ RemoteMode = Literal["single", "cluster"]
 class HostConfig:
     # Bytes of the shared-memory arena that holds host-tier blocks (rounded down to whole slots).
     capacity_bytes: PositiveSize = 1 * GiB
-    # Eviction policy of the host tier: "lru", "s3fifo" or "arc".
+    # Eviction policy of the host tier: "lru", "s3fifo", "arc" or "s3fifo_adaptive".
     policy: str = "s3fifo"
     # Pinned (page-locked) registration is done in chunks of this many bytes, in the background.
     pin_chunk_bytes: PositiveSize = 256 * MiB

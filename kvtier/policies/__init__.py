@@ -6,6 +6,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from kvtier.errors import ConfigError
+from kvtier.policies.adaptive_s3fifo import AdaptiveS3FIFOPolicy
 from kvtier.policies.arc import ARCPolicy
 from kvtier.policies.base import EvictionPolicy
 from kvtier.policies.lru import LRUPolicy
@@ -15,6 +16,7 @@ POLICIES: dict[str, type[EvictionPolicy[Hashable]]] = {
     "lru": LRUPolicy,
     "s3fifo": S3FIFOPolicy,
     "arc": ARCPolicy,
+    "s3fifo_adaptive": AdaptiveS3FIFOPolicy,
 }
 
 
@@ -27,4 +29,5 @@ def make_policy(name: str, capacity: int) -> EvictionPolicy[Any]:
     return policy_class(capacity)
 
 
-__all__ = ["ARCPolicy", "EvictionPolicy", "LRUPolicy", "POLICIES", "S3FIFOPolicy", "make_policy"]
+__all__ = ["ARCPolicy", "AdaptiveS3FIFOPolicy", "EvictionPolicy", "LRUPolicy", "POLICIES", "S3FIFOPolicy",
+           "make_policy"]

@@ -21,7 +21,8 @@ class S3FIFOPolicy(EvictionPolicy[K]):
 
     def __init__(self, capacity: int, small_ratio: float = 0.1) -> None:
         super().__init__(capacity)
-        self._small_target = max(1, int(capacity * small_ratio))
+        # A float so that a subclass may move it by fractions of a block (``AdaptiveS3FIFOPolicy``).
+        self._small_target: float = max(1, int(capacity * small_ratio))
         self._small: OrderedDict[K, int] = OrderedDict()
         self._main: OrderedDict[K, int] = OrderedDict()
         self._ghost: OrderedDict[K, None] = OrderedDict()
@@ -88,7 +89,12 @@ class S3FIFOPolicy(EvictionPolicy[K]):
         if key in protected or freq > 0:
             self._main[key] = max(freq - 1, 0) if key not in protected else freq
             return None
+        self._left_main(key)
         return key
+
+    def _left_main(self, key: K) -> None:
+        """``key`` was evicted from the main queue. S3-FIFO, as published, remembers only the small queue's
+        evictions; ``AdaptiveS3FIFOPolicy`` remembers these too, to learn the queues' split."""
 
     def _evict_small_forced(self, protected: Set[K]) -> K | None:
         for key in self._small:

@@ -7,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier import CapacityError, ConfigError
-from kvtier.policies import POLICIES, ARCPolicy, EvictionPolicy, LRUPolicy, S3FIFOPolicy, make_policy
+from kvtier.config import HostConfig
+from kvtier.policies import (
+    POLICIES,
+    AdaptiveS3FIFOPolicy,
+    ARCPolicy,
+    EvictionPolicy,
+    LRUPolicy,
+    S3FIFOPolicy,
+    make_policy,
+)
 
 ALL = sorted(POLICIES)
 
@@ -60,6 +69,77 @@ def test_arc_scenarios() -> None:
     policy.insert(2)  # a ghost hit in B1 grows the recent list's target
     assert isinstance(policy, ARCPolicy) and policy._target_t1 >= 1
     assert 2 in policy
+
+
+def access(policy: EvictionPolicy[int], key: int) -> None:
+    """One lookup as the host tier sees it: a hit is a touch, a miss evicts one key if full and inserts."""
+    if key in policy:
+        policy.touch(key)
+        return
+    if len(policy) >= policy.capacity:
+        policy.evict(1)
+    policy.insert(key)
+
+
+def recency_heavy(policy: EvictionPolicy[int], keys: int = 400) -> None:
+    """Every key comes back once, 8 lookups later (a conversation's next turn), then never again."""
+    for number in range(keys):
+        access(policy, 10_000 + number)
+        if number >= 8:
+            access(policy, 10_000 + number - 8)
+
+
+def frequency_and_scans(policy: EvictionPolicy[int], rounds: int = 60) -> None:
+    """A hot set of 12 keys read every round, with a scan of 6 keys never seen again between rounds."""
+    scanned = 100_000
+    for _ in range(rounds):
+        for key in range(12):
+            access(policy, key)
+        for key in range(scanned, scanned + 6):
+            access(policy, key)
+        scanned += 6
+
+
+def test_adaptive_s3fifo_starts_as_s3fifo_and_grows_probation_on_a_recency_heavy_sequence() -> None:
+    policy: AdaptiveS3FIFOPolicy[int] = AdaptiveS3FIFOPolicy(capacity=20)
+    assert policy.small_target == 2  # S3-FIFO's 10%
+    recency_heavy(policy)
+    # Each key left the small queue unread before its second lookup: ghost hits of the small queue.
+    assert policy.small_target == 19
+
+
+def test_adaptive_s3fifo_shrinks_probation_back_on_a_hot_set_with_scans() -> None:
+    policy: AdaptiveS3FIFOPolicy[int] = AdaptiveS3FIFOPolicy(capacity=20)
+    recency_heavy(policy)
+    frequency_and_scans(policy)
+    # With a 19-block probation the hot keys fell out of a 1-block main queue and came back from its ghost.
+    assert policy.small_target <= 3
+    fresh: AdaptiveS3FIFOPolicy[int] = AdaptiveS3FIFOPolicy(capacity=20)
+    frequency_and_scans(fresh)
+    assert fresh.small_target == 2  # scanned keys never come back: no ghost hit argues for more probation
+
+
+def test_adaptive_s3fifo_ghosts_are_bounded_by_capacity_and_never_resident() -> None:
+    policy: AdaptiveS3FIFOPolicy[int] = AdaptiveS3FIFOPolicy(capacity=20)
+    for _ in range(3):
+        recency_heavy(policy)
+        frequency_and_scans(policy)
+        for key in range(200, 260):  # a loop longer than the cache feeds the main queue's ghost
+            access(policy, key)
+    assert len(policy) == 20
+    assert 0 < len(policy._ghost) <= 20 and 0 < len(policy._main_ghost) <= 20
+    assert not any(key in policy for key in [*policy._ghost, *policy._main_ghost])
+    assert not set(policy._ghost) & set(policy._main_ghost)
+
+
+def test_adaptive_s3fifo_is_a_host_policy_and_needs_a_capacity() -> None:
+    assert HostConfig(policy="s3fifo_adaptive").policy == "s3fifo_adaptive"
+    assert isinstance(make_policy("s3fifo_adaptive", 1), AdaptiveS3FIFOPolicy)
+    for capacity in (0, -3):
+        with pytest.raises(ConfigError):
+            AdaptiveS3FIFOPolicy(capacity)
+        with pytest.raises(ConfigError):
+            make_policy("s3fifo_adaptive", capacity)
 
 
 @pytest.mark.parametrize("name", ALL)
