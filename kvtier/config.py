@@ -258,6 +258,12 @@ class DaemonConfig:
     # The longest a client waits on one socket operation with the daemon (a stalled daemon is then a
     # ProtocolError and the connection is reopened); above an acquire's longest wait for promotions.
     request_timeout_ms: Positive = 60_000
+    # After a reply that ends a Unix connection (a protocol violation, an internal error), the longest the
+    # daemon keeps that connection's reserved and leased slots while its client, still running, has not closed
+    # it: a copy the client started into or out of them may still be running, and a slot handed to another
+    # writer meanwhile would be overwritten (or read) by it. A client closes the connection once its copies
+    # are done; one that outlives this has broken its own deadlines. 0: free them at once.
+    hold_after_error_s: float = 300.0
     # Clients (kvtier.daemon.open_store): "" opens an embedded store; "unix" (the default socket),
     # "unix:/path/to.sock" or "tcp://host:port" connects to a daemon.
     connect: str = ""

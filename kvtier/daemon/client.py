@@ -13,7 +13,7 @@ Promises:
   daemon reserves all or nothing), and a get fails only the indices that are missing.
 - Arguments are checked here, before anything is sent: ``InvalidInputError`` as in the store.
 - Error replies raise ``CapacityError``, ``InvalidInputError``, ``LayoutMismatchError``, ``AuthError``,
-  ``ConfigError`` or ``DiskError`` (and its subclasses) where the daemon raised that class, else
+  ``ConfigError``, ``ProtocolError`` or ``DiskError`` (and its subclasses) where the daemon raised that class, else
   ``ServerError(kind, message)``. A daemon that goes away raises
   ``ProtocolError`` in calls and fails the blocks of running jobs; a closed client raises ``ClosedError``.
 - A broken connection is reopened by a later call, with exponential backoff between attempts
@@ -26,9 +26,10 @@ Promises:
   gone raise ``StaleHandleError``, its ``release`` / ``abort`` do nothing (the daemon dropped them with the
   connection), a put whose commit cannot reach the same connection fails its blocks, and a get whose lease
   cannot be released on the same connection fails its blocks (the lease may have lapsed during the copy).
-- A replaced connection (broken by a timeout, reopened) stays open until no copy or handle of it is
-  outstanding (``parked_connections``): the daemon frees a connection's reserved and leased slots when it
-  closes, and a put still copying into a freed slot would overwrite another writer's committed block.
+- A replaced connection (broken by a timeout or by an error reply that ends it, ``ProtocolError`` or
+  ``InternalError``; reopened) stays open until no copy or handle of it is outstanding
+  (``parked_connections``): the daemon frees a connection's reserved and leased slots when it closes, and a
+  put still copying into a freed slot would overwrite another writer's committed block.
 - ``slot_rows()`` is the mapped arena as ``(num_slots, slot_bytes)`` uint8 rows (Unix only). With
   ``host.pin`` set, the mapping is registered with CUDA in this process, on the device of its first copy
   to or from a GPU (``pin_for``; the daemon itself never registers it nor makes a CUDA context).
@@ -82,7 +83,9 @@ from kvtier.transfer import Direction, TransferEngine, make_transfer_engine, sub
 
 _ERRORS: dict[str, type[KvtierError]] = {cls.__name__: cls for cls in (
     AuthError, CapacityError, InvalidInputError, LayoutMismatchError, ConfigError, DiskError, DiskFullError,
-    IndexFullError, IndexDamagedError, FormatVersionError, DirectoryLockedError, FlushTimeoutError)}
+    IndexFullError, IndexDamagedError, FormatVersionError, DirectoryLockedError, FlushTimeoutError, ProtocolError)}
+# Error replies after which the daemon ends the connection (``kvtier.daemon.server``).
+_CONNECTION_ENDED = frozenset({"ProtocolError", "InternalError"})
 _TIERS = {tier.value: tier for tier in Tier}
 # Room left in a payload frame for the msgpack envelope and the keys.
 _FRAME_SLACK_BYTES = 64 * 1024
@@ -169,6 +172,10 @@ class Connection:
                 raise ProtocolError("the daemon closed the connection")
         if reply.get("status") == "error":
             kind, message = str(reply.get("kind")), str(reply.get("message"))
+            if kind in _CONNECTION_ENDED:
+                # The daemon reads nothing more from this connection: the next call reopens one, and this one
+                # is closed once nothing of its slots is outstanding (the daemon keeps them until then).
+                self._broken = f"ended by the daemon: {kind}: {message}"
             cls = _ERRORS.get(kind)
             raise cls(message) if cls is not None else ServerError(kind, message)
         if reply["id"] != request_id:

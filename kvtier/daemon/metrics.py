@@ -11,7 +11,8 @@ write or index fault lasts), ``disk_errors_total{kind}`` (``full``: no space on 
 filesystem, or the index map full; ``io``: any other failed read, write or index commit), ``disk_admitting``
 (0 while the disk tier is degraded, with its ``fault`` as a label), ``used_blocks{tier}``,
 ``capacity_blocks{tier}``, ``occupancy_ratio{tier}``, ``op_latency_seconds{op}`` (histogram),
-``clients_connected{transport}``, ``auth_failures_total``, ``error_replies_total{kind}``.
+``clients_connected{transport}``, ``connections_held_after_error``, ``auth_failures_total``,
+``error_replies_total{kind}``.
 
 Promises:
 - A scrape reads one ``StoreStats`` snapshot and the daemon's own counters; it never blocks a request for
@@ -92,6 +93,9 @@ class DaemonCollector(Collector):
         for transport, count in snap["clients"].items():
             clients.add_metric([transport], count)
         yield clients
+        yield GaugeMetricFamily("kvtier_connections_held_after_error",
+                                "Connections the daemon ended whose slots it keeps until the client closes them",
+                                value=snap["held_after_error"])
         yield CounterMetricFamily("kvtier_auth_failures", "TCP hellos refused for a wrong or missing token",
                                   value=snap["auth_failures"])
         errors = CounterMetricFamily("kvtier_error_replies", "Error replies sent, by error kind", labels=["kind"])

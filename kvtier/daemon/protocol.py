@@ -24,8 +24,9 @@ Ops (fields in brackets; keys are 16-byte msgpack bins):
   (``kvtier.removals``), the same for every client.
 
 Promises:
-- ``read_frame`` refuses a body longer than ``max_frame_bytes`` before reading it (``ProtocolError``), and
-  turns every malformed body into a ``ProtocolError``; it returns only dicts with the right ``v``, an int
+- ``read_frame`` refuses a body longer than ``max_frame_bytes`` before reading it (``ProtocolError``), commits
+  memory for the bytes that arrived rather than for the length a header announces, and turns every
+  malformed body into a ``ProtocolError``; it returns only dicts with the right ``v``, an int
   ``id`` and, where there is an ``op``, a str one.
 - ``read_frame`` returns ``None`` on a clean end of stream between frames; a stream cut inside a frame is
   a ``ProtocolError``.
@@ -41,6 +42,7 @@ from types import MappingProxyType
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from kvtier.errors import ProtocolError
 from kvtier.stats import StoreStats, TierStats
@@ -65,9 +67,10 @@ def pack(message: Message) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def _read_exactly(sock: socket.socket, size: int, *, at_start: bool) -> bytearray | None:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
+def _read_exactly(sock: socket.socket, size: int, *, at_start: bool) -> memoryview | None:
+    # Uninitialised memory (not a zeroed bytearray): the pages of a large body are committed as its bytes
+    # arrive, so a header alone (a peer announcing 256 MiB, then silent) costs address space, not RAM.
+    view = np.empty(size, dtype=np.uint8).data
     got = 0
     while got < size:
         count = sock.recv_into(view[got:])
@@ -76,7 +79,7 @@ def _read_exactly(sock: socket.socket, size: int, *, at_start: bool) -> bytearra
                 return None
             raise ProtocolError(f"the stream ended inside a frame ({got} of {size} bytes)")
         got += count
-    return buffer
+    return view
 
 
 def read_body(sock: socket.socket, max_frame_bytes: int) -> Any:

@@ -14,10 +14,14 @@ Promises:
 - The Unix socket is mode 0600, or 0660 with the configured group (the arena file follows it); the TCP
   listener binds ``tcp_host`` (loopback by default) and requires the token.
 - A protocol violation (malformed, oversized or wrong-version frame, a request before hello, a failed hello,
-  a wrong token) gets an error reply where a reply can be framed and then the connection is closed; an
-  error of one request (bad keys, unknown op, no capacity) gets an error reply and the connection goes on.
-  Nothing a client sends stops the daemon or touches another client's session.
-- When a connection ends for any reason, its reservations are aborted and its leases released.
+  a wrong token) or an internal error gets an error reply where a reply can be framed, and the daemon reads
+  no more requests from that connection; an error of one request (bad keys, unknown op, no capacity) gets an
+  error reply and the connection goes on. Nothing a client sends stops the daemon or touches another
+  client's session.
+- When a connection ends, its reservations are aborted and its leases released: when the peer closes it or
+  dies, at once; when the daemon ended it (above) and it holds slots of a Unix client, once the peer closes
+  it (its copies into or out of those slots are then done), at the latest ``daemon.hold_after_error_s``
+  later, or at ``stop``. Until then no other client gets those slots.
 - ``stop`` refuses new connections, ends every session (discarding uncommitted writes), waits for the
   request threads, then closes the store (which flushes the disk tier). It is idempotent.
 """
@@ -51,6 +55,8 @@ _SHM_DIR = Path("/dev/shm")
 _HELLO_FRAME_BYTES = 64 * 1024
 # A thread still serving a request when the daemon stops gets this long to finish it.
 _JOIN_TIMEOUT_S = 10.0
+# Read at a time (and dropped) from a connection held open after its error reply.
+_DRAIN_BYTES = 64 * 1024
 
 
 class Daemon:
@@ -200,6 +206,7 @@ class Daemon:
     # -- one connection ---------------------------------------------------------------------------------
 
     def _serve(self, conn: socket.socket, session: Session) -> None:
+        ended_here = False  # the daemon, not the peer, ends the connection: the peer may still be copying
         try:
             while True:
                 # Until a hello succeeds (the token, for TCP) no one may make the daemon buffer a large frame.
@@ -207,16 +214,21 @@ class Daemon:
                 try:
                     message = read_frame(conn, limit)
                 except ProtocolError as exc:
-                    self._send(conn, self._error_reply(0, exc))
+                    ended_here = self._send(conn, self._error_reply(0, exc))
                     return
                 if message is None:
                     return
                 reply, close = self._dispatch(session, message)
-                if not self._send(conn, reply) or close:
+                if not self._send(conn, reply):
+                    return
+                if close:
+                    ended_here = True
                     return
         except OSError:
             return  # the peer vanished mid-frame: the session is cleaned up below like any disconnect
         finally:
+            if ended_here:
+                self._hold_until_peer_closes(conn, session)
             try:
                 session.close()
             except KvtierError as exc:
@@ -225,6 +237,40 @@ class Daemon:
                 self._sessions.pop(conn, None)
                 self._threads.discard(threading.current_thread())
             conn.close()
+
+    def _hold_until_peer_closes(self, conn: socket.socket, session: Session) -> None:
+        """Keep ``session``'s slots while its peer, told the connection is over, may still copy into or out of them.
+
+        A client that maps the arena (Unix) copies with its own threads or GPU streams, and closes the
+        connection once those copies are done (a replaced connection is kept open until then). Freed at once,
+        a reserved slot could go to another writer's put and be overwritten by the late copy, or a leased one
+        be rewritten under a read still running. So the write side is shut (the client's next read finds the
+        end of the stream and it reconnects), and the session lives on until the peer closes, its process
+        ends, the daemon stops, or ``daemon.hold_after_error_s`` passes; bytes it sends meanwhile are dropped
+        unread. A TCP client never maps the arena and a session without slots has nothing to protect: freed
+        at once.
+        """
+        if session.transport != "unix" or session.held == (0, 0):
+            return
+        session.held_after_error = True
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + self.config.daemon.hold_after_error_s
+        while not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reserved, leased = session.held
+                log.warning("freeing %d reserved and %d leased slots of a connection still open %g s after its "
+                            "error reply", reserved, leased, self.config.daemon.hold_after_error_s)
+                return
+            try:
+                conn.settimeout(left)
+                if not conn.recv(_DRAIN_BYTES):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:  # reset: the peer is gone
+                return
 
     def _dispatch(self, session: Session, message: Message) -> tuple[Message, bool]:
         """The reply to one request and whether the connection must close after it."""
@@ -280,6 +326,7 @@ class Daemon:
                 "error_replies": dict(self._error_replies),
                 "reserved_blocks": sum(reserved for reserved, _ in held),
                 "leased_blocks": sum(leased for _, leased in held),
+                "held_after_error": sum(session.held_after_error for session in self._sessions.values()),
             }
         return {"stats": None if store is None else stats_to_dict(store.stats()), **daemon}
 

@@ -72,6 +72,8 @@ class Session:
         self._leased: Counter[bytes] = Counter()
         # Read by the stats of other threads: a plain int, never an iteration over a changing Counter.
         self._leased_total = 0
+        # Set while the daemon keeps the slots of a connection it ended for a peer that may still copy.
+        self.held_after_error = False
 
     def handle(self, message: Message) -> dict[str, Any]:
         """The reply fields of one request; raises ``KvtierError`` for an error reply."""

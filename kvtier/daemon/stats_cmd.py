@@ -61,6 +61,7 @@ def render(data: dict[str, Any]) -> str:
         ("clients", f"unix {daemon['clients']['unix']}, tcp {daemon['clients']['tcp']}"),
         ("namespaces", ", ".join(f"{name} {count}" for name, count in sorted(daemon["namespaces"].items())) or "-"),
         ("reserved / leased blocks", f"{daemon['reserved_blocks']} / {daemon['leased_blocks']}"),
+        ("held after error", f"{daemon['held_after_error']} connections"),
         ("auth failures", daemon["auth_failures"]),
         ("error replies", ", ".join(f"{k} {v}" for k, v in sorted(daemon["error_replies"].items())) or "0"),
     ])

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -288,3 +288,36 @@ def test_a_reconnect_that_cannot_map_the_new_arena_closes_its_connection(daemon:
         with pytest.raises(ConfigError):
             client.lookup([kit.key_of(0, "remap")])
         assert len(closed) == 1 and closed[0] != old.generation and client._conn is old
+
+
+def test_a_reservation_outlives_an_ended_connection_until_the_client_lets_it_go(
+        make_daemon: Callable[..., DaemonProc], kit: Kit) -> None:
+    """An error reply that ends the connection (a second hello: ``ProtocolError``) finds a reservation whose
+    copy may still be running in the client. The daemon keeps the slot until the client closes that
+    connection, which it does once the handle is let go: another writer filling the pool meanwhile is never
+    given the slot, so the late copy lands in no one's block."""
+    daemon = make_daemon(pool="64KiB")
+    with (Client(kit.layout, address=daemon.address) as client,
+          Client(kit.layout, address=daemon.address) as other):
+        reservation = client.reserve([kit.key_of(0, "ended")])
+        rows = client.slot_rows(reservation)
+        with pytest.raises(ProtocolError):
+            client._conn.call("hello", layout=None)
+        theirs = [kit.key_of(i, "ended-other") for i in range(client._conn.hello["num_slots"] - 1)]
+        assert other.put(theirs, [kit.block_for(key) for key in theirs]).wait(10).ok
+        lease = other.acquire(theirs)
+        assert len(lease.slots) == len(theirs) and reservation.slots[0] not in lease.slots
+        other.release(lease)
+        rows[reservation.slots[0]].fill_(0xAB)  # the late copy
+        out = [torch.empty(kit.layout.block_shape) for _ in theirs]
+        assert other.get(theirs, out).wait(10).ok
+        assert all(torch.equal(got, kit.block_for(key)) for got, key in zip(out, theirs, strict=True))
+        assert client.lookup(theirs).num_blocks == len(theirs)  # the next call reconnects
+        assert client.reconnects == 1 and client.parked_connections == 1
+        assert daemon.stats()["daemon"]["held_after_error"] == 1
+        client.abort(reservation)  # its copy done, the handle goes: so does the parked connection
+        assert client.parked_connections == 0
+        deadline = time.monotonic() + 10
+        while (stats := daemon.stats()["daemon"])["held_after_error"] or stats["reserved_blocks"]:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.02)
