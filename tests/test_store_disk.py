@@ -21,6 +21,7 @@ from kvtier import (
     TransferConfig,
 )
 from kvtier.disk.admission import AdmitAll
+from kvtier.disk.device import FileDevice
 
 
 def disk_store(layout: KVLayout, path: Path, num_slots: int = 4, **disk: object) -> Store:
@@ -244,3 +245,49 @@ def test_a_write_through_waiting_for_the_disk_holds_no_call(layout: KVLayout, tm
         store.release(leases[0])
         store.flush()
         assert store.lookup(keys).num_blocks == 2 and disk.contains(keys[1])
+
+
+def test_a_slow_disk_read_never_holds_the_store_lock(layout: KVLayout, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A promotion reads a block of the disk's oldest region and the drive is slow to answer; puts meanwhile
+    demote into the full disk under the store's lock. Their room would evict that region: they are refused
+    (``busy_rejected``) rather than wait for the read, so another thread's lookup is answered at once."""
+    gate, armed, entered = threading.Event(), threading.Event(), threading.Event()
+    real = FileDevice._preadv
+
+    def slow_preadv(device: FileDevice, offset: int, buffers: list[memoryview]) -> int:
+        if armed.is_set():
+            entered.set()
+            gate.wait(30)
+        return real(device, offset, buffers)
+
+    monkeypatch.setattr(FileDevice, "_preadv", slow_preadv)
+    with disk_store(layout, tmp_path, num_slots=2, capacity_bytes="128KiB", region_bytes="32KiB", min_regions=1,
+                    reinsert_hits=0) as store:
+        disk = store.disk
+        assert disk is not None
+        keys = keys_for(store, 40)
+        blocks = random_blocks(layout, 40)
+        for i in range(18):  # 16 demoted: the disk's regions full
+            assert store.put([keys[i]], [blocks[i]]).wait(10).ok
+        store.flush()
+        # Its demotion opens a region (the oldest evicted) with room for the promotion's own demotion below.
+        assert store.put([keys[18]], [blocks[18]]).wait(10).ok
+        oldest = next(i for i in range(19) if disk.contains(keys[i]))
+        armed.set()
+        try:
+            store.lookup([keys[oldest]])  # its promotion reads from the oldest region; the drive hangs
+            assert entered.wait(5)
+            putting = threading.Thread(target=lambda: [store.put([keys[i]], [blocks[i]]).wait(30)
+                                                       for i in range(19, 24)], daemon=True)
+            putting.start()
+            putting.join(5)
+            looking = threading.Thread(target=store.lookup, args=([keys[30]],), daemon=True)
+            looking.start()
+            looking.join(5)
+            assert not putting.is_alive() and not looking.is_alive(), "a call waited behind a slow disk read"
+            assert disk.stats().busy_rejected >= 1
+        finally:
+            gate.set()
+        _, failed = read_all(store, [keys[oldest]])
+        assert failed == ()

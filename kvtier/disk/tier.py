@@ -36,8 +36,9 @@ Promises:
   its region is written) and survives a restart once its region is written (``flush`` waits for that).
 - ``offer(wait=False)`` never waits for the drive and never reads it (the store demotes this way, holding its
   lock): where room means evicting a region with hot blocks to re-read, that region is opened on the I/O
-  pool and the block is refused meanwhile. A block it cannot take is counted by cause: ``busy_rejected``
-  (the write-back buffer is full, or the next region is being opened), ``budget_rejected`` (over the write
+  pool and the block is refused meanwhile, as it is where room means evicting a region a read in flight
+  still reads. A block it cannot take is counted by cause: ``busy_rejected`` (the write-back buffer is full,
+  the next region is being opened, or the region to evict is being read), ``budget_rejected`` (over the write
   budget), ``admissions_rejected`` (the admission policy said no).
 - ``read_into`` returns ``True`` only with bytes whose header and payload checksums verified. A corrupt,
   truncated or torn entry is a miss, counted (``checksum_failures``) and dropped; a read error is a miss
@@ -60,7 +61,15 @@ Promises:
   refuses until a restart.
 - A damaged index (an LMDB file cut short, which a mapping would turn into SIGBUS) is detected before it is
   mapped, logged, and rebuilt from the entry headers of the data files (``kvtier.disk.rebuild``); so is one
-  LMDB reports corrupt while the tier opens.
+  LMDB reports corrupt while the tier opens. The key epochs come back from the epoch file
+  (``kvtier.disk.epoch_file``, written durably before the index at every ``write_epoch``); where it is
+  missing or invalid the epochs are unknown and the tier starts empty instead, its regions' first pages
+  zeroed so that no later rebuild finds their blocks (else the blocks of an older epoch would be served to
+  keys derived under it again).
+- Every field of an index record that a read goes on (length, codec, byte planes) must match the entry's
+  verified header: LMDB's pages carry no checksum, and a damaged record is a miss like a damaged entry.
+- ``flush`` and ``close`` write the region being opened too (it holds the blocks reinserted from the
+  region it replaces, whose older copies its OPEN mark forgets), waiting for its opening first.
 - A start that fails (no room for the data file, a damaged index) leaves no data file it preallocated.
 - Only one process opens a directory at a time (``DirectoryLockedError``); another format version or
   layout is refused (``FormatVersionError`` / ``LayoutMismatchError``) unless ``wipe_incompatible``.
@@ -95,6 +104,7 @@ import torch
 from kvtier.config import DiskConfig
 from kvtier.disk.codec import ZstdCodec
 from kvtier.disk.device import Device, FileDevice, aligned_buffer, copy_bytes, supports_direct_io, tensor_view
+from kvtier.disk.epoch_file import EPOCH_FILE, read_epoch_file, write_epoch_file
 from kvtier.disk.format import (
     CODEC_NONE,
     CODEC_ZSTD,
@@ -305,6 +315,8 @@ class DiskTier:
         self._devices: list[Device] = []
         self._created_files: list[str] = []
         self._rebuild = False
+        self._epoch_path = os.path.join(config.paths[0], EPOCH_FILE)
+        self._epoch_lock = threading.Lock()
         self._index: DiskIndex | None = None
         self._index_map_bytes = 0
         try:
@@ -439,6 +451,18 @@ class DiskTier:
         shutil.rmtree(os.path.join(self.config.paths[0], _INDEX_DIR), ignore_errors=True)
         self._rebuild = True
 
+    def _erase_regions(self) -> None:
+        """Zero the first page of every region, so that no later rebuild finds the entries they hold."""
+        zeros = memoryview(aligned_buffer(PAGE_BYTES))
+        try:
+            for region in range(self._regions_per_path * self._num_paths):
+                self._devices[region % self._num_paths].write(region // self._num_paths * self.config.region_bytes,
+                                                              zeros)
+            for device in self._devices:
+                device.sync()
+        except OSError as exc:
+            raise DiskError(f"cannot erase the regions of the disk tier in {self.config.paths[0]}: {exc}") from exc
+
     def _recover(self) -> None:
         assert self._index is not None
         expected = {"format_version": FORMAT_VERSION, "layout": self.layout.fingerprint,
@@ -446,13 +470,30 @@ class DiskTier:
         found = self._index.read_meta()
         if found is None or (found != expected and self._wipe_allowed(found, expected)):
             self._index.reset(expected)
-        if self._rebuild:
+        recorded = read_epoch_file(self._epoch_path)
+        if self._rebuild and recorded is None:
+            # The epochs went with the index: rebuilt, it would serve blocks of an older epoch to its keys again.
+            _LOG.error("disk tier %s: the key epochs were lost with the index (no valid %s): starting empty",
+                       self.config.paths[0], EPOCH_FILE)
+            self._erase_regions()
+            recorded = {}
+        elif self._rebuild:
             scanned = scan_regions(self._devices, self._regions_per_path, self.config.region_bytes, self.block_bytes)
             for seq, (region_id, found_entries) in enumerate(sorted(scanned.items()), start=1):
                 self._index.enqueue(SealRegion(region_id, seq, tuple(found_entries)))
             self._index.wait()
             _LOG.warning("disk index rebuilt: %d blocks in %d regions (their order of eviction is by region now)",
                          sum(map(len, scanned.values())), len(scanned))
+        # Both records agree from here on, at the larger epoch of each scope (the file is written first, so it
+        # is the larger where a crash came between the two; a directory of an older kvtier has no file yet).
+        indexed = self._index.read_epochs()
+        epochs = {scope: max(indexed.get(scope, 0), (recorded or {}).get(scope, 0))
+                  for scope in {*indexed, *(recorded or {})}}
+        for scope, epoch in epochs.items():
+            if indexed.get(scope) != epoch:
+                self._index.write_epoch(scope, epoch)
+        if recorded != epochs:
+            write_epoch_file(self._epoch_path, epochs)
         regions, entries = self._index.load()
         sealed = sorted((seq, region) for region, (state, seq) in regions.items()
                         if state == RegionState.SEALED and region < len(self._regions))
@@ -524,8 +565,9 @@ class DiskTier:
         """Write ``payload`` (a uint8 CPU tensor of ``block_bytes``) if admission and the budget allow.
 
         With ``wait=False`` a block that would have to wait for a region buffer (every buffer is being
-        written: the drive is behind) is refused and counted in ``busy_rejected`` instead: the store demotes
-        this way, so a slow drive costs hits, never the engine's time.
+        written: the drive is behind) or for a read in flight of the region its room would evict is refused
+        and counted in ``busy_rejected`` instead: the store demotes this way, under its own lock, so a slow
+        drive costs hits, never the engine's time.
         """
         check_key(key)
         if (not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.device.type != "cpu"
@@ -605,16 +647,21 @@ class DiskTier:
             return True
 
     def read_epochs(self) -> dict[str, int]:
-        """The store's key epochs recorded in this tier's index (``kvtier.epochs``)."""
+        """The store's key epochs recorded in this tier (``kvtier.epochs``)."""
         assert self._index is not None
         return self._index.read_epochs()
 
     def write_epoch(self, scope: str, epoch: int) -> None:
-        """Record a key epoch in this tier's index, durably."""
+        """Record a key epoch in this tier, durably: in its epoch file, then in its index."""
         with self._lock:
             self._check_open()
         assert self._index is not None
-        self._index.write_epoch(scope, epoch)
+        with self._epoch_lock:
+            try:
+                write_epoch_file(self._epoch_path, {**self._index.read_epochs(), scope: epoch})
+            except OSError as exc:
+                raise DiskError(f"cannot record the key epoch of {scope!r} in {self._epoch_path}: {exc}") from exc
+            self._index.write_epoch(scope, epoch)
 
     def stats(self) -> DiskStats:
         with self._lock:
@@ -682,7 +729,21 @@ class DiskTier:
         if region is not None and region.used + size <= self.config.region_bytes:
             return True
         return (not self._opening and bool(self._free_buffers or self._unallocated_buffers)
-                and bool(self._clean or self._fifo))
+                and bool(self._clean or self._fifo) and not self._open_waits_for_reads_locked())
+
+    def _open_waits_for_reads_locked(self) -> bool:
+        """Whether opening a region now would wait for a read in flight: of a region ``_shed_locked`` would
+        evict, or of the one ``_evict_locked`` would (a drive slow to answer would hold the caller as long)."""
+        live, fifo, shed = len(self._entries), list(self._fifo), False
+        while self._entry_cap is not None and live > self._entry_cap and len(fifo) > 1:
+            region = self._regions[fifo.pop(0)]
+            if region.readers:
+                return True
+            live, shed = live - len(self._live_entries_locked(region)), True
+        # As ``_next_is_clean_locked`` will answer once the shed regions went back to the clean ones.
+        if (self._clean or shed) and (self._entry_cap is None or live < self._entry_cap or not fifo):
+            return False
+        return bool(fifo) and self._regions[fifo[0]].readers > 0
 
     def _must_reinsert_to_open_locked(self, size: int) -> bool:
         """Whether room for ``size`` bytes means evicting a region whose hot blocks are re-read from the drive;
@@ -712,6 +773,7 @@ class DiskTier:
                 self._open = self._open_region_locked()
             finally:
                 self._opening_in_background = False
+                self._cond.notify_all()
 
     def _append_locked(self, region: _Region, offset: int, header: EntryHeader, stored: memoryview) -> None:
         buffer = region.buffer
@@ -743,8 +805,12 @@ class DiskTier:
         self._sealer.submit(self._write_region, region)
 
     def _flush_locked(self, deadline: float | None = None) -> None:
-        if not self._opening:
-            self._seal_locked()
+        # A region being opened (by an offer, or on the I/O pool) becomes the open region with the hot blocks
+        # it reinserted, whose older copies its OPEN mark forgets: it must be written too, so it is waited for
+        # and sealed like any other.
+        while self._opening or self._opening_in_background:
+            wait_by(self._cond, deadline, "a disk region being opened did not open")
+        self._seal_locked()
         while any(region.buffer is not None and region is not self._open for region in self._regions):
             wait_by(self._cond, deadline, "the disk tier's regions were not written")
 
@@ -755,6 +821,7 @@ class DiskTier:
             # Wait for a buffer and for a region that is not being written (all may be, with few regions).
             while not (self._free_buffers or self._unallocated_buffers) or not (self._clean or self._fifo):
                 self._cond.wait()
+                self._check_open()  # closed meanwhile: nothing may be evicted or opened any more
             if not self._free_buffers:
                 # Not populated: its pages fault in as blocks are copied in, at memory speed.
                 self._unallocated_buffers -= 1
@@ -1061,7 +1128,10 @@ class DiskTier:
         if parsed is None:
             return "corrupt"
         found, header_checksum = parsed
+        # Every field of the index record a read goes on is compared with the verified header: LMDB's pages
+        # carry no checksum, and a damaged ``planes`` or ``codec`` would decode verified bytes into others.
         if (found.key != key or header_checksum != loc.header_checksum or found.stored_len != loc.stored_len
+                or (found.codec, found.planes, found.raw_len) != (loc.codec, loc.planes, loc.raw_len)
                 or checksum(payload[: loc.stored_len]) != found.payload_checksum):
             return "corrupt"
         return "ok"

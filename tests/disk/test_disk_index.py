@@ -3,16 +3,25 @@ is retried, and LMDB's failures come back typed."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lmdb
 import pytest
 
-from kvtier.disk.index import DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
+from kvtier.config import DiskConfig
+from kvtier.disk import DiskTier
+from kvtier.disk.format import CODEC_NONE, CODEC_ZSTD
+from kvtier.disk.index import _ENTRY, DiskIndex, Forget, IndexEntry, OpenRegion, RegionState, SealRegion
 from kvtier.errors import DiskError, DiskFullError, IndexDamagedError, IndexFullError
+
+if TYPE_CHECKING:
+    from conftest import DiskKit
 
 
 def entry(region: int, offset: int) -> IndexEntry:
@@ -96,3 +105,28 @@ def test_lmdb_failures_are_typed(tmp_path: Path) -> None:
     if shutil.disk_usage(tmp_path).free > 1 << 30:  # an EIO with room to spare is an I/O error, not a full disk
         assert type(index._error(lmdb.Error("mdb_txn_commit", errno.EIO), "cannot be written")) is DiskError
     index.close()
+
+
+@pytest.mark.parametrize("field", ["codec", "planes", "raw_len"])
+def test_an_index_record_that_disagrees_with_its_verified_header_is_a_miss(
+        disk_config: Callable[..., DiskConfig], kit: DiskKit, field: str) -> None:
+    """LMDB's pages carry no checksum: a damaged field of a block's index record (here a zstd entry's byte
+    planes, codec or raw length) must make the read a counted miss, not decode verified bytes into others."""
+    config = disk_config(codec="zstd", reinsert_hits=0)
+    block = kit.payload(1)
+    block[: kit.block // 2] = 0  # compressible: stored with zstd over the layout's byte planes
+    with DiskTier(config, kit.layout) as tier:
+        assert tier.offer(kit.key(1), block)
+        tier.flush()
+    env = lmdb.open(str(Path(config.paths[0]) / "kvtier-index"), max_dbs=3, subdir=True)
+    with env.begin(write=True) as txn:
+        entries = env.open_db(b"entries", txn=txn)
+        record = IndexEntry(*_ENTRY.unpack(txn.get(kit.key(1), db=entries)))
+        assert (record.codec, record.planes) == (CODEC_ZSTD, 2)
+        damaged = dataclasses.replace(record, **{field: {"codec": CODEC_NONE, "planes": 1,
+                                                         "raw_len": record.raw_len // 2}[field]})
+        txn.put(kit.key(1), _ENTRY.pack(*dataclasses.astuple(damaged)), db=entries)
+    env.close()
+    with DiskTier(config, kit.layout) as tier:
+        assert kit.read(tier, 1) is None
+        assert tier.stats().checksum_failures == 1

@@ -1,6 +1,7 @@
 """Faults found when the disk tier opens: a truncated LMDB index (which a mapping would turn into SIGBUS) and
-a filesystem too small for the data file (a real 8 MiB tmpfs in a private mount namespace). Each open runs in
-a child process, so that a SIGBUS fails the test instead of killing it."""
+a filesystem too small for the data file (a real 8 MiB tmpfs in a private mount namespace). The first open
+of each runs in a child process, so that a SIGBUS fails the test instead of killing it. An index rebuilt
+keeps the key epochs from the epoch file, or starts empty (its old entries erased) where there is none."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+import kvtier.disk.tier as tier_module
 from kvtier.config import DiskConfig
 from kvtier.disk import DiskTier
+from kvtier.disk.epoch_file import read_epoch_file
+from kvtier.errors import DiskError
 
 if TYPE_CHECKING:
     from conftest import DiskKit
@@ -119,3 +123,74 @@ def test_any_one_index_page_zeroed_is_rebuilt_never_an_abort(tmp_path: Path, kit
         assert opened.returncode == 0, f"page {page}: {opened.returncode} {opened.stderr[-500:]}"  # SIGABRT: -6
         assert f"OPENED {2 * kit.per_region}" in opened.stdout, f"page {page}: {opened.stdout + opened.stderr}"
         shutil.rmtree(copy)
+
+
+def _truncate_index(path: Path) -> None:
+    data = path / "kvtier-index" / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+
+
+def test_a_rebuilt_index_keeps_the_key_epochs(tmp_path: Path, kit: DiskKit) -> None:
+    """A rebuild finds the blocks in the data files and the epochs in the epoch file: a scope advanced before
+    stays advanced, so the keys of its older epochs, whose blocks come back, are never derived again."""
+    config = DiskConfig(paths=(str(tmp_path),), capacity_bytes="1MiB", region_bytes="256KiB", reinsert_hits=0)
+    with DiskTier(config, kit.layout) as tier:
+        kit.fill(tier, range(kit.per_region))
+        tier.flush()
+        tier.write_epoch("model", 1)
+        tier.write_epoch("other", 3)
+    _truncate_index(tmp_path)
+    with DiskTier(config, kit.layout) as tier:
+        assert tier.read_epochs() == {"model": 1, "other": 3}
+        kit.assert_holds(tier, range(kit.per_region))
+    with DiskTier(config, kit.layout) as tier:  # the rebuilt index holds them too
+        assert tier.read_epochs() == {"model": 1, "other": 3}
+
+
+@pytest.mark.parametrize("damage_file", ["missing", "garbage"])
+def test_an_index_lost_with_no_epoch_record_starts_empty_for_good(tmp_path: Path, kit: DiskKit,
+                                                                  damage_file: str) -> None:
+    """Without a valid epoch file the epochs are unknown: a rebuild could serve an old epoch's blocks to the
+    keys derived under it again, so the tier starts empty, and its old entries are erased: a later rebuild
+    (the index damaged again) finds none of them."""
+    config = DiskConfig(paths=(str(tmp_path),), capacity_bytes="1MiB", region_bytes="256KiB", reinsert_hits=0)
+    with DiskTier(config, kit.layout) as tier:
+        kit.fill(tier, range(kit.per_region))
+        tier.flush()
+        tier.write_epoch("model", 1)
+    epoch_file = tmp_path / "kvtier-epochs.json"
+    if damage_file == "missing":
+        epoch_file.unlink()
+    else:
+        epoch_file.write_text('{"version": 1, "epochs": {"model": "one"}}')
+    _truncate_index(tmp_path)
+    for _ in range(2):
+        with DiskTier(config, kit.layout) as tier:
+            assert tier.read_epochs() == {} and tier.stats().used_blocks == 0
+            assert all(kit.read(tier, i) is None for i in range(kit.per_region))
+        _truncate_index(tmp_path)
+
+
+def test_a_directory_without_an_epoch_file_gets_one_from_its_index(tmp_path: Path, kit: DiskKit) -> None:
+    """A directory written before the epoch file existed: a sound index gives the file its epochs at open."""
+    config = DiskConfig(paths=(str(tmp_path),), capacity_bytes="1MiB", region_bytes="256KiB", reinsert_hits=0)
+    with DiskTier(config, kit.layout) as tier:
+        tier.write_epoch("model", 2)
+    (tmp_path / "kvtier-epochs.json").unlink()
+    with DiskTier(config, kit.layout) as tier:
+        assert tier.read_epochs() == {"model": 2}
+    assert read_epoch_file(str(tmp_path / "kvtier-epochs.json")) == {"model": 2}
+
+
+def test_an_epoch_that_cannot_be_recorded_is_a_disk_error_and_changes_nothing(
+        tmp_path: Path, kit: DiskKit, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = DiskConfig(paths=(str(tmp_path),), capacity_bytes="1MiB", region_bytes="256KiB")
+
+    def no_space(path: str, epochs: dict[str, int]) -> None:
+        raise OSError(28, "No space left on device")
+
+    with DiskTier(config, kit.layout) as tier:
+        monkeypatch.setattr(tier_module, "write_epoch_file", no_space)
+        with pytest.raises(DiskError, match="key epoch"):
+            tier.write_epoch("model", 1)
+        assert tier.read_epochs() == {}

@@ -1,14 +1,16 @@
 """The write-back buffer: a burst of demotions far faster than the drive is written, not dropped, up to the
-buffer's size; what does not fit is refused at once (never waited for) and counted as ``busy_rejected``."""
+buffer's size; what does not fit is refused at once (never waited for) and counted as ``busy_rejected``, as
+is a demotion whose room would evict a region a read in flight still reads."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvtier.config import DiskConfig
-from kvtier.disk import DiskTier, MemoryDevice
+from kvtier.disk import DiskTier, MemoryDevice, aligned_tensor
 
 if TYPE_CHECKING:
     from conftest import DiskKit
@@ -73,3 +75,45 @@ def test_the_buffer_is_at_least_three_regions_and_the_drive_limits_it(disk_confi
         assert tier.stats().busy_rejected == admitted.count(False)
         tier.flush()
         assert tier.stats().used_blocks <= tier.capacity_blocks
+
+
+class GatedReadDevice(MemoryDevice):
+    """A memory device whose reads wait for ``gate`` once ``armed``: a drive slow to answer (a bad sector)."""
+
+    armed = threading.Event()
+    entered = threading.Event()
+    gate = threading.Event()
+
+    def _preadv(self, offset: int, buffers: list[memoryview]) -> int:
+        if self.armed.is_set():
+            self.entered.set()
+            self.gate.wait(30)
+        return super()._preadv(offset, buffers)
+
+
+def test_a_demotion_whose_room_evicts_a_region_being_read_is_refused_not_waited_for(
+        disk_config: Config, kit: DiskKit) -> None:
+    """``offer(wait=False)`` runs under the store's lock: waiting for a read in flight of the region its room
+    evicts would stall every store call for as long as the drive takes to answer that read."""
+    def factory(path: str, size: int, direct: bool) -> GatedReadDevice:
+        return GatedReadDevice(size, direct)
+
+    with DiskTier(disk_config(reinsert_hits=0), kit.layout, device_factory=factory) as tier:
+        kit.fill(tier, range(4 * kit.per_region))  # every region sealed: the next one evicts block 0's
+        tier.flush()
+        GatedReadDevice.armed.set()
+        try:
+            reader = tier.submit_read(kit.key(0), aligned_tensor(kit.block))
+            assert GatedReadDevice.entered.wait(5)
+            refused: list[bool] = []
+            demoting = threading.Thread(target=lambda: refused.append(not tier.offer(kit.key(999), kit.payload(999),
+                                                                                     wait=False)), daemon=True)
+            demoting.start()
+            demoting.join(5)
+            assert not demoting.is_alive(), "offer(wait=False) waited for a read in flight"
+            assert refused == [True] and tier.stats().busy_rejected == 1
+        finally:
+            GatedReadDevice.gate.set()
+        assert reader.result(30)
+        assert tier.offer(kit.key(999), kit.payload(999), wait=False)  # the read done, the region can go
+        kit.assert_holds(tier, range(999, 1000))
