@@ -268,7 +268,10 @@ class DiskIndex:
                             txn.delete(_REGION_KEY.pack(region), db=self._regions)
 
     def close(self) -> None:
-        self._env.close()
+        # After any transaction in flight (an epoch written by another thread): closing the environment under
+        # an open transaction is undefined in LMDB (a crash of the process, not an error).
+        with self._txn_lock:
+            self._env.close()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Any]:

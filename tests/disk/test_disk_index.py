@@ -130,3 +130,18 @@ def test_an_index_record_that_disagrees_with_its_verified_header_is_a_miss(
     with DiskTier(config, kit.layout) as tier:
         assert kit.read(tier, 1) is None
         assert tier.stats().checksum_failures == 1
+
+
+def test_close_waits_for_a_transaction_in_flight(tmp_path: Path) -> None:
+    """Closing an LMDB environment under an open transaction (an epoch written by another thread) is
+    undefined: a crash of the process, not an error."""
+    index = DiskIndex(str(tmp_path), 1 << 20)
+    with index._read():
+        closing = threading.Thread(target=index.close)
+        closing.start()
+        closing.join(0.2)
+        assert closing.is_alive()
+    closing.join(10)
+    assert not closing.is_alive()
+    with pytest.raises(DiskError):
+        index.read_epochs()
