@@ -340,10 +340,10 @@ class PagedKV:
                                         "uint8 view with dense pages")
             self._planes: torch.Tensor | None = planes
             self._segments: list[torch.Tensor] | None = None
-            self.num_segments = int(planes.shape[0])
+            self.num_segments, self.num_blocks, self.page_bytes = planes.shape
             # Built at the first launch: a CPU copy (a restore, once per request) never reads the tables.
             self._table_cache: np.ndarray | None = None
-            first = planes[0]
+            self.device = planes.device
         else:
             if not segments:
                 raise InvalidInputError("PagedKV needs at least one segment")
@@ -352,10 +352,8 @@ class PagedKV:
             self.num_segments = len(segments)
             self._table_cache = np.stack([np.array([s.data_ptr() for s in segments], dtype=np.int64),
                                           np.array([s.stride(0) for s in segments], dtype=np.int64)])
-            first = segments[0]
-        self.num_blocks = int(first.shape[0])
-        self.page_bytes = int(first.shape[1])
-        self.device = first.device
+            self.num_blocks, self.page_bytes = segments[0].shape
+            self.device = segments[0].device
         kernels = load_kernels() if use_kernel and self.device.type == "cuda" else None
         self._kernels = kernels
         # Calls whose host chunks the device could not address, so went through a device buffer.
@@ -364,8 +362,16 @@ class PagedKV:
             "cuda" if kernels is not None else "numpy" if use_numpy and self.device.type == "cpu" else "torch"
         )
         self._pages: np.ndarray | None = None
+        # The same ``(segment, block, byte)`` view for torch's copies of long runs (``_copy_chunks``).
+        self._pages_tensor: torch.Tensor | None = None
         if self.backend == "numpy":
-            self._pages = self._planes.numpy() if self._planes is not None else self._regular_pages(first)
+            if self._planes is not None:
+                self._pages, self._pages_tensor = self._planes.numpy(), self._planes
+            else:
+                self._pages = self._regular_pages(segments[0])
+                # torch has no negative strides: segments in descending order are copied by NumPy only.
+                if self._pages is not None and min(self._pages.strides) >= 0:
+                    self._pages_tensor = torch.from_numpy(self._pages)
 
     @property
     def _tables(self) -> np.ndarray:
@@ -548,7 +554,7 @@ class PagedKV:
             # Chunks whose block ids are one run first..first+n-1 can be sliced rather than fancy-indexed.
             dense = (per_chunk - per_chunk[:, :1] == np.arange(pages_per_chunk)).all(axis=1)
             rows_of = list(range(per_chunk.shape[0])) if slots is None else slots.tolist()
-            self._copy_chunks(gather, per_chunk, per_chunk[:, 0].tolist(), rows_of, dense.tolist(), grid,
+            self._copy_chunks(gather, per_chunk, per_chunk[:, 0].tolist(), rows_of, dense.tolist(), rows,
                               pages_per_chunk, chosen)
             return
         if self.backend == "numpy" and rows.device.type == "cpu":
@@ -612,38 +618,56 @@ class PagedKV:
             raise InvalidInputError(f"a slot id lies outside [0, {rows.shape[0]})")
         if gather and len(set(slot_ids)) != len(slot_ids):
             raise InvalidInputError("a slot id appears twice in one gather")
-        self._copy_chunks(gather, None, list(block_ids), slot_ids, [True] * len(slot_ids), self._grid(rows, 1), 1,
+        self._copy_chunks(gather, None, list(block_ids), slot_ids, [True] * len(slot_ids), rows, 1,
                           range(self.num_segments))
         return True
 
     def _copy_chunks(self, gather: bool, per_chunk: np.ndarray | None, firsts: list[int], rows: list[int],
-                     dense: list[bool], grid: torch.Tensor, pages_per_chunk: int, chosen: range) -> None:
-        """Copy chunks between the evenly spaced pages and their rows, one call per run of chunks.
+                     dense: list[bool], slot_rows: torch.Tensor, pages_per_chunk: int, chosen: range) -> None:
+        """Copy chunks between the evenly spaced pages and their rows of ``slot_rows``, one call per run of chunks.
 
         Chunk ``c`` starts at block ``firsts[c]`` and sits in row ``rows[c]``; ``dense[c]``: its block ids
         are ``firsts[c]`` on, one after another (else ``per_chunk[c]`` lists them). A run is consecutive
         chunks whose block ids continue one another and whose rows lie at one constant step (a prefix saved
         into a fresh pool, or a contiguous staging buffer): one strided copy moves it, whatever its length.
-        A run of at least ``TORCH_CHUNK_BYTES`` goes through torch's ``copy_``, which splits it over its
-        intra-op threads (18-24 GB/s against NumPy's 12-17 out of the CPU caches, 2 cores); a smaller one
-        through NumPy, for which the fan-out would cost more than the copy.
+        A dense run of at least ``TORCH_CHUNK_BYTES`` goes through torch's ``copy_`` between two strided
+        views (one ``as_strided`` each), which splits it over its intra-op threads (18-24 GB/s against
+        NumPy's 12-17 out of the CPU caches, 2 cores); another through NumPy, for which the fan-out would
+        cost more than the copy.
         """
         assert self._pages is not None
-        chunk_bytes = len(chosen) * pages_per_chunk * self.page_bytes
+        width = pages_per_chunk * self.page_bytes
+        chunk_bytes = len(chosen) * width
+        shape = (len(chosen), pages_per_chunk, self.page_bytes)
         for start, count, step in _runs(firsts, rows, dense, pages_per_chunk):
             row = rows[start]
-            # (chunk, segment, page in chunk, byte) on the rows' side.
-            where = (slice(row, row + (count - 1) * step + 1, step), slice(chosen.start, chosen.stop))
-            shape = (count, len(chosen), pages_per_chunk, self.page_bytes)
             chunk_ids = None if dense[start] or per_chunk is None else per_chunk[start]
-            if count * chunk_bytes >= TORCH_CHUNK_BYTES:
-                pages = torch.from_numpy(self._pages)[chosen.start:chosen.stop]
+            pages = self._pages_tensor
+            if pages is not None and chunk_ids is None and count * chunk_bytes >= TORCH_CHUNK_BYTES:
+                segment_stride, block_stride = pages.stride(0), pages.stride(1)
+                # (chunk, segment, page in chunk, byte) on both sides, from their bases: two ops, not eight.
+                run = pages.as_strided((count, *shape), (pages_per_chunk * block_stride, segment_stride,
+                                                         block_stride, 1),
+                                       pages.storage_offset() + chosen.start * segment_stride
+                                       + firsts[start] * block_stride)
+                picked = slot_rows.as_strided((count, *shape), (step * slot_rows.stride(0), width, self.page_bytes,
+                                                                1),
+                                              slot_rows.storage_offset() + row * slot_rows.stride(0)
+                                              + chosen.start * width)
+                if gather:
+                    picked.copy_(run)
+                else:
+                    run.copy_(picked)
+                continue
+            where = (slice(row, row + (count - 1) * step + 1, step), slice(chosen.start, chosen.stop))
+            grid = self._grid(slot_rows, pages_per_chunk)
+            if pages is not None and count * chunk_bytes >= TORCH_CHUNK_BYTES:
                 ids_of = None if chunk_ids is None else torch.from_numpy(chunk_ids)
-                _copy_run(gather, pages, grid[where].reshape(shape), firsts[start], ids_of, torch.Tensor.copy_)
+                _copy_run(gather, pages[chosen.start:chosen.stop], grid[where].reshape(count, *shape),
+                          firsts[start], ids_of, torch.Tensor.copy_)
             else:
-                pages_np = self._pages[chosen.start:chosen.stop]
-                _copy_run(gather, pages_np, grid.numpy()[where].reshape(shape), firsts[start], chunk_ids,
-                          lambda target, source: np.copyto(target, source))
+                _copy_run(gather, self._pages[chosen.start:chosen.stop], grid.numpy()[where].reshape(count, *shape),
+                          firsts[start], chunk_ids, lambda target, source: np.copyto(target, source))
 
     def _grid(self, rows: torch.Tensor, pages_per_chunk: int) -> torch.Tensor:
         """``rows`` seen as ``(rows, segment, pages of the chunk)``: the first ``chunk_bytes`` of each row."""

@@ -517,6 +517,29 @@ def test_runs_of_chunks_copy_in_one_call_with_the_same_bytes(monkeypatch: pytest
     assert all(torch.equal(a, b) for a, b in zip(planes.unbind(0), reference.segments, strict=True))
 
 
+@pytest.mark.parametrize("torch_chunk_bytes", [1, 1 << 40], ids=["torch", "numpy"])
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_evenly_spaced_segments_in_either_order_copy_runs_with_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch, order: str, torch_chunk_bytes: int) -> None:
+    """A list of evenly spaced segments copies a run in one call; segments in descending address order (a
+    negative step, which torch cannot view) go through NumPy whatever the run's size. Bytes equal the
+    per-segment torch path's."""
+    monkeypatch.setattr(native, "TORCH_CHUNK_BYTES", torch_chunk_bytes)
+    planes = torch.randn(6, NUM_BLOCKS, 4, 8, generator=torch.Generator().manual_seed(9)).view(torch.uint8)
+    segments = list(planes.view(6, NUM_BLOCKS, -1).unbind(0))
+    if order == "descending":
+        segments.reverse()
+    fast, reference = PagedKV(segments), PagedKV([s.clone() for s in segments], use_numpy=False)
+    assert fast._pages is not None and (fast._pages_tensor is None) == (order == "descending")
+    got, expected = _rows(10, fast.chunk_bytes()), _rows(10, fast.chunk_bytes())
+    fast.gather_to_slots(range(2, 8), got, [4, 5, 6, 7, 0, 1])
+    reference.gather_to_slots(list(range(2, 8)), expected, torch.tensor([4, 5, 6, 7, 0, 1]))
+    assert torch.equal(got, expected)
+    fast.scatter_from_slots(range(6, 12), got, [0, 1, 4, 5, 6, 7])
+    reference.scatter_from_slots(list(range(6, 12)), expected, torch.tensor([0, 1, 4, 5, 6, 7]))
+    assert all(torch.equal(a, b) for a, b in zip(segments, reference.segments, strict=True))
+
+
 def test_a_plane_tensor_is_checked_once() -> None:
     planes = torch.zeros(4, NUM_BLOCKS, 64, dtype=torch.uint8)
     for bad in (planes.view(torch.int8), planes[:, :, ::2], planes[:0], planes[0]):

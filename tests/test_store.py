@@ -49,6 +49,32 @@ def test_lookup_is_the_leading_run(make_store: StoreFactory, layout: KVLayout) -
     assert (stats.lookups, stats.hit_blocks, stats.miss_blocks) == (2, 2, 4)
 
 
+def test_lookup_acquire_is_a_lookup_then_an_acquire_of_its_run(make_store: StoreFactory, layout: KVLayout) -> None:
+    """In one pass where the run is in host: the same result, pins and counters as the two calls."""
+    one, two = make_store(), make_store()
+    for store in (one, two):
+        keys = keys_for(store, 4)
+        store.put([keys[0], keys[1], keys[3]], random_blocks(layout, 3)).wait()
+    keys = keys_for(one, 4)
+    found, lease = one.lookup_acquire(keys)
+    expected_found = two.lookup(keys)
+    expected_lease = two.acquire(keys[: expected_found.num_blocks])
+    assert (found, lease.keys, lease.slots) == (expected_found, expected_lease.keys, expected_lease.slots)
+    assert found.num_blocks == 2 and one.stats() == two.stats()
+    with pytest.raises(InvalidInputError):  # pinned: nothing can take the slots until released
+        one.host.reserve([keys[0]])
+    one.release(lease)
+    two.release(expected_lease)
+    assert one.host.stats().pinned_blocks == 0
+    empty_found, empty = one.lookup_acquire(keys[2:3])
+    assert (empty_found.num_blocks, empty.slots) == (0, ())
+    with pytest.raises(InvalidInputError):
+        one.lookup_acquire([keys[0], keys[0]])
+    one.close()
+    with pytest.raises(ClosedError):
+        one.lookup_acquire(keys)
+
+
 def test_put_deduplicates(make_store: StoreFactory, layout: KVLayout) -> None:
     store = make_store()
     keys = keys_for(store, 2)

@@ -83,6 +83,25 @@ def test_lookup_starts_disk_reads_at_once(layout: KVLayout, tmp_path: Path) -> N
         store.release(lease)
 
 
+def test_lookup_acquire_reads_disk_blocks_as_lookup_and_acquire_do(layout: KVLayout, tmp_path: Path) -> None:
+    """A run that continues on disk (or a promotion in flight) goes through the two calls: prefetched, waited
+    for, and leased whole, with the tiers the lookup found."""
+    blocks = random_blocks(layout, 8)
+    with disk_store(layout, tmp_path) as store:
+        keys = keys_for(store, 8)
+        for start in range(0, 8, 2):
+            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
+        store.flush()
+    with disk_store(layout, tmp_path) as store:
+        assert read(store, keys[2:4])[1] == ()  # host: blocks 2 and 3; disk only: 0 and 1
+        found, lease = store.lookup_acquire(keys[:4])
+        assert found.tiers == (Tier.DISK, Tier.DISK, Tier.HOST, Tier.HOST) and len(lease.slots) == 4
+        assert all(torch.equal(store.slot_view(slot).view(layout.block_shape), block)
+                   for slot, block in zip(lease.slots, blocks[:4], strict=True))
+        store.release(lease)
+        assert store.stats().lookups == 1
+
+
 class FailingTransfers:
     """The store's transfer engine, whose jobs in ``direction`` report an error after copying."""
 

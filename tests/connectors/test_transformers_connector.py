@@ -176,6 +176,25 @@ def test_a_restore_reuses_the_memory_an_earlier_cache_gave_up_and_never_one_in_u
     assert connector.restore_buffers.reused == 2 and connector.restore_buffers.allocated == 2
 
 
+def test_a_restored_layer_is_what_lazy_initialization_and_setting_k_and_v_leave(llama: Any, store: Store) -> None:
+    """Restored full-attention layers are copies of one initialised template: each its own object, with the
+    attributes ``lazy_initialization`` sets for their K and V, and their own K and V."""
+    from transformers.cache_utils import DynamicLayer
+
+    connector = TransformersConnector(llama, store)
+    ids = tokens(40)
+    connector.prefill(ids)
+    layers = connector.restore(ids).cache.layers
+    assert len({id(layer) for layer in layers}) == len(layers)
+    for layer in layers:
+        expected = DynamicLayer()
+        expected.lazy_initialization(layer.keys, layer.values)
+        assert type(layer) is DynamicLayer and layer.is_initialized and layer.keys.shape[2] == 24
+        assert {k: v for k, v in vars(layer).items() if k not in ("keys", "values")} == {
+            k: v for k, v in vars(expected).items() if k not in ("keys", "values")}
+    assert len({layer.keys.data_ptr() for layer in layers}) == len(layers)
+
+
 def test_padded_batch_is_refused(llama: Any, store: Store) -> None:
     connector = TransformersConnector(llama, store)
     mask = torch.ones(2, 30, dtype=torch.long)

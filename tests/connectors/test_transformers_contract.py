@@ -65,15 +65,22 @@ def test_the_contract_holds_at_the_demo_shape_under_other_kernel_paths(kernels: 
 
 def test_the_check_fails_on_restored_kv_that_is_not_what_was_saved(monkeypatch: pytest.MonkeyPatch) -> None:
     check = load_check()
-    original = Store.acquire
+    original, original_pair = Store.acquire, Store.lookup_acquire
 
-    def corrupting_acquire(self: Store, keys: Any, timeout: float | None = None) -> Any:
-        lease = original(self, keys, timeout)
+    def corrupt(store: Store, lease: Any) -> Any:
         for slot in lease.slots[2:3]:
-            self.slot_view(slot)[11] *= 1.5
+            store.slot_view(slot)[11] *= 1.5
         return lease
 
+    def corrupting_acquire(self: Store, keys: Any, timeout: float | None = None) -> Any:
+        return corrupt(self, original(self, keys, timeout))
+
+    def corrupting_pair(self: Store, keys: Any) -> Any:
+        found, lease = original_pair(self, keys)
+        return found, corrupt(self, lease)
+
     monkeypatch.setattr(Store, "acquire", corrupting_acquire)
+    monkeypatch.setattr(Store, "lookup_acquire", corrupting_pair)
     outcome = check.check(torch.float32)
     assert not outcome["held"] and not any(r["kv_identical"] for r in outcome["requests"])
 

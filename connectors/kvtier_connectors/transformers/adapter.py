@@ -50,15 +50,13 @@ Promises:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import transformers
@@ -86,6 +84,18 @@ from kvtier_connectors.transformers.models import SUPPORTED_TRANSFORMERS, transf
 # Elements sampled from each weight tensor for the model id: enough that two random initialisations or
 # a fine-tune never share a digest, few enough that hashing a large model takes milliseconds.
 _WEIGHT_SAMPLES = 64
+
+
+_Plain = TypeVar("_Plain")
+
+
+def _copy_of(obj: _Plain) -> _Plain:
+    """What ``copy.copy`` returns for an object whose state is its ``__dict__`` (the caches and layers here),
+    without the copy protocol's calls: each restore makes one per layer, and after a model's forward (the CPU
+    caches cold) the protocol cost about 15 us a restore against a few."""
+    new: _Plain = type(obj).__new__(type(obj))
+    new.__dict__.update(vars(obj))
+    return new
 
 
 class UnsupportedModelError(KvtierError):
@@ -277,6 +287,8 @@ class TransformersConnector:
         # An empty cache built from the config once; each restore copies it with fresh layers of the same kinds
         # (``DynamicCache(config=)`` reads the config's layer types again: ~0.1 ms a restore).
         self._empty_cache = DynamicCache(config=self.model.config)
+        # Per device, a full-attention layer as ``lazy_initialization`` leaves it (see ``_full_layer``).
+        self._layer_templates: dict[torch.device, DynamicLayer] = {}
         self.cache_kwarg = cache_kwarg(model)
         # The arena is registered with CUDA on the model's device (a store that cannot pin, such as a
         # test double, is copied through the same kernels' correct fallback).
@@ -314,13 +326,30 @@ class TransformersConnector:
         """The model's device (that of its first parameter, as ``model.device`` says, without its module walk)."""
         return self._device_probe.device
 
-    def _restore_cache(self) -> DynamicCache:
-        """``new_cache()``, from the template built at construction: the same attributes, new layers of the
-        kinds ``_check_cache_layers`` accepted (full attention, or a sliding window of the same size)."""
-        cache = copy.copy(self._empty_cache)
-        cache.layers = [DynamicLayer() if window is None else DynamicSlidingWindowLayer(sliding_window=window)
-                        for window in self.windows]
+    def _restore_cache(self, layers: list[Any] | None = None) -> DynamicCache:
+        """``new_cache()``, from the template built at construction: the same attributes, and ``layers`` (a
+        restore's) or else new layers of the kinds ``_check_cache_layers`` accepted (full attention, or a
+        sliding window of the same size)."""
+        cache = _copy_of(self._empty_cache)
+        cache.layers = layers if layers is not None else [
+            DynamicLayer() if window is None else DynamicSlidingWindowLayer(sliding_window=window)
+            for window in self.windows]
         return cache
+
+    def _full_layer(self, like: torch.Tensor) -> DynamicLayer:
+        """A full-attention layer as ``lazy_initialization`` leaves it for K and V of ``like``'s dtype and device.
+
+        Built once per device from empty tensors (it depends on nothing else of them); a restored layer is a
+        copy of it with its K and V set, as ``lazy_initialization`` followed by setting them would leave it,
+        without the two tensors that call builds per layer (5-10 us each after a model's forward).
+        """
+        template = self._layer_templates.get(like.device)
+        if template is None:
+            template = DynamicLayer()
+            empty = like.new_empty(0)
+            template.lazy_initialization(empty, empty)
+            self._layer_templates[like.device] = template
+        return template
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -359,33 +388,49 @@ class TransformersConnector:
         if device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             start.record(torch.cuda.current_stream(device))
-        cache = self._restore_cache()
         max_tokens = input_ids.shape[1] - self.min_tail_tokens
         if max_tokens <= 0:
-            return Restored(cache, 0, 0, (), time.perf_counter() - started)
+            return Restored(self._restore_cache(), 0, 0, (), time.perf_counter() - started)
         # Only the blocks that can be used (the last one may be cut to leave min_tail_tokens), so that no
         # disk read is started for the others.
         usable = -(-max_tokens // self.layout.block_tokens)
-        lookups = [self.store.lookup(row_keys[:usable]) for row_keys in keys]
-        num_blocks = min(result.num_blocks for result in lookups)
-        if num_blocks == 0:
-            return Restored(cache, 0, 0, (), time.perf_counter() - started)
-        leases = [self.store.acquire(row_keys[:num_blocks]) for row_keys in keys]
+        lookups, leases = self._lookup_and_acquire([row_keys[:usable] for row_keys in keys])
+        if not leases:
+            return Restored(self._restore_cache(), 0, 0, (), time.perf_counter() - started)
         event = None
+        layers = None
         try:
             # A block may have gone (evicted, corrupt on disk) between lookup and acquire: restore what all
             # rows still hold, contiguous from the start.
             num_blocks = min(len(lease.slots) for lease in leases)
             num_tokens = min(num_blocks * self.layout.block_tokens, max_tokens)
             if num_blocks:
-                event = self._fill(cache, leases, num_blocks, num_tokens)
+                layers, event = self._fill(leases, num_blocks, num_tokens)
         finally:
             if event is None:
                 self._release(leases)
             else:
                 self._pending.append((event, lambda: self._release(leases)))
-        return Restored(cache, num_tokens, num_blocks, lookups[0].tiers[:num_blocks], time.perf_counter() - started,
-                        None if start is None or event is None else (start, event))
+        return Restored(self._restore_cache(layers), num_tokens, num_blocks, lookups[0].tiers[:num_blocks],
+                        time.perf_counter() - started, None if start is None or event is None else (start, event))
+
+    def _lookup_and_acquire(self, keys: list[list[bytes]]) -> tuple[list[LookupResult], list[Lease]]:
+        """Each row's lookup, then (if every row has a stored prefix) a lease on each row's first blocks, as
+        many as the shortest prefix has; no leases if a row has none.
+
+        Every row is looked up before any is acquired, so that the disk reads of all rows start at once. A
+        single row goes through the store's ``lookup_acquire`` where its class defines one (``kvtier.Store``:
+        one call instead of two for a prefix in host memory); not through a wrapper's attribute forwarding,
+        which would skip the wrapper's own ``lookup`` and ``acquire``.
+        """
+        if len(keys) == 1 and getattr(type(self.store), "lookup_acquire", None) is not None:
+            found, lease = self.store.lookup_acquire(keys[0])  # type: ignore[attr-defined]
+            return [found], [lease] if lease.slots else []
+        lookups = [self.store.lookup(row_keys) for row_keys in keys]
+        num_blocks = min(result.num_blocks for result in lookups)
+        if num_blocks == 0:
+            return lookups, []
+        return lookups, [self.store.acquire(row_keys[:num_blocks]) for row_keys in keys]
 
     def _rows_of(self, handles: Sequence[Lease | Reservation]) -> torch.Tensor:
         """The arena rows of ``handles``, checked for each: a daemon restart between them raises StaleHandleError."""
@@ -411,54 +456,55 @@ class TransformersConnector:
         """Wait for every save and restore copy in flight, then commit and release what they held."""
         self._settle(wait=True)
 
-    def _planes(self, kv: torch.Tensor, num_rows: int) -> PagedKV:
-        """``kv`` (``[layer, plane, head, row, tokens, dim]``, contiguous) as one segment per (layer, plane, head).
-
-        A page is one block's tokens of one head (``[block tokens, dim]``), block id ``row * blocks + b``:
-        a chunk (block ``b`` of row ``row``) in segment order is exactly a stored block, so a block moves
-        between its slot and the cache in one copy. The segments are evenly spaced (one tensor).
-        """
-        layout = self.layout
-        pages = num_rows * (kv.shape[4] // layout.block_tokens)
-        return PagedKV(kv.view(torch.uint8).view(layout.num_layers * 2 * layout.num_kv_heads, pages, -1))
-
-    def _kv_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised contiguous tensor of ``shape`` in the layout's dtype, on the model's device."""
-        dtype, device = self.layout.torch_dtype, self.device
+    def _kv_bytes(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` uninitialised bytes (a contiguous uint8 tensor) on the model's device."""
+        device = self.device
         if device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
-        nbytes = math.prod(shape) * dtype.itemsize
-        return self.restore_buffers.take(nbytes).view(dtype).view(shape)
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return self.restore_buffers.take(nbytes)
 
-    def _fill(self, cache: DynamicCache, leases: list[Lease], num_blocks: int,
-              num_tokens: int) -> torch.cuda.Event | None:
-        """Restore the leased blocks into ``cache``; on CUDA, the event after which the leases may go.
+    def _fill(self, leases: list[Lease], num_blocks: int,
+              num_tokens: int) -> tuple[list[Any], torch.cuda.Event | None]:
+        """The cache layers holding the leased blocks' first ``num_tokens`` tokens; on CUDA, the event after
+        which the leases may go.
 
         One copy of each block from its slot into the cache's layout, shared by every device: one kernel
         launch on CUDA (reading the registered arena in place), one strided copy per run of blocks on the CPU. Each
-        layer's K and V are views of one ``[layer, plane, head, row, tokens, dim]`` tensor.
+        layer's K and V are views of one ``[layer, plane, head, row, tokens, dim]`` tensor, seen by the copy as
+        one segment per (layer, plane, head) whose pages are one block's ``[block tokens, dim]`` of one row,
+        block id ``row * blocks + b``: a chunk (block ``b`` of row ``row``) in segment order is exactly a stored
+        block, so a block moves between its slot and the cache in one copy.
         """
         layout = self.layout
         slots = [slot for lease in leases for slot in lease.slots[:num_blocks]]
+        planes, heads, rows = 2 * layout.num_layers, layout.num_kv_heads, len(leases)
         tokens = num_blocks * layout.block_tokens
-        kv = self._kv_tensor((layout.num_layers, 2, layout.num_kv_heads, len(leases), tokens, layout.head_dim))
-        self._planes(kv, len(leases)).scatter_from_slots(range(len(slots)), self._rows_of(leases), slots)
+        kv = self._kv_bytes(planes * heads * rows * tokens * layout.head_dim * layout.torch_dtype.itemsize)
+        PagedKV(kv.view(planes * heads, len(slots), -1)).scatter_from_slots(range(len(slots)), self._rows_of(leases),
+                                                                            slots)
         event = None
         if kv.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record(torch.cuda.current_stream(kv.device))
-        # [layer, plane, head, row, tokens, dim] -> [row, head, tokens, dim] per layer and plane: views
-        # (contiguous for one row), cut for every layer at once (slicing each layer's took ~40 ops a restore).
-        planes = (pair.unbind(0) for pair in kv.transpose(2, 3)[..., :num_tokens, :].unbind(0))
-        layers: list[Any] = cache.layers
-        for layer, (keys, values) in zip(layers, planes, strict=True):
-            if type(layer) is DynamicLayer:
-                # Set directly: ``update`` would concatenate onto an empty tensor, a second full copy.
-                layer.lazy_initialization(keys, values)
+        # [layer * plane, head, row, tokens, dim] -> [row, head, num_tokens, dim] per layer and plane: views
+        # (contiguous for one row), cut for every layer at once by one strided view (slicing each layer's took
+        # ~40 ops a restore; a view, transpose and slice of the whole 15 us more than this after a forward).
+        dim = layout.head_dim
+        cut = kv.view(layout.torch_dtype).as_strided(
+            (planes, rows, heads, num_tokens, dim),
+            (heads * rows * tokens * dim, tokens * dim, rows * tokens * dim, dim, 1)).unbind(0)
+        template = self._full_layer(cut[0])
+        layers: list[Any] = []
+        for window, keys, values in zip(self.windows, cut[0::2], cut[1::2], strict=True):
+            if window is None:
+                # K and V set directly: ``update`` would concatenate onto an empty tensor, a second full copy.
+                layer = _copy_of(template)
                 layer.keys, layer.values = keys, values
             else:
+                layer = DynamicSlidingWindowLayer(sliding_window=window)
                 layer.update(keys, values)
-        return event
+            layers.append(layer)
+        return layers, event
 
     def save(self, input_ids: torch.Tensor, cache: DynamicCache, *, start_block: int = 0) -> int:
         """Save the whole blocks of ``input_ids`` from ``cache`` that the store lacks; the number written.

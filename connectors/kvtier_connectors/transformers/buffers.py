@@ -44,42 +44,52 @@ class RestoreBuffers:
         self.reused = 0
         self.allocated = 0
         self._lock = threading.Lock()
-        # Buffers, most recently handed out last, each with a weak reference to its view in use (or None).
-        self._buffers: list[tuple[np.ndarray, weakref.ref[np.ndarray] | None]] = []
+        # Buffers, most recently handed out last: (buffer, offset of its aligned start, weak reference to
+        # its view in use or None). The offset is kept: ``ndarray.ctypes`` builds an object per read.
+        self._buffers: list[tuple[np.ndarray, int, weakref.ref[np.ndarray] | None]] = []
+        # Bytes of every buffer, idle or not: while they fit ``max_idle_bytes`` there is nothing to trim.
+        self._held_bytes = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 host tensor of ``nbytes`` bytes, over idle reused memory where the pool has some."""
         if nbytes < 0:
             raise InvalidInputError(f"nbytes must be >= 0, got {nbytes}")
         with self._lock:
-            self._trim()
-            idle = [i for i, (_, in_use) in enumerate(self._buffers) if in_use is None or in_use() is None]
-            fitting = [i for i in idle if nbytes <= self._buffers[i][0].size - _ALIGN <= 2 * nbytes + _ALIGN]
-            if fitting:
-                chosen = min(fitting, key=lambda i: self._buffers[i][0].size)
-                buffer = self._buffers.pop(chosen)[0]
+            if self._held_bytes > self.max_idle_bytes:
+                self._trim()
+            chosen, chosen_size = -1, 0
+            for i, (buffer, _, in_use) in enumerate(self._buffers):
+                size = buffer.size
+                if ((in_use is None or in_use() is None) and nbytes <= size - _ALIGN <= 2 * nbytes + _ALIGN
+                        and (chosen < 0 or size < chosen_size)):
+                    chosen, chosen_size = i, size
+            if chosen >= 0:
+                buffer, start, _ = self._buffers.pop(chosen)
                 self.reused += 1
             else:
                 buffer = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+                start = -buffer.ctypes.data % _ALIGN
+                self._held_bytes += buffer.size
                 self.allocated += 1
-            start = -buffer.ctypes.data % _ALIGN
             view = buffer[start:start + nbytes]
-            self._buffers.append((buffer, weakref.ref(view)))
+            self._buffers.append((buffer, start, weakref.ref(view)))
         return torch.from_numpy(view)
 
     def idle_bytes(self) -> int:
         """Bytes of the buffers nothing refers to now."""
         with self._lock:
-            return sum(buffer.size for buffer, in_use in self._buffers if in_use is None or in_use() is None)
+            return sum(buffer.size for buffer, _, in_use in self._buffers if in_use is None or in_use() is None)
 
     def _trim(self) -> None:
         """Free the idle buffers beyond ``max_idle_bytes``, the least recently used first."""
         kept = 0
-        survivors: list[tuple[np.ndarray, weakref.ref[np.ndarray] | None]] = []
-        for buffer, in_use in reversed(self._buffers):
+        survivors: list[tuple[np.ndarray, int, weakref.ref[np.ndarray] | None]] = []
+        for buffer, start, in_use in reversed(self._buffers):
             if in_use is not None and in_use() is not None:
-                survivors.append((buffer, in_use))
+                survivors.append((buffer, start, in_use))
             elif kept + buffer.size <= self.max_idle_bytes:
                 kept += buffer.size
-                survivors.append((buffer, None))
+                survivors.append((buffer, start, None))
+            else:
+                self._held_bytes -= buffer.size
         self._buffers = survivors[::-1]
