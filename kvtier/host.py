@@ -134,27 +134,37 @@ class HostTier:
         self._free.append(entry.slot)
         self._evictions += 1
 
-    def commit(self, keys: Sequence[bytes]) -> None:
-        """Make reserved slots readable and hand them to the eviction policy."""
+    def commit(self, keys: Sequence[bytes], slots: Sequence[int] | None = None) -> None:
+        """Make reserved slots readable and hand them to the eviction policy; see ``_writing_entries``."""
         with self._lock:
-            for key in keys:
-                entry = self._writing_entry(key)
-                entry.state = SlotState.READY
+            for key, _ in self._writing_entries(keys, slots):
+                self._entries[key].state = SlotState.READY
                 self._policy.insert(key)
 
-    def abort(self, keys: Sequence[bytes]) -> None:
+    def abort(self, keys: Sequence[bytes], slots: Sequence[int] | None = None) -> None:
         """Free reserved slots whose bytes never fully arrived; they were never readable."""
         with self._lock:
-            for key in keys:
-                entry = self._writing_entry(key)
+            for key, entry in self._writing_entries(keys, slots):
                 del self._entries[key]
                 self._free.append(entry.slot)
 
-    def _writing_entry(self, key: bytes) -> _Entry:
-        entry = self._entries.get(key)
-        if entry is None or entry.state is not SlotState.WRITING:
-            raise InvalidInputError("commit/abort of a key that is not reserved")
-        return entry
+    def _writing_entries(self, keys: Sequence[bytes], slots: Sequence[int] | None) -> list[tuple[bytes, _Entry]]:
+        """The reservation of each key, all checked before any changes: each must be writing and, where
+        ``slots`` are given, in ``slots[i]``. A reservation that ended (committed, aborted) and whose key was
+        reserved again since (by a promotion, another writer) is in another slot: committing that one would
+        make a block readable while someone else's bytes are still arriving in it."""
+        if slots is not None and len(slots) != len(keys):
+            raise InvalidInputError(f"{len(slots)} slots for {len(keys)} reserved keys")
+        entries: list[tuple[bytes, _Entry]] = []
+        for i, key in enumerate(keys):
+            entry = self._entries.get(key)
+            if entry is None or entry.state is not SlotState.WRITING:
+                raise InvalidInputError("commit/abort of a key that is not reserved")
+            if slots is not None and entry.slot != slots[i]:
+                raise InvalidInputError("commit/abort of a reservation that ended: its key is reserved in another "
+                                        "slot now")
+            entries.append((key, entry))
+        return entries
 
     def acquire(self, keys: Sequence[bytes]) -> list[int | None]:
         """Pin each ready key for reading and return its slot (``None`` where the key is not ready)."""

@@ -541,18 +541,27 @@ class Store:
             return Reservation(tuple(todo), tuple(slots), tuple(k for k in keys if k in present), self.arena.name)
 
     def commit(self, reservation: Reservation) -> None:
+        """Make the reserved blocks readable; ``InvalidInputError`` (nothing changes) for a reservation that
+        ended or is not this store's (a key not reserved, or reserved again since in another slot)."""
         with self._lock:
             self._check_open()
-            self.host.commit(reservation.keys)
+            self.host.commit(reservation.keys, self._slots_of(reservation))
             self._counters["put_blocks"] += len(reservation.keys)
             self._counters["bytes_put"] += len(reservation.keys) * self.layout.block_bytes
             pinned = self._pin_for_write_through(reservation.keys)
         self._queue_write_through(pinned)
 
     def abort(self, reservation: Reservation) -> None:
+        """Drop the reserved slots (their blocks never become readable); checked as ``commit``."""
         with self._lock:
             self._check_open()
-            self.host.abort(reservation.keys)
+            self.host.abort(reservation.keys, self._slots_of(reservation))
+
+    @staticmethod
+    def _slots_of(reservation: Reservation) -> tuple[int, ...] | None:
+        """The slots a reservation's keys must still be reserved in; ``None`` for one made by key alone (the
+        daemon's sessions, which keep their own record of what each connection reserved)."""
+        return reservation.slots if reservation.slots or not reservation.keys else None
 
     def acquire(self, keys: Sequence[bytes], timeout: float | None = None) -> Lease:
         """Pin the longest leading run of ``keys`` that is readable, promoting lower-tier blocks first (blocking).

@@ -110,3 +110,14 @@ def test_drop(tier: HostTier) -> None:
     assert tier.stats().used_blocks == used - 1
     # The pinned block is untouched: still readable, its bytes still its own.
     assert tier.is_ready(key(2)) and bool(torch.all(tier.payload(pinned_slot) == 2))
+
+
+def test_a_commit_with_slots_checks_every_key_before_changing_any(tier: HostTier) -> None:
+    slots = tier.reserve([key(1), key(2)])
+    with pytest.raises(InvalidInputError, match="slots for"):
+        tier.commit([key(1), key(2)], slots[:1])
+    with pytest.raises(InvalidInputError, match="another slot"):
+        tier.commit([key(1), key(2)], [slots[0], slots[0]])
+    assert tier.state(key(1)) is tier.state(key(2)) is SlotState.WRITING
+    tier.commit([key(1), key(2)], slots)
+    assert tier.state(key(1)) is tier.state(key(2)) is SlotState.READY

@@ -259,3 +259,29 @@ def test_a_copy_that_cannot_be_queued_fails_its_blocks_and_holds_no_slot(layout:
         assert store.get(keys, [*out, torch.empty(layout.block_shape)]).wait(10).ok
         assert all(torch.equal(got, block) for got, block in zip(out, blocks, strict=False))
         assert store.host.stats().pinned_blocks == 0
+
+
+def test_a_reservation_that_ended_cannot_commit_or_abort_the_keys_reserved_again(make_store: StoreFactory,
+                                                                                   layout: KVLayout) -> None:
+    """A caller's second commit or abort of a reservation whose key was reserved again since (by another writer,
+    a promotion) would make that writer's block readable while its bytes are still arriving, or free its slot
+    under it: refused, and the new reservation is untouched."""
+    store = make_store(num_slots=4)
+    key = keys_for(store, 1)
+    old = store.reserve(key)
+    store.abort(old)
+    blocker = store.reserve(keys_for(store, 2)[1:])  # the old slot goes to another key first
+    new = store.reserve(key)
+    assert new.slots != old.slots
+    for stale in (store.commit, store.abort):
+        with pytest.raises(InvalidInputError, match="ended"):
+            stale(old)
+    assert store.lookup(key).num_blocks == 0  # still being written
+    block = random_blocks(layout, 1)[0]
+    store.slot_view(new.slots[0]).copy_(block.reshape(-1))
+    store.commit(new)
+    store.abort(blocker)
+    out = [torch.empty(layout.block_shape)]
+    assert store.get(key, out).wait().ok and torch.equal(out[0], block)
+    with pytest.raises(InvalidInputError, match="not reserved"):
+        store.commit(new)  # committed already
