@@ -493,7 +493,10 @@ class DiskTier:
             if indexed.get(scope) != epoch:
                 self._index.write_epoch(scope, epoch)
         if recorded != epochs:
-            write_epoch_file(self._epoch_path, epochs)
+            try:
+                write_epoch_file(self._epoch_path, epochs)
+            except OSError as exc:
+                raise DiskError(f"cannot record the key epochs in {self._epoch_path}: {exc}") from exc
         regions, entries = self._index.load()
         sealed = sorted((seq, region) for region, (state, seq) in regions.items()
                         if state == RegionState.SEALED and region < len(self._regions))

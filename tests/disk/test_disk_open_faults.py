@@ -194,3 +194,10 @@ def test_an_epoch_that_cannot_be_recorded_is_a_disk_error_and_changes_nothing(
         with pytest.raises(DiskError, match="key epoch"):
             tier.write_epoch("model", 1)
         assert tier.read_epochs() == {}
+
+
+def test_an_epoch_file_that_cannot_be_written_at_open_is_a_disk_error(tmp_path: Path, kit: DiskKit) -> None:
+    (tmp_path / "kvtier-epochs.json.tmp").mkdir()  # where the file is written first: a directory, not a file
+    config = DiskConfig(paths=(str(tmp_path),), capacity_bytes="1MiB", region_bytes="256KiB")
+    with pytest.raises(DiskError, match="key epochs"):
+        DiskTier(config, kit.layout)
