@@ -47,6 +47,17 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> bool:
     return True
 
 
+def on_disk(layout: KVLayout, path: Path) -> tuple[list[bytes], list[torch.Tensor]]:
+    """The keys and blocks of 8 blocks put into a disk store at ``path``, closed: a reopen finds them on disk."""
+    blocks = random_blocks(layout, 8)
+    with disk_store(layout, path) as store:
+        keys = keys_for(store, 8)
+        for start in range(0, 8, 2):
+            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
+        store.flush()
+    return keys, blocks
+
+
 def test_the_disk_copy_stays_valid_after_promotion(layout: KVLayout, tmp_path: Path) -> None:
     blocks = random_blocks(layout, 8)
     with disk_store(layout, tmp_path) as store:
@@ -65,12 +76,7 @@ def test_the_disk_copy_stays_valid_after_promotion(layout: KVLayout, tmp_path: P
 
 
 def test_lookup_starts_disk_reads_at_once(layout: KVLayout, tmp_path: Path) -> None:
-    blocks = random_blocks(layout, 8)
-    with disk_store(layout, tmp_path) as store:
-        keys = keys_for(store, 8)
-        for start in range(0, 8, 2):
-            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
-        store.flush()
+    keys, blocks = on_disk(layout, tmp_path)
     with disk_store(layout, tmp_path) as store:
         found = store.lookup(keys[:3])
         assert found.num_blocks == 3 and set(found.tiers) == {Tier.DISK}
@@ -86,12 +92,7 @@ def test_lookup_starts_disk_reads_at_once(layout: KVLayout, tmp_path: Path) -> N
 def test_lookup_acquire_reads_disk_blocks_as_lookup_and_acquire_do(layout: KVLayout, tmp_path: Path) -> None:
     """A run that continues on disk (or a promotion in flight) goes through the two calls: prefetched, waited
     for, and leased whole, with the tiers the lookup found."""
-    blocks = random_blocks(layout, 8)
-    with disk_store(layout, tmp_path) as store:
-        keys = keys_for(store, 8)
-        for start in range(0, 8, 2):
-            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
-        store.flush()
+    keys, blocks = on_disk(layout, tmp_path)
     with disk_store(layout, tmp_path) as store:
         assert read(store, keys[2:4])[1] == ()  # host: blocks 2 and 3; disk only: 0 and 1
         found, lease = store.lookup_acquire(keys[:4])

@@ -7,11 +7,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -118,8 +116,9 @@ def test_a_region_torn_by_a_crash_is_discarded(disk_config: Config, kit: DiskKit
 
 # Fills a tier of 4 regions, reads half of region 0's blocks once (hot: reinserted when region 0 is evicted),
 # makes the reinsertion's reads slow, then offers one more block (argv[2] "wait": the offer opens the next
-# region itself; "nowait": as the store demotes, it is refused and the region opens on the I/O pool) and
-# flushes while the region is being opened. Prints what the offer returned and FLUSHED, then dies at once.
+# region itself; "nowait": as the store demotes, it is refused and the region opens on the I/O pool) and calls
+# argv[3] ("flush" or "close") while the region is being opened. Prints what the offer returned and DONE,
+# then dies at once.
 OPENING = """
 import os, sys, threading, time, torch
 from kvtier.config import DiskConfig
@@ -148,58 +147,29 @@ offer = threading.Thread(target=lambda: print(tier.offer(key(1000), payload(1000
                                               flush=True))
 offer.start()
 assert entered.wait(5)
-flush = threading.Thread(target=tier.flush)
-flush.start()
+ending = threading.Thread(target=getattr(tier, sys.argv[3]))
+ending.start()
 time.sleep(0.3)
 gate.set()
 offer.join()
-flush.join()
-print("FLUSHED", flush=True)
+ending.join()
+print("DONE", flush=True)
 os._exit(0)
 """
 
 
-@pytest.mark.parametrize(("mode", "offered"), [("wait", "True"), ("nowait", "False")])
-def test_a_flush_while_a_region_opens_writes_it_before_returning(disk_config: Config, kit: DiskKit, mode: str,
-                                                                 offered: str) -> None:
+@pytest.mark.parametrize(("mode", "offered", "ending"), [("wait", "True", "flush"), ("nowait", "False", "flush"),
+                                                       ("wait", "True", "close")])
+def test_a_flush_or_close_while_a_region_opens_writes_it_before_returning(disk_config: Config, kit: DiskKit, mode: str,
+                                                                          offered: str, ending: str) -> None:
     """A region opened by eviction holds the hot blocks it reinserted, whose older copies its OPEN mark forgets;
-    a flush that returned before writing it lost them (and the block offered into it) to the crash after."""
+    a flush or close that returned before writing it lost them (and the block offered into it) to the crash
+    after."""
     cfg = disk_config(reinsert_hits=1)
-    child = subprocess.run([sys.executable, "-c", OPENING, cfg.paths[0], mode], cwd=REPO, capture_output=True,
-                           text=True, timeout=120)
-    assert child.stdout.split() == [offered, "FLUSHED"], child.stdout + child.stderr
+    child = subprocess.run([sys.executable, "-c", OPENING, cfg.paths[0], mode, ending], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert child.stdout.split() == [offered, "DONE"], child.stdout + child.stderr
     with DiskTier(cfg, kit.layout) as tier:
         kit.assert_holds(tier, range(6))
         if mode == "wait":
             kit.assert_holds(tier, range(1000, 1001))
-
-
-def test_a_close_while_a_region_opens_writes_it(disk_config: Config, kit: DiskKit) -> None:
-    cfg = disk_config(reinsert_hits=1)
-    tier = DiskTier(cfg, kit.layout)
-    kit.fill(tier, range(4 * kit.per_region))
-    tier.flush()
-    hot = range(kit.per_region // 2)
-    kit.assert_holds(tier, hot)  # read once: reinserted when region 0 is evicted
-    entered, gate, real = threading.Event(), threading.Event(), tier._read_entry
-
-    def slow_read(*args: Any) -> Any:
-        entered.set()
-        gate.wait(10)
-        return real(*args)
-
-    tier._read_entry = slow_read  # type: ignore[method-assign]
-    offered: list[bool] = []
-    offer = threading.Thread(target=lambda: offered.append(tier.offer(kit.key(1000), kit.payload(1000))))
-    offer.start()
-    assert entered.wait(5)
-    closing = threading.Thread(target=tier.close)
-    closing.start()
-    time.sleep(0.3)
-    gate.set()
-    offer.join(30)
-    closing.join(60)
-    assert offered == [True] and not closing.is_alive()
-    with DiskTier(cfg, kit.layout) as reopened:
-        kit.assert_holds(reopened, hot)
-        kit.assert_holds(reopened, range(1000, 1001))
