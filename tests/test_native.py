@@ -487,6 +487,43 @@ def test_a_launch_uploads_its_tables_once_from_host_arrays_and_sizes_its_grid(mo
     assert native.grid_size(3, touches_host=True) == 3
 
 
+def test_a_restore_into_one_tensor_of_segments_is_one_upload_and_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transformers connector's restore on CUDA: ``PagedKV`` over one ``(segment, block, page byte)``
+    tensor (not a list of segments) reads its shape and device from it and scatters every block of the
+    prefix in one launch, its tables built from that tensor and uploaded once from a host array."""
+    import contextlib
+    import types
+
+    from kvtier import native
+
+    caller = types.SimpleNamespace(cuda_stream=1)
+    launches: list[tuple[Any, ...]] = []
+    uploads: list[np.ndarray] = []
+
+    def upload(table: np.ndarray, device: torch.device, stream: object) -> torch.Tensor:
+        uploads.append(table.copy())
+        return torch.from_numpy(table.copy())
+
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda index: contextlib.nullcontext(), ExternalStream=lambda pointer: contextlib.nullcontext()))
+    monkeypatch.setattr(native, "upload_table", upload)
+    monkeypatch.setattr(native, "rows_addressable", lambda *args: True)
+    monkeypatch.setattr(native.importlib, "import_module", lambda name: fake_cupy)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(PagedKV, "_check_device", lambda self, chunks, what: None)
+    num_segments, page_bytes = 6, 64
+    planes = torch.zeros(num_segments * NUM_BLOCKS * page_bytes, dtype=torch.uint8).view(num_segments, NUM_BLOCKS, -1)
+    paged = PagedKV(planes, use_kernel=False)
+    assert (paged.num_segments, paged.num_blocks, paged.page_bytes) == (num_segments, NUM_BLOCKS, page_bytes)
+    # As a CUDA tensor's PagedKV is built: kernels, no host pages.
+    paged._kernels = (lambda *args: launches.append(args), lambda *args: launches.append(args))
+    paged.device, paged.backend, paged._pages, paged._pages_tensor = torch.device("cuda", 0), "cuda", None, None
+    slots = list(reversed(range(NUM_BLOCKS)))
+    paged.scatter_from_slots(range(NUM_BLOCKS), _rows(NUM_BLOCKS, paged.chunk_bytes()), slots)
+    assert len(uploads) == 1 and len(launches) == 1
+    assert list(uploads[0][2 * num_segments:2 * num_segments + NUM_BLOCKS]) == list(range(NUM_BLOCKS))
+
+
 @pytest.mark.parametrize("torch_chunk_bytes", [1, 1 << 40], ids=["torch", "numpy"])
 @pytest.mark.parametrize("pages_per_chunk", [1, 2])
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3, 4, 5, 6, 7], [1, 3, 5, 7, 9, 0, 2, 4], [6, 2, 3, 4, 9, 8, 7, 0],
