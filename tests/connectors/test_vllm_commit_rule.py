@@ -257,6 +257,28 @@ def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: Model
         assert held == list(range(6))
 
 
+def test_blocks_a_failed_load_left_unfilled_are_never_saved_by_a_later_request(model_config: ModelConfig,
+                                                                               engines: list[Engine]) -> None:
+    """Under the recompute policy vLLM keeps a failed synchronous load's blocks in its prefix cache for their
+    owner to recompute; aborted before it did, the owner leaves them there, and a request admitted later takes
+    them, and the chunks computed over them, as a local hit. That request's saves must not store them."""
+    engine, store = make_engine(model_config, engines, max_batched_tokens=4 * BLOCK)
+    tokens = prompt(11, 6 * BLOCK + 3)
+    store_prefix_then_forget(engine, tokens[: 4 * BLOCK + 1])
+    store.failing.add(chunk_key(engine, tokens, 1))
+    engine.add("owner", tokens, max_tokens=4)
+    engine.step()
+    assert engine.load_errors[-1], "the load never failed: the test lost its case"
+    engine.scheduler.finish_requests("owner", RequestStatus.FINISHED_ABORTED)
+    later = engine.add("later", tokens)
+    output = engine.step()
+    assert output.num_scheduled_tokens["later"] < BLOCK, "the later request did not take the blocks as a hit"
+    engine.run_until_done(later, timeout_s=30)
+    held, wrong = stored_chunks(engine, store, tokens)
+    assert not wrong, f"chunks stored over blocks a failed load left unfilled: {wrong}"
+    assert held == [0, 2, 3]  # the writer's, less the one deleted: nothing computed over the unfilled blocks
+
+
 def test_chunks_recomputed_after_a_failed_async_load_are_saved(model_config: ModelConfig,
                                                                engines: list[Engine]) -> None:
     """Item 7: an asynchronous load fails chunk 1; vLLM recomputes it, and the recomputed chunks are stored."""

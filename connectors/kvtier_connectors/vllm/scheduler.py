@@ -30,6 +30,10 @@ Promises:
   as does one still without a verdict ``MAX_UNSETTLED_STEPS`` steps later (outputs that name no step).
 - Blocks vLLM reports as failed loads rewind the save cursor of every request holding them (and of every
   request with a dropped save) to the first chunk affected, so the chunks vLLM recomputes are saved again.
+- A failed load's blocks stay unfilled until a step loads into them or computes them whole; vLLM keeps them
+  in its prefix cache meanwhile (its recompute policy leaves them to their owner, who may be aborted or
+  preempted first), so a request scheduled later may take them as a local hit. Such a request never saves
+  the chunk of the first unfilled block it computed over, nor any after it (vLLM does not recompute them).
 - ``has_pending_push_work`` keeps vLLM stepping while a step's saves wait for their verdict (or, with KV
   events, a kept chunk for its commit reports), so the last saves of an idle engine are committed and
   announced without waiting for the next request.
@@ -98,6 +102,8 @@ class _Tracked:
     request: Any
     block_ids: list[int] = field(default_factory=list)
     next_chunk: int = 0
+    # The first chunk this request computed over a block a failed load left unfilled: never saved from it on.
+    tainted_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,8 @@ class SchedulerSide:
         self._unsettled: dict[int, list[_PlannedSave]] = {}
         self._dropped: dict[int, set[bytes]] = {}
         self._verdicts: list[Verdict] = []
+        # Blocks whose load failed and that no step has loaded into or computed whole since.
+        self._unfilled: set[int] = set()
 
     def _lookup(self, keys: ChunkKeys, chunk_hashes: Sequence[bytes], prefetch: bool,
                 scope: str | None = None) -> LookupResult:
@@ -298,12 +306,15 @@ class SchedulerSide:
         meta = KvtierMetadata(loads=self._loads, key_epoch=self.key_epoch, step=self._step,
                               verdicts=self._verdicts)
         self._loads, self._sync_bytes, self._sync_disk_bytes, self._verdicts = [], 0, 0, []
+        # Each scheduled request with the tokens it had computed before this step and will have after it.
+        scheduled: list[tuple[_Tracked, int, int]] = []
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._requests.get(new.req_id)
             if tracked is None:
                 continue
             tracked.block_ids = list(new.block_ids[0])
-            self._plan_saves(meta, tracked, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
+            computed = new.num_computed_tokens
+            scheduled.append((tracked, computed, computed + scheduler_output.num_scheduled_tokens[new.req_id]))
         cached = scheduler_output.scheduled_cached_reqs
         for index, req_id in enumerate(cached.req_ids):
             tracked = self._requests.get(req_id)
@@ -312,11 +323,35 @@ class SchedulerSide:
             new_ids = cached.new_block_ids[index]
             if req_id in cached.resumed_req_ids:
                 tracked.block_ids = list(new_ids[0]) if new_ids is not None else []
+                tracked.tainted_chunk = None  # computed again from its new hit, read again below
             elif new_ids is not None:
                 tracked.block_ids.extend(new_ids[0])
-            computed = cached.num_computed_tokens[index] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            self._plan_saves(meta, tracked, computed)
+            computed = cached.num_computed_tokens[index]
+            scheduled.append((tracked, computed, computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)))
+        if self._unfilled:
+            self._refill(meta.loads, scheduled)
+        for tracked, before, after in scheduled:
+            if self._unfilled:
+                self._taint(tracked, before)
+            self._plan_saves(meta, tracked, after)
         return meta
+
+    def _refill(self, loads: list[LoadSpec], scheduled: list[tuple[_Tracked, int, int]]) -> None:
+        """Forget the unfilled blocks this step fills: loaded into, or computed up to their last token (a request
+        computes a block from its first token on: a hit or a load never ends inside a block it does not fill)."""
+        for spec in loads:
+            self._unfilled.difference_update(spec.block_ids)
+        for tracked, before, after in scheduled:
+            self._unfilled.difference_update(
+                tracked.block_ids[before // self.vllm_block_tokens : after // self.vllm_block_tokens])
+
+    def _taint(self, tracked: _Tracked, before: int) -> None:
+        """Stop the saves of a request whose forward reads an unfilled block among those it does not write."""
+        for index, block_id in enumerate(tracked.block_ids[: before // self.vllm_block_tokens]):
+            if block_id in self._unfilled:
+                chunk = index // self.pages_per_chunk
+                tracked.tainted_chunk = chunk if tracked.tainted_chunk is None else min(tracked.tainted_chunk, chunk)
+                return
 
     def has_unsettled_saves(self) -> bool:
         """Whether a step's saves still wait for their verdict (or a verdict waits to be sent), or a kept
@@ -334,6 +369,8 @@ class SchedulerSide:
             # chunk past it (vLLM's offloading connector does the same).
             computed_chunks -= 1
         whole_chunks = min(computed_chunks, keys0.num_chunks(hashes), len(tracked.block_ids) // self.pages_per_chunk)
+        if tracked.tainted_chunk is not None:
+            whole_chunks = min(whole_chunks, tracked.tainted_chunk)
         chunks = range(tracked.next_chunk, whole_chunks)
         if not chunks:
             return
@@ -364,6 +401,7 @@ class SchedulerSide:
         (``KvtierWorkerMeta``).
         """
         if invalid_block_ids:
+            self._unfilled |= invalid_block_ids
             self.rewind_failed_loads(invalid_block_ids)
             # Every step still in flight was computed over the same blocks: its saves over them are wrong too.
             for unsettled_step, planned in self._unsettled.items():
