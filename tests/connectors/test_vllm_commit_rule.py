@@ -257,6 +257,33 @@ def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: Model
         assert held == list(range(6))
 
 
+def test_a_request_admitted_while_a_failed_load_is_in_flight_saves_nothing_it_computed_over_it(
+        model_config: ModelConfig, engines: list[Engine]) -> None:
+    """Asynchronous scheduling: a request admitted in step t+1 takes the blocks step t loads as a local hit and
+    computes over them before step t's load errors are read. vLLM recomputes the loader's tokens from the
+    failed block but keeps the newcomer's (only step t's tokens of a sharer are rolled back): the newcomer's
+    chunks computed over the gap must never be stored, though its save cursor is rewound with the others."""
+    engine, store = make_engine(model_config, engines, async_scheduling=True, max_batched_tokens=8 * BLOCK)
+    system = prompt(3, 4 * BLOCK)
+    first_tokens = [*system, *prompt(4, 2 * BLOCK + 2)]
+    later_tokens = [*system, *prompt(5, 3 * BLOCK + 2)]
+    store_prefix_then_forget(engine, [*system, 1])
+    store.failing.add(chunk_key(engine, system, 1))
+    first = engine.add("first", first_tokens)
+    engine.step()
+    later = engine.add("later", later_tokens)
+    output = engine.step()
+    assert output.num_scheduled_tokens["later"] == len(later_tokens) - len(system), "no hit on the loaded blocks"
+    assert engine.load_errors[-2], "the load never failed: the test lost its case"
+    engine.run_until_done(first, later, timeout_s=30)
+    store.failing.clear()
+    for tokens in (first_tokens, later_tokens):
+        _, wrong = stored_chunks(engine, store, tokens)
+        assert not wrong, f"chunks stored over a failed load: {wrong}"
+    # The loader recomputed from the failed block on: all its chunks are stored again.
+    assert stored_chunks(engine, store, first_tokens)[0] == list(range(6))
+
+
 def test_blocks_a_failed_load_left_unfilled_are_never_saved_by_a_later_request(model_config: ModelConfig,
                                                                                engines: list[Engine]) -> None:
     """Under the recompute policy vLLM keeps a failed synchronous load's blocks in its prefix cache for their

@@ -30,10 +30,13 @@ Promises:
   as does one still without a verdict ``MAX_UNSETTLED_STEPS`` steps later (outputs that name no step).
 - Blocks vLLM reports as failed loads rewind the save cursor of every request holding them (and of every
   request with a dropped save) to the first chunk affected, so the chunks vLLM recomputes are saved again.
-- A failed load's blocks stay unfilled until a step loads into them or computes them whole; vLLM keeps them
-  in its prefix cache meanwhile (its recompute policy leaves them to their owner, who may be aborted or
-  preempted first), so a request scheduled later may take them as a local hit. Such a request never saves
-  the chunk of the first unfilled block it computed over, nor any after it (vLLM does not recompute them).
+- Chunks vLLM does not recompute after a failed load are never saved. A request whose forward in a step still
+  without a verdict read a block that failed saves nothing from the tokens it had then on, unless vLLM rolls
+  it back to them (it does so for the loader, and for a sharer only over the failing step's own tokens: under
+  asynchronous scheduling a request admitted in the next step keeps what it computed over the gap). A failed
+  block also stays unfilled until a step loads into it or computes it whole; vLLM keeps it in its prefix cache
+  meanwhile (its recompute policy leaves it to its owner, who may be aborted or preempted first), so a request
+  scheduled later may take it as a local hit: that request never saves from the block's chunk on.
 - ``has_pending_push_work`` keeps vLLM stepping while a step's saves wait for their verdict (or, with KV
   events, a kept chunk for its commit reports), so the last saves of an idle engine are committed and
   announced without waiting for the next request.
@@ -102,8 +105,9 @@ class _Tracked:
     request: Any
     block_ids: list[int] = field(default_factory=list)
     next_chunk: int = 0
-    # The first chunk this request computed over a block a failed load left unfilled: never saved from it on.
-    tainted_chunk: int | None = None
+    # The first token this request computed over a block whose load failed and that vLLM does not compute
+    # again: nothing is saved from its chunk on.
+    tainted_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -197,8 +201,10 @@ class SchedulerSide:
         self._unsettled: dict[int, list[_PlannedSave]] = {}
         self._dropped: dict[int, set[bytes]] = {}
         self._verdicts: list[Verdict] = []
-        # Blocks whose load failed and that no step has loaded into or computed whole since.
+        # Blocks whose load failed and that no step has loaded into or computed whole since; and, by step still
+        # without a verdict, the requests its forward ran and the tokens each had computed before it.
         self._unfilled: set[int] = set()
+        self._reads: dict[int, list[tuple[_Tracked, int]]] = {}
 
     def _lookup(self, keys: ChunkKeys, chunk_hashes: Sequence[bytes], prefetch: bool,
                 scope: str | None = None) -> LookupResult:
@@ -323,7 +329,7 @@ class SchedulerSide:
             new_ids = cached.new_block_ids[index]
             if req_id in cached.resumed_req_ids:
                 tracked.block_ids = list(new_ids[0]) if new_ids is not None else []
-                tracked.tainted_chunk = None  # computed again from its new hit, read again below
+                tracked.tainted_at = None  # computed again from its new hit, read again below
             elif new_ids is not None:
                 tracked.block_ids.extend(new_ids[0])
             computed = cached.num_computed_tokens[index]
@@ -331,9 +337,14 @@ class SchedulerSide:
         if self._unfilled:
             self._refill(meta.loads, scheduled)
         for tracked, before, after in scheduled:
+            if tracked.tainted_at is not None and before <= tracked.tainted_at:
+                tracked.tainted_at = None  # vLLM computes it all again
             if self._unfilled:
                 self._taint(tracked, before)
             self._plan_saves(meta, tracked, after)
+        self._reads[meta.step] = [(tracked, before) for tracked, before, _ in scheduled]
+        for old in [s for s in self._reads if s <= self._step - MAX_UNSETTLED_STEPS]:
+            del self._reads[old]
         return meta
 
     def _refill(self, loads: list[LoadSpec], scheduled: list[tuple[_Tracked, int, int]]) -> None:
@@ -349,9 +360,12 @@ class SchedulerSide:
         """Stop the saves of a request whose forward reads an unfilled block among those it does not write."""
         for index, block_id in enumerate(tracked.block_ids[: before // self.vllm_block_tokens]):
             if block_id in self._unfilled:
-                chunk = index // self.pages_per_chunk
-                tracked.tainted_chunk = chunk if tracked.tainted_chunk is None else min(tracked.tainted_chunk, chunk)
+                self._taint_at(tracked, index * self.vllm_block_tokens)
                 return
+
+    @staticmethod
+    def _taint_at(tracked: _Tracked, position: int) -> None:
+        tracked.tainted_at = position if tracked.tainted_at is None else min(tracked.tainted_at, position)
 
     def has_unsettled_saves(self) -> bool:
         """Whether a step's saves still wait for their verdict (or a verdict waits to be sent), or a kept
@@ -369,8 +383,8 @@ class SchedulerSide:
             # chunk past it (vLLM's offloading connector does the same).
             computed_chunks -= 1
         whole_chunks = min(computed_chunks, keys0.num_chunks(hashes), len(tracked.block_ids) // self.pages_per_chunk)
-        if tracked.tainted_chunk is not None:
-            whole_chunks = min(whole_chunks, tracked.tainted_chunk)
+        if tracked.tainted_at is not None:
+            whole_chunks = min(whole_chunks, tracked.tainted_at // self.block_tokens)
         chunks = range(tracked.next_chunk, whole_chunks)
         if not chunks:
             return
@@ -402,6 +416,12 @@ class SchedulerSide:
         """
         if invalid_block_ids:
             self._unfilled |= invalid_block_ids
+            # A forward of a step in flight that read a failed block computed over it: from its first token on,
+            # unless vLLM rolls the request back (checked when it is next scheduled).
+            for reads in self._reads.values():
+                for tracked, before in reads:
+                    if not invalid_block_ids.isdisjoint(tracked.block_ids[: -(-before // self.vllm_block_tokens)]):
+                        self._taint_at(tracked, before)
             self.rewind_failed_loads(invalid_block_ids)
             # Every step still in flight was computed over the same blocks: its saves over them are wrong too.
             for unsettled_step, planned in self._unsettled.items():
@@ -411,6 +431,8 @@ class SchedulerSide:
                         self._drop(unsettled_step, save, first)
         if step is not None:
             self._give_verdicts(step, confirmed=step)
+            for done in [s for s in self._reads if s <= step]:
+                del self._reads[done]
         self._take_commit_reports(committed, lost)
 
     def _give_verdicts(self, through: int, confirmed: int | None) -> None:
