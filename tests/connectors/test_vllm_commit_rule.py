@@ -232,11 +232,14 @@ def test_a_failure_on_one_rank_drops_every_ranks_saves(model_config: ModelConfig
     assert held == list(range(7))
 
 
-def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: ModelConfig,
-                                                              engines: list[Engine]) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: ModelConfig, engines: list[Engine],
+                                                              async_scheduling: bool) -> None:
     """Item 3: a second request takes the first one's synchronously loaded blocks as a local hit in the same
-    step; the load fails, and the second request's chunks computed over it are not stored."""
-    engine, store = make_engine(model_config, engines)
+    step; the load fails, and the second request's chunks computed over it are not stored. Under async
+    scheduling vLLM rolls the second request back over the failing step's tokens only, after it planned the
+    next step: what it computed over the gap stays, and its chunks past the prefix are never stored."""
+    engine, store = make_engine(model_config, engines, async_scheduling=async_scheduling)
     system = prompt(3, 3 * BLOCK)
     first_tokens = [*system, *prompt(4, 3 * BLOCK + 2)]
     second_tokens = [*system, *prompt(5, 3 * BLOCK + 2)]
@@ -251,24 +254,26 @@ def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: Model
     assert output.num_scheduled_tokens["second"] == len(second_tokens) - 3 * BLOCK
     engine.run_until_done(first, second, timeout_s=30)
     store.failing.clear()
-    for tokens in (first_tokens, second_tokens):
+    for tokens, whole in ((first_tokens, 6), (second_tokens, 3 if async_scheduling else 6)):
         held, wrong = stored_chunks(engine, store, tokens)
         assert not wrong, f"chunks stored over a failed load: {wrong}"
-        assert held == list(range(6))
+        assert held == list(range(whole))
 
 
+@pytest.mark.parametrize("tp_size", [1, 2])
 def test_a_request_admitted_while_a_failed_load_is_in_flight_saves_nothing_it_computed_over_it(
-        model_config: ModelConfig, engines: list[Engine]) -> None:
+        model_config: ModelConfig, engines: list[Engine], tp_size: int) -> None:
     """Asynchronous scheduling: a request admitted in step t+1 takes the blocks step t loads as a local hit and
     computes over them before step t's load errors are read. vLLM recomputes the loader's tokens from the
     failed block but keeps the newcomer's (only step t's tokens of a sharer are rolled back): the newcomer's
     chunks computed over the gap must never be stored, though its save cursor is rewound with the others."""
-    engine, store = make_engine(model_config, engines, async_scheduling=True, max_batched_tokens=8 * BLOCK)
+    engine, store = make_engine(model_config, engines, async_scheduling=True, max_batched_tokens=8 * BLOCK,
+                                tp_size=tp_size)
     system = prompt(3, 4 * BLOCK)
     first_tokens = [*system, *prompt(4, 2 * BLOCK + 2)]
     later_tokens = [*system, *prompt(5, 3 * BLOCK + 2)]
     store_prefix_then_forget(engine, [*system, 1])
-    store.failing.add(chunk_key(engine, system, 1))
+    store.failing.add(chunk_key(engine, system, 1, rank=tp_size - 1))  # on the last rank only
     first = engine.add("first", first_tokens)
     engine.step()
     later = engine.add("later", later_tokens)
