@@ -282,6 +282,12 @@ def test_a_request_admitted_while_a_failed_load_is_in_flight_saves_nothing_it_co
     assert engine.load_errors[-2], "the load never failed: the test lost its case"
     engine.run_until_done(first, later, timeout_s=30)
     store.failing.clear()
+    # vLLM's prefix cache keeps the newcomer's blocks computed over the gap: a repeat of its prompt takes them
+    # as a local hit (the loader has refilled the failed block by then), and must not store them either.
+    again = engine.add("again", later_tokens)
+    output = engine.step()
+    assert output.num_scheduled_tokens["again"] < BLOCK, "the repeat did not take the newcomer's blocks as a hit"
+    engine.run_until_done(again, timeout_s=30)
     for tokens in (first_tokens, later_tokens):
         _, wrong = stored_chunks(engine, store, tokens)
         assert not wrong, f"chunks stored over a failed load: {wrong}"
