@@ -5,9 +5,12 @@ chooses, such as a model's namespace). ``advance`` makes every key derived under
 nothing is deleted, the old blocks simply stop being asked for and age out of every tier by eviction.
 
 Promises:
-- ``get(scope)`` is 0 until the scope is first advanced; ``advance(scope)`` returns the new epoch, one more
-  than the last, and never hands out the same value twice for a scope, also across restarts when a disk
-  tier persists the epochs (its index records the new value, synced, before ``advance`` returns).
+- ``get(scope)`` is 0 until the scope is first advanced; ``advance(scope)`` returns the new epoch, greater
+  than the last and never below the wall clock in microseconds, and never hands out the same value twice for
+  a scope, also across restarts: when a disk tier persists the epochs (its index records the new value,
+  synced, before ``advance`` returns), and when none does, unless the clock went back (a restarted store
+  has forgotten its epochs, but a client that has not noticed the restart still writes blocks under the
+  old epoch's keys into it: were that epoch handed out again, those blocks would be found after the reset).
 - A scope is a non-empty string of at most ``MAX_SCOPE_BYTES`` UTF-8 bytes; anything else is an
   ``InvalidInputError`` and changes nothing.
 - Thread-safe: concurrent advances of one scope each get a distinct epoch.
@@ -16,6 +19,7 @@ Promises:
 from __future__ import annotations
 
 import threading
+import time
 from typing import Protocol
 
 from kvtier.errors import InvalidInputError
@@ -55,7 +59,8 @@ class KeyEpochs:
     def advance(self, scope: str) -> int:
         scope = check_scope(scope)
         with self._lock:
-            epoch = self._epochs.get(scope, 0) + 1
+            # The clock floor: a store that lost its epochs in a restart never hands out its predecessor's again.
+            epoch = max(self._epochs.get(scope, 0) + 1, time.time_ns() // 1_000)
             if self._record is not None:
                 self._record.write_epoch(scope, epoch)
             self._epochs[scope] = epoch

@@ -20,22 +20,23 @@ def memory_store(layout: KVLayout) -> Store:
 def test_epochs_start_at_zero_and_advance_per_scope(layout: KVLayout) -> None:
     with memory_store(layout) as store:
         assert store.epoch("model-a") == 0
-        assert store.advance_epoch("model-a") == 1
-        assert store.advance_epoch("model-a") == 2
-        assert store.epoch("model-a") == 2 and store.epoch("model-b") == 0
+        first = store.advance_epoch("model-a")
+        second = store.advance_epoch("model-a")
+        assert 0 < first < second
+        assert store.epoch("model-a") == second and store.epoch("model-b") == 0
         keys = store.hasher("m").keys(list(range(layout.block_tokens)))
-        assert store.lookup(keys, scope="model-a").epoch == 2
+        assert store.lookup(keys, scope="model-a").epoch == second
         assert store.lookup(keys).epoch is None
 
 
 def test_epochs_survive_a_restart_with_a_disk_tier(layout: KVLayout, tmp_path: Path) -> None:
     with disk_store(layout, tmp_path) as store:
-        assert store.advance_epoch("scope/x") == 1
-        assert store.advance_epoch("scope/x") == 2
-        store.advance_epoch("other")
+        store.advance_epoch("scope/x")
+        last = store.advance_epoch("scope/x")
+        other = store.advance_epoch("other")
     with disk_store(layout, tmp_path) as store:
-        assert store.epoch("scope/x") == 2 and store.epoch("other") == 1
-        assert store.advance_epoch("scope/x") == 3  # never a value handed out before
+        assert store.epoch("scope/x") == last and store.epoch("other") == other
+        assert store.advance_epoch("scope/x") > last  # never a value handed out before
 
 
 def test_concurrent_advances_each_get_their_own_epoch(layout: KVLayout) -> None:
@@ -54,7 +55,7 @@ def test_concurrent_advances_each_get_their_own_epoch(layout: KVLayout) -> None:
             thread.start()
         for thread in threads:
             thread.join(60)
-        assert sorted(got) == list(range(1, 201))
+        assert len(set(got)) == 200
 
 
 @pytest.mark.parametrize("scope", ["", "x" * 257, 7, None, b"bytes"])

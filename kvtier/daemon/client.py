@@ -148,10 +148,12 @@ class Connection:
         longer than the connection's own (a flush).
         """
         with self._lock:
-            if self._closed:
-                raise ClosedError("the client is closed")
+            # Broken first: a connection the client replaced is closed too, and a call that took it just before
+            # is a broken connection (a miss), not a closed client.
             if self._broken is not None:
                 raise ProtocolError(f"the connection to the daemon is broken: {self._broken}")
+            if self._closed:
+                raise ClosedError("the client is closed")
             self._next_id += 1
             request_id = self._next_id
             usual_s = self._sock.gettimeout()

@@ -9,6 +9,7 @@ import pytest
 
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier.layout import KVLayout
+from kvtier_connectors.sglang import settings as settings_module
 from kvtier_connectors.sglang.settings import PageKeys, Shard, StorageSettings, kv_format, rank_directory
 
 pytestmark = pytest.mark.sglang
@@ -135,6 +136,20 @@ def test_fp8_formats_of_uint8_pools_are_named_and_never_share_keys() -> None:
     e4m3, e5m2 = (PageKeys(settings, layout, Shard(), fmt(name)) for name in ("fp8_e4m3", "fp8_e5m2"))
     assert not set(e4m3.keys(HASHES)) & set(e5m2.keys(HASHES))
     assert e4m3.scope != e5m2.scope
+
+
+def test_a_setting_that_contradicts_sglangs_fp8_format_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uint8 pool's bytes are the format SGLang runs (--kv-cache-dtype): a setting naming another would
+    store e4m3 pages under e5m2 keys, which a server that really runs e5m2 would then read as its own."""
+    monkeypatch.setattr(settings_module, "_sglang_kv_cache_dtype", lambda: "fp8_e4m3")
+    with pytest.raises(ConfigError, match="contradicts"):
+        kv_format(StorageSettings(model_id="m", kv_cache_dtype="fp8_e5m2"), "uint8", rocm=False)
+    assert kv_format(StorageSettings(model_id="m", kv_cache_dtype="fp8_e4m3"), "uint8", rocm=False) == "float8_e4m3fn"
+    # SGLang keeps both as e4m3fnuz on ROCm: no contradiction in the bytes.
+    assert kv_format(StorageSettings(model_id="m", kv_cache_dtype="fp8_e5m2"), "uint8", rocm=True) == "float8_e4m3fnuz"
+    # SGLang's "auto" names no format (the checkpoint's): the setting says which.
+    monkeypatch.setattr(settings_module, "_sglang_kv_cache_dtype", lambda: "auto")
+    assert kv_format(StorageSettings(model_id="m", kv_cache_dtype="fp8_e5m2"), "uint8", rocm=False) == "float8_e5m2"
 
 
 def test_an_epoch_changes_every_key_and_the_scope_spans_the_shards() -> None:

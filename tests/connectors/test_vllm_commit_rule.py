@@ -232,11 +232,14 @@ def test_a_failure_on_one_rank_drops_every_ranks_saves(model_config: ModelConfig
     assert held == list(range(7))
 
 
-def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: ModelConfig,
-                                                              engines: list[Engine]) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: ModelConfig, engines: list[Engine],
+                                                              async_scheduling: bool) -> None:
     """Item 3: a second request takes the first one's synchronously loaded blocks as a local hit in the same
-    step; the load fails, and the second request's chunks computed over it are not stored."""
-    engine, store = make_engine(model_config, engines)
+    step; the load fails, and the second request's chunks computed over it are not stored. Under async
+    scheduling vLLM rolls the second request back over the failing step's tokens only, after it planned the
+    next step: what it computed over the gap stays, and its chunks past the prefix are never stored."""
+    engine, store = make_engine(model_config, engines, async_scheduling=async_scheduling)
     system = prompt(3, 3 * BLOCK)
     first_tokens = [*system, *prompt(4, 3 * BLOCK + 2)]
     second_tokens = [*system, *prompt(5, 3 * BLOCK + 2)]
@@ -251,10 +254,67 @@ def test_a_shared_prefix_in_one_step_drops_the_sharers_saves(model_config: Model
     assert output.num_scheduled_tokens["second"] == len(second_tokens) - 3 * BLOCK
     engine.run_until_done(first, second, timeout_s=30)
     store.failing.clear()
-    for tokens in (first_tokens, second_tokens):
+    for tokens, whole in ((first_tokens, 6), (second_tokens, 3 if async_scheduling else 6)):
         held, wrong = stored_chunks(engine, store, tokens)
         assert not wrong, f"chunks stored over a failed load: {wrong}"
-        assert held == list(range(6))
+        assert held == list(range(whole))
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_a_request_admitted_while_a_failed_load_is_in_flight_saves_nothing_it_computed_over_it(
+        model_config: ModelConfig, engines: list[Engine], tp_size: int) -> None:
+    """Asynchronous scheduling: a request admitted in step t+1 takes the blocks step t loads as a local hit and
+    computes over them before step t's load errors are read. vLLM recomputes the loader's tokens from the
+    failed block but keeps the newcomer's (only step t's tokens of a sharer are rolled back): the newcomer's
+    chunks computed over the gap must never be stored, though its save cursor is rewound with the others."""
+    engine, store = make_engine(model_config, engines, async_scheduling=True, max_batched_tokens=8 * BLOCK,
+                                tp_size=tp_size)
+    system = prompt(3, 4 * BLOCK)
+    first_tokens = [*system, *prompt(4, 2 * BLOCK + 2)]
+    later_tokens = [*system, *prompt(5, 3 * BLOCK + 2)]
+    store_prefix_then_forget(engine, [*system, 1])
+    store.failing.add(chunk_key(engine, system, 1, rank=tp_size - 1))  # on the last rank only
+    first = engine.add("first", first_tokens)
+    engine.step()
+    later = engine.add("later", later_tokens)
+    output = engine.step()
+    assert output.num_scheduled_tokens["later"] == len(later_tokens) - len(system), "no hit on the loaded blocks"
+    assert engine.load_errors[-2], "the load never failed: the test lost its case"
+    engine.run_until_done(first, later, timeout_s=30)
+    store.failing.clear()
+    # vLLM's prefix cache keeps the newcomer's blocks computed over the gap: a repeat of its prompt takes them
+    # as a local hit (the loader has refilled the failed block by then), and must not store them either.
+    again = engine.add("again", later_tokens)
+    output = engine.step()
+    assert output.num_scheduled_tokens["again"] < BLOCK, "the repeat did not take the newcomer's blocks as a hit"
+    engine.run_until_done(again, timeout_s=30)
+    for tokens in (first_tokens, later_tokens):
+        _, wrong = stored_chunks(engine, store, tokens)
+        assert not wrong, f"chunks stored over a failed load: {wrong}"
+    # The loader recomputed from the failed block on: all its chunks are stored again.
+    assert stored_chunks(engine, store, first_tokens)[0] == list(range(6))
+
+
+def test_blocks_a_failed_load_left_unfilled_are_never_saved_by_a_later_request(model_config: ModelConfig,
+                                                                               engines: list[Engine]) -> None:
+    """Under the recompute policy vLLM keeps a failed synchronous load's blocks in its prefix cache for their
+    owner to recompute; aborted before it did, the owner leaves them there, and a request admitted later takes
+    them, and the chunks computed over them, as a local hit. That request's saves must not store them."""
+    engine, store = make_engine(model_config, engines, max_batched_tokens=4 * BLOCK)
+    tokens = prompt(11, 6 * BLOCK + 3)
+    store_prefix_then_forget(engine, tokens[: 4 * BLOCK + 1])
+    store.failing.add(chunk_key(engine, tokens, 1))
+    engine.add("owner", tokens, max_tokens=4)
+    engine.step()
+    assert engine.load_errors[-1], "the load never failed: the test lost its case"
+    engine.scheduler.finish_requests("owner", RequestStatus.FINISHED_ABORTED)
+    later = engine.add("later", tokens)
+    output = engine.step()
+    assert output.num_scheduled_tokens["later"] < BLOCK, "the later request did not take the blocks as a hit"
+    engine.run_until_done(later, timeout_s=30)
+    held, wrong = stored_chunks(engine, store, tokens)
+    assert not wrong, f"chunks stored over blocks a failed load left unfilled: {wrong}"
+    assert held == [0, 2, 3]  # the writer's, less the one deleted: nothing computed over the unfilled blocks
 
 
 def test_chunks_recomputed_after_a_failed_async_load_are_saved(model_config: ModelConfig,

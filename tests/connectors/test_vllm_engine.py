@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 vllm = pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -32,6 +33,7 @@ from vllm.v1.core.kv_cache_utils import init_none_hash  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 from vllm_harness import (  # noqa: E402
     BLOCK,
+    LAYERS,
     Engine,
     expected_kv,
     make_kv_cache_config,
@@ -466,3 +468,56 @@ def test_a_prompt_of_whole_chunks_loads_its_last_chunk(model_config: ModelConfig
     assert reader.num_computed_tokens == len(tokens)
     assert_restored(engine, "reader", tokens, len(tokens))
     engine.run_until_done(reader)
+
+
+def test_a_daemon_restarted_in_the_middle_of_a_save(model_config: ModelConfig, engines: list[Engine],
+                                                    socket_path: str) -> None:
+    """The daemon restarts between two layers' gathers of a step's save, another client fills the successor's
+    slots, and the worker's client reconnects to it: the rest of that save is dropped (its slots name the
+    lost arena), nothing of it is written or committed in the successor, and the saves of the later steps are
+    stored right there."""
+    from test_vllm_commit_rule import stored_chunks
+
+    daemon = start_daemon(socket_path)
+    filler_keys = [bytes([index]) * 16 for index in range(8)]
+    try:
+        config = {"daemon": {"connect": f"unix:{socket_path}"}}
+        engine = make_engine(model_config, max_batched_tokens=BLOCK,
+                             extra={"store": "daemon", "instance": f"daemon-{next(_instances)}", "config": config})
+        engines.append(engine)
+        tokens = prompt(12, 5 * BLOCK + 1)
+        request = engine.add("saver", tokens)
+        engine.step()  # chunk 0
+        worker = engine.workers[0]
+        save_kv_layer = worker.save_kv_layer
+        layout, _ = layout_from_kv_cache_config(make_kv_cache_config(), 0)
+
+        def restart_after_the_first_layer(name: str, *args: Any, **kwargs: Any) -> None:
+            nonlocal daemon
+            save_kv_layer(name, *args, **kwargs)
+            if name == LAYERS[0]:
+                daemon.kill()
+                daemon.wait()
+                daemon = start_daemon(socket_path)
+                with Client(layout, config_from_mapping(config)) as filler:
+                    blocks = [torch.full((layout.block_numel,), 7.0) for _ in filler_keys]
+                    assert filler.put(filler_keys, blocks).wait(30).ok
+                store = worker.worker_side.store  # type: ignore[union-attr]
+                with pytest.raises(KvtierError):
+                    store.lookup(filler_keys)  # the connection to the first daemon is found broken
+                assert store.lookup(filler_keys).num_blocks == len(filler_keys)  # reconnected
+
+        worker.save_kv_layer = restart_after_the_first_layer  # type: ignore[method-assign]
+        engine.step()  # chunk 1: its gathers straddle the restart
+        worker.save_kv_layer = save_kv_layer  # type: ignore[method-assign]
+        engine.run_until_done(request, timeout_s=30)
+        with Client(layout, config_from_mapping(config)) as reader:
+            held, wrong = stored_chunks(engine, reader, tokens)  # type: ignore[arg-type]
+            out = [torch.empty(layout.block_numel) for _ in filler_keys]
+            assert reader.get(filler_keys, out).wait(30).ok
+        assert all(bool((block == 7.0).all()) for block in out), "the save wrote into the successor's slots"
+        assert not wrong, f"chunks stored wrong across the restart: {wrong}"
+        assert held == [2, 3, 4]  # 0 and 1 went with the first daemon; the later ones are in its successor
+    finally:
+        daemon.terminate()
+        daemon.wait(30)

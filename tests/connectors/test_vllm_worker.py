@@ -14,6 +14,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -273,6 +274,33 @@ def test_older_releases_k_and_v_planes_on_a_leading_dim_of_two() -> None:
             assert torch.equal(cache[:, [30, 31]], cache[:, [8, 9]])
     finally:
         worker.connector.shutdown()
+
+
+def test_options_that_change_the_kv_of_one_checkpoint_get_keys_of_their_own(tmp_path: Path) -> None:
+    """The default ``model_id`` names the checkpoint's files; vLLM options change the KV those weights compute
+    without changing a file (``--quantization fp8`` of a bf16 checkpoint, ``--hf-overrides``,
+    ``--hf-config-path``): engines with and without them must not load each other's KV."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"w" * 100)
+
+    def model_id(**options: Any) -> str:
+        config = vllm_config_for({"instance": f"identity-{next(_instances)}",
+                                  "config": {"host": {"capacity_bytes": "1MiB"}}})
+        config.model_config.model = str(model)
+        for name, value in options.items():
+            setattr(config.model_config, name, value)
+        connector = KvtierConnector(config, KVConnectorRole.WORKER, make_kv_cache_config(KVCacheLayout.LBNHC))
+        connector.shutdown()
+        return connector.settings.model_id
+
+    plain = model_id()
+    assert model_id(quantization=None, hf_overrides={}, hf_config_path=None) == plain
+    changed = [model_id(quantization="fp8"), model_id(hf_overrides={"rope_theta": 1e6}),
+               model_id(hf_config_path=str(tmp_path / "other"))]
+    assert len({plain, *changed}) == 4, "an option that changes the KV kept the keys of the plain checkpoint"
+    assert model_id(quantization="fp8") == changed[0]  # the same in every process of the engine
 
 
 @pytest.mark.parametrize(("tp_size", "executor"), [(1, "ray"), (2, "ray"), (2, "external_launcher")])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from daemon_workers import LAYOUT, block_for, key_of
 from kvtier.config import StoreConfig
 from kvtier.daemon import Client
 from kvtier.errors import KvtierError, ProtocolError
+
+if TYPE_CHECKING:
+    from conftest import DaemonProc
 
 LAYOUT_ARG = "num_layers=2,num_kv_heads=2,head_dim=8,dtype=float32,block_tokens=4"
 
@@ -76,3 +80,18 @@ def test_a_client_reconnects_to_a_restarted_daemon() -> None:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_call_on_a_connection_replaced_under_it_is_a_broken_connection(daemon: DaemonProc) -> None:
+    """A thread takes the live connection just as another thread's call on it times out and the next call
+    reconnects, closing the replaced connection: the first thread's call is a broken connection
+    (``ProtocolError``, a miss for the connectors), never ``ClosedError``, which says the client itself was
+    closed and which SGLang's prefetch and backup threads do not catch (one that raised would end)."""
+    with daemon.client() as client:
+        keys = [key_of(1, "replaced")]
+        taken = client._live()
+        taken._broken = "timed out"  # as another thread's timed-out call leaves it
+        client.lookup(keys)  # reconnects; nothing of the old connection is held, so it is closed
+        assert client.reconnects == 1
+        with pytest.raises(ProtocolError, match="broken"):
+            taken.call("lookup", keys=keys, prefetch=False)

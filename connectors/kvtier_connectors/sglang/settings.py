@@ -12,7 +12,8 @@ Promises:
 - ``kv_format`` names what the page bytes mean: the host pool's dtype, or, where SGLang keeps fp8 KV as
   ``uint8``, the fp8 format it resolved from ``--kv-cache-dtype`` (read from SGLang's runtime config, or the
   ``kv_cache_dtype`` setting); a ``uint8`` pool whose format is unknown, block-scaled formats (mxfp8,
-  nvfp4) and a setting that contradicts the pool raise ``ConfigError`` / ``LayoutMismatchError``.
+  nvfp4) and a setting that contradicts the pool, or the fp8 format SGLang publishes, raise ``ConfigError`` /
+  ``LayoutMismatchError``.
 - ``PageKeys`` turns SGLang's chained page hashes (hex strings, each naming its page and the whole prefix
   before it) into kvtier keys: ``key = H(namespace root || page hash)``. The namespace covers the model, the
   kvtier layout (geometry and dtype), the KV format (``kv_format``: e4m3 and e5m2 pages are both ``uint8``),
@@ -175,6 +176,18 @@ def kv_format(settings: StorageSettings, pool_dtype: str, *, rocm: bool | None =
         raise ConfigError("SGLang keeps fp8 KV caches as uint8 and did not say which fp8 format this one is: set "
                           '"kv_cache_dtype" (e.g. "fp8_e4m3" or "fp8_e5m2", as --kv-cache-dtype) in the kvtier table')
     on_rocm = torch.version.hip is not None if rocm is None else rocm
+    fmt = _fp8_format(name, on_rocm)
+    # Where SGLang publishes the format it runs, the setting must name the same bytes: else its pages would be
+    # keyed as another format, and read as that one by a server that runs it.
+    published = _sglang_kv_cache_dtype() if settings.kv_cache_dtype else ""
+    if published in _FP8_FORMATS and published != "auto" and _fp8_format(published, on_rocm) != fmt:
+        raise ConfigError(f"kv_cache_dtype {name!r} contradicts SGLang's --kv-cache-dtype {published!r}: the host "
+                          "pool holds the latter's bytes")
+    return fmt
+
+
+def _fp8_format(name: str, on_rocm: bool) -> str:
+    """The stored format of SGLang's fp8 ``--kv-cache-dtype`` ``name`` (on ROCm always e4m3fnuz)."""
     return "float8_e4m3fnuz" if on_rocm and not _FP8_FORMATS[name].endswith("fnuz") else _FP8_FORMATS[name]
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ Promises:
 - The commit rule (scheduler.py, worker.py): each step's output carries ``KvtierWorkerMeta`` (the step it
   ran); ``update_connector_output`` reads it with vLLM's merged load errors, and the verdict travels to the
   workers in a later step's plan. ``has_pending_push_work`` keeps vLLM stepping until every verdict went out.
-- The default ``model_id`` names the weights, not the ``--model`` string (``model_identity``); a vLLM outside
+- The default ``model_id`` names the weights, not the ``--model`` string, and the options that change the KV
+  they compute (``model_identity``); a vLLM outside
   the supported range (``versions.SUPPORTED``) logs a warning once and still starts.
 - Safe ``prefix_caching_hash_algo`` settings: ``sha256`` (vLLM's default) and ``sha256_cbor`` give the same
   hashes in every process that shares ``PYTHONHASHSEED`` (unset everywhere, or one value everywhere);
@@ -47,7 +48,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier_connectors.vllm.metadata import KvtierMetadata, KvtierWorkerMeta
-from kvtier_connectors.vllm.model_identity import model_identity
+from kvtier_connectors.vllm.model_identity import KV_OPTIONS, model_identity
 from kvtier_connectors.vllm.scheduler import SchedulerSide
 from kvtier_connectors.vllm.settings import (
     ChunkKeys,
@@ -87,7 +88,8 @@ class KvtierConnector(KVConnectorBase_V1):
         check_vllm_version(vllm_version)
         model_config = vllm_config.model_config
         default_model_id = "" if extra.get("model_id") else model_identity(
-            str(model_config.model), getattr(model_config, "revision", None))
+            str(model_config.model), getattr(model_config, "revision", None),
+            {name: getattr(model_config, name, None) for name in KV_OPTIONS})
         self.settings = ConnectorSettings.from_extra_config(extra, default_model_id)
         parallel = vllm_config.parallel_config
         tp_size, pp_size = parallel.tensor_parallel_size, parallel.pipeline_parallel_size

@@ -10,18 +10,25 @@ Promises:
 - A hub id without a local snapshot is named by its revision (``id@revision``, ``id@main`` by default); any
   other string is used as given.
 - A directory's id is ``weights:`` and 16 hex digits of that hash (no path in it, so copies share).
+- vLLM options that change the KV those weights compute without changing a file (``KV_OPTIONS``: weights
+  quantized at load, overridden or other config) are part of the id when set: ``+options:`` and 16 hex digits
+  of their hash, the same in every process of the engine (a callable is named by its module and name).
 - ``kv_connector_extra_config.model_id`` overrides all of this (docs/connectors/vllm.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 SAMPLE_BYTES = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _DOMAIN = b"kvtier-model-identity-v1"
+# vLLM's ModelConfig fields that change the KV a checkpoint's weights compute without changing its files.
+KV_OPTIONS = ("quantization", "quantization_config", "hf_overrides", "hf_config_path")
 
 
 def _hash_directory(directory: Path) -> str:
@@ -53,8 +60,26 @@ def _cached_snapshot(model: str, revision: str | None) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def model_identity(model: str, revision: str | None = None) -> str:
-    """The default ``model_id`` of the model vLLM was started with (``--model`` and ``--revision``)."""
+def _describe(value: object) -> str:
+    """A stand-in for a value JSON cannot hold, alike in every process (a callable's repr has its address)."""
+    name = getattr(value, "__qualname__", None)
+    if callable(value) and name:
+        return f"{getattr(value, '__module__', '')}.{name}"
+    return repr(value)
+
+
+def model_identity(model: str, revision: str | None = None, options: Mapping[str, object] | None = None) -> str:
+    """The default ``model_id`` of the model vLLM was started with (``--model`` and ``--revision``), with the
+    ``KV_OPTIONS`` of its ``options`` (vLLM's ``ModelConfig`` fields) that are set."""
+    identity = _checkpoint_identity(model, revision)
+    chosen = {name: value for name, value in (options or {}).items() if value}
+    if not chosen:
+        return identity
+    encoded = json.dumps(chosen, sort_keys=True, default=_describe).encode()
+    return f"{identity}+options:{hashlib.sha256(_DOMAIN + encoded).hexdigest()[:16]}"
+
+
+def _checkpoint_identity(model: str, revision: str | None) -> str:
     path = Path(model).expanduser()
     directory = path.resolve() if path.is_dir() else None
     if directory is None and not os.path.isabs(model) and model.count("/") == 1:

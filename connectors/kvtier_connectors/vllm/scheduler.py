@@ -30,6 +30,14 @@ Promises:
   as does one still without a verdict ``MAX_UNSETTLED_STEPS`` steps later (outputs that name no step).
 - Blocks vLLM reports as failed loads rewind the save cursor of every request holding them (and of every
   request with a dropped save) to the first chunk affected, so the chunks vLLM recomputes are saved again.
+- Chunks vLLM does not recompute after a failed load are never saved. A request whose forward in a step still
+  without a verdict read a block that failed is tainted from the tokens it had then on, unless vLLM rolls it
+  back to them (it does so for the loader, and for a sharer only over the failing step's own tokens: under
+  asynchronous scheduling a request admitted in the next step keeps what it computed over the gap). A tainted
+  request saves nothing from the chunk of its first tainted token on. Its blocks from there on are spoiled,
+  as is a failed block until a step loads into it or an untainted request computes it whole: vLLM's prefix
+  cache hands them to later requests (its recompute policy leaves a failed block to an owner that may be
+  aborted or preempted first), and a request whose forward reads a spoiled block is tainted from it on.
 - ``has_pending_push_work`` keeps vLLM stepping while a step's saves wait for their verdict (or, with KV
   events, a kept chunk for its commit reports), so the last saves of an idle engine are committed and
   announced without waiting for the next request.
@@ -98,6 +106,9 @@ class _Tracked:
     request: Any
     block_ids: list[int] = field(default_factory=list)
     next_chunk: int = 0
+    # The first token this request computed over a failed (or spoiled) block that vLLM does not compute again:
+    # nothing is saved from its chunk on, and its blocks from there on are spoiled.
+    tainted_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,10 @@ class SchedulerSide:
         self._unsettled: dict[int, list[_PlannedSave]] = {}
         self._dropped: dict[int, set[bytes]] = {}
         self._verdicts: list[Verdict] = []
+        # Blocks whose KV is wrong (see the module promises); and, by step still without a verdict, the requests
+        # its forward ran and the tokens each had computed before it.
+        self._spoiled: set[int] = set()
+        self._reads: dict[int, list[tuple[_Tracked, int]]] = {}
 
     def _lookup(self, keys: ChunkKeys, chunk_hashes: Sequence[bytes], prefetch: bool,
                 scope: str | None = None) -> LookupResult:
@@ -298,25 +313,74 @@ class SchedulerSide:
         meta = KvtierMetadata(loads=self._loads, key_epoch=self.key_epoch, step=self._step,
                               verdicts=self._verdicts)
         self._loads, self._sync_bytes, self._sync_disk_bytes, self._verdicts = [], 0, 0, []
+        # Each scheduled request with the tokens it had computed before this step and will have after it, and
+        # whether it reads its blocks anew (a new or resumed request's hits come from vLLM's prefix cache).
+        scheduled: list[tuple[_Tracked, int, int, bool]] = []
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._requests.get(new.req_id)
             if tracked is None:
                 continue
             tracked.block_ids = list(new.block_ids[0])
-            self._plan_saves(meta, tracked, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
+            computed = new.num_computed_tokens
+            scheduled.append((tracked, computed, computed + scheduler_output.num_scheduled_tokens[new.req_id], True))
         cached = scheduler_output.scheduled_cached_reqs
         for index, req_id in enumerate(cached.req_ids):
             tracked = self._requests.get(req_id)
             if tracked is None:
                 continue
             new_ids = cached.new_block_ids[index]
-            if req_id in cached.resumed_req_ids:
+            resumed = req_id in cached.resumed_req_ids
+            if resumed:
                 tracked.block_ids = list(new_ids[0]) if new_ids is not None else []
+                tracked.tainted_at = None  # computed again from its new hit, read again below
             elif new_ids is not None:
                 tracked.block_ids.extend(new_ids[0])
-            computed = cached.num_computed_tokens[index] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            self._plan_saves(meta, tracked, computed)
+            computed = cached.num_computed_tokens[index]
+            after = computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            scheduled.append((tracked, computed, after, resumed))
+        for index, (tracked, before, after, _) in enumerate(scheduled):
+            if tracked.tainted_at is not None and before <= tracked.tainted_at:
+                tracked.tainted_at = None  # vLLM computes it all again, over blocks read again below
+                scheduled[index] = (tracked, before, after, True)
+        if self._spoiled:
+            self._refill(meta.loads, scheduled)
+            self._spread(scheduled)
+        for tracked, _, after, _ in scheduled:
+            self._plan_saves(meta, tracked, after)
+        self._reads[meta.step] = [(tracked, before) for tracked, before, _, _ in scheduled]
+        for old in [s for s in self._reads if s <= self._step - MAX_UNSETTLED_STEPS]:
+            del self._reads[old]
         return meta
+
+    def _refill(self, loads: list[LoadSpec], scheduled: list[tuple[_Tracked, int, int, bool]]) -> None:
+        """Forget the spoiled blocks this step fills: loaded into, or computed up to their last token by an
+        untainted request (a request computes a block from its first token on: a hit or a load never ends
+        inside a block it does not fill)."""
+        for spec in loads:
+            self._spoiled.difference_update(spec.block_ids)
+        for tracked, before, after, _ in scheduled:
+            if tracked.tainted_at is None:
+                self._spoiled.difference_update(
+                    tracked.block_ids[before // self.vllm_block_tokens : after // self.vllm_block_tokens])
+
+    def _spread(self, scheduled: list[tuple[_Tracked, int, int, bool]]) -> None:
+        """Taint each new, resumed or rolled back request whose forward reads a spoiled block among those it does
+        not write (a running request read its other blocks before, or ``settle`` tainted it for reading one that
+        failed), and spoil the blocks of each tainted one from its taint on, until nothing changes (vLLM's
+        prefix cache may hand a block to another request of the same step)."""
+        tokens = self.vllm_block_tokens
+        spreading = True
+        while spreading:
+            spreading = False
+            for tracked, before, after, fresh in scheduled:
+                read = next((i for i, block_id in enumerate(tracked.block_ids[: before // tokens])
+                             if block_id in self._spoiled), None) if fresh else None
+                if read is not None and (tracked.tainted_at is None or read * tokens < tracked.tainted_at):
+                    tracked.tainted_at = read * tokens
+                if tracked.tainted_at is not None:
+                    written = set(tracked.block_ids[tracked.tainted_at // tokens : -(-after // tokens)])
+                    spreading = spreading or not written <= self._spoiled
+                    self._spoiled |= written
 
     def has_unsettled_saves(self) -> bool:
         """Whether a step's saves still wait for their verdict (or a verdict waits to be sent), or a kept
@@ -334,6 +398,8 @@ class SchedulerSide:
             # chunk past it (vLLM's offloading connector does the same).
             computed_chunks -= 1
         whole_chunks = min(computed_chunks, keys0.num_chunks(hashes), len(tracked.block_ids) // self.pages_per_chunk)
+        if tracked.tainted_at is not None:
+            whole_chunks = min(whole_chunks, tracked.tainted_at // self.block_tokens)
         chunks = range(tracked.next_chunk, whole_chunks)
         if not chunks:
             return
@@ -364,6 +430,16 @@ class SchedulerSide:
         (``KvtierWorkerMeta``).
         """
         if invalid_block_ids:
+            self._spoiled |= invalid_block_ids
+            # A forward of a step in flight that read a failed block computed over it: from its first token on,
+            # unless vLLM rolls the request back (checked when it is next scheduled).
+            tokens = self.vllm_block_tokens
+            for reads in self._reads.values():
+                for tracked, before in reads:
+                    if not invalid_block_ids.isdisjoint(tracked.block_ids[: -(-before // tokens)]):
+                        if tracked.tainted_at is None or before < tracked.tainted_at:
+                            tracked.tainted_at = before
+                        self._spoiled.update(tracked.block_ids[before // tokens :])
             self.rewind_failed_loads(invalid_block_ids)
             # Every step still in flight was computed over the same blocks: its saves over them are wrong too.
             for unsettled_step, planned in self._unsettled.items():
@@ -373,6 +449,8 @@ class SchedulerSide:
                         self._drop(unsettled_step, save, first)
         if step is not None:
             self._give_verdicts(step, confirmed=step)
+            for done in [s for s in self._reads if s <= step]:
+                del self._reads[done]
         self._take_commit_reports(committed, lost)
 
     def _give_verdicts(self, through: int, confirmed: int | None) -> None:
