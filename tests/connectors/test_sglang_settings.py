@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from kvtier.errors import ConfigError, InvalidInputError
 from kvtier.layout import KVLayout
+from kvtier_connectors.model_identity import model_identity
 from kvtier_connectors.sglang import settings as settings_module
-from kvtier_connectors.sglang.settings import PageKeys, Shard, StorageSettings, kv_format, rank_directory
+from kvtier_connectors.sglang.settings import (
+    PageKeys,
+    Shard,
+    StorageSettings,
+    kv_format,
+    rank_directory,
+    sglang_model_id,
+)
 
 pytestmark = pytest.mark.sglang
 
@@ -46,6 +55,39 @@ def test_a_model_is_required() -> None:
     with pytest.raises(ConfigError, match="model_id"):
         StorageSettings.from_extra_config(extra(), "")
     assert StorageSettings.from_extra_config(extra(model_id="m"), "").model_id == "m"
+
+
+def test_the_default_model_id_names_the_weights_and_the_options_that_change_their_kv(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """SGLang's storage config names the model by its --model-path string: a checkpoint quantized at load
+    (--quantization fp8) and the same one unquantized, on one daemon, would load each other's KV."""
+    checkpoint = tmp_path / "llama"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "llama"}')
+    (checkpoint / "model.safetensors").write_bytes(b"w" * 100)
+
+    def published(**options: Any) -> Any:
+        fields = {"model_path": str(checkpoint), "revision": None, "quantization": None,
+                  "quantization_param_path": None, "modelopt_quant": None, "json_model_override_args": "{}",
+                  "rl_quant_profile": None, **options}
+        return lambda: SimpleNamespace(**fields)
+
+    monkeypatch.setattr(settings_module, "_sglang_model", published())
+    plain = sglang_model_id(str(checkpoint))
+    assert plain == model_identity(str(checkpoint)) and plain.startswith("weights:")
+    ids = {plain}
+    for options in ({"quantization": "fp8"}, {"quantization": "awq"}, {"quantization_param_path": "/s.json"},
+                    {"json_model_override_args": '{"rope_scaling": {"factor": 2}}'}):
+        monkeypatch.setattr(settings_module, "_sglang_model", published(**options))
+        ids.add(sglang_model_id(str(checkpoint)))
+    assert len(ids) == 5
+    # Nothing published (a process other than SGLang's scheduler): the storage config's name, as a model path.
+    monkeypatch.setattr(settings_module, "_sglang_model", lambda: None)
+    assert sglang_model_id(str(checkpoint)) == plain and sglang_model_id("not-a-path") == "not-a-path"
+    # A model_id setting wins, and the weights are then not read.
+    named = StorageSettings.from_extra_config(extra(model_id="m"), lambda: pytest.fail("weights hashed"))
+    assert named.model_id == "m"
+    assert StorageSettings.from_extra_config(extra(), lambda: plain).model_id == plain
 
 
 def test_config_overrides_the_toml_file_table_by_table(tmp_path: Path) -> None:

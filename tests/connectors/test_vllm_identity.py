@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier_connectors.vllm.model_identity import SAMPLE_BYTES, model_identity
+from kvtier_connectors.model_identity import SAMPLE_BYTES, model_identity
 from kvtier_connectors.vllm.versions import SUPPORTED, TESTED, check_vllm_version, version_warning
 
 

@@ -5,6 +5,10 @@ Promises:
   config (the keys documented in docs/connectors/sglang.md; ``ConfigError`` names an unknown key or a bad
   value) and insists on ``"interface_v1": 1``, the switch that makes SGLang call the page-level
   ``batch_get_v1`` / ``batch_set_v1``; without it SGLang would hand the backend copied flat pages instead.
+- The default ``model_id`` (``sglang_model_id``) names the weights SGLang serves and the options that change
+  the KV they compute (``kvtier_connectors.model_identity``: ``--quantization``, ``--json-model-override-args``
+  and the others of ``SGLANG_KV_OPTIONS``), not the ``--model-path`` string: a checkpoint quantized at load
+  and the same checkpoint unquantized, or two weights served from one path in turn, never share keys.
 - ``store_config`` is kvtier's configuration: defaults, then the TOML file ``config_path``, then the ``config``
   mapping over it, table by table. An embedded store of one rank among several (tensor, pipeline or context
   parallel, attention data parallel) keeps its disk tier in a directory of its own under each configured
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +48,7 @@ from kvtier.errors import ConfigError, InvalidInputError, LayoutMismatchError
 from kvtier.keys import KEY_BYTES, Namespace
 from kvtier.layout import KVLayout
 from kvtier.store import Store
+from kvtier_connectors.model_identity import SGLANG_KV_OPTIONS, model_identity
 
 StoreKind = Literal["embedded", "daemon"]
 BlockStore = Store | Client
@@ -72,7 +77,10 @@ class StorageSettings:
     kv_cache_dtype: str = ""
 
     @classmethod
-    def from_extra_config(cls, extra: Mapping[str, Any] | None, default_model_id: str) -> StorageSettings:
+    def from_extra_config(cls, extra: Mapping[str, Any] | None,
+                          default_model_id: str | Callable[[], str]) -> StorageSettings:
+        """The settings of ``extra``; ``default_model_id`` (or its value, read only where the table sets no
+        ``model_id``: it may hash weights) names the model otherwise."""
         extra = extra or {}
         if not extra.get("interface_v1"):
             raise ConfigError('kvtier serves SGLang\'s page-level batch interface: add "interface_v1": 1 to '
@@ -87,7 +95,8 @@ class StorageSettings:
         settings = cls(
             store=table.get("store", "embedded"),
             address=str(table.get("address", "")),
-            model_id=str(table.get("model_id") or default_model_id),
+            model_id=str(table.get("model_id") or (
+                default_model_id() if callable(default_model_id) else default_model_id)),
             config_path=str(table.get("config_path", "")),
             config=table.get("config", {}),
             tenant_salt=str(table.get("tenant_salt", "")),
@@ -144,6 +153,27 @@ def rank_directory(storage_config: Any) -> str:
         return ""
     return (f"rank-tp{c.tp_rank}of{c.tp_size}-pp{c.pp_rank}of{c.pp_size}-cp{c.attn_cp_rank}of{c.attn_cp_size}"
             f"-dp{dp_rank}")
+
+
+def sglang_model_id(model_name: str) -> str:
+    """The default ``model_id``: ``model_identity`` of the model SGLang's scheduler process published (its path or
+    hub id, revision and ``SGLANG_KV_OPTIONS``), else of ``model_name`` (the storage config's)."""
+    model = _sglang_model()
+    path = str(getattr(model, "model_path", "") or model_name)
+    if model is None or not path:
+        return model_identity(model_name) if model_name else ""
+    return model_identity(path, getattr(model, "revision", None),
+                          {name: getattr(model, name, None) for name in SGLANG_KV_OPTIONS})
+
+
+def _sglang_model() -> Any | None:
+    """SGLang's resolved model config as its scheduler process published it; ``None`` where it is not published."""
+    try:
+        from sglang.srt import runtime_context
+
+        return runtime_context.get_model()
+    except (ImportError, ValueError, AttributeError):
+        return None
 
 
 def _sglang_kv_cache_dtype() -> str:

@@ -79,6 +79,7 @@ from kvtier_connectors.sglang.settings import (
     kv_format,
     open_store,
     rank_directory,
+    sglang_model_id,
 )
 
 _DRAFT_POOLS = {PoolName.DRAFT, PoolName.DRAFT_INDEXER, PoolName.DRAFT_SWA}
@@ -92,8 +93,8 @@ class KvtierStorage(HiCacheStorage):
 
     def __init__(self, storage_config: Any, kwargs: Any = None) -> None:
         self.storage_config = storage_config
-        self.settings = StorageSettings.from_extra_config(storage_config.extra_config,
-                                                          storage_config.model_name or "")
+        self.settings = StorageSettings.from_extra_config(
+            storage_config.extra_config, lambda: sglang_model_id(storage_config.model_name or ""))
         self.store: BlockStore | None = None
         self.pages: HostPages | None = None
         self.page_keys: PageKeys | None = None

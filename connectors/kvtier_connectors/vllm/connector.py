@@ -47,8 +47,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.errors import ConfigError, InvalidInputError
+from kvtier_connectors.model_identity import VLLM_KV_OPTIONS, model_identity
 from kvtier_connectors.vllm.metadata import KvtierMetadata, KvtierWorkerMeta
-from kvtier_connectors.vllm.model_identity import KV_OPTIONS, model_identity
 from kvtier_connectors.vllm.scheduler import SchedulerSide
 from kvtier_connectors.vllm.settings import (
     ChunkKeys,
@@ -89,7 +89,7 @@ class KvtierConnector(KVConnectorBase_V1):
         model_config = vllm_config.model_config
         default_model_id = "" if extra.get("model_id") else model_identity(
             str(model_config.model), getattr(model_config, "revision", None),
-            {name: getattr(model_config, name, None) for name in KV_OPTIONS})
+            {name: getattr(model_config, name, None) for name in VLLM_KV_OPTIONS})
         self.settings = ConnectorSettings.from_extra_config(extra, default_model_id)
         parallel = vllm_config.parallel_config
         tp_size, pp_size = parallel.tensor_parallel_size, parallel.pipeline_parallel_size

@@ -1,4 +1,5 @@
-"""The default ``model_id``: a name for the weights vLLM serves, not for the string that named them.
+"""The default ``model_id`` of an engine's connector: a name for the weights it serves, not for the string
+that named them, and for the options that change the KV those weights compute.
 
 Promises:
 - ``model_identity(model, revision)`` is the same for every spelling of one model directory (relative or
@@ -10,10 +11,11 @@ Promises:
 - A hub id without a local snapshot is named by its revision (``id@revision``, ``id@main`` by default); any
   other string is used as given.
 - A directory's id is ``weights:`` and 16 hex digits of that hash (no path in it, so copies share).
-- vLLM options that change the KV those weights compute without changing a file (``KV_OPTIONS``: weights
-  quantized at load, overridden or other config) are part of the id when set: ``+options:`` and 16 hex digits
-  of their hash, the same in every process of the engine (a callable is named by its module and name).
-- ``kv_connector_extra_config.model_id`` overrides all of this (docs/connectors/vllm.md).
+- The engine's options that change the KV those weights compute without changing a file (weights quantized
+  at load, overridden or other config: ``VLLM_KV_OPTIONS`` of vLLM's model config, ``SGLANG_KV_OPTIONS`` of
+  SGLang's) are part of the id when set: ``+options:`` and 16 hex digits of their hash, the same in every
+  process of the engine (a callable is named by its module and name).
+- Each connector's ``model_id`` setting overrides all of this (docs/connectors/vllm.md, sglang.md).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from pathlib import Path
 SAMPLE_BYTES = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _DOMAIN = b"kvtier-model-identity-v1"
-# vLLM's ModelConfig fields that change the KV a checkpoint's weights compute without changing its files.
-KV_OPTIONS = ("quantization", "quantization_config", "hf_overrides", "hf_config_path")
+# Fields of each engine's model config that change the KV a checkpoint's weights compute without changing
+# its files (the revision is named with the hub id).
+VLLM_KV_OPTIONS = ("quantization", "quantization_config", "hf_overrides", "hf_config_path")
+SGLANG_KV_OPTIONS = ("quantization", "quantization_param_path", "modelopt_quant", "json_model_override_args",
+                     "rl_quant_profile")
 
 
 def _hash_directory(directory: Path) -> str:
@@ -69,10 +74,11 @@ def _describe(value: object) -> str:
 
 
 def model_identity(model: str, revision: str | None = None, options: Mapping[str, object] | None = None) -> str:
-    """The default ``model_id`` of the model vLLM was started with (``--model`` and ``--revision``), with the
-    ``KV_OPTIONS`` of its ``options`` (vLLM's ``ModelConfig`` fields) that are set."""
+    """The default ``model_id`` of the model an engine was started with (its model path or hub id and revision),
+    with those of its ``options`` (its ``*_KV_OPTIONS`` model config fields) that are set."""
     identity = _checkpoint_identity(model, revision)
-    chosen = {name: value for name, value in (options or {}).items() if value}
+    # An override of nothing ("{}", SGLang's default) is not set.
+    chosen = {name: value for name, value in (options or {}).items() if value and value != "{}"}
     if not chosen:
         return identity
     encoded = json.dumps(chosen, sort_keys=True, default=_describe).encode()
