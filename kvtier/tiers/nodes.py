@@ -6,7 +6,8 @@ answers; each master is a node with a client (connection pool) of its own.
 
 Promises:
 - ``execute`` sends each node's commands as one pipeline, to all nodes at once, and returns within
-  ``timeout_ms`` (plus ``connect_timeout_ms`` where a connection is opened) whatever the servers do. Each
+  ``timeout_ms`` (plus ``connect_timeout_ms`` where a connection is opened) whatever the servers do, a reply
+  trickled a byte at a time included. Each
   reply is the command's answer or an exception object: the fault of its node, or ``NodeDown`` (at once)
   for a key whose node is down or unknown. It never raises.
 - A fault (refused, dropped or timed-out connection) marks only that node down; the other nodes serve on.
@@ -161,16 +162,13 @@ class Nodes:
         items = list(groups.items())
         if not items:
             return
-        # Every node's pipeline at once: the others on the pool, the first on this thread.
+        # Every node's pipeline at once on the pool, this thread waiting for them only until the deadline: the
+        # socket timeout bounds each receive, not a reply (a server trickling a byte within each timeout would
+        # hold a pipeline run here for as long as it likes). A pipeline given up on is ended by its node's fault.
         futures: list[Future[list[Any]]] = [
             self._pool.submit(self._pipeline, node, [commands[i] for i in indices], asking)
-            for node, indices in items[1:]]
+            for node, indices in items]
         results: list[list[Any] | BaseException] = []
-        node, indices = items[0]
-        try:
-            results.append(self._pipeline(node, [commands[i] for i in indices], asking))
-        except Exception as exc:
-            results.append(exc)
         for future in futures:
             try:
                 results.append(future.result(max(0.0, deadline - time.monotonic())))
