@@ -2,7 +2,8 @@
 on every node at once under one deadline.
 
 A single server is one node. A cluster's slot map comes from ``CLUSTER SLOTS`` asked of any node that
-answers; each master is a node with a client (connection pool) of its own.
+answers with a well-formed map (a malformed one counts as no answer); each master is a node with a client
+(connection pool) of its own.
 
 Promises:
 - ``execute`` sends each node's commands as one pipeline, to all nodes at once, and returns within
@@ -52,6 +53,25 @@ class NodeDown(Exception):
 
 
 _NODE_DOWN = NodeDown("the node of this key is down")
+
+
+def _slot_ranges(answer: Any, source_host: str) -> list[tuple[int, int, str, int]] | None:
+    """``(first slot, last slot, master host, port)`` of each row of a CLUSTER SLOTS answer (no host: the
+    answering node's); ``None`` if any row is malformed (a slot out of range, no master, no port): a server's
+    junk is no slot map, and must not fail the tier's start or its reviver."""
+    ranges: list[tuple[int, int, str, int]] = []
+    try:
+        rows = answer.items() if isinstance(answer, dict) else [((row[0], row[1]), row[2:]) for row in answer]
+        for (start, end), holders in rows:
+            master = holders[0]
+            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+            first, last, port = int(start), int(end), int(master[1])
+            if not 0 <= first <= last < SLOTS or not 0 < port < 65536:
+                return None
+            ranges.append((first, last, host or source_host, port))
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return ranges
 
 
 class Node:
@@ -298,7 +318,7 @@ class Nodes:
 
     def _refresh(self) -> None:
         """Ask the up nodes (else every known node and seed) for the slot map, all at once; the first
-        answer wins. On no answer the map stays and the next try waits ``reconnect_min_ms``."""
+        well-formed answer wins. On no answer the map stays and the next try waits ``reconnect_min_ms``."""
         with self._lock:
             candidates = [node for node in self._nodes.values() if node.up]
             if not candidates:
@@ -308,34 +328,30 @@ class Nodes:
                 candidates = list(dict.fromkeys(candidates))
         futures = [(node, self._pool.submit(node.client.execute_command, "CLUSTER", "SLOTS")) for node in candidates]
         deadline = time.monotonic() + self._wait_s
-        answer: Any = None
-        source: Node | None = None
+        ranges: list[tuple[int, int, str, int]] | None = None
         for node, future in futures:
             try:
                 reply = future.result(max(0.0, deadline - time.monotonic()))
             except Exception:
                 continue
-            if answer is None and isinstance(reply, list | dict):
-                answer, source = reply, node
+            if ranges is None and isinstance(reply, list | dict):
+                ranges = _slot_ranges(reply, node.name.rsplit(":", 1)[0])
         with self._lock:
             self.counters["topology_refreshes"] += 1
-            if answer is None or source is None:
-                self._last_error = self._last_error or redis.ConnectionError("no node answered CLUSTER SLOTS")
+            if ranges is None:
+                self._last_error = self._last_error or redis.ConnectionError("no node answered CLUSTER SLOTS with "
+                                                                             "a slot map")
                 self._refresh_at = time.monotonic() + self._min_s
                 return
-            self._install_locked(answer, source)
+            self._install_locked(ranges)
             self._stale = False
             self._refresh_at = time.monotonic() + self._min_s
 
-    def _install_locked(self, answer: Any, source: Node) -> None:
+    def _install_locked(self, ranges: list[tuple[int, int, str, int]]) -> None:
         slots: list[Node | None] = [None] * SLOTS
-        rows = answer.items() if isinstance(answer, dict) else [((row[0], row[1]), row[2:]) for row in answer]
-        source_host = source.name.rsplit(":", 1)[0]
-        for (start, end), holders in rows:
-            master = holders[0]
-            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-            node = self._node_locked(self._seed_options[0], {"host": host or source_host, "port": int(master[1])})
-            for slot in range(int(start), int(end) + 1):
+        for first, last, host, port in ranges:
+            node = self._node_locked(self._seed_options[0], {"host": host, "port": port})
+            for slot in range(first, last + 1):
                 slots[slot] = node
         self._slots = slots
         owners = {id(node) for node in slots if node is not None}

@@ -226,3 +226,23 @@ def test_a_redirect_naming_another_slot_is_an_error_reply_never_a_raise_or_a_rem
     finally:
         tier.close()
         server.stop()
+
+
+@pytest.mark.parametrize("rows", [b"*3\r\n:0\r\n:16384\r\n*2\r\n$9\r\n127.0.0.1\r\n:%d\r\n",  # a slot past the last
+                                  b"*2\r\n:0\r\n:16383\r\n",  # no master
+                                  b"*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n$2\r\nxx\r\n"],  # no port
+                         ids=["slot-out-of-range", "no-master", "bad-port"])
+def test_a_malformed_slot_map_leaves_the_tier_down_never_raising(rows: bytes) -> None:
+    def answer(command: list[bytes]) -> Iterator[bytes]:
+        port = int(server.url.rsplit(":", 1)[1])
+        yield b"*1\r\n" + (rows % port if b"%d" in rows else rows)
+
+    server = ScriptedServer(answer)
+    try:
+        tier = RemoteTier(RemoteConfig(urls=(server.url,), mode="cluster", timeout_ms=TIMEOUT_MS), LAYOUT)
+        try:
+            assert not tier.up and tier.locate([key(0, "map")]) == [False]
+        finally:
+            tier.close()
+    finally:
+        server.stop()
