@@ -368,25 +368,26 @@ class Nodes:
         deadline = time.monotonic() + self._wait_s
         for node, future in zip(nodes, futures, strict=True):
             try:
-                server, stats = future.result(max(0.0, deadline - time.monotonic()))
+                run_id, evicted = future.result(max(0.0, deadline - time.monotonic()))
             except (FutureTimeout, redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self._fault(node, exc, "watch")
                 continue
-            except Exception:  # a server that refuses INFO (an ACL without it): no news from it
+            except Exception:  # a server that refuses INFO (an ACL without it) or answers junk: no news from it
                 continue
-            run_id, evicted = str(server.get("run_id", "")), int(stats.get("evicted_keys", 0))
             with self._lock:
                 if (node.run_id and run_id != node.run_id) or (node.evicted >= 0 and evicted > node.evicted):
                     self.generation += 1
                 node.run_id, node.evicted = run_id, evicted
 
     @staticmethod
-    def _info(node: Node) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _info(node: Node) -> tuple[str, int]:
+        """``node``'s run id and count of evicted keys, read here so that an answer without them raises where
+        ``_watch`` takes it as no news, never out of the tier's start or the reviver."""
         pipe = node.watcher.pipeline(transaction=False)
         pipe.info("server")
         pipe.info("stats")
         server, stats = pipe.execute()
-        return server, stats
+        return str(server.get("run_id", "")), int(stats.get("evicted_keys", 0))
 
     def start(self) -> None:
         """Reach the servers once (a single server's PING, a cluster's slot map and its nodes' PINGs); log

@@ -1,8 +1,9 @@
 """A Redis-protocol server on loopback whose replies a test scripts: the hostile or broken servers that no real
 server plays (a reply trickled a byte at a time, ...).
 
-``ScriptedServer(answer)`` answers the handshake (HELLO, CLIENT, PING, INFO) itself and every other command with
-the chunks ``answer(command)`` yields, sent as they come (the generator may sleep between them).
+``ScriptedServer(answer, info)`` answers the handshake (HELLO, CLIENT, PING, INFO with ``info``) itself and
+every other command with the chunks ``answer(command)`` yields, sent as they come (the generator may sleep
+between them).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 Answer = Callable[[list[bytes]], Iterable[bytes]]
-_INFO = b"# Server\r\nrun_id:scripted\r\n# Stats\r\nevicted_keys:0\r\n"
+INFO = b"# Server\r\nrun_id:scripted\r\n# Stats\r\nevicted_keys:0\r\n"
 
 
-def _handshake(command: list[bytes]) -> bytes | None:
+def _handshake(command: list[bytes], info: bytes) -> bytes | None:
     name = command[0].upper()
     if name == b"HELLO":
         return b"%%1\r\n$5\r\nproto\r\n:%s\r\n" % (command[1] if len(command) > 1 else b"2")
@@ -26,15 +27,15 @@ def _handshake(command: list[bytes]) -> bytes | None:
     if name == b"CLIENT":
         return b"+OK\r\n"
     if name == b"INFO":
-        return b"$%d\r\n%s\r\n" % (len(_INFO), _INFO)
+        return b"$%d\r\n%s\r\n" % (len(info), info)
     return None
 
 
 class ScriptedServer:
     """See the module docstring; ``url`` to connect, ``stop`` to close every connection."""
 
-    def __init__(self, answer: Answer) -> None:
-        self._answer = answer
+    def __init__(self, answer: Answer, info: bytes = INFO) -> None:
+        self._answer, self._info = answer, info
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}"
         self._connections: list[socket.socket] = []
@@ -55,7 +56,7 @@ class ScriptedServer:
         reader = connection.makefile("rb")
         try:
             while (command := _read_command(reader)) is not None:
-                reply = _handshake(command)
+                reply = _handshake(command, self._info)
                 for chunk in [reply] if reply is not None else self._answer(command):
                     connection.sendall(chunk)
         except OSError:

@@ -246,3 +246,19 @@ def test_a_malformed_slot_map_leaves_the_tier_down_never_raising(rows: bytes) ->
             tier.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("evicted", [b"many", b"1,2", b"a=1"])
+def test_an_info_reply_without_a_number_of_evictions_is_no_news_never_a_failed_start(evicted: bytes) -> None:
+    def answer(command: list[bytes]) -> Iterator[bytes]:
+        yield b":0\r\n"
+
+    server = ScriptedServer(answer, info=b"# Server\r\nrun_id:odd\r\n# Stats\r\nevicted_keys:" + evicted + b"\r\n")
+    try:
+        tier = RemoteTier(RemoteConfig(urls=(server.url,), timeout_ms=TIMEOUT_MS), LAYOUT)
+        try:
+            assert tier.up and tier.locate([key(0, "info")]) == [False]
+        finally:
+            tier.close()
+    finally:
+        server.stop()
