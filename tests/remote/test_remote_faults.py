@@ -164,6 +164,24 @@ def test_a_reply_trickled_a_byte_at_a_time_costs_at_most_the_timeout(config_for:
         server.stop()
 
 
+def test_close_answers_the_reads_still_queued_as_misses_instead_of_reading_them(config_for: RemoteConfigFor) -> None:
+    def slow(command: list[bytes]) -> Iterator[bytes]:
+        time.sleep(0.3)  # within the timeout: a slow server, not a faulty one
+        yield b"$0\r\n\r\n"
+
+    server = ScriptedServer(slow)
+    config = config_for(LocalServers("single", "/nonexistent"), urls=(server.url,), batch_bytes=1)
+    tier = RemoteTier(config, LAYOUT)
+    try:
+        futures = [tier.submit_read(key(i), torch.zeros(LAYOUT.block_bytes, dtype=torch.uint8)) for i in range(30)]
+        _, took_s = timed(tier.close)
+        assert took_s < BOUND_S and all(future.result(0) is False for future in futures)
+        assert tier.stats(0).detail["misses"] == 30
+    finally:
+        tier.close()
+        server.stop()
+
+
 def test_a_full_server_answers_oom_and_the_tier_stays_up(fresh_single: Callable[..., LocalServers],
                                                         config_for: RemoteConfigFor) -> None:
     servers = fresh_single(maxmemory="3mb", policy="noeviction")
