@@ -2,11 +2,13 @@
 on every node at once under one deadline.
 
 A single server is one node. A cluster's slot map comes from ``CLUSTER SLOTS`` asked of any node that
-answers; each master is a node with a client (connection pool) of its own.
+answers with a well-formed map (a malformed one counts as no answer); each master is a node with a client
+(connection pool) of its own.
 
 Promises:
 - ``execute`` sends each node's commands as one pipeline, to all nodes at once, and returns within
-  ``timeout_ms`` (plus ``connect_timeout_ms`` where a connection is opened) whatever the servers do. Each
+  ``timeout_ms`` (plus ``connect_timeout_ms`` where a connection is opened) whatever the servers do, a reply
+  trickled a byte at a time included. Each
   reply is the command's answer or an exception object: the fault of its node, or ``NodeDown`` (at once)
   for a key whose node is down or unknown. It never raises.
 - A fault (refused, dropped or timed-out connection) marks only that node down; the other nodes serve on.
@@ -15,8 +17,9 @@ Promises:
   it also says ``cluster_state:ok`` (a restarted master answers PING while it still refuses writes with
   CLUSTERDOWN). Each change of a node's state,
   and of the whole tier's, is logged once.
-- MOVED and ASK replies are followed once within the same call; a MOVED marks the slot map stale and the
-  next ``revive`` refreshes it (a cluster also refreshes it while a node is down: a replica may take over).
+- MOVED and ASK replies naming the key's slot are followed once within the same call (any other is an
+  error reply); a MOVED marks the slot map stale and the next ``revive`` refreshes it (a cluster also
+  refreshes it while a node is down: a replica may take over).
 - ``generation`` changes whenever a node may have lost values: it came back up, restarted (a new
   ``run_id``) or evicted keys (``evicted_keys`` grew), as ``revive`` sees at most every ``WATCH_S``.
 - Only redacted URLs (no password) are logged.
@@ -50,6 +53,25 @@ class NodeDown(Exception):
 
 
 _NODE_DOWN = NodeDown("the node of this key is down")
+
+
+def _slot_ranges(answer: Any, source_host: str) -> list[tuple[int, int, str, int]] | None:
+    """``(first slot, last slot, master host, port)`` of each row of a CLUSTER SLOTS answer (no host: the
+    answering node's); ``None`` if any row is malformed (a slot out of range, no master, no port): a server's
+    junk is no slot map, and must not fail the tier's start or its reviver."""
+    ranges: list[tuple[int, int, str, int]] = []
+    try:
+        rows = answer.items() if isinstance(answer, dict) else [((row[0], row[1]), row[2:]) for row in answer]
+        for (start, end), holders in rows:
+            master = holders[0]
+            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+            first, last, port = int(start), int(end), int(master[1])
+            if not 0 <= first <= last < SLOTS or not 0 < port < 65536:
+                return None
+            ranges.append((first, last, host or source_host, port))
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return ranges
 
 
 class Node:
@@ -140,7 +162,9 @@ class Nodes:
         self._run(groups, commands, replies, during, deadline, asking=False)
         redirected: dict[tuple[Node, bool], list[int]] = {}
         for i, reply in enumerate(replies):
-            if isinstance(reply, AskError | MovedError):
+            # A redirect names the key's own slot; one naming another (or none: out of range) is the server's
+            # error, and stays an error reply: following it would remap another key's slot, or raise.
+            if isinstance(reply, AskError | MovedError) and reply.slot_id == key_slot(commands[i][1]):
                 target = self._node_at(reply.host, int(reply.port))
                 moved = type(reply) is MovedError
                 if moved and self._cluster:
@@ -161,16 +185,13 @@ class Nodes:
         items = list(groups.items())
         if not items:
             return
-        # Every node's pipeline at once: the others on the pool, the first on this thread.
+        # Every node's pipeline at once on the pool, this thread waiting for them only until the deadline: the
+        # socket timeout bounds each receive, not a reply (a server trickling a byte within each timeout would
+        # hold a pipeline run here for as long as it likes). A pipeline given up on is ended by its node's fault.
         futures: list[Future[list[Any]]] = [
             self._pool.submit(self._pipeline, node, [commands[i] for i in indices], asking)
-            for node, indices in items[1:]]
+            for node, indices in items]
         results: list[list[Any] | BaseException] = []
-        node, indices = items[0]
-        try:
-            results.append(self._pipeline(node, [commands[i] for i in indices], asking))
-        except Exception as exc:
-            results.append(exc)
         for future in futures:
             try:
                 results.append(future.result(max(0.0, deadline - time.monotonic())))
@@ -297,7 +318,7 @@ class Nodes:
 
     def _refresh(self) -> None:
         """Ask the up nodes (else every known node and seed) for the slot map, all at once; the first
-        answer wins. On no answer the map stays and the next try waits ``reconnect_min_ms``."""
+        well-formed answer wins. On no answer the map stays and the next try waits ``reconnect_min_ms``."""
         with self._lock:
             candidates = [node for node in self._nodes.values() if node.up]
             if not candidates:
@@ -307,34 +328,30 @@ class Nodes:
                 candidates = list(dict.fromkeys(candidates))
         futures = [(node, self._pool.submit(node.client.execute_command, "CLUSTER", "SLOTS")) for node in candidates]
         deadline = time.monotonic() + self._wait_s
-        answer: Any = None
-        source: Node | None = None
+        ranges: list[tuple[int, int, str, int]] | None = None
         for node, future in futures:
             try:
                 reply = future.result(max(0.0, deadline - time.monotonic()))
             except Exception:
                 continue
-            if answer is None and isinstance(reply, list | dict):
-                answer, source = reply, node
+            if ranges is None and isinstance(reply, list | dict):
+                ranges = _slot_ranges(reply, node.name.rsplit(":", 1)[0])
         with self._lock:
             self.counters["topology_refreshes"] += 1
-            if answer is None or source is None:
-                self._last_error = self._last_error or redis.ConnectionError("no node answered CLUSTER SLOTS")
+            if ranges is None:
+                self._last_error = self._last_error or redis.ConnectionError("no node answered CLUSTER SLOTS with "
+                                                                             "a slot map")
                 self._refresh_at = time.monotonic() + self._min_s
                 return
-            self._install_locked(answer, source)
+            self._install_locked(ranges)
             self._stale = False
             self._refresh_at = time.monotonic() + self._min_s
 
-    def _install_locked(self, answer: Any, source: Node) -> None:
+    def _install_locked(self, ranges: list[tuple[int, int, str, int]]) -> None:
         slots: list[Node | None] = [None] * SLOTS
-        rows = answer.items() if isinstance(answer, dict) else [((row[0], row[1]), row[2:]) for row in answer]
-        source_host = source.name.rsplit(":", 1)[0]
-        for (start, end), holders in rows:
-            master = holders[0]
-            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-            node = self._node_locked(self._seed_options[0], {"host": host or source_host, "port": int(master[1])})
-            for slot in range(int(start), int(end) + 1):
+        for first, last, host, port in ranges:
+            node = self._node_locked(self._seed_options[0], {"host": host, "port": port})
+            for slot in range(first, last + 1):
                 slots[slot] = node
         self._slots = slots
         owners = {id(node) for node in slots if node is not None}
@@ -351,25 +368,26 @@ class Nodes:
         deadline = time.monotonic() + self._wait_s
         for node, future in zip(nodes, futures, strict=True):
             try:
-                server, stats = future.result(max(0.0, deadline - time.monotonic()))
+                run_id, evicted = future.result(max(0.0, deadline - time.monotonic()))
             except (FutureTimeout, redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self._fault(node, exc, "watch")
                 continue
-            except Exception:  # a server that refuses INFO (an ACL without it): no news from it
+            except Exception:  # a server that refuses INFO (an ACL without it) or answers junk: no news from it
                 continue
-            run_id, evicted = str(server.get("run_id", "")), int(stats.get("evicted_keys", 0))
             with self._lock:
                 if (node.run_id and run_id != node.run_id) or (node.evicted >= 0 and evicted > node.evicted):
                     self.generation += 1
                 node.run_id, node.evicted = run_id, evicted
 
     @staticmethod
-    def _info(node: Node) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _info(node: Node) -> tuple[str, int]:
+        """``node``'s run id and count of evicted keys, read here so that an answer without them raises where
+        ``_watch`` takes it as no news, never out of the tier's start or the reviver."""
         pipe = node.watcher.pipeline(transaction=False)
         pipe.info("server")
         pipe.info("stats")
         server, stats = pipe.execute()
-        return server, stats
+        return str(server.get("run_id", "")), int(stats.get("evicted_keys", 0))
 
     def start(self) -> None:
         """Reach the servers once (a single server's PING, a cluster's slot map and its nodes' PINGs); log

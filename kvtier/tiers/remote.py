@@ -28,7 +28,8 @@ Promises:
   are misses and refused offers at once while the other nodes serve on (``kvtier.tiers.nodes``). Error
   replies (OOM of a full server, a refused command) are counted per value and stop nothing.
 - ``flush`` waits while the writer makes progress; ``close`` sends what is queued (at most ``timeout_ms``
-  more), then stops the threads; ``stats`` still answers.
+  more), then stops the threads (a batch in flight ends within its timeout; the reads still queued are
+  misses); ``stats`` still answers.
 """
 
 from __future__ import annotations
@@ -444,8 +445,8 @@ class RemoteTier:
             with self._lock:
                 while not self._closed and not self._reads:
                     self._cond.wait()
-                if self._closed and not self._reads:
-                    return
+                if self._closed:
+                    return  # ``close`` answers what is still queued as misses: reading it costs a round trip a batch
                 batch = [self._reads.popleft() for _ in range(min(len(self._reads), self._read_batch))]
             try:
                 self._read(batch)

@@ -285,6 +285,21 @@ def test_sliding_window_within_the_window_is_exact_and_past_it_refused() -> None
         assert connector.device == model.device
 
 
+def test_a_cache_whose_sliding_layers_dropped_the_prompt_is_never_saved() -> None:
+    model = random_model("mistral", sliding_window=40)
+    with host_store(model) as store:
+        connector = TransformersConnector(model, store)
+        ids = tokens(32)
+        # A forward past the window: the sliding layers keep its last 39 tokens, no longer the prompt's first 32.
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(torch.cat([ids, tokens(30, seed=2)], dim=1), use_cache=True, **{cache_kwarg(model): cache})
+        assert all(layer.keys.shape[2] == 39 for layer in cache.layers)
+        with pytest.raises(InvalidInputError, match="layer 0 no longer holds"):
+            connector.save(ids, cache)
+        assert store.lookup(connector.block_keys(ids)[0]).num_blocks == 0
+
+
 def test_unknown_cache_layers_are_refused(llama: Any, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers.cache_utils import DynamicLayer
 

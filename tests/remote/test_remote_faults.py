@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from remote_blocks import block_key, random_block, read_block
+from resp_server import ScriptedServer
 
 from kvtier.layout import KVLayout
 from kvtier.tiers.remote import RemoteTier
@@ -133,6 +134,52 @@ def test_a_hung_server_costs_at_most_its_timeout(fresh_single: Callable[..., Loc
         assert torch.equal(read(tier, key(0, "hung")), payload(0))  # type: ignore[arg-type]
     finally:
         tier.close()
+
+
+def test_a_reply_trickled_a_byte_at_a_time_costs_at_most_the_timeout(config_for: RemoteConfigFor) -> None:
+    # Each byte comes within the socket's timeout (0.5 s), the whole reply only after 6 s: a slow-loris server.
+    def trickle(command: list[bytes]) -> Iterator[bytes]:
+        yield b"$60\r\n"
+        for _ in range(60):
+            time.sleep(0.1)
+            yield b"x"
+        yield b"\r\n"
+
+    server = ScriptedServer(trickle)
+    tier = RemoteTier(config_for(LocalServers("single", "/nonexistent"), urls=(server.url,)), LAYOUT)
+    try:
+        assert tier.up
+        found, took_s = timed(lambda: tier.locate([key(0)]))
+        assert found == [False] and took_s < BOUND_S and not tier.up
+        wait_until(lambda: tier.up)
+        dst = torch.zeros(LAYOUT.block_bytes, dtype=torch.uint8)
+        resolved, took_s = timed(lambda: tier.submit_read(key(0), dst).result(10))
+        assert resolved is False and took_s < BOUND_S
+        wait_until(lambda: tier.up)
+        assert tier.offer(key(1), payload(1))
+        _, took_s = timed(tier.close)
+        assert took_s < BOUND_S
+    finally:
+        tier.close()
+        server.stop()
+
+
+def test_close_answers_the_reads_still_queued_as_misses_instead_of_reading_them(config_for: RemoteConfigFor) -> None:
+    def slow(command: list[bytes]) -> Iterator[bytes]:
+        time.sleep(0.3)  # within the timeout: a slow server, not a faulty one
+        yield b"$0\r\n\r\n"
+
+    server = ScriptedServer(slow)
+    config = config_for(LocalServers("single", "/nonexistent"), urls=(server.url,), batch_bytes=1)
+    tier = RemoteTier(config, LAYOUT)
+    try:
+        futures = [tier.submit_read(key(i), torch.zeros(LAYOUT.block_bytes, dtype=torch.uint8)) for i in range(30)]
+        _, took_s = timed(tier.close)
+        assert took_s < BOUND_S and all(future.result(0) is False for future in futures)
+        assert tier.stats(0).detail["misses"] == 30
+    finally:
+        tier.close()
+        server.stop()
 
 
 def test_a_full_server_answers_oom_and_the_tier_stays_up(fresh_single: Callable[..., LocalServers],

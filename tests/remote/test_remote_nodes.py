@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import redis
 import torch
 from redis.crc import key_slot
 from remote_blocks import block_key, random_block, read_block
+from resp_server import ScriptedServer
 
 from kvtier.config import RemoteConfig
 from kvtier.layout import KVLayout
@@ -198,3 +200,65 @@ def test_a_cluster_node_that_answers_but_does_not_serve_stays_down(info: object)
         nodes._probe(node)  # type: ignore[arg-type]
     state[0] = "ok"
     nodes._probe(node)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("slot", ["16384", "-1", "other"])
+def test_a_redirect_naming_another_slot_is_an_error_reply_never_a_raise_or_a_remap(slot: str) -> None:
+    """A MOVED names the key's own slot; one naming a slot out of range, or another key's, is not followed."""
+    def answer(command: list[bytes]) -> Iterator[bytes]:
+        host, port = server.url.rsplit("/", 1)[1].split(":")
+        if command[:2] == [b"CLUSTER", b"SLOTS"]:
+            yield b"*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$%d\r\n%s\r\n:%s\r\n" % (len(host), host.encode(),
+                                                                            port.encode())
+        elif command[:2] == [b"CLUSTER", b"INFO"]:
+            yield b"$18\r\ncluster_state:ok\r\n\r\n"
+        else:
+            moved = (key_slot(command[1]) + 1) % 16384 if slot == "other" else int(slot)
+            yield b"-MOVED %d 127.0.0.1:1\r\n" % moved  # nobody listens there
+
+    server = ScriptedServer(answer)
+    tier = RemoteTier(RemoteConfig(urls=(server.url,), mode="cluster", timeout_ms=TIMEOUT_MS), LAYOUT)
+    try:
+        assert tier.up
+        slots = list(tier._nodes._slots)
+        assert tier.locate([key(0, "moved")]) == [False]
+        assert tier._nodes._slots == slots and tier.stats(0).detail["redirects"] == 0
+    finally:
+        tier.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("rows", [b"*3\r\n:0\r\n:16384\r\n*2\r\n$9\r\n127.0.0.1\r\n:%d\r\n",  # a slot past the last
+                                  b"*2\r\n:0\r\n:16383\r\n",  # no master
+                                  b"*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n$2\r\nxx\r\n"],  # no port
+                         ids=["slot-out-of-range", "no-master", "bad-port"])
+def test_a_malformed_slot_map_leaves_the_tier_down_never_raising(rows: bytes) -> None:
+    def answer(command: list[bytes]) -> Iterator[bytes]:
+        port = int(server.url.rsplit(":", 1)[1])
+        yield b"*1\r\n" + (rows % port if b"%d" in rows else rows)
+
+    server = ScriptedServer(answer)
+    try:
+        tier = RemoteTier(RemoteConfig(urls=(server.url,), mode="cluster", timeout_ms=TIMEOUT_MS), LAYOUT)
+        try:
+            assert not tier.up and tier.locate([key(0, "map")]) == [False]
+        finally:
+            tier.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("evicted", [b"many", b"1,2", b"a=1"])
+def test_an_info_reply_without_a_number_of_evictions_is_no_news_never_a_failed_start(evicted: bytes) -> None:
+    def answer(command: list[bytes]) -> Iterator[bytes]:
+        yield b":0\r\n"
+
+    server = ScriptedServer(answer, info=b"# Server\r\nrun_id:odd\r\n# Stats\r\nevicted_keys:" + evicted + b"\r\n")
+    try:
+        tier = RemoteTier(RemoteConfig(urls=(server.url,), timeout_ms=TIMEOUT_MS), LAYOUT)
+        try:
+            assert tier.up and tier.locate([key(0, "info")]) == [False]
+        finally:
+            tier.close()
+    finally:
+        server.stop()

@@ -29,7 +29,9 @@ Promises:
   construction, a cache layer other than full or sliding-window attention (linear attention, KV sharing,
   compressed or quantized layers); per request, a prompt longer than a sliding-window layer's window
   minus one (that layer no longer holds the whole prefix); on saving, a cache whose K and V are not
-  ``[batch, kv_heads, tokens, head_dim]`` of the layout.
+  ``[batch, kv_heads, tokens, head_dim]`` of the layout. A cache that no longer holds the prompt's tokens
+  from the first (a sliding-window layer run past its window) or holds fewer in any layer is never saved
+  from (``InvalidInputError``).
 - Data path: each block is copied once, between its arena slot and the cache's own layout, by one shared
   code path (``PagedKV`` with one segment per layer, K/V plane and head, a page being one block's
   ``[block tokens, head dim]`` of one head). A restore is one ``scatter_from_slots`` into one
@@ -541,9 +543,15 @@ class TransformersConnector:
                 wanted.setdefault(row_keys[block], (row, block))
         if not wanted:
             return 0
-        last_block = max(block for _, block in wanted.values())
-        if planes[0][0].shape[2] < (last_block + 1) * layout.block_tokens:
-            raise InvalidInputError(f"the cache holds {planes[0][0].shape[2]} tokens, fewer than the prompt")
+        needed = (max(block for _, block in wanted.values()) + 1) * layout.block_tokens
+        for i, (layer, (k, _)) in enumerate(zip(layers, planes, strict=True)):
+            # A sliding-window layer past its window keeps only its last tokens: its first rows are then not the
+            # prompt's first tokens, and saving them would store another position's KV under the prompt's keys.
+            if layer.get_seq_length() != k.shape[2]:
+                raise InvalidInputError(f"layer {i} no longer holds the prompt: it keeps the last {k.shape[2]} of "
+                                        f"{layer.get_seq_length()} tokens (a sliding window)")
+            if k.shape[2] < needed:
+                raise InvalidInputError(f"layer {i} holds {k.shape[2]} tokens, fewer than the prompt's {needed}")
         reservations = self._reserve(list(wanted))
         chosen = [(key, slot) for reservation in reservations for key, slot in zip(reservation.keys,
                                                                                  reservation.slots, strict=True)]
