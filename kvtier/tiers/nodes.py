@@ -17,9 +17,10 @@ Promises:
   it also says ``cluster_state:ok`` (a restarted master answers PING while it still refuses writes with
   CLUSTERDOWN). Each change of a node's state,
   and of the whole tier's, is logged once.
-- MOVED and ASK replies naming the key's slot are followed once within the same call (any other is an
-  error reply); a MOVED marks the slot map stale and the next ``revive`` refreshes it (a cluster also
-  refreshes it while a node is down: a replica may take over).
+- In a cluster, MOVED and ASK replies naming the key's slot are followed once within the same call (any
+  other is an error reply); a MOVED marks the slot map stale and the next ``revive`` refreshes it (a cluster
+  also refreshes it while a node is down: a replica may take over). A single server's redirect is an error
+  reply, never followed to the host it names.
 - ``generation`` changes whenever a node may have lost values: it came back up, restarted (a new
   ``run_id``) or evicted keys (``evicted_keys`` grew), as ``revive`` sees at most every ``WATCH_S``.
 - Only redacted URLs (no password) are logged.
@@ -163,11 +164,13 @@ class Nodes:
         redirected: dict[tuple[Node, bool], list[int]] = {}
         for i, reply in enumerate(replies):
             # A redirect names the key's own slot; one naming another (or none: out of range) is the server's
-            # error, and stays an error reply: following it would remap another key's slot, or raise.
-            if isinstance(reply, AskError | MovedError) and reply.slot_id == key_slot(commands[i][1]):
+            # error, and stays an error reply: following it would remap another key's slot, or raise. A single
+            # server's is never followed: it names a host nobody configured, which would get the password.
+            if (self._cluster and isinstance(reply, AskError | MovedError)
+                    and reply.slot_id == key_slot(commands[i][1])):
                 target = self._node_at(reply.host, int(reply.port))
                 moved = type(reply) is MovedError
-                if moved and self._cluster:
+                if moved:
                     self._slots[reply.slot_id] = target
                     self._stale = True
                 if not target.up and target.retry_at > 0:

@@ -4,6 +4,7 @@ reads, no call waits past the timeout, the dead node is logged once and retried 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -226,6 +227,29 @@ def test_a_redirect_naming_another_slot_is_an_error_reply_never_a_raise_or_a_rem
     finally:
         tier.close()
         server.stop()
+
+
+def test_a_single_server_redirecting_elsewhere_is_an_error_reply_never_followed() -> None:
+    """A single server is no cluster: a MOVED from it names a host the operator never configured, which would be
+    sent the configured password and the tier's values. It stays an error reply (a miss)."""
+    elsewhere = socket.create_server(("127.0.0.1", 0))
+    elsewhere.settimeout(0.3)
+
+    def answer(command: list[bytes]) -> Iterator[bytes]:
+        yield b"-MOVED %d 127.0.0.1:%d\r\n" % (key_slot(command[1]), elsewhere.getsockname()[1])
+
+    server = ScriptedServer(answer)
+    tier = RemoteTier(RemoteConfig(urls=(server.url,), mode="single", timeout_ms=TIMEOUT_MS), LAYOUT)
+    try:
+        assert tier.up
+        assert tier.locate([key(0, "moved")]) == [False]
+        assert tier.stats(0).detail["redirects"] == 0
+        with pytest.raises(TimeoutError):
+            elsewhere.accept()
+    finally:
+        tier.close()
+        server.stop()
+        elsewhere.close()
 
 
 @pytest.mark.parametrize("rows", [b"*3\r\n:0\r\n:16384\r\n*2\r\n$9\r\n127.0.0.1\r\n:%d\r\n",  # a slot past the last
