@@ -63,7 +63,8 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
              "from the disk tier, against a full prefill, by prompt length; a random-weight Llama-shaped model. "
              "`raw_gbps`: on the CPU a memcpy of the restored bytes between buffers out of the CPU caches, on CUDA "
              "a pinned host-to-device copy; from disk an O_DIRECT read with the tier's threads. Each store is timed "
-             "once its arena is prefaulted (and pinned, on CUDA), as a store that has been up a while.",
+             "once its arena is prefaulted (and pinned, on CUDA), as a store that has been up a while, and restores "
+             "into memory the process used before (an engine outlives a store's restart).",
              ("ttft.png",)),
     "replay": ("Cache policy on a trace", "The Mooncake-format trace replayed through host RAM and the disk tier "
                "(no payloads), against single-tier LRU, S3-FIFO, ARC and Belady (offline optimum) of the same "

@@ -20,7 +20,9 @@ Promises:
   theirs): its arena prefaulted and, on CUDA, registered with the device before its first restore (at most
   ``PREPARE_TIMEOUT_S``). A store opened right before a restore would charge the restore the arena's first
   touch (a page fault per 4 KiB; 0.25 GB/s on a VM that backs memory at its first touch) and, on CUDA,
-  copies from memory not yet pinned, neither of which the raw baselines pay.
+  copies from memory not yet pinned, neither of which the raw baselines pay. For the same reason the ``disk``
+  rows' connectors (one per reopened store) restore into the memory the ``host`` rows' connector used, as an
+  engine's connector that outlives a store's restart does, not into memory fresh to the process.
 - Each record carries the contract (``kvtier_connectors.transformers.contract``): ``kv_identical``
   (``torch.equal`` of the restored KV with the saved KV), ``max_abs_logit_diff``, ``tolerance``,
   ``top1_agree``, ``logits_identical`` (``torch.equal``) and ``contract_held``. Exit status 0 when the
@@ -279,7 +281,10 @@ def run_length(args: argparse.Namespace, config: StoreConfig, model: Any, prompt
         if stores:
             stores.pop().close()
         stores.append(_prepared(Store(layout, store_config), model.device))
-        return TransformersConnector(model, stores[-1], min_tail_tokens=args.min_tail_tokens)
+        restarted = TransformersConnector(model, stores[-1], min_tail_tokens=args.min_tail_tokens)
+        # The engine's process outlives the store's restart: its restores reuse the memory earlier ones used.
+        restarted.restore_buffers = connector.restore_buffers
+        return restarted
 
     try:
         disk = _prefills(reopened, prompt, args.repeats)
