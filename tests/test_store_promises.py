@@ -47,24 +47,25 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> bool:
     return True
 
 
-def on_disk(layout: KVLayout, path: Path) -> tuple[list[bytes], list[torch.Tensor]]:
-    """The keys and blocks of 8 blocks put into a disk store at ``path``, closed: a reopen finds them on disk."""
+def put_flushed(store: Store, layout: KVLayout) -> tuple[list[bytes], list[torch.Tensor]]:
+    """The keys and blocks of 8 blocks put into ``store`` two at a time, then flushed to its disk tier."""
     blocks = random_blocks(layout, 8)
-    with disk_store(layout, path) as store:
-        keys = keys_for(store, 8)
-        for start in range(0, 8, 2):
-            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
-        store.flush()
+    keys = keys_for(store, 8)
+    for start in range(0, 8, 2):
+        assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
+    store.flush()
     return keys, blocks
 
 
+def on_disk(layout: KVLayout, path: Path) -> tuple[list[bytes], list[torch.Tensor]]:
+    """``put_flushed`` into a disk store at ``path``, closed: a reopen finds the blocks on disk."""
+    with disk_store(layout, path) as store:
+        return put_flushed(store, layout)
+
+
 def test_the_disk_copy_stays_valid_after_promotion(layout: KVLayout, tmp_path: Path) -> None:
-    blocks = random_blocks(layout, 8)
     with disk_store(layout, tmp_path) as store:
-        keys = keys_for(store, 8)
-        for start in range(0, 8, 2):
-            assert store.put(keys[start : start + 2], blocks[start : start + 2]).wait().ok
-        store.flush()
+        keys, blocks = put_flushed(store, layout)
         assert store.contains(keys[0]) is Tier.DISK
         out, failed = read(store, keys[:1])  # promoted into host
         assert failed == () and torch.equal(out[0], blocks[0])
